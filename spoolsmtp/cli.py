@@ -1,0 +1,90 @@
+"""The ``spoolsmtp`` command line: parses arguments and hands each subcommand to its module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from spoolsmtp import config as configmod
+from spoolsmtp import envfile, exitcodes, response
+from spoolsmtp.errors import ConfigError, EnvelopeFault
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spoolsmtp", description="Batch SMTP spool processor (a VM/MVS SMTP service machine)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the worker over the spool")
+    run.add_argument("--config", type=Path, help="YAML config (default conf/spoolsmtp.yaml)")
+    run.add_argument("--check-config", action="store_true", help="validate the config and exit")
+
+    check = sub.add_parser("check", help="validate envelope files and print the batch response")
+    check.add_argument("--config", type=Path, help="YAML config (default conf/spoolsmtp.yaml)")
+    check.add_argument("-q", "--quiet", action="store_true", help="print only errors and verdicts")
+    check.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return exitcodes.USAGE if exc.code not in (0, None) else exitcodes.OK
+    try:
+        cfg = configmod.load(args.config)
+    except ConfigError as exc:
+        print(f"spoolsmtp: config error: {exc}", file=sys.stderr)
+        return exitcodes.CONFIG
+    if args.command == "run":
+        return _run(cfg, args)
+    if args.command == "check":
+        return _check(cfg, args.files, quiet=args.quiet)
+    parser.error(f"unknown command {args.command}")
+    return exitcodes.USAGE
+
+
+def _run(cfg: configmod.Config, args: argparse.Namespace) -> int:
+    if args.check_config:
+        print(f"{cfg.source}: configuration OK")
+        return exitcodes.OK
+    print("spoolsmtp: the worker is not available in this build", file=sys.stderr)
+    return exitcodes.UNAVAILABLE
+
+
+def _check(cfg: configmod.Config, files: list[Path], *, quiet: bool) -> int:
+    status = exitcodes.OK
+    for path in files:
+        try:
+            env = envfile.read(
+                path,
+                cfg.limits,
+                cfg.helo_name,
+                max_file_bytes=cfg.spool.max_file_bytes,
+                source=str(path),
+            )
+        except FileNotFoundError:
+            print(f"{path}: no such file", file=sys.stderr)
+            status = max(status, exitcodes.NOINPUT)
+            continue
+        except IsADirectoryError:
+            print(f"{path}: is a directory", file=sys.stderr)
+            status = max(status, exitcodes.NOINPUT)
+            continue
+        except EnvelopeFault as exc:
+            print(str(exc))
+            print(f"{path}: REJECTED, not an envelope; nothing of it would be sent")
+            status = max(status, exitcodes.DATAERR)
+            continue
+        if not quiet:
+            sys.stdout.write(response.render(env))
+        for line in response.error_lines(env):
+            print(line)
+        print(response.verdict(env))
+        if not env.accepted:
+            status = max(status, exitcodes.DATAERR)
+    return status
