@@ -16,8 +16,10 @@ from spoolsmtp.reply import Reply, make
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]"
 _DOT_STRING = re.compile(rf"^{_ATEXT}+(?:\.{_ATEXT}+)*$")
 _QUOTED = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"$')
-_LABEL = re.compile(r"^(?:[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\-\u0080-\U0010ffff]{0,61}"
-                    r"[A-Za-z0-9\u0080-\U0010ffff])?)$")
+_LABEL = re.compile(
+    r"^(?:[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\-\u0080-\U0010ffff]{0,61}"
+    r"[A-Za-z0-9\u0080-\U0010ffff])?)$"
+)
 _SOURCE_ROUTE = re.compile(r"^@[^:,]+(?:,@[^:,]+)*:")
 
 

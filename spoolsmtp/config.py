@@ -166,16 +166,19 @@ def parse(text: str, name: str = "<config>") -> Config:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
-        raise ConfigError(name, "", f"{where}not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+        raise ConfigError(
+            name, "", f"{where}not valid YAML ({getattr(exc, 'problem', exc)})"
+        ) from exc
     if data is None:
         data = {}
-    config = _build(Config, data, name, "")
+    config: Config = _build(Config, data, name, "")
     return dataclasses.replace(config, source=name)
 
 
 def _build(cls: type[Any], data: object, name: str, prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(name, prefix or "(top level)", f"expected a mapping, got {_show(data)}")
+        where = prefix.rstrip(".") or "(top level)"
+        raise ConfigError(name, where, f"expected a mapping, got {_show(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     kwargs: dict[str, Any] = {}
@@ -237,9 +240,7 @@ def _convert(tp: Any, meta: typing.Mapping[str, Any], value: object, name: str, 
         elif origin is dict:
             if not isinstance(value, dict):
                 raise ValueError(f"expected a mapping, got {_show(value)}")
-            return {
-                str(k): _convert(args[1], {}, v, name, f"{key}.{k}") for k, v in value.items()
-            }
+            return {str(k): _convert(args[1], {}, v, name, f"{key}.{k}") for k, v in value.items()}
         elif tp is Route:
             return _route(value, name, key)
         elif dataclasses.is_dataclass(tp):

@@ -1,4 +1,4 @@
-"""The Batch SMTP envelope reader: a pure state machine that answers every command as a server would.
+"""The Batch SMTP envelope reader: a pure state machine answering each command as a server would.
 
 Rules of the file (SPEC.md "The envelope"):
 
@@ -125,9 +125,7 @@ class Reader:
             return
         total = self._offset + len(self._buf) + len(data)
         if self.max_file_bytes is not None and total > self.max_file_bytes:
-            raise EnvelopeFault(
-                self.source, self._line + 1, f"file larger than {self.max_file_bytes} octets"
-            )
+            raise EnvelopeFault(self.source, 1, f"file larger than {self.max_file_bytes} octets")
         self._buf += data
         self._process(final=False)
 
@@ -143,7 +141,7 @@ class Reader:
                 "DATA begun here is never terminated by a line holding only '.'",
             )
         if not self._seen_content:
-            raise EnvelopeFault(self.source, 0, "empty file: no commands")
+            raise EnvelopeFault(self.source, 1, "empty file: no commands")
         if self._open is not None:
             self._answer(
                 self._line + 1,
@@ -181,18 +179,18 @@ class Reader:
             nl = buf.find(b"\n", pos)
             if nl < 0:
                 if final:
-                    self._command(buf[pos:], pos)
+                    self._command(buf[pos:], self._offset + pos)
                     pos = end
                 elif end - pos > _MAX_PARTIAL:
-                    self._no_line_end(buf[pos:end], pos)
+                    self._no_line_end(buf[pos:end])
                     pos = end
                 break
-            self._command(buf[pos : nl + 1], pos)
+            self._command(buf[pos : nl + 1], self._offset + pos)
             pos = nl + 1
         self._offset += pos
         self._buf = buf[pos:]
 
-    def _no_line_end(self, chunk: bytes, offset: int) -> None:
+    def _no_line_end(self, chunk: bytes) -> None:
         """A run of bytes with no LF in sight: binary at the start, else one over-long line."""
         if not self._seen_content or _CONTROL.search(chunk):
             raise EnvelopeFault(self.source, self._line + 1, "binary content: no line structure")
@@ -235,6 +233,10 @@ class Reader:
         try:
             text = content.decode("utf-8")
         except UnicodeDecodeError:
+            if len(self._entries) == 0:
+                raise EnvelopeFault(
+                    self.source, line, "binary content: first line is not UTF-8 text"
+                ) from None
             self._answer(line, echo, make(500, "5.5.2", "command line is not valid UTF-8"))
             return
         verb, _, arg = text.strip().partition(" ")
@@ -550,7 +552,7 @@ def _echo(content: bytes, limit: int) -> str:
 
 
 def _split_path(text: str) -> tuple[str, str]:
-    """Split ``<path> params`` respecting quoted local parts; an unbracketed path ends at a space."""
+    """Split ``<path> params``, respecting quoted local parts; a bare path ends at a space."""
     if not text.startswith("<"):
         path, _, rest = text.partition(" ")
         return path, rest
@@ -599,8 +601,7 @@ def _mail_params(text: str, limits: Limits) -> tuple[MailParams, Reply | None]:
                 return MailParams(), make(
                     552,
                     "5.3.4",
-                    f"message size exceeds fixed maximum message size "
-                    f"({limits.max_message_bytes})",
+                    f"message size exceeds fixed maximum message size ({limits.max_message_bytes})",
                 )
         elif key == "BODY":
             names = {b.value: b for b in BodyType}
@@ -640,8 +641,10 @@ def _rcpt_params(text: str) -> tuple[frozenset[Notify] | None, str | None, Reply
             elif words and all(w in ("SUCCESS", "FAILURE", "DELAY") for w in words):
                 notify = frozenset(Notify(w) for w in words)
             else:
-                return None, None, make(
-                    501, "5.5.4", "NOTIFY must be NEVER or a list of SUCCESS,FAILURE,DELAY"
+                return (
+                    None,
+                    None,
+                    make(501, "5.5.4", "NOTIFY must be NEVER or a list of SUCCESS,FAILURE,DELAY"),
                 )
         elif key == "ORCPT":
             kind, semi, addr = (value or "").partition(";")

@@ -79,8 +79,9 @@ def with_enhanced(code: int, lines: list[str]) -> Reply:
         m = _ENHANCED.match(line)
         if m and m.group(1) == str(code // 100):
             enhanced = enhanced or f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
-            line = line[m.end() :]
-        out.append(line)
+            out.append(line[m.end() :])
+        else:
+            out.append(line)
     return Reply(code, enhanced, tuple(out))
 
 

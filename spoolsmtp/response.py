@@ -1,6 +1,7 @@
 """The batch response: every command echoed as a ``050`` line, then its reply.
 
-This is the text ``spoolsmtp check`` prints and the file ``VERB ON`` keeps as ``results/ID.response``.
+This is the text ``spoolsmtp check`` prints, and the file ``VERB ON`` keeps as
+``results/ID.response``.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def parse_duration(value: object) -> float:
 
 
 def parse_size(value: object) -> int:
-    """Bytes from ``10MB``, ``512KiB``, ``1GB`` or a bare number of bytes (decimal units are 1000)."""
+    """Bytes from ``10MB``, ``512KiB``, ``1GB`` or a bare number (decimal units are 1000)."""
     if isinstance(value, bool):
         raise ValueError("expected a size such as 512, 64KB or 10MB")
     if isinstance(value, int):

@@ -1,0 +1,60 @@
+"""The envelope corpus: every file's ``spoolsmtp check`` output and exit code, as reviewed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from spoolsmtp import cli, config, envfile
+from spoolsmtp.errors import EnvelopeFault
+
+CORPUS = Path(__file__).parent / "corpus"
+CASES = sorted(p.stem for p in CORPUS.glob("*.bsmtp"))
+CFG = config.load(CORPUS / "spoolsmtp.yaml")
+
+
+def test_corpus_is_large_enough() -> None:
+    assert len(CASES) >= 40
+    assert len([c for c in CASES if c.startswith("smuggle_")]) == 9
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_check_output_matches_expected(
+    name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(CORPUS)
+    code = cli.main(["check", "--config", "spoolsmtp.yaml", f"{name}.bsmtp"])
+    captured = capsys.readouterr()
+    expected = (CORPUS / f"{name}.expected").read_text(encoding="utf-8")
+    assert captured.out + captured.err + f"exit: {code}\n" == expected
+
+
+@pytest.mark.parametrize("name", [c for c in CASES if c.startswith("smuggle_")])
+def test_smuggled_end_of_data_never_yields_a_transaction(name: str) -> None:
+    env = envfile.read(CORPUS / f"{name}.bsmtp", CFG.limits, "mx.test")
+    assert env.transactions == ()
+    refused = [e for e in env.response if e.echo == "."]
+    assert len(refused) == 1
+    assert refused[0].reply.code == 554
+    assert not any("evil@" in e.echo for e in env.response)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_reading_does_not_depend_on_how_the_bytes_arrive(name: str) -> None:
+    from spoolsmtp.reader import Reader
+
+    data = (CORPUS / f"{name}.bsmtp").read_bytes()
+
+    def outcome(step: int) -> object:
+        reader = Reader(name, CFG.limits, "mx.test", CFG.spool.max_file_bytes)
+        try:
+            for i in range(0, len(data), step):
+                reader.feed(data[i : i + step])
+            return reader.finish()
+        except EnvelopeFault as exc:
+            return str(exc)
+
+    whole = outcome(max(len(data), 1))
+    assert outcome(1) == whole
+    assert outcome(7) == whole

@@ -1,0 +1,125 @@
+"""Properties of the reader and writer, over generated transactions and arbitrary bytes."""
+
+from __future__ import annotations
+
+import io
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from spoolsmtp import envfile, writer
+from spoolsmtp.config import Limits
+from spoolsmtp.envelope import Recipient
+from spoolsmtp.errors import EnvelopeFault
+from spoolsmtp.reader import Reader
+
+LIMITS = Limits(max_message_bytes=10**7)
+_LOCAL = st.from_regex(r"[a-z0-9][a-z0-9.+_-]{0,20}[a-z0-9]", fullmatch=True).filter(
+    lambda s: ".." not in s
+)
+_DOMAIN = st.from_regex(r"[a-z0-9]{1,10}(\.[a-z0-9]{1,10}){0,3}", fullmatch=True)
+_ADDRESS = st.builds(lambda local, domain: f"{local}@{domain}", _LOCAL, _DOMAIN)
+# Message lines: any bytes but CR, LF and NUL (what SMTP can carry), leading dots likely.
+_LINE = st.one_of(
+    st.binary(max_size=80).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+    st.sampled_from([b"", b".", b"..", b". x", b".\xff\xfe", b"From x"]),
+).map(lambda b: b.replace(b"\x00", b""))
+_MESSAGE = st.lists(_LINE, max_size=30).map(lambda lines: b"".join(x + b"\r\n" for x in lines))
+_DRAFT = st.builds(
+    lambda sender, rcpts, message: writer.Draft(
+        sender, tuple(Recipient(r) for r in dict.fromkeys(rcpts)), message
+    ),
+    st.one_of(st.just(""), _ADDRESS),
+    st.lists(_ADDRESS, min_size=1, max_size=5),
+    _MESSAGE,
+)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_DRAFT, min_size=1, max_size=4), st.booleans())
+def test_writer_then_reader_is_the_identity(drafts: list[writer.Draft], crlf: bool) -> None:
+    data = writer.render(drafts, "batch.example", crlf=crlf)
+    env = envfile.read_bytes(data, "p", LIMITS, "mx.test")
+    assert env.accepted, env.errors
+    assert len(env.transactions) == len(drafts)
+    for draft, tx in zip(drafts, env.transactions, strict=True):
+        assert tx.mail_from == draft.mail_from
+        assert [r.address for r in tx.recipients] == [r.address for r in draft.recipients]
+        start, end = tx.message.start, tx.message.end
+        raw = data[start:end]
+        text = b"".join(envfile.text_chunks(io.BytesIO(data), tx.message, chunk=17))
+        assert text == draft.message
+        assert tx.message.size == len(draft.message)
+        assert len(raw) >= (0 if crlf else len(draft.message) // 2)
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=2000))
+def test_reader_answers_arbitrary_bytes_with_replies_or_a_fault(data: bytes) -> None:
+    reader = Reader("fuzz", LIMITS, "mx.test", max_file_bytes=10**6)
+    try:
+        reader.feed(data)
+        env = reader.finish()
+    except EnvelopeFault as exc:
+        assert exc.source == "fuzz"
+        assert exc.line >= 1
+        return
+    for entry in env.response:
+        assert 200 <= entry.reply.code < 600
+
+
+_COMMANDY = st.lists(
+    st.sampled_from(
+        [
+            b"HELO h",
+            b"EHLO h",
+            b"MAIL FROM:<a@b.c>",
+            b"MAIL FROM:<>",
+            b"RCPT TO:<d@e.f>",
+            b"RCPT TO:<bad>",
+            b"DATA",
+            b".",
+            b"..x",
+            b"text",
+            b"RSET",
+            b"QUIT",
+            b"NOOP",
+            b"VERB ON",
+            b"TICK 1",
+            b"",
+            b"\r",
+            b"x\x00",
+            b".\r",
+        ]
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300)
+@given(_COMMANDY, st.sampled_from([b"\n", b"\r\n"]), st.integers(1, 50))
+def test_dialogues_read_the_same_in_any_chunking(lines: list[bytes], nl: bytes, step: int) -> None:
+    data = b"".join(line + nl for line in lines)
+
+    def outcome(size: int) -> object:
+        reader = Reader("c", LIMITS, "mx.test")
+        try:
+            for i in range(0, len(data), size):
+                reader.feed(data[i : i + size])
+            return reader.finish()
+        except EnvelopeFault as exc:
+            return str(exc)
+
+    assert outcome(step) == outcome(max(len(data), 1))
+
+
+@settings(max_examples=200)
+@given(_MESSAGE)
+def test_wire_form_has_one_terminator_and_only_crlf(message: bytes) -> None:
+    data = writer.render([writer.Draft("a@b.c", (Recipient("d@e.f"),), message)], "h")
+    env = envfile.read_bytes(data, "w", LIMITS, "mx.test")
+    wire = b"".join(envfile.wire_chunks(io.BytesIO(data), env.transactions[0].message)) + b".\r\n"
+    wire = b"\r\n" + wire
+    assert wire.count(b"\r\n.\r\n") == 1
+    assert wire.endswith(b"\r\n.\r\n")
+    assert wire.count(b"\r") == wire.count(b"\r\n") == wire.count(b"\n")
