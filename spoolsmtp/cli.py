@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from spoolsmtp import config as configmod
-from spoolsmtp import envfile, exitcodes, response
+from spoolsmtp import deliver_cmd, envfile, exitcodes, response
 from spoolsmtp.errors import ConfigError, EnvelopeFault
 
 
@@ -21,6 +21,13 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the worker over the spool")
     run.add_argument("--config", type=Path, help="YAML config (default conf/spoolsmtp.yaml)")
     run.add_argument("--check-config", action="store_true", help="validate the config and exit")
+
+    deliver = sub.add_parser(
+        "deliver", help="one delivery attempt for an envelope, in the foreground"
+    )
+    deliver.add_argument("--config", type=Path, help="YAML config (default conf/spoolsmtp.yaml)")
+    deliver.add_argument("-v", "--verbose", action="store_true", help="print the SMTP dialogue")
+    deliver.add_argument("file", type=Path, metavar="FILE")
 
     check = sub.add_parser("check", help="validate envelope files and print the batch response")
     check.add_argument("--config", type=Path, help="YAML config (default conf/spoolsmtp.yaml)")
@@ -42,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exitcodes.CONFIG
     if args.command == "run":
         return _run(cfg, args)
+    if args.command == "deliver":
+        return deliver_cmd.deliver_file(cfg, args.file, verbose=args.verbose)
     if args.command == "check":
         return _check(cfg, args.files, quiet=args.quiet)
     parser.error(f"unknown command {args.command}")

@@ -103,6 +103,7 @@ class Route:
 class DeliveryConfig:
     """How mail is sent to remote servers."""
 
+    port: int = _count(25, 1, 65535)
     max_connections: int = _count(20)
     max_per_destination: int = _count(4)
     reuse_connections: bool = True

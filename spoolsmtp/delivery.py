@@ -1,0 +1,223 @@
+"""One delivery attempt of a transaction: route, resolve, try each host in order, send.
+
+The ``Deliverer`` owns the connection pool and the concurrency limits (overall and per
+destination). Within one attempt every hop of a destination is tried in order (tenacity drives
+these short retries) before a recipient counts as deferred; retries over hours are the spool's
+business, not this module's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from datetime import datetime
+from email.utils import format_datetime
+from pathlib import Path
+from typing import BinaryIO
+
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_none
+
+from spoolsmtp import route
+from spoolsmtp.config import Config, TlsPolicy
+from spoolsmtp.envelope import Recipient, Transaction
+from spoolsmtp.mx import Hop, MxResolver
+from spoolsmtp.outcome import RecipientResult, Status, result
+from spoolsmtp.reply import Reply, make
+from spoolsmtp.session import Session, SessionStats, fold_received
+
+Trace = Callable[[str], None]
+_PoolKey = tuple[str, int, str, TlsPolicy]
+
+
+class _NextHost(Exception):
+    """This hop did not settle every recipient; try the next one."""
+
+    def __init__(self, reply: Reply) -> None:
+        self.reply = reply
+        super().__init__(str(reply))
+
+
+def received_header(
+    tx: Transaction, envelope_id: str, hostname: str, now: datetime, recipients: list[Recipient]
+) -> bytes:
+    """The one header we add: where the message came from and when we took it."""
+    parts = [f"from {tx.helo or 'unknown'}", f"by {hostname}", "(spoolsmtp)", "with BSMTP"]
+    parts.append(f"id {envelope_id}.{tx.number}")
+    if len(recipients) == 1:
+        parts.append(f"for <{recipients[0].address}>;")
+    else:
+        parts[-1] += ";"
+    parts.append(format_datetime(now))
+    return fold_received(parts)
+
+
+class Deliverer:
+    """Sends transactions to their destinations; one per worker, shared by all envelopes."""
+
+    def __init__(self, cfg: Config, resolver: MxResolver, trace: Trace | None = None) -> None:
+        self.cfg = cfg
+        self.resolver = resolver
+        self.trace = trace
+        self.stats = SessionStats()
+        self._overall = asyncio.Semaphore(cfg.delivery.max_connections)
+        self._per_destination: dict[str, asyncio.Semaphore] = {}
+        self._idle: dict[_PoolKey, list[Session]] = {}
+
+    async def deliver(
+        self,
+        path: Path,
+        tx: Transaction,
+        envelope_id: str,
+        now: datetime,
+        recipients: list[Recipient] | None = None,
+    ) -> list[RecipientResult]:
+        """One attempt for ``recipients`` (default: all of the transaction's); a result each."""
+        rcpts = list(tx.recipients if recipients is None else recipients)
+        if tx.message.received + 1 > self.cfg.limits.max_hops:
+            loop = make(554, "5.4.6", f"mail loop: more than {self.cfg.limits.max_hops} hops")
+            return [result(r, loop) for r in rcpts]
+        groups = route.group(rcpts, self.cfg)
+        outcomes = await asyncio.gather(
+            *(
+                self.deliver_to(dest, group, path, tx, envelope_id, now)
+                for dest, group in groups.items()
+            )
+        )
+        by_rcpt = {r.recipient: r for results in outcomes for r in results}
+        return [by_rcpt[r] for r in rcpts]
+
+    async def deliver_to(
+        self,
+        dest: route.Destination,
+        rcpts: list[Recipient],
+        path: Path,
+        tx: Transaction,
+        envelope_id: str,
+        now: datetime,
+    ) -> list[RecipientResult]:
+        """One attempt for recipients that share a destination."""
+        limit = self._per_destination.setdefault(
+            dest.key, asyncio.Semaphore(self.cfg.delivery.max_per_destination)
+        )
+        async with limit, self._overall:
+            resolution = await self.resolver.hops(dest)
+            if resolution.failure is not None:
+                return [result(r, resolution.failure) for r in rcpts]
+            hops = resolution.hops
+            received = received_header(tx, envelope_id, self.cfg.helo_name, now, rcpts)
+            done: dict[Recipient, RecipientResult] = {}
+            latest: dict[Recipient, RecipientResult] = {}
+            pending = list(rcpts)
+            last = make(451, "4.4.0", "no host tried")
+            with open(path, "rb") as fh:
+                try:
+                    async for attempt in AsyncRetrying(
+                        stop=stop_after_attempt(len(hops)),
+                        retry=retry_if_exception_type(_NextHost),
+                        wait=wait_none(),
+                        reraise=True,
+                    ):
+                        with attempt:
+                            hop = hops[attempt.retry_state.attempt_number - 1]
+                            pending = await self._try_hop(
+                                hop, dest.tls, tx, pending, fh, received, done, latest
+                            )
+                            if pending:
+                                raise _NextHost(latest[pending[0]].reply)
+                except _NextHost as exc:
+                    last = exc.reply
+            for r in pending:
+                done[r] = latest.get(r) or result(r, last)
+            return [done[r] for r in rcpts]
+
+    async def _try_hop(
+        self,
+        hop: Hop,
+        tls: TlsPolicy,
+        tx: Transaction,
+        pending: list[Recipient],
+        fh: BinaryIO,
+        received: bytes,
+        done: dict[Recipient, RecipientResult],
+        latest: dict[Recipient, RecipientResult],
+    ) -> list[Recipient]:
+        """Send to one hop; record final results; return the recipients still to try."""
+        session, failure = await self._session(hop, tls)
+        if session is None:
+            assert failure is not None
+            for r in pending:
+                latest[r] = result(r, failure, hop.host, hop.address)
+            return pending
+        todo = pending
+        left: list[Recipient] = []
+        while todo:
+            results, again = await session.send(tx, todo, fh, received)
+            for res in results:
+                latest[res.recipient] = res
+                final = res.status is not Status.DEFERRED or res.after_dot
+                if final and res.recipient not in again:
+                    done[res.recipient] = res
+                elif res.recipient not in again:
+                    left.append(res.recipient)
+            progress = len(again) < len(todo)
+            todo = again if again and session.alive and progress else []
+            if again and not todo:
+                left.extend(again)
+        self._release(session)
+        return left
+
+    async def _session(self, hop: Hop, tls: TlsPolicy) -> tuple[Session | None, Reply | None]:
+        key: _PoolKey = (hop.address, hop.port, hop.host, tls)
+        idle = self._idle.get(key, [])
+        now = time.monotonic()
+        while idle:
+            session = idle.pop()
+            fresh = now - session.last_used < self.cfg.delivery.idle_timeout
+            if session.alive and fresh and await session.reset():
+                self.stats.reused += 1
+                return session, None
+            await session.close()
+        session = Session(
+            hop,
+            self.cfg.delivery,
+            self.cfg.helo_name,
+            tls,
+            trace=self._trace_session,
+            stats=self.stats,
+            ca_file=str(self.cfg.delivery.tls_ca_file) if self.cfg.delivery.tls_ca_file else None,
+        )
+        failure = await session.open()
+        if failure is not None:
+            return None, failure
+        return session, None
+
+    def _release(self, session: Session) -> None:
+        if self.cfg.delivery.reuse_connections and session.alive:
+            key: _PoolKey = (session.hop.address, session.hop.port, session.hop.host, session.tls)
+            self._idle.setdefault(key, []).append(session)
+        else:
+            session.abort()
+
+    async def close_idle(self, older_than: float | None = None) -> int:
+        """Close pooled connections idle longer than ``older_than`` (default: the idle timeout)."""
+        limit = self.cfg.delivery.idle_timeout if older_than is None else older_than
+        now = time.monotonic()
+        closed = 0
+        for key, sessions in list(self._idle.items()):
+            keep = []
+            for session in sessions:
+                if now - session.last_used >= limit or not session.alive:
+                    await session.close()
+                    closed += 1
+                else:
+                    keep.append(session)
+            self._idle[key] = keep
+        return closed
+
+    async def close_all(self) -> None:
+        await self.close_idle(older_than=-1.0)
+
+    def _trace_session(self, text: str) -> None:
+        if self.trace is not None:
+            self.trace(text)

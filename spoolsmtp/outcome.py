@@ -1,0 +1,66 @@
+"""The result of one delivery attempt, per recipient, and how a reply decides a recipient's fate.
+
+Pure values and decisions: a 2xx is delivered, a 5xx failed, a 4xx (or anything that stopped the
+dialogue: 421, a lost connection, a timeout) deferred.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from spoolsmtp.envelope import Recipient
+from spoolsmtp.reply import Kind, Reply, make
+
+
+class Status(Enum):
+    """Where a recipient stands after an attempt."""
+
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    DEFERRED = "deferred"
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    """One recipient's outcome: the reply that decided it and who gave it.
+
+    ``after_dot`` marks a deferral whose cause came after the final dot was sent (RFC 5321
+    section 6.1): the server may have accepted the message, so a retry may duplicate it.
+    """
+
+    recipient: Recipient
+    status: Status
+    reply: Reply
+    host: str | None = None
+    address: str | None = None
+    after_dot: bool = False
+
+
+def status_of(reply: Reply) -> Status:
+    """The fate a final reply gives a recipient."""
+    if reply.kind is Kind.POSITIVE:
+        return Status.DELIVERED
+    if reply.kind is Kind.PERMANENT:
+        return Status.FAILED
+    return Status.DEFERRED
+
+
+def result(
+    recipient: Recipient,
+    reply: Reply,
+    host: str | None = None,
+    address: str | None = None,
+    *,
+    after_dot: bool = False,
+) -> RecipientResult:
+    """A recipient's result decided by ``reply``."""
+    return RecipientResult(recipient, status_of(reply), reply, host, address, after_dot)
+
+
+def connection_lost(stage: str) -> Reply:
+    return make(451, "4.4.2", f"connection lost {stage}".strip())
+
+
+def timed_out(stage: str) -> Reply:
+    return make(451, "4.4.2", f"timeout {stage}".strip())

@@ -1,0 +1,53 @@
+"""Shared test helpers: configs built from plain dicts, envelopes written with the real writer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from spoolsmtp import config, envfile, writer
+from spoolsmtp.envelope import Envelope, MailParams, Recipient
+
+FAST_TIMEOUTS = {
+    "connect": "2s",
+    "greeting": "2s",
+    "ehlo": "2s",
+    "starttls": "2s",
+    "mail": "2s",
+    "rcpt": "2s",
+    "data": "2s",
+    "data_block": "2s",
+    "data_end": "2s",
+    "quit": "1s",
+}
+
+
+def make_config(**sections: Any) -> config.Config:
+    """A config from keyword sections, as YAML would give them; fast timeouts by default."""
+    data: dict[str, Any] = {"hostname": "spoolsmtp.test", **sections}
+    delivery = data.setdefault("delivery", {})
+    delivery.setdefault("timeouts", dict(FAST_TIMEOUTS))
+    return config.parse(yaml.safe_dump(data), "test.yaml")
+
+
+def draft(
+    sender: str,
+    recipients: list[str],
+    message: bytes = b"Subject: test\r\n\r\nhello\r\n",
+    params: MailParams | None = None,
+) -> writer.Draft:
+    return writer.Draft(
+        sender, tuple(Recipient(r) for r in recipients), message, params or MailParams()
+    )
+
+
+def write_envelope(
+    path: Path, drafts: list[writer.Draft], cfg: config.Config | None = None
+) -> Envelope:
+    cfg = cfg or config.Config(hostname="spoolsmtp.test")
+    path.write_bytes(writer.render(drafts, "batch.test"))
+    env = envfile.read(path, cfg.limits, cfg.helo_name)
+    assert env.accepted, env.errors
+    return env
