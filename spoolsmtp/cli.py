@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 from spoolsmtp import config as configmod
 from spoolsmtp import deliver_cmd, envfile, exitcodes, response
 from spoolsmtp.errors import ConfigError, EnvelopeFault
+from spoolsmtp.worker import Worker
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,8 +64,16 @@ def _run(cfg: configmod.Config, args: argparse.Namespace) -> int:
     if args.check_config:
         print(f"{cfg.source}: configuration OK")
         return exitcodes.OK
-    print("spoolsmtp: the worker is not available in this build", file=sys.stderr)
-    return exitcodes.UNAVAILABLE
+    logging.basicConfig(
+        level=cfg.log_level.value.upper(),
+        format="%(asctime)s spoolsmtp[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return asyncio.run(Worker(cfg).run())
+    except ConfigError as exc:
+        print(f"spoolsmtp: config error: {exc}", file=sys.stderr)
+        return exitcodes.CONFIG
 
 
 def _check(cfg: configmod.Config, files: list[Path], *, quiet: bool) -> int:

@@ -47,6 +47,15 @@ class TlsPolicy(Enum):
     VERIFY = "verify"
 
 
+class LogLevel(Enum):
+    """How much the worker logs."""
+
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
 @dataclass(frozen=True)
 class SpoolConfig:
     """Where the spool lives and how files are taken from ``incoming/``."""
@@ -55,9 +64,22 @@ class SpoolConfig:
     settle_seconds: float = _duration(2.0)
     rescan_interval: float = _duration(60.0, 0.01)
     max_file_bytes: int = _size(1024**3, 1)
+    max_active: int = _count(200)
+    incoming: Path | None = None
+    active: Path | None = None
+    deferred: Path | None = None
+    hold: Path | None = None
+    done: Path | None = None
+    results: Path | None = None
+    bounces: Path | None = None
+    rejected: Path | None = None
+    deadletter: Path | None = None
+    journal: Path | None = None
 
     def folder(self, name: str) -> Path:
-        return self.path / name
+        """A spool folder: its own setting if given, else ``path/name``."""
+        override: Path | None = getattr(self, name)
+        return override if override is not None else self.path / name
 
 
 @dataclass(frozen=True)
@@ -126,6 +148,24 @@ class DnsConfig:
 
 
 @dataclass(frozen=True)
+class RetryConfig:
+    """When deferred recipients are tried again, and when they are given up."""
+
+    interval: float = _duration(1200.0, 0.001)
+    max_interval: float = _duration(4 * 3600.0, 0.001)
+    max_age: float = _duration(3 * 86400.0, 0.001)
+    warning_age: float = _duration(4 * 3600.0, 0.0)
+    dead_destination: float = _duration(300.0, 0.0)
+
+
+@dataclass(frozen=True)
+class BouncesConfig:
+    """Non-delivery reports, delay warnings and batch error reports."""
+
+    requeue: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration of one spoolsmtp instance."""
 
@@ -136,6 +176,10 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     routes: dict[str, Route] = field(default_factory=dict)
     smarthost: Route | None = None
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    bounces: BouncesConfig = field(default_factory=BouncesConfig)
+    shutdown_timeout: float = _duration(30.0)
+    log_level: LogLevel = LogLevel.INFO
     source: str = field(default="(defaults)", metadata={"internal": True})
 
     @property

@@ -24,7 +24,7 @@ from spoolsmtp.envelope import Recipient, Transaction
 from spoolsmtp.mx import Hop, MxResolver
 from spoolsmtp.outcome import RecipientResult, Status, result
 from spoolsmtp.reply import Reply, make
-from spoolsmtp.session import Session, SessionStats, fold_received
+from spoolsmtp.session import DotHook, Session, SessionStats, fold_received
 
 Trace = Callable[[str], None]
 _PoolKey = tuple[str, int, str, TlsPolicy]
@@ -71,6 +71,7 @@ class Deliverer:
         envelope_id: str,
         now: datetime,
         recipients: list[Recipient] | None = None,
+        before_dot: DotHook | None = None,
     ) -> list[RecipientResult]:
         """One attempt for ``recipients`` (default: all of the transaction's); a result each."""
         rcpts = list(tx.recipients if recipients is None else recipients)
@@ -80,7 +81,7 @@ class Deliverer:
         groups = route.group(rcpts, self.cfg)
         outcomes = await asyncio.gather(
             *(
-                self.deliver_to(dest, group, path, tx, envelope_id, now)
+                self.deliver_to(dest, group, path, tx, envelope_id, now, before_dot)
                 for dest, group in groups.items()
             )
         )
@@ -95,6 +96,7 @@ class Deliverer:
         tx: Transaction,
         envelope_id: str,
         now: datetime,
+        before_dot: DotHook | None = None,
     ) -> list[RecipientResult]:
         """One attempt for recipients that share a destination."""
         limit = self._per_destination.setdefault(
@@ -121,7 +123,7 @@ class Deliverer:
                         with attempt:
                             hop = hops[attempt.retry_state.attempt_number - 1]
                             pending = await self._try_hop(
-                                hop, dest.tls, tx, pending, fh, received, done, latest
+                                hop, dest.tls, tx, pending, fh, received, done, latest, before_dot
                             )
                             if pending:
                                 raise _NextHost(latest[pending[0]].reply)
@@ -141,6 +143,7 @@ class Deliverer:
         received: bytes,
         done: dict[Recipient, RecipientResult],
         latest: dict[Recipient, RecipientResult],
+        before_dot: DotHook | None,
     ) -> list[Recipient]:
         """Send to one hop; record final results; return the recipients still to try."""
         session, failure = await self._session(hop, tls)
@@ -152,7 +155,7 @@ class Deliverer:
         todo = pending
         left: list[Recipient] = []
         while todo:
-            results, again = await session.send(tx, todo, fh, received)
+            results, again = await session.send(tx, todo, fh, received, before_dot)
             for res in results:
                 latest[res.recipient] = res
                 final = res.status is not Status.DEFERRED or res.after_dot

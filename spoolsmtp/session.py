@@ -13,11 +13,11 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from spoolsmtp import envfile
+from spoolsmtp import crashpoint, envfile
 from spoolsmtp.config import DeliveryConfig, Timeouts, TlsPolicy
 from spoolsmtp.envelope import BodyType, Recipient, Transaction
 from spoolsmtp.mx import Hop
@@ -34,6 +34,7 @@ from spoolsmtp.smtpclient import (
 )
 
 Trace = Callable[[str], None]
+DotHook = Callable[[list[Recipient]], Awaitable[None]]
 
 
 class SessionBroken(Exception):
@@ -280,9 +281,14 @@ class Session:
         recipients: list[Recipient],
         fh: BinaryIO,
         received: bytes,
+        before_dot: DotHook | None = None,
     ) -> tuple[list[RecipientResult], list[Recipient]]:
         """One transaction for ``recipients``: a result for each, and the recipients that got
-        452 while others were accepted, to be sent again in a new transaction."""
+        452 while others were accepted, to be sent again in a new transaction.
+
+        ``before_dot`` is awaited with the accepted recipients just before the final dot, so the
+        caller can journal that a duplicate is possible from here on.
+        """
         self.last_used = time.monotonic()
         self.transactions += 1
         ext = self.extensions
@@ -312,6 +318,7 @@ class Session:
                         break
             self._apply(events, recipients, final, accepted)
             again = [recipients[i] for i in sorted(final) if final[i].reply.code == 452]
+            crashpoint.reach("after_rcpt")
             data_event = next((e for e in events if e.command.verb is Verb.DATA), None)
             if len(final) == len(recipients):
                 if data_event is not None and data_event.reply.code == 354:
@@ -326,11 +333,16 @@ class Session:
                 return [final[i] for i in range(len(recipients))], []
             stage = "during DATA"
             await self._body(received, envfile.wire_chunks(fh, tx.message))
+            if before_dot is not None:
+                await before_dot([recipients[i] for i in accepted])
             self._check_open()
             stage = "after the final dot"
             await self._write(self.proto.send_end_of_data())
             self._trace("> .")
+            crashpoint.reach("after_dot")
             end = await self._next()
+            if end.reply.code < 300:
+                crashpoint.reach("after_250")
             self.dirty = False
             for i in accepted:
                 final[i] = self._result(recipients[i], end.reply)
@@ -383,6 +395,7 @@ class Session:
     async def _body(self, received: bytes, chunks: Iterable[bytes]) -> None:
         self._trace(f"> (message: {received.decode('utf-8', 'replace').splitlines()[0]} ...)")
         await self._write(self.proto.send_body(received))
+        crashpoint.reach("mid_data")
         for chunk in chunks:
             await self._write(self.proto.send_body(chunk))
 

@@ -92,7 +92,10 @@ def test_the_shipped_config_states_exactly_the_defaults() -> None:
     shipped = config.load(ROOT / "conf" / "spoolsmtp.yaml")
     assert shipped.source.endswith("spoolsmtp.yaml")
     defaults = config.Config()
-    for name in ("spool", "limits", "delivery", "dns", "routes", "smarthost"):
+    for name in (
+        "hostname", "spool", "limits", "delivery", "dns", "routes", "smarthost", "retry",
+        "bounces", "shutdown_timeout", "log_level",
+    ):
         assert getattr(shipped, name) == getattr(defaults, name), name
 
 

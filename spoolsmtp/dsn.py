@@ -1,0 +1,220 @@
+"""Reports to senders, pure: RFC 3464 delivery status notifications and batch error reports.
+
+A delivery report is a multipart/report: a human-readable part, a message/delivery-status part
+(Reporting-MTA, Arrival-Date; per recipient Final-Recipient, Action, Status, Remote-MTA,
+Diagnostic-Code), and the original headers (text/rfc822-headers) or, with RET=FULL and when it
+is small enough, the whole message (message/rfc822). Text from remote servers is sanitised
+before it enters a header field. The result is message text with CRLF line endings.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from email.utils import format_datetime
+from enum import Enum
+
+from spoolsmtp.reply import Reply, sanitise
+
+FULL_LIMIT = 256 * 1024
+_XTEXT = re.compile(r"\+([0-9A-F]{2})")
+
+
+class Kind(Enum):
+    """Which report; the value is part of the report's file name."""
+
+    FAILURE = "ndr"
+    DELAY = "delay"
+    SUCCESS = "success"
+    BATCH = "batch"
+
+
+_ACTION = {Kind.FAILURE: "failed", Kind.DELAY: "delayed", Kind.SUCCESS: "delivered"}
+_SUBJECT = {
+    Kind.FAILURE: "Undelivered Mail Returned to Sender",
+    Kind.DELAY: "Delayed Mail (still being retried)",
+    Kind.SUCCESS: "Successful Mail Delivery Report",
+}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One recipient in a delivery report."""
+
+    address: str
+    reply: Reply | None
+    remote_mta: str | None = None
+    orcpt: str | None = None
+    last_attempt: datetime | None = None
+
+
+def status_code(reply: Reply | None, kind: Kind) -> str:
+    if reply is not None and reply.enhanced:
+        return reply.enhanced
+    if kind is Kind.SUCCESS:
+        return "2.0.0"
+    if reply is not None and reply.code >= 500:
+        return "5.0.0"
+    return "4.0.0"
+
+
+def xtext_decode(text: str) -> str:
+    return _XTEXT.sub(lambda m: chr(int(m.group(1), 16)), text)
+
+
+def _headers(pairs: list[tuple[str, str]]) -> list[str]:
+    return [f"{name}: {value}" for name, value in pairs]
+
+
+def delivery_report(
+    *,
+    kind: Kind,
+    hostname: str,
+    envelope_id: str,
+    sender: str,
+    items: list[Item],
+    arrival: datetime,
+    now: datetime,
+    original: bytes,
+    full: bool,
+    envid: str | None = None,
+    retry_until: datetime | None = None,
+) -> bytes:
+    """An RFC 3464 report about ``items`` to ``sender``; ``original`` is the message text."""
+    boundary = f"{envelope_id}.{kind.value}/{hostname}"
+    head = _headers(
+        [
+            ("From", f"Mail Delivery System <MAILER-DAEMON@{hostname}>"),
+            ("To", f"<{sender}>"),
+            ("Subject", _SUBJECT[kind]),
+            ("Date", format_datetime(now)),
+            ("Message-ID", f"<{envelope_id}.{kind.value}@{hostname}>"),
+            ("Auto-Submitted", "auto-replied"),
+            ("MIME-Version", "1.0"),
+            (
+                "Content-Type",
+                f'multipart/report; report-type=delivery-status; boundary="{boundary}"',
+            ),
+        ]
+    )
+    human = _human(kind, hostname, items, retry_until)
+    status = _headers([("Reporting-MTA", f"dns; {hostname}")])
+    if envid:
+        status += _headers([("Original-Envelope-Id", sanitise(xtext_decode(envid), 100))])
+    status += _headers([("Arrival-Date", format_datetime(arrival))])
+    for item in items:
+        status.append("")
+        fields = []
+        if item.orcpt:
+            addr_type, _, value = item.orcpt.partition(";")
+            fields.append(("Original-Recipient", f"{addr_type}; {sanitise(xtext_decode(value))}"))
+        fields += [
+            ("Final-Recipient", f"rfc822; {item.address}"),
+            ("Action", _ACTION[kind]),
+            ("Status", status_code(item.reply, kind)),
+        ]
+        if item.remote_mta:
+            fields.append(("Remote-MTA", f"dns; {sanitise(item.remote_mta, 200)}"))
+        if item.reply is not None:
+            text = sanitise(" ".join(item.reply.render()), 700)
+            fields.append(("Diagnostic-Code", f"smtp; {text}"))
+        if item.last_attempt is not None:
+            fields.append(("Last-Attempt-Date", format_datetime(item.last_attempt)))
+        if kind is Kind.DELAY and retry_until is not None:
+            fields.append(("Will-Retry-Until", format_datetime(retry_until)))
+        status += _headers(fields)
+    original_head, _, _ = original.partition(b"\r\n\r\n")
+    if full and kind is Kind.FAILURE and len(original) <= FULL_LIMIT:
+        enclosed_type, enclosed = "message/rfc822", original
+    else:
+        enclosed_type, enclosed = "text/rfc822-headers", original_head + b"\r\n"
+    parts = [
+        "\r\n".join(head),
+        "",
+        "This is a MIME-encapsulated message.",
+        "",
+        f"--{boundary}",
+        "Content-Type: text/plain; charset=us-ascii",
+        "Content-Description: Notification",
+        "",
+        *human,
+        "",
+        f"--{boundary}",
+        "Content-Type: message/delivery-status",
+        "Content-Description: Delivery report",
+        "",
+        *status,
+        "",
+        f"--{boundary}",
+        f"Content-Type: {enclosed_type}",
+        "Content-Description: Undelivered message"
+        if kind is Kind.FAILURE
+        else "Content-Description: Message headers",
+        "",
+        "",
+    ]
+    encoded = "\r\n".join(parts).encode("utf-8")
+    return encoded + enclosed.rstrip(b"\r\n") + f"\r\n\r\n--{boundary}--\r\n".encode()
+
+
+def _human(kind: Kind, hostname: str, items: list[Item], until: datetime | None) -> list[str]:
+    lines = [f"This is the mail system at host {hostname}.", ""]
+    if kind is Kind.FAILURE:
+        lines += [
+            "Your message could not be delivered to one or more recipients.",
+            "It is attached below. For each recipient, the reason is given:",
+        ]
+    elif kind is Kind.DELAY:
+        lines += ["Your message has not yet been delivered to the recipients below."]
+        if until is not None:
+            lines += [f"It will be retried until {format_datetime(until)}."]
+        lines += ["You do not need to send it again."]
+    else:
+        lines += ["Your message was delivered to the recipients below."]
+    lines.append("")
+    for item in items:
+        reason = sanitise(item.reply.render()[0], 300) if item.reply else ""
+        where = f" (from {sanitise(item.remote_mta, 200)})" if item.remote_mta else ""
+        lines.append(f"<{item.address}>: {reason}{where}")
+    return lines
+
+
+def batch_report(
+    *,
+    hostname: str,
+    envelope_id: str,
+    source: str,
+    sender: str,
+    errors: list[str],
+    response: str,
+    now: datetime,
+) -> bytes:
+    """The batch error report: which commands of the envelope were refused, and the response."""
+    head = _headers(
+        [
+            ("From", f"Mail Delivery System <MAILER-DAEMON@{hostname}>"),
+            ("To", f"<{sender}>"),
+            ("Subject", f"Batch SMTP errors in {sanitise(source, 200)}"),
+            ("Date", format_datetime(now)),
+            ("Message-ID", f"<{envelope_id}.batch@{hostname}>"),
+            ("Auto-Submitted", "auto-replied"),
+            ("MIME-Version", "1.0"),
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Content-Transfer-Encoding", "8bit"),
+        ]
+    )
+    body = [
+        f"This is the mail system at host {hostname}.",
+        "",
+        f"Some commands of the batch envelope {source} (id {envelope_id}) were refused.",
+        "Mail of refused transactions was not sent; the rest was queued for delivery.",
+        "",
+        "Refused commands:",
+        *[f"  {line}" for line in errors],
+        "",
+        "The batch response:",
+        "",
+        *[line[:990] for line in response.splitlines()],
+    ]
+    return ("\r\n".join([*head, "", *body]) + "\r\n").encode("utf-8")

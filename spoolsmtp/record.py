@@ -1,0 +1,118 @@
+"""The result record ``results/ID.json``: one envelope's state and every recipient's fate.
+
+A batch job polls this file; the worker rewrites it (atomically and durably) after every
+attempt. It is also the persisted state of a deferred envelope: attempts, next attempt, which
+reports were sent. Fields follow SPEC.md "The result record"; recipients not yet tried have
+status ``queued``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any
+
+from spoolsmtp.reply import Reply
+
+
+class State(Enum):
+    """Where the envelope is (SPEC.md), as the record reports it."""
+
+    ACTIVE = "active"
+    DEFERRED = "deferred"
+    DONE = "done"
+    REJECTED = "rejected"
+    HELD = "held"
+
+
+QUEUED = "queued"
+FINAL = ("delivered", "failed")
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def reply_dict(reply: Reply) -> dict[str, Any]:
+    return {"code": reply.code, "enhanced": reply.enhanced, "text": reply.text}
+
+
+def reply_from(data: dict[str, Any]) -> Reply:
+    return Reply(int(data["code"]), data.get("enhanced"), tuple(str(data["text"]).split("\n")))
+
+
+@dataclass
+class RcptRecord:
+    """One recipient's fate so far."""
+
+    address: str
+    status: str = QUEUED
+    reply: dict[str, Any] | None = None
+    host: str | None = None
+    attempts: int = 0
+    first_attempt_at: str | None = None
+    last_attempt_at: str | None = None
+    next_attempt_at: str | None = None
+    possible_duplicate: bool = False
+    reported: bool = False
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL
+
+
+@dataclass
+class TxRecord:
+    number: int
+    mail_from: str
+    recipients: list[RcptRecord] = field(default_factory=list)
+
+
+@dataclass
+class Record:
+    """The whole result record; ``to_json`` / ``from_json`` round-trip it."""
+
+    id: str
+    source: str
+    state: State
+    received_at: str
+    updated_at: str
+    location: str = ""
+    transactions: list[TxRecord] = field(default_factory=list)
+    batch_errors: list[str] = field(default_factory=list)
+    reports: list[str] = field(default_factory=list)
+    reason: str | None = None
+    crashes: int = 0
+    warned: bool = False
+
+    def recipients(self) -> list[tuple[TxRecord, RcptRecord]]:
+        return [(t, r) for t in self.transactions for r in t.recipients]
+
+    def find(self, tx: int, address: str) -> RcptRecord:
+        for t in self.transactions:
+            if t.number == tx:
+                for r in t.recipients:
+                    if r.address == address:
+                        return r
+        raise KeyError((tx, address))
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        data["state"] = self.state.value
+        return json.dumps(data, indent=1, ensure_ascii=False).encode("utf-8") + b"\n"
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Record:
+        data = json.loads(raw)
+        data["state"] = State(data["state"])
+        data["transactions"] = [
+            TxRecord(t["number"], t["mail_from"], [RcptRecord(**r) for r in t["recipients"]])
+            for t in data["transactions"]
+        ]
+        return cls(**data)

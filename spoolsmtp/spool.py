@@ -1,0 +1,152 @@
+"""The spool: its folders, and every state change of an envelope file, each a rename.
+
+As in Postfix's queue, a folder is a state and only this module moves files between folders.
+Each move is followed by an fsync of both directories (coalesced across concurrent moves), so
+that a crash leaves every file in exactly one folder that says what to do next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import re
+import secrets
+import stat
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+from spoolsmtp.config import SpoolConfig
+from spoolsmtp.durable import DirSync, write_file
+
+FOLDERS = (
+    "incoming",
+    "active",
+    "deferred",
+    "hold",
+    "done",
+    "results",
+    "bounces",
+    "rejected",
+    "deadletter",
+    "journal",
+)
+SUFFIX = ".bsmtp"
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
+_ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9]{6}-[0-9a-f]{6}$")
+_counter = itertools.count()
+
+
+def takeable(name: str) -> bool:
+    """A file name in incoming/ the worker may take: not a dot-file, not ``*.tmp``, no
+    control characters or path separators, at most 200 characters."""
+    return (
+        bool(name)
+        and not name.startswith(".")
+        and not name.endswith(".tmp")
+        and len(name) <= 200
+        and not _UNSAFE.search(name)
+    )
+
+
+def is_id(name: str) -> bool:
+    return bool(_ID.match(name))
+
+
+def new_id() -> str:
+    """Sortable, unique ids: date-time, microseconds, a per-process counter and randomness."""
+    now = time.time()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
+    micro = int((now % 1) * 1_000_000)
+    tail = (next(_counter) * 0x9E37 + secrets.randbelow(1 << 16)) % (1 << 24)
+    return f"{stamp}-{micro:06d}-{tail:06x}"
+
+
+class NotRegular(Exception):
+    """The claimed file is not a regular file (a symlink, FIFO or device slipped in)."""
+
+
+class Spool:
+    """The spool folders and the moves between them."""
+
+    def __init__(self, cfg: SpoolConfig) -> None:
+        self.cfg = cfg
+        self.dirs = {name: cfg.folder(name) for name in FOLDERS}
+        self.dirsync = DirSync()
+
+    def ensure(self) -> None:
+        for path in self.dirs.values():
+            path.mkdir(parents=True, exist_ok=True)
+
+    def path(self, folder: str, name: str) -> Path:
+        return self.dirs[folder] / name
+
+    def envelope(self, folder: str, envelope_id: str) -> Path:
+        return self.dirs[folder] / f"{envelope_id}{SUFFIX}"
+
+    # -- moves -----------------------------------------------------------------------------
+
+    async def claim(self, name: str) -> str | None:
+        """Take ``incoming/name`` into ``active/`` under a new id; None if it is gone or is
+        not a regular file (which is then left alone)."""
+        src = self.dirs["incoming"] / name
+        try:
+            info = os.lstat(src)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        envelope_id = new_id()
+        try:
+            os.rename(src, self.envelope("active", envelope_id))
+        except FileNotFoundError:
+            return None
+        await self._sync("incoming", "active")
+        return envelope_id
+
+    async def move(
+        self, envelope_id: str, source: str, target: str, name: str | None = None
+    ) -> Path:
+        """Move an envelope between state folders (``name`` overrides its file name)."""
+        dest = self.dirs[target] / (name or f"{envelope_id}{SUFFIX}")
+        os.rename(self.envelope(source, envelope_id), dest)
+        await self._sync(source, target)
+        return dest
+
+    async def _sync(self, *folders: str) -> None:
+        await asyncio.gather(*(self.dirsync(self.dirs[f]) for f in folders))
+
+    # -- files -----------------------------------------------------------------------------
+
+    def open_envelope(self, folder: str, envelope_id: str) -> BinaryIO:
+        """Open without following links, and insist on a regular file."""
+        fd = os.open(
+            self.envelope(folder, envelope_id), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+        )
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise NotRegular(envelope_id)
+        return os.fdopen(fd, "rb")
+
+    async def write(self, folder: str, name: str, data: bytes) -> Path:
+        """Durably write a file into a folder (temp, fsync, rename, coalesced dir fsync)."""
+        path = self.dirs[folder] / name
+        await asyncio.to_thread(write_file, path, data, sync_dir=False)
+        await self.dirsync(self.dirs[folder])
+        return path
+
+    def write_quick(self, folder: str, name: str, data: bytes) -> Path:
+        """Atomically (not durably) replace a file that can be rebuilt after a crash."""
+        path = self.dirs[folder] / name
+        tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return path
+
+    def ids(self, folder: str) -> list[str]:
+        out = []
+        for entry in os.scandir(self.dirs[folder]):
+            if entry.name.endswith(SUFFIX) and is_id(entry.name[: -len(SUFFIX)]):
+                out.append(entry.name[: -len(SUFFIX)])
+        return sorted(out)

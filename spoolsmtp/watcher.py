@@ -1,0 +1,103 @@
+"""Noticing files in ``incoming/``: watchdog events at once, a rescan now and then, and the
+settle rule for writers that cannot rename.
+
+A file renamed into place inside ``incoming/`` (from ``.NAME`` or ``NAME.tmp``) is taken at
+once. Any other file (created in place, or moved in from elsewhere) is taken once its mtime is
+``settle_seconds`` old: an unchanged mtime means neither size nor content changed since.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from spoolsmtp.spool import takeable
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, watcher: IncomingWatcher) -> None:
+        self.watcher = watcher
+
+    def on_created(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self.watcher.from_thread(os.fsdecode(event.src_path), moved=False)
+
+    def on_moved(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self.watcher.from_thread(os.fsdecode(event.dest_path), moved=True)
+
+
+class IncomingWatcher:
+    """Feeds names of takeable files to ``found``, each once it is ready."""
+
+    def __init__(
+        self,
+        folder: Path,
+        settle: float,
+        found: Callable[[str], None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.folder = folder
+        self.settle = settle
+        self.found = found
+        self.clock = clock
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._observer: Observer | None = None  # type: ignore[valid-type]
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        observer = Observer()
+        observer.schedule(_Handler(self), str(self.folder), recursive=False)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+
+    def stop(self) -> None:
+        observer = self._observer
+        if observer is not None:
+            observer.stop()
+            observer.join(5)
+            self._observer = None
+
+    def from_thread(self, path: str, *, moved: bool) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        full = Path(path)
+        if full.parent != self.folder:
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self.look, full.name, moved)
+
+    def look(self, name: str, moved: bool = False) -> None:
+        """Decide about one name: take it now, later (settle), or never."""
+        if not takeable(name):
+            return
+        if moved or self.settle <= 0:
+            self.found(name)
+            return
+        try:
+            info = os.lstat(self.folder / name)
+        except FileNotFoundError:
+            return
+        age = self.clock() - info.st_mtime
+        if age >= self.settle:
+            self.found(name)
+        elif self._loop is not None:
+            self._loop.call_later(self.settle - age + 0.01, self.look, name, False)
+
+    def rescan(self) -> int:
+        """Look at every name in the folder (lost events, files present at start)."""
+        count = 0
+        with os.scandir(self.folder) as entries:
+            for entry in entries:
+                self.look(entry.name)
+                count += 1
+        return count

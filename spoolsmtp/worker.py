@@ -1,0 +1,694 @@
+"""The worker: takes envelopes from the spool, delivers them, retries, reports, survives crashes.
+
+Life of an envelope (each arrow a rename done by ``Spool``, each state durable before the next):
+
+    incoming/NAME -> active/ID.bsmtp -> done/ID.bsmtp        (every recipient final)
+                                     -> deferred/ID.bsmtp -> active/ID.bsmtp ...  (retries)
+                                     -> rejected/ID.NAME      (not an envelope; quarantined)
+
+``results/ID.json`` says where it is and how every recipient fared. While an envelope is in
+``active/`` each recipient's final reply is committed to the journal before the worker moves
+on, so a restart resumes from the journal and never sends again to a recipient a server
+accepted (apart from the RFC 5321 section 6.1 window, counted as ``possible_duplicates``).
+Anything found in ``active/`` at start is an interrupted attempt: it is resumed, and an envelope
+that was in flight at three crashes in a row is quarantined in ``rejected/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import random
+import signal
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from spoolsmtp import crashpoint, envfile, journal, response, retry, writer
+from spoolsmtp.config import Config
+from spoolsmtp.delivery import Deliverer
+from spoolsmtp.dsn import Item, Kind, batch_report, delivery_report
+from spoolsmtp.envelope import Envelope, Notify, Recipient, Ret, Transaction
+from spoolsmtp.errors import EnvelopeFault
+from spoolsmtp.journal import Journal, Replayed
+from spoolsmtp.mx import MxResolver
+from spoolsmtp.outcome import RecipientResult, Status
+from spoolsmtp.record import (
+    QUEUED,
+    RcptRecord,
+    Record,
+    State,
+    TxRecord,
+    iso,
+    parse_iso,
+    reply_dict,
+    reply_from,
+)
+from spoolsmtp.reply import make
+from spoolsmtp.route import destination_for
+from spoolsmtp.spool import SUFFIX, NotRegular, Spool
+from spoolsmtp.stats import Stats
+from spoolsmtp.watcher import IncomingWatcher
+
+log = logging.getLogger("spoolsmtp")
+QUARANTINE_AFTER = 3
+INLINE_READ_BYTES = 256 * 1024
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Worker:
+    """The service machine: one per spool."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.spool = Spool(cfg.spool)
+        self.stats = Stats()
+        self.trace_resolver = False
+        self.trace_session = False
+        self.trace_spool = False
+        self.resolver = MxResolver(
+            cfg.dns, cfg.delivery.max_addresses, cfg.delivery.port, trace=self._resolver_trace
+        )
+        self.deliverer = Deliverer(cfg, self.resolver, trace=self._session_trace)
+        self.journal: Journal | None = None
+        self.suspended = False
+        self._resumed = asyncio.Event()
+        self._resumed.set()
+        self._names: asyncio.Queue[str] = asyncio.Queue()
+        self._queued: set[str] = set()
+        self._slots = asyncio.Semaphore(cfg.spool.max_active)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = asyncio.Event()
+        self._heap: list[tuple[float, str]] = []
+        self._due: dict[str, float] = {}
+        self._wake = asyncio.Event()
+        self._dead: dict[str, float] = {}
+        self._active: dict[str, str] = {}
+        self._watcher: IncomingWatcher | None = None
+        self._random = random.Random()
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT or ``stop``; return the exit code."""
+        self.spool.ensure()
+        replayed = journal.replay(self.spool.dirs["journal"])
+        self.journal = Journal(self.spool.dirs["journal"])
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        active = self.spool.ids("active")
+        self.journal.adopt(set(active))
+        log.info("starting: %d to resume, spool %s", len(active), self.cfg.spool.path)
+        for envelope_id in active:
+            await self._slots.acquire()
+            self._spawn(self._resume(envelope_id, replayed.get(envelope_id, Replayed())))
+        self._load_deferred()
+        self._watcher = IncomingWatcher(
+            self.spool.dirs["incoming"], self.cfg.spool.settle_seconds, self._found
+        )
+        self._watcher.start()
+        self._watcher.rescan()
+        background = [
+            asyncio.create_task(self._intake()),
+            asyncio.create_task(self._scheduler()),
+            asyncio.create_task(self._housekeeping()),
+        ]
+        log.info("ready")
+        await self._stopping.wait()
+        log.info("stopping: %d envelope(s) in flight", len(self._active))
+        self._watcher.stop()
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        await self._drain()
+        await self.deliverer.close_all()
+        self.journal.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        log.info("stopped")
+        return 0
+
+    def stop(self) -> None:
+        """Stop taking files, let transactions in flight finish, persist, exit."""
+        self._stopping.set()
+
+    async def _drain(self) -> None:
+        pending = [t for t in self._tasks if not t.done()]
+        if not pending:
+            return
+        _, late = await asyncio.wait(pending, timeout=self.cfg.shutdown_timeout)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late, timeout=10)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("envelope task failed", exc_info=task.exception())
+
+    # -- intake ----------------------------------------------------------------------------
+
+    def _found(self, name: str) -> None:
+        if name not in self._queued:
+            self._queued.add(name)
+            self._names.put_nowait(name)
+
+    async def _intake(self) -> None:
+        while True:
+            name = await self._names.get()
+            await self._resumed.wait()
+            await self._slots.acquire()
+            self._spawn(self._take(name))
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(min(self.cfg.spool.rescan_interval, self.cfg.delivery.idle_timeout))
+            if self._watcher is not None and not self.suspended:
+                self._watcher.rescan()
+            await self.deliverer.close_idle()
+
+    async def _take(self, name: str) -> None:
+        try:
+            envelope_id = await self.spool.claim(name)
+        finally:
+            self._queued.discard(name)
+        if envelope_id is None:
+            return
+        self.stats.files_taken += 1
+        self._active[envelope_id] = name
+        self._spool_trace(f"{name}: claimed as {envelope_id}")
+        crashpoint.reach("after_claim")
+        try:
+            env = await self._read(envelope_id, name)
+            if env is None:
+                return
+            record = self._new_record(envelope_id, name, env)
+            await self._batch_outputs(envelope_id, env, record, Replayed())
+            self._write_quick(record)
+            await self._attempt(envelope_id, env, record)
+        finally:
+            self._active.pop(envelope_id, None)
+
+    async def _read(self, envelope_id: str, source: str) -> Envelope | None:
+        """Read an envelope in active/; a file that is not one goes to rejected/."""
+        try:
+            with self.spool.open_envelope("active", envelope_id) as fh:
+                size = self.spool.envelope("active", envelope_id).stat().st_size
+                args = (fh, source, self.cfg.limits, self.cfg.helo_name)
+                if size <= INLINE_READ_BYTES:
+                    return envfile.read_stream(*args, self.cfg.spool.max_file_bytes)
+                return await asyncio.to_thread(
+                    envfile.read_stream, *args, self.cfg.spool.max_file_bytes
+                )
+        except (EnvelopeFault, NotRegular, OSError) as exc:
+            reason = str(exc) if isinstance(exc, EnvelopeFault) else f"{source}: not a regular file"
+            await self._reject(envelope_id, source, reason)
+            return None
+
+    async def _reject(
+        self, envelope_id: str, source: str, reason: str, record: Record | None = None
+    ) -> None:
+        name = f"{envelope_id}.{source}"
+        await self.spool.write("rejected", f"{name}.reason", (reason + "\n").encode())
+        now = utcnow()
+        record = record or Record(envelope_id, source, State.REJECTED, iso(now), iso(now))
+        record.state = State.REJECTED
+        record.reason = reason
+        record.location = f"rejected/{name}"
+        record.updated_at = iso(now)
+        await self._write_record(record)
+        await self.spool.move(envelope_id, "active", "rejected", name)
+        self.stats.files_rejected += 1
+        self._spool_trace(f"{source}: rejected ({reason})")
+        log.warning("%s rejected: %s", source, reason)
+        self._finished(envelope_id)
+
+    def _new_record(self, envelope_id: str, source: str, env: Envelope) -> Record:
+        now = iso(utcnow())
+        record = Record(
+            envelope_id, source, State.ACTIVE, now, now, f"active/{envelope_id}{SUFFIX}"
+        )
+        record.batch_errors = response.error_lines(env)
+        for tx in env.transactions:
+            record.transactions.append(
+                TxRecord(tx.number, tx.mail_from, [RcptRecord(r.address) for r in tx.recipients])
+            )
+        return record
+
+    async def _batch_outputs(
+        self, envelope_id: str, env: Envelope, record: Record, replayed: Replayed
+    ) -> None:
+        """The batch response (VERB ON) and the batch error report, once per envelope."""
+        if env.verbose:
+            await self.spool.write(
+                "results", f"{envelope_id}.response", response.render(env).encode()
+            )
+        if env.errors and "batch" not in record.reports and "batch" not in replayed.reports:
+            message = batch_report(
+                hostname=self.cfg.helo_name,
+                envelope_id=envelope_id,
+                source=record.source,
+                sender=env.last_sender or "",
+                errors=response.error_lines(env),
+                response=response.render(env),
+                now=utcnow(),
+            )
+            await self._send_report(envelope_id, "batch", env.last_sender or "", message)
+            record.reports.append("batch")
+
+    # -- resuming and retrying -------------------------------------------------------------
+
+    async def _resume(self, envelope_id: str, replayed: Replayed) -> None:
+        record = self._load_record(envelope_id)
+        source = record.source if record else f"{envelope_id}{SUFFIX}"
+        self._active[envelope_id] = source
+        try:
+            env = await self._read(envelope_id, source)
+            if env is None:
+                return
+            if record is None:
+                record = self._new_record(envelope_id, source, env)
+            record.crashes += 1
+            if record.crashes >= QUARANTINE_AFTER:
+                self.stats.quarantined += 1
+                await self._reject(
+                    envelope_id,
+                    source,
+                    f"{source}: quarantined: the worker stopped abnormally "
+                    f"{record.crashes} times in a row while delivering it",
+                    record,
+                )
+                return
+            self._apply_journal(record, replayed)
+            await self._write_record(record)
+            await self._batch_outputs(envelope_id, env, record, replayed)
+            await self._attempt(envelope_id, env, record)
+        finally:
+            self._active.pop(envelope_id, None)
+
+    def _apply_journal(self, record: Record, replayed: Replayed) -> None:
+        for (tx, address), result in replayed.results.items():
+            with contextlib.suppress(KeyError):
+                rec = record.find(tx, address)
+                for key, value in result.items():
+                    setattr(rec, key, value)
+        for tx, address in replayed.dots:
+            with contextlib.suppress(KeyError):
+                rec = record.find(tx, address)
+                if not rec.final:
+                    rec.possible_duplicate = True
+                    self.stats.possible_duplicates += 1
+        for kind in replayed.reports:
+            if kind not in record.reports:
+                record.reports.append(kind)
+        for tx_rec, rec in record.recipients():
+            tags = {"failed": f"{tx_rec.number}.ndr", "delivered": f"{tx_rec.number}.success"}
+            if tags.get(rec.status) in record.reports:
+                rec.reported = True
+
+    def _load_record(self, envelope_id: str) -> Record | None:
+        try:
+            return Record.from_json(self.spool.path("results", f"{envelope_id}.json").read_bytes())
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _load_deferred(self) -> None:
+        for envelope_id in self.spool.ids("deferred"):
+            record = self._load_record(envelope_id)
+            due = time.time()
+            if record is not None:
+                times = [
+                    parse_iso(r.next_attempt_at).timestamp()
+                    for _, r in record.recipients()
+                    if not r.final and r.next_attempt_at
+                ]
+                due = min(times, default=due)
+            self.schedule(envelope_id, due)
+
+    def schedule(self, envelope_id: str, when: float) -> None:
+        self._due[envelope_id] = when
+        heapq.heappush(self._heap, (when, envelope_id))
+        self._wake.set()
+
+    async def _scheduler(self) -> None:
+        while True:
+            self._wake.clear()
+            now = time.time()
+            while self._heap and self._heap[0][0] <= now and not self.suspended:
+                when, envelope_id = heapq.heappop(self._heap)
+                if self._due.get(envelope_id) != when:
+                    continue
+                del self._due[envelope_id]
+                await self._slots.acquire()
+                self._spawn(self._retry(envelope_id))
+            delay = self._heap[0][0] - now if self._heap else 3600.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, min(delay, 3600.0)))
+
+    async def _retry(self, envelope_id: str) -> None:
+        try:
+            await self.spool.move(envelope_id, "deferred", "active")
+        except FileNotFoundError:
+            return
+        record = self._load_record(envelope_id)
+        source = record.source if record else envelope_id
+        self._active[envelope_id] = source
+        try:
+            env = await self._read(envelope_id, source)
+            if env is None:
+                return
+            if record is None:
+                record = self._new_record(envelope_id, source, env)
+            record.state = State.ACTIVE
+            record.location = f"active/{envelope_id}{SUFFIX}"
+            self._write_quick(record)
+            await self._attempt(envelope_id, env, record)
+        finally:
+            self._active.pop(envelope_id, None)
+
+    # -- one attempt -----------------------------------------------------------------------
+
+    async def _attempt(self, envelope_id: str, env: Envelope, record: Record) -> None:
+        assert self.journal is not None
+        now = utcnow()
+        received = parse_iso(record.received_at)
+        path = self.spool.envelope("active", envelope_id)
+        last_delivery: float | None = None
+        for tx in env.transactions:
+            todo = [r for r in tx.recipients if not record.find(tx.number, r.address).final]
+            if not todo:
+                continue
+            alive, dead = self._split_dead(todo)
+            results: list[RecipientResult] = []
+            if alive:
+
+                async def journal_dot(rcpts: list[Recipient], tx: Transaction = tx) -> None:
+                    await self._journal(
+                        {
+                            "t": "dot",
+                            "id": envelope_id,
+                            "tx": tx.number,
+                            "rcpts": [r.address for r in rcpts],
+                        }
+                    )
+
+                results = await self.deliverer.deliver(
+                    path, tx, envelope_id, now, alive, before_dot=journal_dot
+                )
+            results += dead
+            for res in results:
+                rec = record.find(tx.number, res.recipient.address)
+                self._note(rec, res, now)
+                if rec.final:
+                    await self._journal(
+                        {
+                            "t": "rcpt",
+                            "id": envelope_id,
+                            "tx": tx.number,
+                            "rcpt": rec.address,
+                            "result": _final_fields(rec),
+                        }
+                    )
+                if res.status is Status.DELIVERED:
+                    last_delivery = time.time()
+            self._mark_dead(tx, results)
+            crashpoint.reach("after_journal")
+        self._expire(env, record, received, now)
+        await self._reports(envelope_id, env, record, received, now)
+        await self._finish(envelope_id, record, received, now, last_delivery)
+
+    def _split_dead(self, todo: list[Recipient]) -> tuple[list[Recipient], list[RecipientResult]]:
+        now = time.time()
+        alive: list[Recipient] = []
+        dead: list[RecipientResult] = []
+        for r in todo:
+            dest = destination_for(r.domain, self.cfg)
+            until = self._dead.get(dest.key, 0.0)
+            if until > now:
+                reply = make(451, "4.4.1", f"destination {dest.key} not answering; not tried")
+                dead.append(RecipientResult(r, Status.DEFERRED, reply))
+            else:
+                alive.append(r)
+        return alive, dead
+
+    def _mark_dead(self, tx: Transaction, results: list[RecipientResult]) -> None:
+        """A destination none of whose hosts could be reached is backed off as a whole."""
+        if self.cfg.retry.dead_destination <= 0:
+            return
+        by_dest: dict[str, list[RecipientResult]] = {}
+        for res in results:
+            key = destination_for(res.recipient.domain, self.cfg).key
+            by_dest.setdefault(key, []).append(res)
+        for key, group in by_dest.items():
+            unreachable = all(
+                r.status is Status.DEFERRED and r.reply.enhanced == "4.4.1" and r.host is not None
+                for r in group
+            )
+            if unreachable:
+                self._dead[key] = time.time() + self.cfg.retry.dead_destination
+
+    def _note(self, rec: RcptRecord, res: RecipientResult, now: datetime) -> None:
+        rec.status = res.status.value
+        rec.reply = reply_dict(res.reply)
+        rec.host = res.host or rec.host
+        tried = res.host is not None or res.status is not Status.DEFERRED
+        if tried:
+            rec.attempts += 1
+            rec.first_attempt_at = rec.first_attempt_at or iso(now)
+            rec.last_attempt_at = iso(now)
+        if res.after_dot:
+            rec.possible_duplicate = True
+            self.stats.possible_duplicates += 1
+        if res.status is Status.DELIVERED:
+            self.stats.delivered += 1
+        elif res.status is Status.FAILED:
+            self.stats.failed += 1
+        else:
+            self.stats.deferred += 1
+        rec.next_attempt_at = None
+
+    def _expire(self, env: Envelope, record: Record, received: datetime, now: datetime) -> None:
+        if not retry.expired(received, now, self.cfg.retry):
+            return
+        for _, rec in record.recipients():
+            if not rec.final:
+                last = reply_from(rec.reply) if rec.reply else None
+                rec.status = "failed"
+                rec.reply = reply_dict(retry.expiry_reply(last, self.cfg.retry))
+                self.stats.failed += 1
+
+    # -- reports ---------------------------------------------------------------------------
+
+    async def _reports(
+        self, envelope_id: str, env: Envelope, record: Record, received: datetime, now: datetime
+    ) -> None:
+        warn = retry.warning_due(received, now, self.cfg.retry, record.warned)
+        for tx in env.transactions:
+            recs = {r.address: record.find(tx.number, r.address) for r in tx.recipients}
+            failed = [
+                r
+                for r in tx.recipients
+                if recs[r.address].status == "failed"
+                and not recs[r.address].reported
+                and _wants(r, Notify.FAILURE, default=True)
+            ]
+            delayed = [
+                r
+                for r in tx.recipients
+                if not recs[r.address].final and _wants(r, Notify.DELAY, default=True)
+            ]
+            succeeded = [
+                r
+                for r in tx.recipients
+                if recs[r.address].status == "delivered"
+                and not recs[r.address].reported
+                and _wants(r, Notify.SUCCESS, default=False)
+            ]
+            for kind, rcpts in ((Kind.FAILURE, failed), (Kind.SUCCESS, succeeded)):
+                if rcpts:
+                    await self._report(envelope_id, tx, kind, rcpts, recs, received, now)
+                    for r in rcpts:
+                        recs[r.address].reported = True
+            if warn and delayed:
+                await self._report(envelope_id, tx, Kind.DELAY, delayed, recs, received, now)
+        for _, rec in record.recipients():
+            if rec.status == "failed" and not rec.reported:
+                rec.reported = True
+        if warn:
+            record.warned = True
+
+    async def _report(
+        self,
+        envelope_id: str,
+        tx: Transaction,
+        kind: Kind,
+        rcpts: list[Recipient],
+        recs: dict[str, RcptRecord],
+        received: datetime,
+        now: datetime,
+    ) -> None:
+        items = [_item(r, recs[r.address]) for r in rcpts]
+        full = tx.params.ret is Ret.FULL
+        original = await asyncio.to_thread(
+            _original, self.spool.envelope("active", envelope_id), tx, full
+        )
+        until = received + timedelta(seconds=self.cfg.retry.max_age)
+        message = delivery_report(
+            kind=kind,
+            hostname=self.cfg.helo_name,
+            envelope_id=f"{envelope_id}.{tx.number}",
+            sender=tx.mail_from,
+            items=items,
+            arrival=received,
+            now=now,
+            original=original,
+            full=full,
+            envid=tx.params.envid,
+            retry_until=until,
+        )
+        await self._send_report(envelope_id, f"{tx.number}.{kind.value}", tx.mail_from, message)
+
+    async def _send_report(self, envelope_id: str, tag: str, sender: str, message: bytes) -> None:
+        """Write a report as a Batch SMTP envelope: to bounces/ (or incoming/ with requeue),
+        or to deadletter/ when the original sender was null."""
+        name = f"{envelope_id}.{tag}{SUFFIX}"
+        if sender:
+            data = writer.render(
+                [writer.Draft("", (Recipient(sender),), message)], self.cfg.helo_name
+            )
+            folder = "incoming" if self.cfg.bounces.requeue else "bounces"
+            self.stats.reports += 1
+        else:
+            data = writer.render(
+                [writer.Draft("", (Recipient(f"postmaster@{self.cfg.helo_name}"),), message)],
+                self.cfg.helo_name,
+            )
+            folder = "deadletter"
+            self.stats.deadletters += 1
+        crashpoint.reach("writing_bounce")
+        await self.spool.write(folder, name, data)
+        self._spool_trace(f"{envelope_id}: report {tag} written to {folder}/{name}")
+        await self._journal({"t": "report", "id": envelope_id, "kind": tag})
+
+    # -- finishing -------------------------------------------------------------------------
+
+    async def _finish(
+        self,
+        envelope_id: str,
+        record: Record,
+        received: datetime,
+        now: datetime,
+        last_delivery: float | None,
+    ) -> None:
+        pending = [rec for _, rec in record.recipients() if not rec.final]
+        record.updated_at = iso(utcnow())
+        record.crashes = 0
+        if pending:
+            for rec in pending:
+                when = retry.next_attempt(
+                    received, max(rec.attempts, 1), now, self.cfg.retry, self._random.random()
+                )
+                rec.next_attempt_at = iso(when)
+                if rec.status == QUEUED:
+                    rec.status = "deferred"
+            record.state = State.DEFERRED
+            record.location = f"deferred/{envelope_id}{SUFFIX}"
+            await self._write_record(record)
+            crashpoint.reach("before_final_rename")
+            await self.spool.move(envelope_id, "active", "deferred")
+            due = min(
+                parse_iso(r.next_attempt_at).timestamp() for r in pending if r.next_attempt_at
+            )
+            self.schedule(envelope_id, due)
+            self._spool_trace(
+                f"{envelope_id}: deferred until {iso(datetime.fromtimestamp(due, UTC))}"
+            )
+        else:
+            record.state = State.DONE
+            record.location = f"done/{envelope_id}{SUFFIX}"
+            await self._write_record(record)
+            crashpoint.reach("before_final_rename")
+            await self.spool.move(envelope_id, "active", "done")
+            self._spool_trace(f"{envelope_id}: done")
+        taken = parse_iso(record.received_at).timestamp()
+        self.stats.envelope_finished(None if last_delivery is None else last_delivery - taken)
+        self._finished(envelope_id)
+
+    def _finished(self, envelope_id: str) -> None:
+        if self.journal is not None:
+            self.journal.finished(envelope_id)
+
+    async def _write_record(self, record: Record) -> None:
+        await self.spool.write("results", f"{record.id}.json", record.to_json())
+
+    def _write_quick(self, record: Record) -> None:
+        self.spool.write_quick("results", f"{record.id}.json", record.to_json())
+
+    async def _journal(self, rec: dict[str, Any]) -> None:
+        assert self.journal is not None
+        await self.journal.append(rec)
+
+    # -- tracing ---------------------------------------------------------------------------
+
+    def _resolver_trace(self, text: str) -> None:
+        if self.trace_resolver:
+            log.info("trace %s", text)
+
+    def _session_trace(self, text: str) -> None:
+        if self.trace_session:
+            log.info("trace %s", text)
+
+    def _spool_trace(self, text: str) -> None:
+        if self.trace_spool:
+            log.info("trace spool: %s", text)
+
+
+def _wants(rcpt: Recipient, what: Notify, *, default: bool) -> bool:
+    """Whether NOTIFY asks for this kind of report (no NOTIFY: failures and delays only)."""
+    if rcpt.notify is None:
+        return default
+    return what in rcpt.notify
+
+
+def _item(rcpt: Recipient, rec: RcptRecord) -> Item:
+    reply = reply_from(rec.reply) if rec.reply is not None else None
+    last = parse_iso(rec.last_attempt_at) if rec.last_attempt_at is not None else None
+    return Item(rcpt.address, reply, rec.host, rcpt.orcpt, last)
+
+
+def _final_fields(rec: RcptRecord) -> dict[str, Any]:
+    return {
+        "status": rec.status,
+        "reply": rec.reply,
+        "host": rec.host,
+        "attempts": rec.attempts,
+        "first_attempt_at": rec.first_attempt_at,
+        "last_attempt_at": rec.last_attempt_at,
+        "possible_duplicate": rec.possible_duplicate,
+    }
+
+
+def _original(path: Any, tx: Transaction, full: bool) -> bytes:
+    """The message text to enclose in a report: whole (RET=FULL) or enough for its headers."""
+    with open(path, "rb") as fh:
+        if full:
+            return b"".join(envfile.text_chunks(fh, tx.message))
+        head = b""
+        for chunk in envfile.text_chunks(fh, tx.message, chunk=64 * 1024):
+            head += chunk
+            if b"\r\n\r\n" in head or len(head) > 256 * 1024:
+                break
+        return head
