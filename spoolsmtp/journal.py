@@ -8,6 +8,8 @@ commit). Records:
 * ``{"t": "dot", "id", "tx", "rcpts": [...]}``: the final dot is about to be sent; a restart
   that finds it without the recipients' results counts them as possible duplicates.
 * ``{"t": "report", "id", "kind"}``: a report was durably written.
+* ``{"t": "claim", "id", "name"}``: committed just before ``incoming/name`` is renamed to
+  ``active/ID.bsmtp``, so that a restart knows the source name of every active envelope.
 
 The journal matters only while an envelope is in ``active/``; once its result record is durable
 and it has left ``active/``, its records are dead. A segment whose envelopes have all left is
@@ -36,6 +38,7 @@ class Replayed:
     results: dict[tuple[int, str], dict[str, Any]] = field(default_factory=dict)
     dots: set[tuple[int, str]] = field(default_factory=set)
     reports: set[str] = field(default_factory=set)
+    source: str | None = None
 
 
 def replay(folder: Path) -> dict[str, Replayed]:
@@ -55,6 +58,8 @@ def replay(folder: Path) -> dict[str, Replayed]:
                     entry.dots.update((rec["tx"], r) for r in rec["rcpts"])
                 elif rec["t"] == "report":
                     entry.reports.add(rec["kind"])
+                elif rec["t"] == "claim":
+                    entry.source = rec["name"]
     return dict(out)
 
 

@@ -14,6 +14,7 @@ import re
 import secrets
 import stat
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -87,9 +88,12 @@ class Spool:
 
     # -- moves -----------------------------------------------------------------------------
 
-    async def claim(self, name: str) -> str | None:
+    async def claim(
+        self, name: str, before: Callable[[str], Awaitable[None]] | None = None
+    ) -> str | None:
         """Take ``incoming/name`` into ``active/`` under a new id; None if it is gone or is
-        not a regular file (which is then left alone)."""
+        not a regular file (which is then left alone). ``before(id)`` is awaited just before
+        the rename (the worker journals the claim there)."""
         src = self.dirs["incoming"] / name
         try:
             info = os.lstat(src)
@@ -98,6 +102,8 @@ class Spool:
         if not stat.S_ISREG(info.st_mode):
             return None
         envelope_id = new_id()
+        if before is not None:
+            await before(envelope_id)
         try:
             os.rename(src, self.envelope("active", envelope_id))
         except FileNotFoundError:

@@ -23,6 +23,7 @@ import logging
 import random
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -182,7 +183,7 @@ class Worker:
 
     async def _take(self, name: str) -> None:
         try:
-            envelope_id = await self.spool.claim(name)
+            envelope_id = await self.spool.claim(name, before=self._journal_claim(name))
         finally:
             self._queued.discard(name)
         if envelope_id is None:
@@ -201,6 +202,12 @@ class Worker:
             await self._attempt(envelope_id, env, record)
         finally:
             self._active.pop(envelope_id, None)
+
+    def _journal_claim(self, name: str) -> Callable[[str], Awaitable[None]]:
+        async def claim(envelope_id: str) -> None:
+            await self._journal({"t": "claim", "id": envelope_id, "name": name})
+
+        return claim
 
     async def _read(self, envelope_id: str, source: str) -> Envelope | None:
         """Read an envelope in active/; a file that is not one goes to rejected/."""
@@ -273,7 +280,7 @@ class Worker:
 
     async def _resume(self, envelope_id: str, replayed: Replayed) -> None:
         record = self._load_record(envelope_id)
-        source = record.source if record else f"{envelope_id}{SUFFIX}"
+        source = record.source if record else (replayed.source or f"{envelope_id}{SUFFIX}")
         self._active[envelope_id] = source
         try:
             env = await self._read(envelope_id, source)

@@ -37,6 +37,7 @@ class Script:
     ehlo_extra: list[str] = field(default_factory=list)
     data_delay: float = 0.0
     max_rcpts: int | None = None
+    defer_first: dict[str, int] = field(default_factory=dict)
     gate: threading.Event | None = None
 
 
@@ -71,6 +72,10 @@ class _Handler:
         scripted = self.server.script.rcpt.get(address)
         if scripted:
             return scripted
+        left = self.server.script.defer_first.get(address, 0)
+        if left > 0:
+            self.server.script.defer_first[address] = left - 1
+            return "450 4.2.1 mailbox busy, try later"
         limit = self.server.script.max_rcpts
         if limit is not None and len(envelope.rcpt_tos) >= limit:
             return "452 4.5.3 too many recipients"

@@ -93,8 +93,17 @@ def test_the_shipped_config_states_exactly_the_defaults() -> None:
     assert shipped.source.endswith("spoolsmtp.yaml")
     defaults = config.Config()
     for name in (
-        "hostname", "spool", "limits", "delivery", "dns", "routes", "smarthost", "retry",
-        "bounces", "shutdown_timeout", "log_level",
+        "hostname",
+        "spool",
+        "limits",
+        "delivery",
+        "dns",
+        "routes",
+        "smarthost",
+        "retry",
+        "bounces",
+        "shutdown_timeout",
+        "log_level",
     ):
         assert getattr(shipped, name) == getattr(defaults, name), name
 

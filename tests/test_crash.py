@@ -1,0 +1,93 @@
+"""Crash safety: kill -9 the worker at every named phase, restart it, and check the ledger.
+
+Every recipient must end delivered exactly once, or failed with one report, or still queued:
+nothing lost, and no duplicate outside the RFC 5321 section 6.1 window (after the final dot was
+sent), where a duplicate is possible and must be marked ``possible_duplicate``.
+"""
+
+from __future__ import annotations
+
+import email
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from flufl.bounce import all_failures
+
+from spoolsmtp import config, envfile
+from spoolsmtp.crashpoint import PHASES
+from tests.helpers import draft
+from tests.smtpservers import Script, SmtpServer
+from tests.workerproc import WorkerProcess, wait_for
+
+GOOD = ["a@example.org", "b@example.net"]
+BAD = "gone@example.org"
+WINDOW = {"after_dot", "after_250"}
+
+
+def failed_in(path: Path) -> set[str]:
+    cfg = config.Config()
+    env = envfile.read(path, cfg.limits, "x")
+    msg = email.message_from_bytes(envfile.message_bytes(path, env.transactions[0].message))
+    return {a.decode() for a in all_failures(msg)[1]}
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_kill_at_each_phase_loses_nothing_and_duplicates_nothing(
+    tmp_path: Path, phase: str
+) -> None:
+    srv = SmtpServer(Script(rcpt={BAD: "550 5.1.1 no such user"}))
+    settings = {"smarthost": f"127.0.0.1:{srv.port}"}
+    try:
+        crashing = WorkerProcess(tmp_path, settings, env={"SPOOLSMTP_CRASH_AT": phase}).start()
+        crashing.drop_drafts("job.bsmtp", [draft("oper@example.com", [*GOOD, BAD])])
+        assert crashing.wait_exit() == -signal.SIGKILL
+        worker = WorkerProcess(tmp_path, settings).start()
+        try:
+            rec = wait_for(lambda: worker.final("job.bsmtp"), what=f"final after {phase}")
+        finally:
+            assert worker.stop() == 0
+    finally:
+        srv.stop()
+    got = Counter(r for m in srv.messages for r in m.rcpt_tos)
+    recipients = {r["address"]: r for t in rec["transactions"] for r in t["recipients"]}
+    for address in GOOD:
+        assert recipients[address]["status"] == "delivered", (phase, recipients[address])
+        if phase in WINDOW and got[address] == 2:
+            assert recipients[address]["possible_duplicate"], phase
+        else:
+            assert got[address] == 1, (phase, got)
+    assert recipients[BAD]["status"] == "failed"
+    reports = worker.files("bounces")
+    assert len(reports) == 1, (phase, reports)
+    assert failed_in(reports[0]) == {BAD}
+    assert worker.files("active") == [] and worker.files("incoming") == []
+    assert rec["crashes"] == 0
+
+
+def test_a_file_that_crashes_the_worker_three_times_is_quarantined(tmp_path: Path) -> None:
+    srv = SmtpServer()
+    settings = {"smarthost": f"127.0.0.1:{srv.port}"}
+    try:
+        first = WorkerProcess(tmp_path, settings, env={"SPOOLSMTP_CRASH_AT": "after_rcpt"}).start()
+        first.drop_drafts("poison.bsmtp", [draft("o@example.com", ["a@example.org"])])
+        assert first.wait_exit() == -signal.SIGKILL
+        for _ in range(2):
+            again = WorkerProcess(tmp_path, settings, env={"SPOOLSMTP_CRASH_AT": "after_rcpt"})
+            again.start()
+            assert again.wait_exit() == -signal.SIGKILL
+        last = WorkerProcess(tmp_path, settings).start()
+        try:
+            rec = wait_for(lambda: last.final("poison.bsmtp"))
+            last.drop_drafts("healthy.bsmtp", [draft("o@example.com", ["h@example.org"])])
+            healthy = wait_for(lambda: last.final("healthy.bsmtp"))
+        finally:
+            assert last.stop() == 0
+    finally:
+        srv.stop()
+    assert rec["state"] == "rejected"
+    assert "quarantined" in rec["reason"] and "3 times" in rec["reason"]
+    assert (tmp_path / "spool" / rec["location"]).exists()
+    assert healthy["state"] == "done"
+    assert [m.rcpt_tos for m in srv.messages] == [["h@example.org"]]
