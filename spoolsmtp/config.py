@@ -126,8 +126,8 @@ class DeliveryConfig:
     """How mail is sent to remote servers."""
 
     port: int = _count(25, 1, 65535)
-    max_connections: int = _count(20)
-    max_per_destination: int = _count(4)
+    max_connections: int = _count(100)
+    max_per_destination: int = _count(20)
     reuse_connections: bool = True
     idle_timeout: float = _duration(30.0)
     max_addresses: int = _count(5)

@@ -24,7 +24,7 @@ from spoolsmtp.envelope import Recipient, Transaction
 from spoolsmtp.mx import Hop, MxResolver
 from spoolsmtp.outcome import RecipientResult, Status, result
 from spoolsmtp.reply import Reply, make
-from spoolsmtp.session import DotHook, Session, SessionStats, fold_received
+from spoolsmtp.session import DotHook, Session, SessionStats, StaleSession, fold_received
 
 Trace = Callable[[str], None]
 _PoolKey = tuple[str, int, str, TlsPolicy]
@@ -79,12 +79,16 @@ class Deliverer:
             loop = make(554, "5.4.6", f"mail loop: more than {self.cfg.limits.max_hops} hops")
             return [result(r, loop) for r in rcpts]
         groups = route.group(rcpts, self.cfg)
-        outcomes = await asyncio.gather(
-            *(
-                self.deliver_to(dest, group, path, tx, envelope_id, now, before_dot)
-                for dest, group in groups.items()
+        if len(groups) == 1:
+            ((dest, group),) = groups.items()
+            outcomes = [await self.deliver_to(dest, group, path, tx, envelope_id, now, before_dot)]
+        else:
+            outcomes = await asyncio.gather(
+                *(
+                    self.deliver_to(dest, group, path, tx, envelope_id, now, before_dot)
+                    for dest, group in groups.items()
+                )
             )
-        )
         by_rcpt = {r.recipient: r for results in outcomes for r in results}
         return [by_rcpt[r] for r in rcpts]
 
@@ -113,22 +117,35 @@ class Deliverer:
             pending = list(rcpts)
             last = make(451, "4.4.0", "no host tried")
             with open(path, "rb") as fh:
-                try:
-                    async for attempt in AsyncRetrying(
-                        stop=stop_after_attempt(len(hops)),
-                        retry=retry_if_exception_type(_NextHost),
-                        wait=wait_none(),
-                        reraise=True,
-                    ):
-                        with attempt:
-                            hop = hops[attempt.retry_state.attempt_number - 1]
-                            pending = await self._try_hop(
-                                hop, dest.tls, tx, pending, fh, received, done, latest, before_dot
-                            )
-                            if pending:
-                                raise _NextHost(latest[pending[0]].reply)
-                except _NextHost as exc:
-                    last = exc.reply
+                if len(hops) == 1:
+                    pending = await self._try_hop(
+                        hops[0], dest.tls, tx, pending, fh, received, done, latest, before_dot
+                    )
+                else:
+                    try:
+                        async for attempt in AsyncRetrying(
+                            stop=stop_after_attempt(len(hops)),
+                            retry=retry_if_exception_type(_NextHost),
+                            wait=wait_none(),
+                            reraise=True,
+                        ):
+                            with attempt:
+                                hop = hops[attempt.retry_state.attempt_number - 1]
+                                pending = await self._try_hop(
+                                    hop,
+                                    dest.tls,
+                                    tx,
+                                    pending,
+                                    fh,
+                                    received,
+                                    done,
+                                    latest,
+                                    before_dot,
+                                )
+                                if pending:
+                                    raise _NextHost(latest[pending[0]].reply)
+                    except _NextHost as exc:
+                        last = exc.reply
             for r in pending:
                 done[r] = latest.get(r) or result(r, last)
             return [done[r] for r in rcpts]
@@ -155,7 +172,16 @@ class Deliverer:
         todo = pending
         left: list[Recipient] = []
         while todo:
-            results, again = await session.send(tx, todo, fh, received, before_dot)
+            try:
+                results, again = await session.send(tx, todo, fh, received, before_dot)
+            except StaleSession:
+                session, failure = await self._session(hop, tls, reuse=False)
+                if session is None:
+                    assert failure is not None
+                    for r in todo:
+                        latest[r] = result(r, failure, hop.host, hop.address)
+                    return [*left, *todo]
+                continue
             for res in results:
                 latest[res.recipient] = res
                 final = res.status is not Status.DEFERRED or res.after_dot
@@ -170,14 +196,18 @@ class Deliverer:
         self._release(session)
         return left
 
-    async def _session(self, hop: Hop, tls: TlsPolicy) -> tuple[Session | None, Reply | None]:
+    async def _session(
+        self, hop: Hop, tls: TlsPolicy, *, reuse: bool = True
+    ) -> tuple[Session | None, Reply | None]:
+        """A ready session to ``hop``: an idle pooled one (RSET only if a transaction was left
+        incomplete; after a final reply to the dot the server is ready again) or a new one."""
         key: _PoolKey = (hop.address, hop.port, hop.host, tls)
-        idle = self._idle.get(key, [])
+        idle = self._idle.get(key, []) if reuse else []
         now = time.monotonic()
         while idle:
             session = idle.pop()
             fresh = now - session.last_used < self.cfg.delivery.idle_timeout
-            if session.alive and fresh and await session.reset():
+            if session.alive and fresh and (not session.dirty or await session.reset()):
                 self.stats.reused += 1
                 return session, None
             await session.close()

@@ -18,15 +18,16 @@ deleted; a new segment is started when the current one grows past ``SEGMENT_BYTE
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from spoolsmtp.durable import fsync_dir
+from spoolsmtp.iobatch import IoBatch
 
 SEGMENT_BYTES = 8 * 1024 * 1024
 
@@ -64,34 +65,36 @@ def replay(folder: Path) -> dict[str, Replayed]:
 
 
 class Journal:
-    """Appends records and commits them in groups; tracks which segments are still needed."""
+    """Appends records and commits them in groups; tracks which segments are still needed.
 
-    def __init__(self, folder: Path) -> None:
+    ``append`` buffers the record and runs a batch operation that names the journal as a sync
+    target, so one write and one fdatasync per batch commit the records of every envelope.
+    """
+
+    def __init__(self, folder: Path, batch: IoBatch) -> None:
         self.folder = folder
+        self.batch = batch
         folder.mkdir(parents=True, exist_ok=True)
         existing = sorted(folder.glob("*.log"))
         self._old = existing
         self._old_ids: set[str] = set()
-        number = int(existing[-1].stem) + 1 if existing else 1
-        self._segment = 0
+        self._lock = threading.Lock()
+        self._buffer: list[bytes] = []
         self._fd = -1
         self._size = 0
+        self._segment = 0
         self._live: dict[int, set[str]] = {}
-        self._open_segment(number)
-        self._pending: list[bytes] = []
-        self._next: asyncio.Future[None] | None = None
-        self._running = False
-        self._task: asyncio.Task[None] | None = None
-        self.commits = 0
+        self._open_segment(int(existing[-1].stem) + 1 if existing else 1)
         self.records = 0
+        self.commits = 0
 
     def _open_segment(self, number: int) -> None:
         if self._fd >= 0:
             os.close(self._fd)
-        self._segment = number
         path = self.folder / f"{number:08d}.log"
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
         self._size = os.fstat(self._fd).st_size
+        self._segment = number
         self._live.setdefault(number, set())
         fsync_dir(self.folder)
 
@@ -101,50 +104,41 @@ class Journal:
         self._drop_old_if_unused()
 
     async def append(self, record: dict[str, Any]) -> None:
-        """Write a record and return once it is on disk (shared fsync)."""
-        self._pending.append(json.dumps(record, separators=(",", ":")).encode() + b"\n")
-        self._live.setdefault(self._segment, set()).add(record["id"])
+        """Write a record and return once it is on disk (shared fdatasync)."""
+        data = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+        with self._lock:
+            self._buffer.append(data)
+            self._live.setdefault(self._segment, set()).add(record["id"])
         self.records += 1
-        if self._next is None:
-            self._next = asyncio.get_running_loop().create_future()
-        waiter = self._next
-        if not self._running:
-            self._running = True
-            self._task = asyncio.create_task(self._drive())
-        await asyncio.shield(waiter)
+        await self.batch.run(self._target)
 
-    async def _drive(self) -> None:
-        try:
-            while self._next is not None:
-                waiter, self._next = self._next, None
-                data, self._pending = b"".join(self._pending), []
-                try:
-                    await asyncio.to_thread(self._commit, self._fd, data)
-                except OSError as exc:
-                    waiter.set_exception(exc)
-                else:
-                    waiter.set_result(None)
-                    self._size += len(data)
-                    self.commits += 1
-                if self._size > SEGMENT_BYTES:
-                    self._open_segment(self._segment + 1)
-        finally:
-            self._running = False
+    def _target(self) -> tuple[Journal]:
+        return (self,)
 
-    @staticmethod
-    def _commit(fd: int, data: bytes) -> None:
+    def sync(self) -> None:
+        """Write what is buffered and fdatasync it (in the I/O thread, once per batch)."""
+        with self._lock:
+            data = b"".join(self._buffer)
+            self._buffer = []
+            fd = self._fd
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
         os.fdatasync(fd)
+        self.commits += 1
+        with self._lock:
+            self._size += len(data)
+            if self._size > SEGMENT_BYTES:
+                self._open_segment(self._segment + 1)
 
     def finished(self, envelope_id: str) -> None:
         """The envelope has left active/ with a durable record: its records are dead."""
-        for number, ids in list(self._live.items()):
-            ids.discard(envelope_id)
-            if not ids and number != self._segment:
-                (self.folder / f"{number:08d}.log").unlink(missing_ok=True)
-                del self._live[number]
+        with self._lock:
+            for number, ids in list(self._live.items()):
+                ids.discard(envelope_id)
+                if not ids and number != self._segment:
+                    (self.folder / f"{number:08d}.log").unlink(missing_ok=True)
+                    del self._live[number]
         if envelope_id in self._old_ids:
             self._old_ids.discard(envelope_id)
             self._drop_old_if_unused()

@@ -9,7 +9,7 @@ status ``queued``.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
@@ -67,6 +67,9 @@ class RcptRecord:
         return self.status in FINAL
 
 
+_RCPT_FIELDS = fields(RcptRecord)
+
+
 @dataclass
 class TxRecord:
     number: int
@@ -103,9 +106,19 @@ class Record:
         raise KeyError((tx, address))
 
     def to_json(self) -> bytes:
-        data = asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["state"] = self.state.value
-        return json.dumps(data, indent=1, ensure_ascii=False).encode("utf-8") + b"\n"
+        data["transactions"] = [
+            {
+                "number": t.number,
+                "mail_from": t.mail_from,
+                "recipients": [
+                    {f.name: getattr(r, f.name) for f in _RCPT_FIELDS} for r in t.recipients
+                ],
+            }
+            for t in self.transactions
+        ]
+        return json.dumps(data, ensure_ascii=False).encode("utf-8") + b"\n"
 
     @classmethod
     def from_json(cls, raw: bytes) -> Record:

@@ -45,6 +45,10 @@ class SessionBroken(Exception):
         super().__init__(str(reply))
 
 
+class StaleSession(Exception):
+    """A reused connection was found closed before it answered anything: open a new one."""
+
+
 class _Wire(asyncio.Protocol):
     """Bytes in from the transport, kept until the session takes them; write flow control."""
 
@@ -88,6 +92,10 @@ class _Wire(asyncio.Protocol):
     async def wait_data(self) -> None:
         if not self.buffer and not self.closed:
             await self._arrived.wait()
+
+    @property
+    def writable(self) -> bool:
+        return self._writable.is_set()
 
     async def drained(self) -> None:
         await self._writable.wait()
@@ -348,6 +356,8 @@ class Session:
                 final[i] = self._result(recipients[i], end.reply)
         except SessionBroken as exc:
             self.abort()
+            if stage == "after MAIL" and not events and self.transactions > 1:
+                raise StaleSession(str(exc.reply)) from exc
             if stage == "after MAIL":
                 self._apply(events, recipients, final, accepted)
             reply = exc.reply
@@ -434,10 +444,12 @@ class Session:
         assert wire is not None
         transport.write(data)
         self.stats.bytes_sent += len(data)
-        try:
-            await asyncio.wait_for(wire.drained(), self.config.timeouts.data_block)
-        except TimeoutError:
-            raise SessionBroken(timed_out("")) from None
+        if not wire.writable:
+            try:
+                async with asyncio.timeout(self.config.timeouts.data_block):
+                    await wire.drained()
+            except TimeoutError:
+                raise SessionBroken(timed_out("")) from None
         if wire.closed:
             raise SessionBroken(connection_lost(""))
 
@@ -450,7 +462,7 @@ class Session:
         wire = self._wire
         assert wire is not None
         verb = self._expected()
-        deadline = time.monotonic() + _timeout_for(verb, self.config.timeouts)
+        deadline_loop = asyncio.get_running_loop().time() + _timeout_for(verb, self.config.timeouts)
         while True:
             try:
                 event = self.proto.next_event()
@@ -464,7 +476,8 @@ class Session:
             if wire.closed and not wire.buffer:
                 raise SessionBroken(connection_lost(""))
             try:
-                await asyncio.wait_for(wire.wait_data(), max(0.0, deadline - time.monotonic()))
+                async with asyncio.timeout_at(deadline_loop):
+                    await wire.wait_data()
             except TimeoutError:
                 raise SessionBroken(timed_out(f"waiting for the reply to {verb.name}")) from None
             self.proto.receive_data(wire.take())

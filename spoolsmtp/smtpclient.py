@@ -9,7 +9,7 @@ Rules of the protocol (RFC 5321, RFC 2920 for PIPELINING, RFC 3207 for STARTTLS)
 
 * The server speaks first: the first reply answers ``GREETING``.
 * Commands may be queued ahead of their replies only when PIPELINING is offered, and then only
-  up to a command that ends a flight: EHLO, HELO, DATA, STARTTLS, QUIT, RSET may be last in a
+  up to a command that ends a flight: EHLO, HELO, DATA, STARTTLS, QUIT, NOOP may be last in a
   flight, never followed before their reply arrives (RFC 2920 section 3.1). Without
   PIPELINING one command is outstanding at a time.
 * After a 354 to DATA the message is sent with ``send_body`` (already CRLF and dot-stuffed) and
@@ -60,7 +60,7 @@ class Verb(Enum):
     QUIT = auto()
 
 
-_ENDS_FLIGHT = {Verb.EHLO, Verb.HELO, Verb.DATA, Verb.STARTTLS, Verb.QUIT, Verb.RSET, Verb.NOOP}
+_ENDS_FLIGHT = {Verb.EHLO, Verb.HELO, Verb.DATA, Verb.STARTTLS, Verb.QUIT, Verb.NOOP}
 
 
 class NeedData(Enum):

@@ -7,9 +7,9 @@ that a crash leaves every file in exactly one folder that says what to do next.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
+import random
 import re
 import secrets
 import stat
@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from spoolsmtp.config import SpoolConfig
-from spoolsmtp.durable import DirSync, write_file
+from spoolsmtp.durable import write_file
+from spoolsmtp.iobatch import IoBatch
 
 FOLDERS = (
     "incoming",
@@ -37,6 +38,7 @@ SUFFIX = ".bsmtp"
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
 _ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9]{6}-[0-9a-f]{6}$")
 _counter = itertools.count()
+_random = random.Random(secrets.randbits(64))
 
 
 def takeable(name: str) -> bool:
@@ -60,7 +62,7 @@ def new_id() -> str:
     now = time.time()
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
     micro = int((now % 1) * 1_000_000)
-    tail = (next(_counter) * 0x9E37 + secrets.randbelow(1 << 16)) % (1 << 24)
+    tail = (next(_counter) * 0x9E37 + _random.getrandbits(16)) % (1 << 24)
     return f"{stamp}-{micro:06d}-{tail:06x}"
 
 
@@ -71,10 +73,10 @@ class NotRegular(Exception):
 class Spool:
     """The spool folders and the moves between them."""
 
-    def __init__(self, cfg: SpoolConfig) -> None:
+    def __init__(self, cfg: SpoolConfig, batch: IoBatch | None = None) -> None:
         self.cfg = cfg
         self.dirs = {name: cfg.folder(name) for name in FOLDERS}
-        self.dirsync = DirSync()
+        self.batch = batch or IoBatch()
 
     def ensure(self) -> None:
         for path in self.dirs.values():
@@ -105,10 +107,9 @@ class Spool:
         if before is not None:
             await before(envelope_id)
         try:
-            os.rename(src, self.envelope("active", envelope_id))
+            await self._rename(src, self.envelope("active", envelope_id))
         except FileNotFoundError:
             return None
-        await self._sync("incoming", "active")
         return envelope_id
 
     async def move(
@@ -116,12 +117,17 @@ class Spool:
     ) -> Path:
         """Move an envelope between state folders (``name`` overrides its file name)."""
         dest = self.dirs[target] / (name or f"{envelope_id}{SUFFIX}")
-        os.rename(self.envelope(source, envelope_id), dest)
-        await self._sync(source, target)
+        await self._rename(self.envelope(source, envelope_id), dest)
         return dest
 
-    async def _sync(self, *folders: str) -> None:
-        await asyncio.gather(*(self.dirsync(self.dirs[f]) for f in folders))
+    async def _rename(self, src: Path, dest: Path) -> None:
+        """Rename in the I/O thread; durable once both directories are synced (batched)."""
+
+        def op() -> tuple[Path, ...]:
+            os.rename(src, dest)
+            return (src.parent, dest.parent)
+
+        await self.batch.run(op)
 
     # -- files -----------------------------------------------------------------------------
 
@@ -138,16 +144,25 @@ class Spool:
     async def write(self, folder: str, name: str, data: bytes) -> Path:
         """Durably write a file into a folder (temp, fsync, rename, coalesced dir fsync)."""
         path = self.dirs[folder] / name
-        await asyncio.to_thread(write_file, path, data, sync_dir=False)
-        await self.dirsync(self.dirs[folder])
+
+        def op() -> tuple[Path]:
+            write_file(path, data, sync_dir=False)
+            return (path.parent,)
+
+        await self.batch.run(op)
         return path
 
-    def write_quick(self, folder: str, name: str, data: bytes) -> Path:
+    async def write_quick(self, folder: str, name: str, data: bytes) -> Path:
         """Atomically (not durably) replace a file that can be rebuilt after a crash."""
         path = self.dirs[folder] / name
-        tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+
+        def op() -> tuple[()]:
+            tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+            return ()
+
+        await self.batch.run(op)
         return path
 
     def ids(self, folder: str) -> list[str]:

@@ -20,6 +20,17 @@ from watchdog.observers import Observer
 
 from spoolsmtp.spool import takeable
 
+try:
+    from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+except ImportError:  # not Linux, or another watchdog layout: its defaults apply
+    pass
+else:
+    # watchdog holds every IN_MOVED_FROM for 0.5 s to pair it with its IN_MOVED_TO, and the
+    # queue waits behind it (watchdog issues 390, 649): each claim out of incoming/ is such an
+    # unpaired event. The kernel reports both halves of a rename in one read, so a short window
+    # still pairs them; an unpaired move falls back to the settle rule, which is safe.
+    InotifyMoveEventGrouper.delay = 0.01
+
 
 class _Handler(FileSystemEventHandler):
     def __init__(self, watcher: IncomingWatcher) -> None:

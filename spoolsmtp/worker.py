@@ -99,7 +99,7 @@ class Worker:
         """Run until SIGTERM/SIGINT or ``stop``; return the exit code."""
         self.spool.ensure()
         replayed = journal.replay(self.spool.dirs["journal"])
-        self.journal = Journal(self.spool.dirs["journal"])
+        self.journal = Journal(self.spool.dirs["journal"], self.spool.batch)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
@@ -198,7 +198,7 @@ class Worker:
                 return
             record = self._new_record(envelope_id, name, env)
             await self._batch_outputs(envelope_id, env, record, Replayed())
-            self._write_quick(record)
+            await self._write_quick(record)
             await self._attempt(envelope_id, env, record)
         finally:
             self._active.pop(envelope_id, None)
@@ -381,7 +381,7 @@ class Worker:
                 record = self._new_record(envelope_id, source, env)
             record.state = State.ACTIVE
             record.location = f"active/{envelope_id}{SUFFIX}"
-            self._write_quick(record)
+            await self._write_quick(record)
             await self._attempt(envelope_id, env, record)
         finally:
             self._active.pop(envelope_id, None)
@@ -641,8 +641,8 @@ class Worker:
     async def _write_record(self, record: Record) -> None:
         await self.spool.write("results", f"{record.id}.json", record.to_json())
 
-    def _write_quick(self, record: Record) -> None:
-        self.spool.write_quick("results", f"{record.id}.json", record.to_json())
+    async def _write_quick(self, record: Record) -> None:
+        await self.spool.write_quick("results", f"{record.id}.json", record.to_json())
 
     async def _journal(self, rec: dict[str, Any]) -> None:
         assert self.journal is not None
