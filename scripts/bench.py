@@ -120,7 +120,7 @@ def main() -> None:
     )
     assert sink.stdout is not None and sink.stdin is not None
     port = int(sink.stdout.readline().split()[1])
-    rows = []
+    rows: list[tuple[str, int, float | None, list[float] | None, float, float, float | None]] = []
     try:
         if args.idle:
             with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
@@ -170,10 +170,10 @@ def main() -> None:
     finally:
         sink.stdin.close()
         sink.wait(10)
-    print(
-        f"{'case':22} {'N':>7} {'env/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'CPU s/1000':>10} {'peak RSS MB':>11} {'first s':>7}"
-    )
-    for label, n, rate, lat, cpu, rss, first_s in rows:
+    heads = ("N", "env/s", "p50 ms", "p99 ms", "CPU s/1000", "peak RSS MB", "first s")
+    print(f"{'case':22} " + " ".join(f"{h:>{max(7, len(h))}}" for h in heads))
+    for label, n, rate, latencies, cpu, rss, first_s in rows:
+        lat = latencies or []
         p50 = f"{quantile(lat, 0.5) * 1000:7.1f}" if lat else "      -"
         p99 = f"{quantile(lat, 0.99) * 1000:7.1f}" if lat else "      -"
         r = f"{rate:7.0f}" if rate else "      -"
