@@ -1,4 +1,4 @@
-"""Group commit for the spool: all blocking file-system work runs in batches in one thread.
+"""Group commit for the spool: all blocking file-system work runs in batches in I/O threads.
 
 Each operation is a blocking callable run in the I/O thread; it returns what must be made
 durable afterwards: directories to fsync (after renames and creations), and syncable objects
@@ -30,18 +30,25 @@ Op = Callable[[], Iterable[Target]]
 class IoBatch:
     """Runs operations in the I/O thread, in batches, and syncs their targets once per batch."""
 
-    def __init__(self) -> None:
+    def __init__(self, lanes: int = 2) -> None:
         self._ops: list[tuple[Op, asyncio.Future[None]]] = []
-        self._task: asyncio.Task[None] | None = None
+        self._lanes: set[asyncio.Task[None]] = set()
+        self._max_lanes = lanes
         self.batches = 0
         self.operations = 0
 
     async def run(self, op: Op) -> None:
-        """Run ``op`` in the I/O thread; return once it and its targets are durable."""
+        """Run ``op`` in an I/O thread; return once it and its targets are durable.
+
+        Up to ``lanes`` batches run at once: operations are independent (each caller awaits
+        its own before issuing the next), so two fsync queues on the device overlap.
+        """
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._ops.append((op, waiter))
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._drive())
+        if len(self._lanes) < self._max_lanes:
+            lane = asyncio.create_task(self._drive())
+            self._lanes.add(lane)
+            lane.add_done_callback(self._lanes.discard)
         await waiter
 
     async def _drive(self) -> None:
