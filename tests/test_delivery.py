@@ -360,7 +360,7 @@ def test_tls_verify_checks_chain_and_host_name(
         results, _, _ = deliver(cfg, path)
     finally:
         srv.stop()
-    assert (results[0].status is Status.DELIVERED) is ok
+    assert (results[0].status is Status.DELIVERED) is ok, results[0].reply
     if not ok:
         assert results[0].reply.enhanced == "4.7.5"
         assert srv.messages == []
