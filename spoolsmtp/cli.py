@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from spoolsmtp import config as configmod
-from spoolsmtp import deliver_cmd, envfile, exitcodes, response
+from spoolsmtp import ctl, deliver_cmd, envfile, exitcodes, response
 from spoolsmtp.errors import ConfigError, EnvelopeFault
 from spoolsmtp.worker import Worker
 
@@ -31,6 +31,13 @@ def _parser() -> argparse.ArgumentParser:
     deliver.add_argument("--config", type=Path, help="YAML config (default conf/spoolsmtp.yaml)")
     deliver.add_argument("-v", "--verbose", action="store_true", help="print the SMTP dialogue")
     deliver.add_argument("file", type=Path, metavar="FILE")
+
+    control = sub.add_parser("ctl", help="talk to a running worker over the control socket")
+    control.add_argument("--config", type=Path, help="YAML config (default conf/spoolsmtp.yaml)")
+    control.add_argument("--json", action="store_true", help="one JSON object per command")
+    control.add_argument("--socket", type=Path, help="the control socket (default from config)")
+    control.add_argument("--follow", action="store_true", help="after TRACE: stream the trace here")
+    control.add_argument("words", nargs="+", metavar="COMMAND")
 
     check = sub.add_parser("check", help="validate envelope files and print the batch response")
     check.add_argument("--config", type=Path, help="YAML config (default conf/spoolsmtp.yaml)")
@@ -54,6 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(cfg, args)
     if args.command == "deliver":
         return deliver_cmd.deliver_file(cfg, args.file, verbose=args.verbose)
+    if args.command == "ctl":
+        return ctl.run(
+            args.socket or cfg.control_socket, args.words, as_json=args.json, follow=args.follow
+        )
     if args.command == "check":
         return _check(cfg, args.files, quiet=args.quiet)
     parser.error(f"unknown command {args.command}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import socket
 import types
 import typing
@@ -166,6 +167,24 @@ class BouncesConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    """The operator's control socket."""
+
+    socket: Path | None = None
+    mode: str = field(default="0666", metadata={"octal": True})
+    group: str | None = None
+    authorized_users: tuple[str, ...] = ()
+    authorized_groups: tuple[str, ...] = ()
+    max_line: int = _size(4096, 64)
+    idle_timeout: float = _duration(60.0, 0.01)
+    max_connections_per_uid: int = _count(8)
+
+    @property
+    def mode_bits(self) -> int:
+        return int(self.mode, 8)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration of one spoolsmtp instance."""
 
@@ -178,6 +197,7 @@ class Config:
     smarthost: Route | None = None
     retry: RetryConfig = field(default_factory=RetryConfig)
     bounces: BouncesConfig = field(default_factory=BouncesConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     shutdown_timeout: float = _duration(30.0)
     log_level: LogLevel = LogLevel.INFO
     source: str = field(default="(defaults)", metadata={"internal": True})
@@ -185,6 +205,10 @@ class Config:
     @property
     def helo_name(self) -> str:
         return self.hostname or socket.getfqdn()
+
+    @property
+    def control_socket(self) -> Path:
+        return self.control.socket or self.spool.path / "control.sock"
 
 
 def load(path: Path | str | None = None) -> Config:
@@ -266,6 +290,8 @@ def _convert(tp: Any, meta: typing.Mapping[str, Any], value: object, name: str, 
         elif tp is str:
             if not isinstance(value, str):
                 raise ValueError(f"expected a string, got {_show(value)}")
+            if meta.get("octal") and not re.fullmatch(r"0?[0-7]{3,4}", value):
+                raise ValueError(f"expected an octal file mode such as '0660', got {value!r}")
             result = value
         elif tp is Path:
             if not isinstance(value, str) or not value:

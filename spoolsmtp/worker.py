@@ -20,15 +20,19 @@ import asyncio
 import contextlib
 import heapq
 import logging
+import os
 import random
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from spoolsmtp import crashpoint, envfile, journal, response, retry, writer
 from spoolsmtp.config import Config
+from spoolsmtp.config import load as config_load
+from spoolsmtp.control import ControlServer
 from spoolsmtp.delivery import Deliverer
 from spoolsmtp.dsn import Item, Kind, batch_report, delivery_report
 from spoolsmtp.envelope import Envelope, Notify, Recipient, Ret, Transaction
@@ -51,15 +55,30 @@ from spoolsmtp.reply import make
 from spoolsmtp.route import destination_for
 from spoolsmtp.spool import SUFFIX, NotRegular, Spool
 from spoolsmtp.stats import Stats
+from spoolsmtp.tracer import Kind as TraceKind
+from spoolsmtp.tracer import Tracer
 from spoolsmtp.watcher import IncomingWatcher
 
 log = logging.getLogger("spoolsmtp")
 QUARANTINE_AFTER = 3
+BURST_RESCAN = 0.25
 INLINE_READ_BYTES = 256 * 1024
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass
+class Summary:
+    """What the operator sees of a queued envelope, kept in memory (QUERY reads only this)."""
+
+    id: str
+    source: str
+    state: State
+    received: float
+    next_attempt: float | None = None
+    destinations: dict[str, int] = field(default_factory=dict)
 
 
 class Worker:
@@ -69,9 +88,9 @@ class Worker:
         self.cfg = cfg
         self.spool = Spool(cfg.spool)
         self.stats = Stats()
-        self.trace_resolver = False
-        self.trace_session = False
-        self.trace_spool = False
+        self.tracer = Tracer()
+        self.index: dict[str, Summary] = {}
+        self._hold_after: set[str] = set()
         self.resolver = MxResolver(
             cfg.dns, cfg.delivery.max_addresses, cfg.delivery.port, trace=self._resolver_trace
         )
@@ -82,6 +101,8 @@ class Worker:
         self._resumed.set()
         self._names: asyncio.Queue[str] = asyncio.Queue()
         self._queued: set[str] = set()
+        self._ignored: set[str] = set()
+        self._rescan_handle: asyncio.TimerHandle | None = None
         self._slots = asyncio.Semaphore(cfg.spool.max_active)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
@@ -110,6 +131,8 @@ class Worker:
             await self._slots.acquire()
             self._spawn(self._resume(envelope_id, replayed.get(envelope_id, Replayed())))
         self._load_deferred()
+        self._control = ControlServer(self, self.cfg.control_socket)
+        await self._control.start()
         self._watcher = IncomingWatcher(
             self.spool.dirs["incoming"], self.cfg.spool.settle_seconds, self._found
         )
@@ -124,6 +147,7 @@ class Worker:
         await self._stopping.wait()
         log.info("stopping: %d envelope(s) in flight", len(self._active))
         self._watcher.stop()
+        await self._control.close()
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
@@ -163,21 +187,36 @@ class Worker:
     # -- intake ----------------------------------------------------------------------------
 
     def _found(self, name: str) -> None:
-        if name not in self._queued:
+        if name not in self._queued and name not in self._ignored:
             self._queued.add(name)
             self._names.put_nowait(name)
 
     async def _intake(self) -> None:
         while True:
             name = await self._names.get()
+            if self._names.empty():
+                self._rescan_soon()
             await self._resumed.wait()
             await self._slots.acquire()
             self._spawn(self._take(name))
+
+    def _rescan_soon(self) -> None:
+        """After a burst, look at incoming/ again: the kernel drops inotify events when its
+        queue overflows, and watchdog does not say so to its handlers."""
+        if self._rescan_handle is None:
+            loop = asyncio.get_running_loop()
+            self._rescan_handle = loop.call_later(BURST_RESCAN, self._burst_rescan)
+
+    def _burst_rescan(self) -> None:
+        self._rescan_handle = None
+        if self._watcher is not None and not self.suspended and not self._stopping.is_set():
+            self._watcher.rescan()
 
     async def _housekeeping(self) -> None:
         while True:
             await asyncio.sleep(min(self.cfg.spool.rescan_interval, self.cfg.delivery.idle_timeout))
             if self._watcher is not None and not self.suspended:
+                self._ignored.clear()
                 self._watcher.rescan()
             await self.deliverer.close_idle()
 
@@ -187,6 +226,9 @@ class Worker:
         finally:
             self._queued.discard(name)
         if envelope_id is None:
+            if os.path.lexists(self.spool.path("incoming", name)):
+                self._ignored.add(name)
+                log.warning("incoming/%s is not a regular file; left alone", name)
             return
         self.stats.files_taken += 1
         self._active[envelope_id] = name
@@ -238,6 +280,7 @@ class Worker:
         record.updated_at = iso(now)
         await self._write_record(record)
         await self.spool.move(envelope_id, "active", "rejected", name)
+        self.index.pop(envelope_id, None)
         self.stats.files_rejected += 1
         self._spool_trace(f"{source}: rejected ({reason})")
         log.warning("%s rejected: %s", source, reason)
@@ -343,9 +386,17 @@ class Worker:
                     if not r.final and r.next_attempt_at
                 ]
                 due = min(times, default=due)
+                self._summarise(record, State.DEFERRED, due)
             self.schedule(envelope_id, due)
+        for envelope_id in self.spool.ids("hold"):
+            record = self._load_record(envelope_id)
+            if record is not None:
+                self._summarise(record, State.HELD)
 
     def schedule(self, envelope_id: str, when: float) -> None:
+        summary = self.index.get(envelope_id)
+        if summary is not None:
+            summary.next_attempt = when
         self._due[envelope_id] = when
         heapq.heappush(self._heap, (when, envelope_id))
         self._wake.set()
@@ -370,6 +421,9 @@ class Worker:
             await self.spool.move(envelope_id, "deferred", "active")
         except FileNotFoundError:
             return
+        summary = self.index.get(envelope_id)
+        if summary is not None:
+            summary.state = State.ACTIVE
         record = self._load_record(envelope_id)
         source = record.source if record else envelope_id
         self._active[envelope_id] = source
@@ -388,8 +442,24 @@ class Worker:
 
     # -- one attempt -----------------------------------------------------------------------
 
+    def _summarise(self, record: Record, state: State, next_attempt: float | None = None) -> None:
+        destinations: dict[str, int] = {}
+        for _, rec in record.recipients():
+            if not rec.final:
+                key = destination_for(rec.address.rpartition("@")[2], self.cfg).key
+                destinations[key] = destinations.get(key, 0) + 1
+        self.index[record.id] = Summary(
+            record.id,
+            record.source,
+            state,
+            parse_iso(record.received_at).timestamp(),
+            next_attempt,
+            destinations,
+        )
+
     async def _attempt(self, envelope_id: str, env: Envelope, record: Record) -> None:
         assert self.journal is not None
+        self._summarise(record, State.ACTIVE)
         now = utcnow()
         received = parse_iso(record.received_at)
         path = self.spool.envelope("active", envelope_id)
@@ -611,15 +681,20 @@ class Worker:
                 rec.next_attempt_at = iso(when)
                 if rec.status == QUEUED:
                     rec.status = "deferred"
-            record.state = State.DEFERRED
-            record.location = f"deferred/{envelope_id}{SUFFIX}"
-            await self._write_record(record)
-            crashpoint.reach("before_final_rename")
-            await self.spool.move(envelope_id, "active", "deferred")
             due = min(
                 parse_iso(r.next_attempt_at).timestamp() for r in pending if r.next_attempt_at
             )
-            self.schedule(envelope_id, due)
+            held = envelope_id in self._hold_after
+            self._hold_after.discard(envelope_id)
+            folder = "hold" if held else "deferred"
+            record.state = State.HELD if held else State.DEFERRED
+            record.location = f"{folder}/{envelope_id}{SUFFIX}"
+            await self._write_record(record)
+            crashpoint.reach("before_final_rename")
+            await self.spool.move(envelope_id, "active", folder)
+            self._summarise(record, record.state, None if held else due)
+            if not held:
+                self.schedule(envelope_id, due)
             self._spool_trace(
                 f"{envelope_id}: deferred until {iso(datetime.fromtimestamp(due, UTC))}"
             )
@@ -629,6 +704,8 @@ class Worker:
             await self._write_record(record)
             crashpoint.reach("before_final_rename")
             await self.spool.move(envelope_id, "active", "done")
+            self.index.pop(envelope_id, None)
+            self._hold_after.discard(envelope_id)
             self._spool_trace(f"{envelope_id}: done")
         taken = parse_iso(record.received_at).timestamp()
         self.stats.envelope_finished(None if last_delivery is None else last_delivery - taken)
@@ -648,19 +725,113 @@ class Worker:
         assert self.journal is not None
         await self.journal.append(rec)
 
+    # -- operator actions (the control channel) ---------------------------------------------
+
+    async def hold(self, envelope_id: str) -> str:
+        """Move a deferred envelope to hold/ (an active one goes there after its attempt)."""
+        summary = self.index.get(envelope_id)
+        if summary is None:
+            raise LookupError(f"no queued envelope {envelope_id}")
+        if summary.state is State.HELD:
+            return f"{envelope_id} is already held"
+        if summary.state is State.ACTIVE:
+            self._hold_after.add(envelope_id)
+            return f"{envelope_id} is being delivered; it will be held after this attempt"
+        self._due.pop(envelope_id, None)
+        try:
+            await self.spool.move(envelope_id, "deferred", "hold")
+        except FileNotFoundError:
+            self._hold_after.add(envelope_id)
+            return f"{envelope_id} is being delivered; it will be held after this attempt"
+        await self._restate(envelope_id, State.HELD, "hold")
+        summary.state, summary.next_attempt = State.HELD, None
+        self._spool_trace(f"{envelope_id}: held by operator")
+        return f"{envelope_id} held"
+
+    async def release(self, envelope_id: str) -> str:
+        """Move a held envelope back to deferred/ and try it at once."""
+        summary = self.index.get(envelope_id)
+        if summary is None:
+            raise LookupError(f"no queued envelope {envelope_id}")
+        if envelope_id in self._hold_after:
+            self._hold_after.discard(envelope_id)
+            return f"{envelope_id} will not be held after all"
+        if summary.state is not State.HELD:
+            return f"{envelope_id} is not held ({summary.state.value})"
+        await self.spool.move(envelope_id, "hold", "deferred")
+        await self._restate(envelope_id, State.DEFERRED, "deferred")
+        summary.state = State.DEFERRED
+        self.schedule(envelope_id, time.time())
+        self._spool_trace(f"{envelope_id}: released by operator")
+        return f"{envelope_id} released"
+
+    async def _restate(self, envelope_id: str, state: State, folder: str) -> None:
+        record = self._load_record(envelope_id)
+        if record is not None:
+            record.state = state
+            record.location = f"{folder}/{envelope_id}{SUFFIX}"
+            record.updated_at = iso(utcnow())
+            await self._write_record(record)
+
+    def flush(self, envelope_id: str | None = None, destination: str | None = None) -> int:
+        """Retry deferred envelopes now: one, those for a destination, or all."""
+        if envelope_id is not None and envelope_id not in self.index:
+            raise LookupError(f"no queued envelope {envelope_id}")
+        now = time.time()
+        count = 0
+        for summary in list(self.index.values()):
+            if summary.state is not State.DEFERRED:
+                continue
+            if envelope_id is not None and summary.id != envelope_id:
+                continue
+            if destination is not None and not self._matches(summary, destination):
+                continue
+            self.schedule(summary.id, now)
+            count += 1
+        if destination is not None:
+            self._dead.pop(destination_for(destination, self.cfg).key, None)
+        elif envelope_id is None:
+            self._dead.clear()
+        return count
+
+    def _matches(self, summary: Summary, destination: str) -> bool:
+        return destination_for(destination, self.cfg).key in summary.destinations
+
+    def expire(self, domain: str) -> bool:
+        """Forget cached DNS answers (and the dead-destination mark) for a domain."""
+        self._dead.pop(destination_for(domain, self.cfg).key, None)
+        return self.resolver.expire(domain)
+
+    def suspend(self) -> None:
+        self.suspended = True
+        self._resumed.clear()
+
+    def resume(self) -> None:
+        self.suspended = False
+        self._resumed.set()
+        self._wake.set()
+
+    def reload(self) -> str:
+        """Read the config file again; a bad one raises ConfigError and changes nothing."""
+        new = config_load(self.cfg.source)
+        self.cfg = new
+        self.deliverer.cfg = new
+        return f"{new.source} reloaded"
+
+    def dead_destinations(self) -> dict[str, float]:
+        now = time.time()
+        return {k: v for k, v in self._dead.items() if v > now}
+
     # -- tracing ---------------------------------------------------------------------------
 
     def _resolver_trace(self, text: str) -> None:
-        if self.trace_resolver:
-            log.info("trace %s", text)
+        self.tracer.emit(TraceKind.RESOLVER, text)
 
     def _session_trace(self, text: str) -> None:
-        if self.trace_session:
-            log.info("trace %s", text)
+        self.tracer.emit(TraceKind.SESSION, text)
 
     def _spool_trace(self, text: str) -> None:
-        if self.trace_spool:
-            log.info("trace spool: %s", text)
+        self.tracer.emit(TraceKind.SPOOL, text)
 
 
 def _wants(rcpt: Recipient, what: Notify, *, default: bool) -> bool:

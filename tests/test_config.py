@@ -102,6 +102,7 @@ def test_the_shipped_config_states_exactly_the_defaults() -> None:
         "smarthost",
         "retry",
         "bounces",
+        "control",
         "shutdown_timeout",
         "log_level",
     ):

@@ -1,0 +1,411 @@
+"""Operator commands: parse a request line, run it against the worker, answer as data and text.
+
+Every answer is data (``Answer.data``, the JSON form) with a human rendering (``Answer.text``).
+Read commands (HELP, QUERY, STATS) only look at snapshots the worker keeps in memory and at
+small files, so they never wait on delivery, DNS or a remote server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from spoolsmtp.errors import ConfigError
+from spoolsmtp.record import State
+from spoolsmtp.route import destination_for
+from spoolsmtp.tracer import Kind
+
+if TYPE_CHECKING:
+    from spoolsmtp.worker import Worker
+
+OK, BAD, REFUSED, NOT_FOUND, FAILED = 200, 400, 403, 404, 500
+PUBLIC = frozenset({"HELP", "QUERY", "QUEUE", "STATS"})
+HELP = [
+    ("HELP", "anyone", "this list"),
+    ("QUERY | QUEUE", "anyone", "counts per state, oldest age, destinations, next retry"),
+    ("QUERY ID", "anyone", "one envelope's state and recipients"),
+    ("QUERY DEST domain", "anyone", "the queue of one destination"),
+    ("STATS", "anyone", "counters and gauges since start"),
+    ("TRACE RESOLVER|SESSION|SPOOL|ALL", "authorised", "trace to the log (ctl --follow: here)"),
+    ("NOTRACE RESOLVER|SESSION|SPOOL|ALL", "authorised", "stop tracing"),
+    ("DEBUG | NODEBUG", "authorised", "TRACE SESSION | NOTRACE SESSION, as on VM"),
+    ("HOLD ID|ALL", "authorised", "keep a queued envelope from being retried"),
+    ("RELEASE ID|ALL", "authorised", "undo HOLD; retry at once"),
+    ("FLUSH [ID | DEST domain]", "authorised", "retry now (all, one, or one destination)"),
+    ("EXPIRE domain", "authorised", "forget cached DNS answers for a domain"),
+    ("SUSPEND | RESUME", "authorised", "stop / restart taking files and retrying"),
+    ("RELOAD", "authorised", "read the configuration file again"),
+    ("SHUTDOWN", "authorised", "finish what is in flight and stop"),
+]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The answer to one command."""
+
+    status: int
+    command: str
+    data: dict[str, Any] = field(default_factory=dict)
+    text: list[str] = field(default_factory=list)
+
+    @property
+    def summary(self) -> str:
+        return self.text[0] if self.text else ""
+
+    def as_json(self) -> str:
+        body: dict[str, Any] = {"status": self.status, "command": self.command}
+        if self.status == OK:
+            body["result"] = self.data
+        else:
+            body["error"] = self.summary
+        return json.dumps(body, ensure_ascii=False)
+
+
+def parse(line: str) -> tuple[str, list[str]]:
+    """The verb (upper case, aliases resolved) and its arguments."""
+    words = line.split()
+    if not words:
+        return "", []
+    verb, args = words[0].upper(), words[1:]
+    if verb == "QUEUE":
+        verb = "QUERY"
+    elif verb == "DEBUG":
+        verb, args = "TRACE", ["SESSION"]
+    elif verb == "NODEBUG":
+        verb, args = "NOTRACE", ["SESSION"]
+    return verb, args
+
+
+def needs_authority(verb: str) -> bool:
+    return verb not in PUBLIC
+
+
+def _bad(command: str, text: str) -> Answer:
+    return Answer(BAD, command, text=[text])
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = max(0, int(seconds))
+    if s >= 86400:
+        return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
+    if s >= 3600:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+def _when(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _count(folder: os.PathLike[str] | str, skip_suffix: str | None = None) -> int:
+    try:
+        with os.scandir(folder) as entries:
+            return sum(
+                1
+                for e in entries
+                if not e.name.startswith(".") and not (skip_suffix and e.name.endswith(skip_suffix))
+            )
+    except FileNotFoundError:
+        return 0
+
+
+async def execute(worker: Worker, verb: str, args: list[str]) -> Answer:
+    """Run one parsed command."""
+    command = " ".join([verb, *args])
+    handler = _HANDLERS.get(verb)
+    if handler is None:
+        return _bad(command, f"unknown command {verb!r}; HELP lists the commands")
+    try:
+        return await handler(worker, command, args)
+    except LookupError as exc:
+        return Answer(NOT_FOUND, command, text=[str(exc).strip("'\"")])
+    except ConfigError as exc:
+        return Answer(FAILED, command, text=[f"config error, nothing changed: {exc}"])
+
+
+async def _help(worker: Worker, command: str, args: list[str]) -> Answer:
+    width = max(len(c) for c, _, _ in HELP)
+    text = [f"{c:{width}}  {who:10}  {what}" for c, who, what in HELP]
+    data = {"commands": [{"command": c, "who": who, "what": what} for c, who, what in HELP]}
+    return Answer(OK, command, data, ["commands:", *text])
+
+
+async def _query(worker: Worker, command: str, args: list[str]) -> Answer:
+    if not args:
+        return _overview(worker, command)
+    if args[0].upper() == "DEST":
+        if len(args) != 2:
+            return _bad(command, "usage: QUERY DEST domain")
+        return _destination(worker, command, args[1])
+    if len(args) != 1:
+        return _bad(command, "usage: QUERY [ID | DEST domain]")
+    return _envelope(worker, command, args[0])
+
+
+def _overview(worker: Worker, command: str) -> Answer:
+    now = time.time()
+    dirs = worker.spool.dirs
+    by_state: dict[str, int] = {s.value: 0 for s in (State.ACTIVE, State.DEFERRED, State.HELD)}
+    oldest: dict[str, float] = {}
+    dests: dict[str, dict[str, Any]] = {}
+    for summary in list(worker.index.values()):
+        state = summary.state.value
+        by_state[state] = by_state.get(state, 0) + 1
+        oldest[state] = max(oldest.get(state, 0.0), now - summary.received)
+        for key, count in summary.destinations.items():
+            entry = dests.setdefault(key, {"envelopes": 0, "recipients": 0, "next_attempt": None})
+            entry["envelopes"] += 1
+            entry["recipients"] += count
+            if summary.state is State.DEFERRED and summary.next_attempt is not None:
+                current = entry["next_attempt"]
+                entry["next_attempt"] = min(current or summary.next_attempt, summary.next_attempt)
+    dead = worker.dead_destinations()
+    for key, entry in dests.items():
+        entry["next_attempt"] = _when(entry["next_attempt"])
+        entry["dead_until"] = _when(dead.get(key))
+    states = {
+        "incoming": _count(dirs["incoming"]),
+        "active": by_state["active"],
+        "deferred": by_state["deferred"],
+        "held": by_state["held"],
+        "rejected": _count(dirs["rejected"], ".reason"),
+        "bounces": _count(dirs["bounces"]),
+        "deadletter": _count(dirs["deadletter"]),
+    }
+    data = {
+        "states": states,
+        "oldest_seconds": {k: round(v, 1) for k, v in oldest.items()},
+        "destinations": dests,
+        "suspended": worker.suspended,
+    }
+    text = [f"{'state':12} {'count':>8}  oldest"]
+    for name, count in states.items():
+        text.append(f"{name:12} {count:8d}  {_age(oldest.get(name))}")
+    if worker.suspended:
+        text.append("taking files: SUSPENDED")
+    if dests:
+        width = max(12, *(len(k) for k in dests))
+        text.append("")
+        text.append(f"{'destination':{width}} {'envelopes':>9} {'recipients':>10}  next retry")
+        for key in sorted(dests, key=lambda k: -dests[k]["recipients"]):
+            entry = dests[key]
+            nxt = entry["next_attempt"] or "-"
+            if entry["dead_until"]:
+                nxt += f" (not answering until {entry['dead_until']})"
+            text.append(f"{key:{width}} {entry['envelopes']:9d} {entry['recipients']:10d}  {nxt}")
+    return Answer(OK, command, data, text)
+
+
+def _envelope(worker: Worker, command: str, envelope_id: str) -> Answer:
+    if "/" in envelope_id or envelope_id.startswith("."):
+        return _bad(command, f"not an envelope id: {envelope_id!r}")
+    path = worker.spool.path("results", f"{envelope_id}.json")
+    try:
+        record = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise LookupError(f"no envelope {envelope_id}") from None
+    summary = worker.index.get(envelope_id)
+    if summary is not None:
+        record["state"] = summary.state.value
+    text = [
+        f"id        {record['id']}",
+        f"source    {record['source']}",
+        f"state     {record['state']}   ({record['location']})",
+        f"received  {record['received_at']}",
+    ]
+    if record.get("reason"):
+        text.append(f"reason    {record['reason']}")
+    for tx in record["transactions"]:
+        text.append(f"transaction {tx['number']} from <{tx['mail_from']}>:")
+        for r in tx["recipients"]:
+            reply = r.get("reply") or {}
+            said = f"{reply.get('code', '')} {reply.get('enhanced') or ''} {reply.get('text', '')}"
+            extra = f" next {r['next_attempt_at']}" if r.get("next_attempt_at") else ""
+            text.append(
+                f"  {r['address']:30} {r['status']:9} tries {r['attempts']}{extra}  {said.strip()}"
+            )
+    return Answer(OK, command, record, text)
+
+
+def _destination(worker: Worker, command: str, domain: str) -> Answer:
+    key = destination_for(domain, worker.cfg).key
+    rows = [s for s in list(worker.index.values()) if key in s.destinations]
+    dead = worker.dead_destinations().get(key)
+    data = {
+        "destination": key,
+        "dead_until": _when(dead),
+        "envelopes": [
+            {
+                "id": s.id,
+                "source": s.source,
+                "state": s.state.value,
+                "recipients": s.destinations[key],
+                "next_attempt": _when(s.next_attempt),
+            }
+            for s in rows
+        ],
+    }
+    text = [f"destination {key}: {len(rows)} envelope(s)"]
+    if dead:
+        text.append(f"not answering; not tried until {_when(dead)}")
+    for s in rows:
+        text.append(
+            f"  {s.id}  {s.state.value:8} {s.destinations[key]:4d} rcpt  "
+            f"next {_when(s.next_attempt) or '-'}  {s.source}"
+        )
+    return Answer(OK, command, data, text)
+
+
+async def _stats(worker: Worker, command: str, args: list[str]) -> Answer:
+    s = worker.stats
+    d = worker.deliverer.stats
+    r = worker.resolver.stats
+    p50, p99 = s.latency(0.5), s.latency(0.99)
+    data: dict[str, Any] = {
+        "uptime_seconds": round(time.time() - s.started, 1),
+        "files_taken": s.files_taken,
+        "files_rejected": s.files_rejected,
+        "recipients_delivered": s.delivered,
+        "recipients_failed": s.failed,
+        "recipients_deferred": s.deferred,
+        "reports_written": s.reports,
+        "deadletters_written": s.deadletters,
+        "possible_duplicates": s.possible_duplicates,
+        "quarantined": s.quarantined,
+        "connections_opened": d.connections,
+        "connections_reused": d.reused,
+        "tls_sessions": d.tls,
+        "bytes_sent": d.bytes_sent,
+        "dns_lookups": r.lookups,
+        "dns_cache_hits": r.cache_hits,
+        "dns_queries": r.queries,
+        "envelopes_per_second_1m": round(s.rate(60.0), 2),
+        "delivery_latency_p50_ms": None if p50 is None else round(p50 * 1000, 1),
+        "delivery_latency_p99_ms": None if p99 is None else round(p99 * 1000, 1),
+        "queue_active": sum(1 for x in worker.index.values() if x.state is State.ACTIVE),
+        "queue_deferred": sum(1 for x in worker.index.values() if x.state is State.DEFERRED),
+        "queue_held": sum(1 for x in worker.index.values() if x.state is State.HELD),
+        "trace_dropped": worker.tracer.dropped,
+    }
+    width = max(len(k) for k in data)
+    text = [f"{k:{width}}  {'-' if v is None else v}" for k, v in data.items()]
+    return Answer(OK, command, data, text)
+
+
+def _kinds(args: list[str]) -> set[Kind] | None:
+    if len(args) != 1:
+        return None
+    word = args[0].upper()
+    if word == "ALL":
+        return set(Kind)
+    try:
+        return {Kind(word.lower())}
+    except ValueError:
+        return None
+
+
+async def _trace(worker: Worker, command: str, args: list[str]) -> Answer:
+    if not args:
+        on = sorted(k.value for k in worker.tracer.enabled)
+        return Answer(OK, command, {"tracing": on}, [f"tracing: {', '.join(on) or 'nothing'}"])
+    kinds = _kinds(args)
+    if kinds is None:
+        return _bad(command, "usage: TRACE RESOLVER|SESSION|SPOOL|ALL")
+    worker.tracer.enabled |= kinds
+    on = sorted(k.value for k in worker.tracer.enabled)
+    return Answer(OK, command, {"tracing": on}, [f"tracing: {', '.join(on)}"])
+
+
+async def _notrace(worker: Worker, command: str, args: list[str]) -> Answer:
+    kinds = _kinds(args)
+    if kinds is None:
+        return _bad(command, "usage: NOTRACE RESOLVER|SESSION|SPOOL|ALL")
+    worker.tracer.enabled -= kinds
+    on = sorted(k.value for k in worker.tracer.enabled)
+    return Answer(OK, command, {"tracing": on}, [f"tracing: {', '.join(on) or 'nothing'}"])
+
+
+async def _each(worker: Worker, command: str, args: list[str], action: str) -> Answer:
+    if len(args) != 1:
+        return _bad(command, f"usage: {action} ID|ALL")
+    if args[0].upper() == "ALL":
+        wanted = State.DEFERRED if action == "HOLD" else State.HELD
+        ids = [s.id for s in list(worker.index.values()) if s.state is wanted]
+    else:
+        ids = [args[0]]
+    run = worker.hold if action == "HOLD" else worker.release
+    said = [await run(envelope_id) for envelope_id in ids]
+    text = said or [f"nothing to {action.lower()}"]
+    return Answer(OK, command, {"envelopes": ids, "messages": said}, text)
+
+
+async def _hold(worker: Worker, command: str, args: list[str]) -> Answer:
+    return await _each(worker, command, args, "HOLD")
+
+
+async def _release(worker: Worker, command: str, args: list[str]) -> Answer:
+    return await _each(worker, command, args, "RELEASE")
+
+
+async def _flush(worker: Worker, command: str, args: list[str]) -> Answer:
+    if not args:
+        count = worker.flush()
+    elif args[0].upper() == "DEST" and len(args) == 2:
+        count = worker.flush(destination=args[1])
+    elif len(args) == 1:
+        count = worker.flush(envelope_id=args[0])
+    else:
+        return _bad(command, "usage: FLUSH [ID | DEST domain]")
+    return Answer(OK, command, {"scheduled": count}, [f"{count} envelope(s) to be retried now"])
+
+
+async def _expire(worker: Worker, command: str, args: list[str]) -> Answer:
+    if len(args) != 1:
+        return _bad(command, "usage: EXPIRE domain")
+    forgot = worker.expire(args[0])
+    text = f"forgot the DNS answers for {args[0]}" if forgot else f"nothing cached for {args[0]}"
+    return Answer(OK, command, {"forgotten": forgot}, [text])
+
+
+async def _simple(worker: Worker, command: str, args: list[str]) -> Answer:
+    verb = command.split(maxsplit=1)[0]
+    if args:
+        return _bad(command, f"{verb} takes no argument")
+    if verb == "SUSPEND":
+        worker.suspend()
+        return Answer(OK, command, {"suspended": True}, ["taking files and retries suspended"])
+    if verb == "RESUME":
+        worker.resume()
+        return Answer(OK, command, {"suspended": False}, ["taking files and retries resumed"])
+    if verb == "RELOAD":
+        said = worker.reload()
+        return Answer(OK, command, {"reloaded": str(worker.cfg.source)}, [said])
+    worker.stop()
+    return Answer(OK, command, {"stopping": True}, ["shutting down: finishing work in flight"])
+
+
+_HANDLERS = {
+    "HELP": _help,
+    "QUERY": _query,
+    "STATS": _stats,
+    "TRACE": _trace,
+    "NOTRACE": _notrace,
+    "HOLD": _hold,
+    "RELEASE": _release,
+    "FLUSH": _flush,
+    "EXPIRE": _expire,
+    "SUSPEND": _simple,
+    "RESUME": _simple,
+    "RELOAD": _simple,
+    "SHUTDOWN": _simple,
+}
