@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from spoolsmtp import config as configmod
-from spoolsmtp import ctl, deliver_cmd, envfile, exitcodes, response
+from spoolsmtp import ctl, deliver_cmd, envfile, exitcodes, response, submit
 from spoolsmtp.errors import ConfigError, EnvelopeFault
+from spoolsmtp.units import parse_duration
 from spoolsmtp.worker import Worker
 
 
@@ -39,6 +40,26 @@ def _parser() -> argparse.ArgumentParser:
     control.add_argument("--follow", action="store_true", help="after TRACE: stream the trace here")
     control.add_argument("words", nargs="+", metavar="COMMAND")
 
+    sub_cmd = sub.add_parser("submit", help="wrap a message in an envelope and queue it")
+    sub_cmd.add_argument("--config", type=Path, help="YAML config (default conf/spoolsmtp.yaml)")
+    sub_cmd.add_argument("-f", dest="sender", help="envelope sender (default: submit.sender)")
+    sub_cmd.add_argument("-t", action="store_true", help="recipients from To/Cc/Bcc (Bcc removed)")
+    sub_cmd.add_argument("-i", "-oi", action="store_true", help="a lone '.' does not end input")
+    sub_cmd.add_argument("-F", dest="full_name", help="full name for an added From header")
+    sub_cmd.add_argument(
+        "--verb", action="store_true", help="ask for VERB ON (results/ID.response)"
+    )
+    sub_cmd.add_argument("--file", type=Path, help="read the message from FILE, not stdin")
+    sub_cmd.add_argument(
+        "--wait",
+        nargs="?",
+        const="0",
+        metavar="SECONDS",
+        help="wait for the final result (0 or none: no limit); exit 0/67/75",
+    )
+    sub_cmd.add_argument("--json", action="store_true", help="with --wait: print the record")
+    sub_cmd.add_argument("recipients", nargs="*", metavar="RCPT")
+
     check = sub.add_parser("check", help="validate envelope files and print the batch response")
     check.add_argument("--config", type=Path, help="YAML config (default conf/spoolsmtp.yaml)")
     check.add_argument("-q", "--quiet", action="store_true", help="print only errors and verdicts")
@@ -61,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(cfg, args)
     if args.command == "deliver":
         return deliver_cmd.deliver_file(cfg, args.file, verbose=args.verbose)
+    if args.command == "submit":
+        return _submit(cfg, args)
     if args.command == "ctl":
         return ctl.run(
             args.socket or cfg.control_socket, args.words, as_json=args.json, follow=args.follow
@@ -87,17 +110,44 @@ def _run(cfg: configmod.Config, args: argparse.Namespace) -> int:
         return exitcodes.CONFIG
 
 
+def _submit(cfg: configmod.Config, args: argparse.Namespace) -> int:
+    wait: float | None = None
+    if args.wait is not None:
+        try:
+            wait = parse_duration(args.wait)
+        except ValueError as exc:
+            print(f"spoolsmtp submit: --wait: {exc}", file=sys.stderr)
+            return exitcodes.USAGE
+    sub = submit.Submission(
+        sender=args.sender.strip("<>") if args.sender is not None else None,
+        recipients=tuple(args.recipients),
+        from_headers=args.t,
+        dot_ends=not args.i and args.file is None,
+        full_name=args.full_name,
+        verbose=args.verb,
+    )
+    if args.file is not None:
+        try:
+            with open(args.file, "rb") as fh:
+                return submit.submit(cfg, sub, fh, wait_seconds=wait, as_json=args.json)
+        except FileNotFoundError:
+            print(f"spoolsmtp submit: {args.file}: no such file", file=sys.stderr)
+            return exitcodes.NOINPUT
+    return submit.submit(cfg, sub, sys.stdin.buffer, wait_seconds=wait, as_json=args.json)
+
+
 def _check(cfg: configmod.Config, files: list[Path], *, quiet: bool) -> int:
     status = exitcodes.OK
     for path in files:
         try:
-            env = envfile.read(
-                path,
-                cfg.limits,
-                cfg.helo_name,
-                max_file_bytes=cfg.spool.max_file_bytes,
-                source=str(path),
-            )
+            with envfile.converted(path, cfg.spool) as readable:
+                env = envfile.read(
+                    readable,
+                    cfg.limits,
+                    cfg.helo_name,
+                    max_file_bytes=cfg.spool.max_file_bytes,
+                    source=str(path),
+                )
         except FileNotFoundError:
             print(f"{path}: no such file", file=sys.stderr)
             status = max(status, exitcodes.NOINPUT)
@@ -105,6 +155,10 @@ def _check(cfg: configmod.Config, files: list[Path], *, quiet: bool) -> int:
         except IsADirectoryError:
             print(f"{path}: is a directory", file=sys.stderr)
             status = max(status, exitcodes.NOINPUT)
+            continue
+        except UnicodeError as exc:
+            print(f"{path}:1: cannot convert from {cfg.spool.encoding}: {exc}")
+            status = max(status, exitcodes.DATAERR)
             continue
         except EnvelopeFault as exc:
             print(str(exc))

@@ -8,8 +8,10 @@ dotted key and what was expected, so a typo such as ``retry.intervall`` stops st
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
+import os
 import re
 import socket
 import types
@@ -25,6 +27,7 @@ from spoolsmtp.errors import ConfigError
 from spoolsmtp.units import parse_duration, parse_size
 
 DEFAULT_CONFIG = Path("conf/spoolsmtp.yaml")
+SYSTEM_CONFIG = Path("/etc/spoolsmtp/spoolsmtp.yaml")
 
 
 def _duration(default: float, minimum: float = 0.0) -> Any:
@@ -66,6 +69,9 @@ class SpoolConfig:
     rescan_interval: float = _duration(60.0, 0.01)
     max_file_bytes: int = _size(1024**3, 1)
     max_active: int = _count(200)
+    encoding: str = "utf-8"
+    strip_trailing_blanks: bool = False
+    record_length: int = _count(0, 0, 32760)
     incoming: Path | None = None
     active: Path | None = None
     deferred: Path | None = None
@@ -185,6 +191,13 @@ class ControlConfig:
 
 
 @dataclass(frozen=True)
+class SubmitConfig:
+    """Defaults for ``spoolsmtp submit`` and the sendmail entry point."""
+
+    sender: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration of one spoolsmtp instance."""
 
@@ -198,6 +211,7 @@ class Config:
     retry: RetryConfig = field(default_factory=RetryConfig)
     bounces: BouncesConfig = field(default_factory=BouncesConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    submit: SubmitConfig = field(default_factory=SubmitConfig)
     shutdown_timeout: float = _duration(30.0)
     log_level: LogLevel = LogLevel.INFO
     source: str = field(default="(defaults)", metadata={"internal": True})
@@ -212,11 +226,20 @@ class Config:
 
 
 def load(path: Path | str | None = None) -> Config:
-    """Read and check a YAML config file; ``None`` reads the default file if it exists."""
+    """Read and check a YAML config file.
+
+    ``None`` means: ``$SPOOLSMTP_CONFIG`` if set, else ``conf/spoolsmtp.yaml`` in the current
+    folder, else ``/etc/spoolsmtp/spoolsmtp.yaml``, else the built-in defaults.
+    """
     if path is None:
-        if not DEFAULT_CONFIG.exists():
-            return Config()
-        path = DEFAULT_CONFIG
+        env = os.environ.get("SPOOLSMTP_CONFIG")
+        if env:
+            path = Path(env)
+        else:
+            found = [p for p in (DEFAULT_CONFIG, SYSTEM_CONFIG) if p.exists()]
+            if not found:
+                return Config()
+            path = found[0]
     path = Path(path)
     name = str(path)
     try:
@@ -241,6 +264,12 @@ def parse(text: str, name: str = "<config>") -> Config:
     if data is None:
         data = {}
     config: Config = _build(Config, data, name, "")
+    try:
+        codecs.lookup(config.spool.encoding)
+    except LookupError:
+        raise ConfigError(
+            name, "spool.encoding", f"unknown encoding {config.spool.encoding!r}"
+        ) from None
     return dataclasses.replace(config, source=name)
 
 

@@ -33,6 +33,14 @@ def exit_code(results: list[RecipientResult]) -> int:
 
 
 def deliver_file(cfg: Config, path: Path, *, verbose: bool) -> int:
+    if not path.exists():
+        print(f"{path}: no such file", file=sys.stderr)
+        return exitcodes.NOINPUT
+    with envfile.converted(path, cfg.spool) as readable:
+        return _deliver_path(cfg, readable, verbose=verbose)
+
+
+def _deliver_path(cfg: Config, path: Path, *, verbose: bool) -> int:
     try:
         env = envfile.read(path, cfg.limits, cfg.helo_name, max_file_bytes=cfg.spool.max_file_bytes)
     except FileNotFoundError:

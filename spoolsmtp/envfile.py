@@ -4,11 +4,14 @@ and the streams that give a message back, either as its text or in wire form for
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from spoolsmtp.config import Limits
+from spoolsmtp import legacy
+from spoolsmtp.config import Limits, SpoolConfig
 from spoolsmtp.envelope import Envelope, Message
 from spoolsmtp.reader import Reader
 
@@ -26,6 +29,18 @@ def read(
     """Read one envelope file in bounded memory; raises ``EnvelopeFault`` if it is not one."""
     with open(path, "rb") as fh:
         return read_stream(fh, source or path.name, limits, hostname, max_file_bytes)
+
+
+@contextmanager
+def converted(path: Path, spool: SpoolConfig) -> Iterator[Path]:
+    """The file as the worker will see it: legacy files converted to UTF-8 in a temp copy."""
+    if not legacy.needed(spool):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="spoolsmtp-") as tmp:
+        dest = Path(tmp) / path.name
+        legacy.convert_file(path, dest, spool)
+        yield dest
 
 
 def read_stream(

@@ -35,6 +35,7 @@ FOLDERS = (
     "journal",
 )
 SUFFIX = ".bsmtp"
+ORIGINAL = ".orig"
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
 _ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9]{6}-[0-9a-f]{6}$")
 _counter = itertools.count()
@@ -91,7 +92,10 @@ class Spool:
     # -- moves -----------------------------------------------------------------------------
 
     async def claim(
-        self, name: str, before: Callable[[str], Awaitable[None]] | None = None
+        self,
+        name: str,
+        before: Callable[[str], Awaitable[None]] | None = None,
+        suffix: str = SUFFIX,
     ) -> str | None:
         """Take ``incoming/name`` into ``active/`` under a new id; None if it is gone or is
         not a regular file (which is then left alone). ``before(id)`` is awaited just before
@@ -103,14 +107,50 @@ class Spool:
             return None
         if not stat.S_ISREG(info.st_mode):
             return None
-        envelope_id = new_id()
+        envelope_id = self._adopt(name) or new_id()
         if before is not None:
             await before(envelope_id)
         try:
-            await self._rename(src, self.envelope("active", envelope_id))
+            await self._rename(src, self.dirs["active"] / f"{envelope_id}{suffix}")
         except FileNotFoundError:
             return None
         return envelope_id
+
+    def _adopt(self, name: str) -> str | None:
+        """A file named ``ID.bsmtp`` by ``spoolsmtp submit`` keeps its id, so the submitter
+        can follow ``results/ID.json``; unless that id is already in use."""
+        if not name.endswith(SUFFIX) or not is_id(name[: -len(SUFFIX)]):
+            return None
+        envelope_id = name[: -len(SUFFIX)]
+        taken = (self.dirs["results"] / f"{envelope_id}.json").exists() or any(
+            (self.dirs[f] / f"{envelope_id}{SUFFIX}").exists()
+            for f in ("active", "deferred", "hold", "done")
+        )
+        return None if taken else envelope_id
+
+    async def convert(self, envelope_id: str, convert: Callable[[Path, Path], None]) -> None:
+        """Turn ``active/ID.orig`` into ``active/ID.bsmtp`` durably, then drop the original."""
+        orig = self.dirs["active"] / f"{envelope_id}{ORIGINAL}"
+        dest = self.envelope("active", envelope_id)
+
+        def op() -> tuple[Path]:
+            convert(orig, dest)
+            return (dest.parent,)
+
+        await self.batch.run(op)
+
+        def drop() -> tuple[Path]:
+            orig.unlink()
+            return (orig.parent,)
+
+        await self.batch.run(drop)
+
+    def unconverted(self) -> list[str]:
+        return sorted(
+            p.name[: -len(ORIGINAL)]
+            for p in self.dirs["active"].glob(f"*{ORIGINAL}")
+            if is_id(p.name[: -len(ORIGINAL)])
+        )
 
     async def move(
         self, envelope_id: str, source: str, target: str, name: str | None = None
@@ -119,6 +159,10 @@ class Spool:
         dest = self.dirs[target] / (name or f"{envelope_id}{SUFFIX}")
         await self._rename(self.envelope(source, envelope_id), dest)
         return dest
+
+    async def move_file(self, source: str, name: str, target: str, new_name: str) -> None:
+        """Rename one file between (or within) folders, durably."""
+        await self._rename(self.dirs[source] / name, self.dirs[target] / new_name)
 
     async def _rename(self, src: Path, dest: Path) -> None:
         """Rename in the I/O thread; durable once both directories are synced (batched)."""

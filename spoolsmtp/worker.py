@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from spoolsmtp import crashpoint, envfile, journal, response, retry, writer
+from spoolsmtp import crashpoint, envfile, journal, legacy, response, retry, writer
 from spoolsmtp.config import Config
 from spoolsmtp.config import load as config_load
 from spoolsmtp.control import ControlServer
@@ -53,7 +53,7 @@ from spoolsmtp.record import (
 )
 from spoolsmtp.reply import make
 from spoolsmtp.route import destination_for
-from spoolsmtp.spool import SUFFIX, NotRegular, Spool
+from spoolsmtp.spool import ORIGINAL, SUFFIX, NotRegular, Spool
 from spoolsmtp.stats import Stats
 from spoolsmtp.tracer import Kind as TraceKind
 from spoolsmtp.tracer import Tracer
@@ -103,6 +103,7 @@ class Worker:
         self._queued: set[str] = set()
         self._ignored: set[str] = set()
         self._rescan_handle: asyncio.TimerHandle | None = None
+        self._legacy = legacy.needed(cfg.spool)
         self._slots = asyncio.Semaphore(cfg.spool.max_active)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
@@ -124,6 +125,14 @@ class Worker:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        for envelope_id in self.spool.unconverted():
+            if self._legacy:
+                source = replayed.get(envelope_id, Replayed()).source or envelope_id
+                await self._convert(envelope_id, source)
+            else:
+                await self.spool.move_file(
+                    "active", f"{envelope_id}{ORIGINAL}", "active", f"{envelope_id}{SUFFIX}"
+                )
         active = self.spool.ids("active")
         self.journal.adopt(set(active))
         log.info("starting: %d to resume, spool %s", len(active), self.cfg.spool.path)
@@ -222,7 +231,11 @@ class Worker:
 
     async def _take(self, name: str) -> None:
         try:
-            envelope_id = await self.spool.claim(name, before=self._journal_claim(name))
+            envelope_id = await self.spool.claim(
+                name,
+                before=self._journal_claim(name),
+                suffix=ORIGINAL if self._legacy else SUFFIX,
+            )
         finally:
             self._queued.discard(name)
         if envelope_id is None:
@@ -235,6 +248,8 @@ class Worker:
         self._spool_trace(f"{name}: claimed as {envelope_id}")
         crashpoint.reach("after_claim")
         try:
+            if self._legacy and not await self._convert(envelope_id, name):
+                return
             env = await self._read(envelope_id, name)
             if env is None:
                 return
@@ -244,6 +259,19 @@ class Worker:
             await self._attempt(envelope_id, env, record)
         finally:
             self._active.pop(envelope_id, None)
+
+    async def _convert(self, envelope_id: str, source: str) -> bool:
+        """Legacy files (EBCDIC, padded records) become UTF-8 text once, right after the claim."""
+        try:
+            await self.spool.convert(
+                envelope_id, lambda src, dst: legacy.convert_file(src, dst, self.cfg.spool)
+            )
+        except (UnicodeError, OSError) as exc:
+            orig = f"{envelope_id}{ORIGINAL}"
+            await self.spool.move_file("active", orig, "active", f"{envelope_id}{SUFFIX}")
+            await self._reject(envelope_id, source, f"{source}:1: cannot convert: {exc}")
+            return False
+        return True
 
     def _journal_claim(self, name: str) -> Callable[[str], Awaitable[None]]:
         async def claim(envelope_id: str) -> None:

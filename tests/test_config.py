@@ -103,6 +103,7 @@ def test_the_shipped_config_states_exactly_the_defaults() -> None:
         "retry",
         "bounces",
         "control",
+        "submit",
         "shutdown_timeout",
         "log_level",
     ):

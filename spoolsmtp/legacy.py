@@ -1,0 +1,78 @@
+"""Legacy envelope files: EBCDIC code pages, blank-padded fixed-length records, files with no
+line ends at all. ``transcode`` streams such a file into UTF-8 text with LF line ends, which is
+what the reader and everything after it see.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+from spoolsmtp.config import SpoolConfig
+
+CHUNK = 1 << 20
+_NEL = "\x85"
+
+
+def needed(cfg: SpoolConfig) -> bool:
+    """Whether files must be converted at all (plain UTF-8 files are left byte for byte)."""
+    return (
+        codecs.lookup(cfg.encoding).name != "utf-8"
+        or cfg.strip_trailing_blanks
+        or cfg.record_length > 0
+    )
+
+
+def transcode(src: BinaryIO, dst: BinaryIO, cfg: SpoolConfig) -> None:
+    """Convert one file; memory stays bounded by the chunk size whatever the file size.
+
+    EBCDIC's NL (U+0085 once decoded) ends a line like LF; with ``record_length`` the text is
+    cut into records of that many characters, each one line.
+    """
+    utf8 = codecs.lookup(cfg.encoding).name == "utf-8"
+    errors = "surrogateescape" if utf8 else "strict"
+    decoder = codecs.getincrementaldecoder(cfg.encoding)(errors=errors)
+    pending = ""
+    while True:
+        raw = src.read(CHUNK)
+        final = not raw
+        text = pending + decoder.decode(raw, final=final)
+        if not utf8:
+            text = text.replace(_NEL, "\n")
+        if cfg.record_length > 0:
+            size = cfg.record_length
+            cut = len(text) if final else len(text) - len(text) % size
+            lines = [text[i : i + size] for i in range(0, cut, size)]
+            pending = text[cut:]
+            out = "".join(_fix(line, cfg) + "\n" for line in lines)
+        else:
+            cut = len(text) if final else text.rfind("\n") + 1
+            block, pending = text[:cut], text[cut:]
+            lines = block.split("\n")
+            last = lines.pop()
+            out = "".join(_fix(line, cfg) + "\n" for line in lines)
+            out += _fix(last, cfg) if last else ""
+        dst.write(out.encode("utf-8", errors))
+        if final:
+            return
+
+
+def convert_file(src: Path, dst: Path, cfg: SpoolConfig) -> None:
+    """Convert ``src`` into a durable ``dst`` (temp, fsync, rename); blocking."""
+    tmp = dst.with_name(f".{dst.name}.conv")
+    with open(src, "rb") as fin, open(tmp, "wb") as fout:
+        transcode(fin, fout, cfg)
+        fout.flush()
+        os.fsync(fout.fileno())
+    os.replace(tmp, dst)
+
+
+def _fix(line: str, cfg: SpoolConfig) -> str:
+    cr = line.endswith("\r")
+    if cr:
+        line = line[:-1]
+    if cfg.strip_trailing_blanks:
+        line = line.rstrip(" ")
+    return line + ("\r" if cr else "")
