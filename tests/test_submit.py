@@ -9,12 +9,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from spoolsmtp import config
+from spoolsmtp import cli, config
 from spoolsmtp.submit import Submission, build, recipients_from_headers
 from tests.smtpservers import Message, Script, SmtpServer
 from tests.workerproc import ROOT, WorkerProcess, wait_for
@@ -267,11 +268,12 @@ def test_a_read_only_spool_fails_with_73_and_leaves_nothing() -> None:
                 os.setgroups([])
                 os.setgid(nobody.pw_gid)
                 os.setuid(nobody.pw_uid)
-                from spoolsmtp import cli
 
                 code = cli.main(
                     ["submit", "--config", str(conf), "--file", str(message), "a@example.org"]
                 )
+            except BaseException:
+                traceback.print_exc()
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
