@@ -123,7 +123,7 @@ def main() -> None:
     rows: list[tuple[str, int, float | None, list[float] | None, float, float, float | None]] = []
     try:
         if args.idle:
-            with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
+            with tempfile.TemporaryDirectory(dir=ROOT, prefix=".bench-") as tmp:
                 run = Run(Path(tmp), port)
                 run.start()
                 time.sleep(1.0)  # let it start before the first drop: we measure idle latency
@@ -134,7 +134,7 @@ def main() -> None:
                 lat = run.latencies()
                 rows.append(("idle, one at a time", args.idle, None, lat, cpu, rss, None))
         if args.burst:
-            with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
+            with tempfile.TemporaryDirectory(dir=ROOT, prefix=".bench-") as tmp:
                 run = Run(Path(tmp), port)
                 run.start()
                 time.sleep(1.0)
@@ -155,7 +155,7 @@ def main() -> None:
                     )
                 )
         if args.backlog:
-            with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
+            with tempfile.TemporaryDirectory(dir=ROOT, prefix=".bench-") as tmp:
                 run = Run(Path(tmp), port)
                 for i in range(args.backlog):
                     run.drop(i)
