@@ -349,16 +349,23 @@ class Worker:
 
     # -- resuming and retrying -------------------------------------------------------------
 
-    async def _resume(self, envelope_id: str, replayed: Replayed) -> None:
+    async def _open(self, envelope_id: str, fallback_source: str) -> tuple[Envelope, Record] | None:
+        """Read an envelope in active/ with its record (rebuilt if missing); None if rejected."""
         record = self._load_record(envelope_id)
-        source = record.source if record else (replayed.source or f"{envelope_id}{SUFFIX}")
+        source = record.source if record else fallback_source
         self._active[envelope_id] = source
+        env = await self._read(envelope_id, source)
+        if env is None:
+            return None
+        return env, record or self._new_record(envelope_id, source, env)
+
+    async def _resume(self, envelope_id: str, replayed: Replayed) -> None:
         try:
-            env = await self._read(envelope_id, source)
-            if env is None:
+            opened = await self._open(envelope_id, replayed.source or f"{envelope_id}{SUFFIX}")
+            if opened is None:
                 return
-            if record is None:
-                record = self._new_record(envelope_id, source, env)
+            env, record = opened
+            source = record.source
             record.crashes += 1
             if record.crashes >= QUARANTINE_AFTER:
                 self.stats.quarantined += 1
@@ -452,15 +459,11 @@ class Worker:
         summary = self.index.get(envelope_id)
         if summary is not None:
             summary.state = State.ACTIVE
-        record = self._load_record(envelope_id)
-        source = record.source if record else envelope_id
-        self._active[envelope_id] = source
         try:
-            env = await self._read(envelope_id, source)
-            if env is None:
+            opened = await self._open(envelope_id, f"{envelope_id}{SUFFIX}")
+            if opened is None:
                 return
-            if record is None:
-                record = self._new_record(envelope_id, source, env)
+            env, record = opened
             record.state = State.ACTIVE
             record.location = f"active/{envelope_id}{SUFFIX}"
             await self._write_quick(record)

@@ -126,33 +126,10 @@ def test_ehlo_refused_falls_back_to_helo(tmp_path: Path) -> None:
 
     async def old(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 old.test\r\n")
-        line = await read_line(reader)
-        seen.append(line)
+        seen.append(await read_line(reader))
         writer.write(b"502 5.5.1 what is EHLO\r\n")
         await writer.drain()
-        received: list[bytes] = []
-        writer.write(b"")
-        await _rest(reader, writer, received)
-        seen.extend(received)
-
-    async def _rest(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, received: list[bytes]
-    ) -> None:
-        while True:
-            line = await read_line(reader)
-            received.append(line)
-            if line.startswith(b"DATA"):
-                writer.write(b"354 go\r\n")
-                await writer.drain()
-                received.append(await reader.readuntil(b"\r\n.\r\n"))
-                writer.write(b"250 ok\r\n")
-            elif line.startswith(b"QUIT"):
-                writer.write(b"221 bye\r\n")
-                await writer.drain()
-                return
-            else:
-                writer.write(b"250 ok\r\n")
-            await writer.drain()
+        await standard_dialogue_after_greeting(reader, writer, seen)
 
     res, _ = run_against(tmp_path, old)
     assert res.status is Status.DELIVERED
@@ -252,6 +229,17 @@ def test_every_corpus_message_reaches_the_server_intact(tmp_path: Path) -> None:
         srv.stop()
 
 
+def run_deliver(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "spoolsmtp", "deliver", "--config", "conf.yaml", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
 def test_deliver_command_prints_outcomes_and_dialogue(tmp_path: Path) -> None:
     srv = SmtpServer()
     try:
@@ -261,23 +249,7 @@ def test_deliver_command_prints_outcomes_and_dialogue(tmp_path: Path) -> None:
         (tmp_path / "e.bsmtp").write_text(
             "HELO h\nMAIL FROM:<o@example.com>\nRCPT TO:<a@example.org>\nDATA\nhi\n.\nQUIT\n"
         )
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "spoolsmtp",
-                "deliver",
-                "--config",
-                "conf.yaml",
-                "-v",
-                "e.bsmtp",
-            ],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=60,
-        )
+        result = run_deliver(tmp_path, "-v", "e.bsmtp")
     finally:
         srv.stop()
     assert result.returncode == 0, result.stderr
@@ -296,14 +268,7 @@ def test_deliver_command_exit_codes(tmp_path: Path, reply: str, code: int) -> No
         (tmp_path / "e.bsmtp").write_text(
             "HELO h\nMAIL FROM:<o@example.com>\nRCPT TO:<a@example.org>\nDATA\nhi\n.\nQUIT\n"
         )
-        result = subprocess.run(
-            [sys.executable, "-m", "spoolsmtp", "deliver", "--config", "conf.yaml", "e.bsmtp"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=60,
-        )
+        result = run_deliver(tmp_path, "e.bsmtp")
     finally:
         srv.stop()
     assert result.returncode == code, result.stdout + result.stderr
