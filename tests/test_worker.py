@@ -338,3 +338,21 @@ def test_sigterm_lets_work_in_flight_finish(tmp_path: Path) -> None:
     assert code == 0
     rec = w.final("j.bsmtp")
     assert rec is not None and statuses(rec) == {"a@example.org": "delivered"}
+
+
+def test_requeued_reports_are_delivered_by_spoolsmtp_itself(tmp_path: Path) -> None:
+    srv = SmtpServer(Script(rcpt={"gone@example.org": "550 5.1.1 no such user"}))
+    w = start(tmp_path, srv, bounces={"requeue": True})
+    try:
+        w.drop_drafts("j.bsmtp", [draft("oper@example.com", ["gone@example.org"])])
+        wait_for(lambda: w.final("j.bsmtp"))
+        report = wait_for(lambda: [m for m in srv.messages if m.rcpt_tos == ["oper@example.com"]])
+    finally:
+        w.stop()
+        srv.stop()
+    assert w.files("bounces") == []
+    (msg,) = report
+    assert msg.mail_from in ("", "<>")
+    _, failed = all_failures(email.message_from_bytes(msg.content))
+    assert {a.decode() for a in failed} == {"gone@example.org"}
+    assert len(w.files("done")) == 2
