@@ -6,10 +6,12 @@ Exit codes: 0 done, 64 bad command, 66 no such envelope, 69 no worker answers, 7
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import sys
 from pathlib import Path
+
 
 from spoolsmtp import exitcodes
 
@@ -50,8 +52,8 @@ def run(path: Path, words: list[str], *, as_json: bool, follow: bool, timeout: f
         return exitcodes.OK
 
 
-def _answer(stream: object, as_json: bool) -> int:
-    readline = stream.readline  # type: ignore[attr-defined]
+def _answer(stream: io.BufferedIOBase, as_json: bool) -> int:
+    readline = stream.readline
     first = readline()
     if not first:
         print("spoolsmtp ctl: the worker closed the connection", file=sys.stderr)
