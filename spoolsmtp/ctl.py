@@ -12,7 +12,6 @@ import socket
 import sys
 from pathlib import Path
 
-
 from spoolsmtp import exitcodes
 
 _EXIT = {200: exitcodes.OK, 400: exitcodes.USAGE, 403: exitcodes.NOPERM, 404: exitcodes.NOINPUT}
