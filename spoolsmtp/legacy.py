@@ -6,11 +6,11 @@ what the reader and everything after it see.
 from __future__ import annotations
 
 import codecs
-import os
 from pathlib import Path
 from typing import BinaryIO
 
 from spoolsmtp.config import SpoolConfig
+from spoolsmtp.durable import replacing
 
 CHUNK = 1 << 20
 _NEL = "\x85"
@@ -60,13 +60,10 @@ def transcode(src: BinaryIO, dst: BinaryIO, cfg: SpoolConfig) -> None:
 
 
 def convert_file(src: Path, dst: Path, cfg: SpoolConfig) -> None:
-    """Convert ``src`` into a durable ``dst`` (temp, fsync, rename); blocking."""
-    tmp = dst.with_name(f".{dst.name}.conv")
-    with open(src, "rb") as fin, open(tmp, "wb") as fout:
+    """Convert ``src`` into a durable ``dst`` (temp, fsync, rename); blocking. The caller
+    syncs the folder (the spool's I/O batch does, once per batch)."""
+    with open(src, "rb") as fin, replacing(dst, sync_dir=False) as fout:
         transcode(fin, fout, cfg)
-        fout.flush()
-        os.fsync(fout.fileno())
-    os.replace(tmp, dst)
 
 
 def _fix(line: str, cfg: SpoolConfig) -> str:

@@ -201,9 +201,7 @@ class Spool:
         path = self.dirs[folder] / name
 
         def op() -> tuple[()]:
-            tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            write_file(path, data, fsync=False, sync_dir=False)
             return ()
 
         await self.batch.run(op)

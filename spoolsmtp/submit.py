@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 from spoolsmtp import exitcodes, writer
 from spoolsmtp.address import parse_path
 from spoolsmtp.config import Config
+from spoolsmtp.durable import write_file
 from spoolsmtp.envelope import MailParams, Notify, Recipient, Ret
 from spoolsmtp.errors import SpoolsmtpError
 from spoolsmtp.spool import SUFFIX, new_id
@@ -174,27 +175,9 @@ def build(cfg: Config, sub: Submission, message: bytes) -> tuple[str, bytes]:
 def drop(incoming: Path, envelope_id: str, data: bytes) -> Path:
     """Write ``incoming/ID.bsmtp`` atomically and durably; no partial file is ever left."""
     final = incoming / f"{envelope_id}{SUFFIX}"
-    tmp = incoming / f".{envelope_id}{SUFFIX}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+        write_file(final, data)
     except OSError as exc:
-        raise _spool_error(exc, incoming) from exc
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, final)
-        dirfd = os.open(incoming, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise _spool_error(exc, incoming) from exc
     return final
 
