@@ -461,7 +461,7 @@ class Session:
         """
         wire = self._wire
         assert wire is not None
-        verb = self._expected()
+        verb = self.proto.awaiting or Verb.NOOP
         deadline_loop = asyncio.get_running_loop().time() + _timeout_for(verb, self.config.timeouts)
         while True:
             try:
@@ -481,10 +481,6 @@ class Session:
             except TimeoutError:
                 raise SessionBroken(timed_out(f"waiting for the reply to {verb.name}")) from None
             self.proto.receive_data(wire.take())
-
-    def _expected(self) -> Verb:
-        pending = self.proto._pending  # the driver reads which timeout applies
-        return pending[0].verb if pending else Verb.NOOP
 
     def _result(self, rcpt: Recipient, reply: Reply, *, after_dot: bool = False) -> RecipientResult:
         return result(rcpt, reply, self.hop.host, self.hop.address, after_dot=after_dot)

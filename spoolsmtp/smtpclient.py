@@ -184,6 +184,11 @@ class ClientProtocol:
     def outstanding(self) -> int:
         return len(self._pending)
 
+    @property
+    def awaiting(self) -> Verb | None:
+        """The command the next reply will answer (None when nothing is outstanding)."""
+        return self._pending[0].verb if self._pending else None
+
     def send(self, command: Command) -> bytes:
         """Queue a command; return the bytes to write."""
         if self.closed:

@@ -283,7 +283,7 @@ class Worker:
         """Read an envelope in active/; a file that is not one goes to rejected/."""
         try:
             with self.spool.open_envelope("active", envelope_id) as fh:
-                size = self.spool.envelope("active", envelope_id).stat().st_size
+                size = os.fstat(fh.fileno()).st_size
                 args = (fh, source, self.cfg.limits, self.cfg.helo_name)
                 if size <= INLINE_READ_BYTES:
                     return envfile.read_stream(*args, self.cfg.spool.max_file_bytes)
