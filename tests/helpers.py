@@ -9,6 +9,8 @@ import yaml
 
 from spoolsmtp import config, envfile, writer
 from spoolsmtp.envelope import Envelope, MailParams, Recipient
+from spoolsmtp.errors import EnvelopeFault
+from spoolsmtp.reader import Reader
 
 FAST_TIMEOUTS = {
     "connect": "2s",
@@ -51,3 +53,16 @@ def write_envelope(
     env = envfile.read(path, cfg.limits, cfg.helo_name)
     assert env.accepted, env.errors
     return env
+
+
+def read_in_steps(
+    data: bytes, step: int, limits: config.Limits, max_file_bytes: int | None = None
+) -> Envelope | str:
+    """Feed the reader ``step`` bytes at a time: the envelope, or the fault as text."""
+    reader = Reader("steps", limits, "mx.test", max_file_bytes)
+    try:
+        for i in range(0, len(data), step):
+            reader.feed(data[i : i + step])
+        return reader.finish()
+    except EnvelopeFault as exc:
+        return str(exc)

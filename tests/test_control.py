@@ -90,7 +90,7 @@ def world(tmp_path: Path, sockdir: Path) -> Iterator[tuple[WorkerProcess, SmtpSe
 def test_help_query_stats_in_text_and_json(world: tuple[WorkerProcess, SmtpServer, Path]) -> None:
     w, _, sock = world
     w.drop_drafts("j.bsmtp", [draft("o@example.com", ["a@example.org", "later@example.org"])])
-    rec = wait_for(lambda: (r := w.record_for("j.bsmtp")) and r["state"] == "deferred" and r)
+    rec = wait_for(lambda: w.in_state("j.bsmtp", "deferred"))
     text = request(sock, "help")
     assert text.startswith("200 commands:") and "QUERY DEST domain" in text
     assert text.endswith("\n.\n")
@@ -132,7 +132,7 @@ def test_hold_release_flush_move_the_envelope(
 ) -> None:
     w, srv, sock = world
     w.drop_drafts("j.bsmtp", [draft("o@example.com", ["later@example.org"])])
-    rec = wait_for(lambda: (r := w.record_for("j.bsmtp")) and r["state"] == "deferred" and r)
+    rec = wait_for(lambda: w.in_state("j.bsmtp", "deferred"))
     envelope = f"{rec['id']}.bsmtp"
     result = ctl(w.config, "HOLD", rec["id"])
     assert result.returncode == 0, result.stderr
@@ -151,7 +151,7 @@ def test_hold_release_flush_move_the_envelope(
 def test_flush_dest_and_expire(world: tuple[WorkerProcess, SmtpServer, Path]) -> None:
     w, srv, sock = world
     w.drop_drafts("j.bsmtp", [draft("o@example.com", ["later@example.org"])])
-    wait_for(lambda: (r := w.record_for("j.bsmtp")) and r["state"] == "deferred")
+    wait_for(lambda: w.in_state("j.bsmtp", "deferred"))
     srv.script.rcpt.clear()
     answer = ask(sock, "FLUSH DEST example.org")
     assert answer["result"]["scheduled"] == 1
@@ -240,7 +240,7 @@ def test_an_unprivileged_user_may_look_but_not_touch(
 ) -> None:
     w, _, sock = world
     w.drop_drafts("j.bsmtp", [draft("o@example.com", ["later@example.org"])])
-    rec = wait_for(lambda: (r := w.record_for("j.bsmtp")) and r["state"] == "deferred" and r)
+    rec = wait_for(lambda: w.in_state("j.bsmtp", "deferred"))
     answers = _as_nobody(
         sock, ["HELP", "QUERY", "STATS", f"HOLD {rec['id']}", "TRACE ALL", "SHUTDOWN", "FLUSH"]
     )

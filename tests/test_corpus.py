@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from spoolsmtp import cli, config, envfile
-from spoolsmtp.errors import EnvelopeFault
+from tests.helpers import read_in_steps
 
 CORPUS = Path(__file__).parent / "corpus"
 CASES = sorted(p.stem for p in CORPUS.glob("*.bsmtp"))
@@ -42,19 +42,8 @@ def test_smuggled_end_of_data_never_yields_a_transaction(name: str) -> None:
 
 @pytest.mark.parametrize("name", CASES)
 def test_reading_does_not_depend_on_how_the_bytes_arrive(name: str) -> None:
-    from spoolsmtp.reader import Reader
-
     data = (CORPUS / f"{name}.bsmtp").read_bytes()
-
-    def outcome(step: int) -> object:
-        reader = Reader(name, CFG.limits, "mx.test", CFG.spool.max_file_bytes)
-        try:
-            for i in range(0, len(data), step):
-                reader.feed(data[i : i + step])
-            return reader.finish()
-        except EnvelopeFault as exc:
-            return str(exc)
-
-    whole = outcome(max(len(data), 1))
-    assert outcome(1) == whole
-    assert outcome(7) == whole
+    limits, size = CFG.limits, CFG.spool.max_file_bytes
+    whole = read_in_steps(data, max(len(data), 1), limits, size)
+    assert read_in_steps(data, 1, limits, size) == whole
+    assert read_in_steps(data, 7, limits, size) == whole

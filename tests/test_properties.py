@@ -12,6 +12,7 @@ from spoolsmtp.config import Limits
 from spoolsmtp.envelope import Recipient
 from spoolsmtp.errors import EnvelopeFault
 from spoolsmtp.reader import Reader
+from tests.helpers import read_in_steps
 
 LIMITS = Limits(max_message_bytes=10**7)
 _LOCAL = st.from_regex(r"[a-z0-9][a-z0-9.+_-]{0,20}[a-z0-9]", fullmatch=True).filter(
@@ -100,17 +101,8 @@ _COMMANDY = st.lists(
 @given(_COMMANDY, st.sampled_from([b"\n", b"\r\n"]), st.integers(1, 50))
 def test_dialogues_read_the_same_in_any_chunking(lines: list[bytes], nl: bytes, step: int) -> None:
     data = b"".join(line + nl for line in lines)
-
-    def outcome(size: int) -> object:
-        reader = Reader("c", LIMITS, "mx.test")
-        try:
-            for i in range(0, len(data), size):
-                reader.feed(data[i : i + size])
-            return reader.finish()
-        except EnvelopeFault as exc:
-            return str(exc)
-
-    assert outcome(step) == outcome(max(len(data), 1))
+    whole = read_in_steps(data, max(len(data), 1), LIMITS)
+    assert read_in_steps(data, step, LIMITS) == whole
 
 
 @settings(max_examples=200)

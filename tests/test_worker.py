@@ -91,9 +91,7 @@ def test_deferral_then_success(tmp_path: Path) -> None:
     w = start(tmp_path, srv, retry={"interval": "300ms", "max_interval": "1s"})
     try:
         w.drop_drafts("j.bsmtp", [draft("o@example.com", ["slowbox@example.org"])])
-        deferred = wait_for(
-            lambda: (r := w.record_for("j.bsmtp")) and r["state"] == "deferred" and r
-        )
+        deferred = wait_for(lambda: w.in_state("j.bsmtp", "deferred"))
         assert deferred["transactions"][0]["recipients"][0]["reply"]["code"] == 450
         assert deferred["transactions"][0]["recipients"][0]["next_attempt_at"]
         assert (w.spool / deferred["location"]).exists()

@@ -121,11 +121,13 @@ class WorkerProcess:
                 return rec
         return None
 
-    def final(self, source: str) -> dict[str, Any] | None:
+    def in_state(self, source: str, *states: str) -> dict[str, Any] | None:
+        """The result record of ``source`` if it is in one of ``states``, else None."""
         rec = self.record_for(source)
-        if rec is not None and rec["state"] in ("done", "rejected"):
-            return rec
-        return None
+        return rec if rec is not None and rec["state"] in states else None
+
+    def final(self, source: str) -> dict[str, Any] | None:
+        return self.in_state(source, "done", "rejected")
 
     def files(self, folder: str) -> list[Path]:
         path = self.spool / folder
