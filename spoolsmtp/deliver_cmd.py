@@ -43,9 +43,6 @@ def deliver_file(cfg: Config, path: Path, *, verbose: bool) -> int:
 def _deliver_path(cfg: Config, path: Path, *, verbose: bool) -> int:
     try:
         env = envfile.read(path, cfg.limits, cfg.helo_name, max_file_bytes=cfg.spool.max_file_bytes)
-    except FileNotFoundError:
-        print(f"{path}: no such file", file=sys.stderr)
-        return exitcodes.NOINPUT
     except EnvelopeFault as exc:
         print(f"{exc}; not an envelope, nothing sent", file=sys.stderr)
         return exitcodes.DATAERR

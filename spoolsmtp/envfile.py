@@ -4,6 +4,7 @@ and the streams that give a message back, either as its text or in wire form for
 
 from __future__ import annotations
 
+import io
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,9 +56,7 @@ def read_stream(
 
 def read_bytes(data: bytes, source: str, limits: Limits, hostname: str) -> Envelope:
     """Read an envelope held in memory (tests, small reports)."""
-    reader = Reader(source, limits, hostname)
-    reader.feed(data)
-    return reader.finish()
+    return read_stream(io.BytesIO(data), source, limits, hostname)
 
 
 def _blocks(fh: BinaryIO, message: Message, chunk: int) -> Iterator[bytes]:
