@@ -58,6 +58,7 @@ class _Wire(asyncio.Protocol):
         self._arrived = asyncio.Event()
         self._writable = asyncio.Event()
         self._writable.set()
+        self._lost = asyncio.Event()
         self.transport: asyncio.BaseTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -76,6 +77,11 @@ class _Wire(asyncio.Protocol):
         self.closed = True
         self._arrived.set()
         self._writable.set()
+        self._lost.set()
+
+    async def lost(self) -> None:
+        """Until the transport is really gone (a TLS close first exchanges close_notify)."""
+        await self._lost.wait()
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -410,15 +416,27 @@ class Session:
             await self._write(self.proto.send_body(chunk))
 
     async def close(self) -> None:
-        """QUIT politely (bounded by the QUIT timeout), then close."""
+        """QUIT politely, close, and wait until the connection is gone; all of it bounded by
+        the QUIT timeout, after which the connection is aborted."""
         if self.alive and not self.proto.outstanding:
             with contextlib.suppress(SessionBroken):
                 await self._command(Command(Verb.QUIT, "QUIT"))
-        self.abort()
+        self.proto.closed = True
+        transport, wire = self._transport, self._wire
+        if transport is None or wire is None:
+            return
+        if not transport.is_closing():
+            transport.close()
+        try:
+            async with asyncio.timeout(self.config.timeouts.quit):
+                await wire.lost()
+        except TimeoutError:
+            transport.abort()
 
     def abort(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.close()
+        """Drop the connection at once: no QUIT, no TLS shutdown (the session is broken)."""
+        if self._transport is not None:
+            self._transport.abort()
         self.proto.closed = True
 
     # -- plumbing --------------------------------------------------------------------------

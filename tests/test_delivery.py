@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import ssl
+import warnings
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -379,3 +381,22 @@ def _mx_test_name() -> Iterator[None]:
     with serve(zone) as port:
         DNS_PORT_FOR_TLS[0] = port
         yield
+
+
+def test_tls_sessions_are_closed_completely(tmp_path: Path, ca: trustme.CA) -> None:
+    """Closing a TLS connection waits for its shutdown, so no socket outlives the delivery
+    (a short-lived loop, as in `spoolsmtp deliver`, must not leak the underlying socket)."""
+    srv = tls_server(ca)
+    try:
+        path = tmp_path / "e.bsmtp"
+        write_envelope(path, [draft("o@example.com", ["a@example.org"])])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                results, _, _ = deliver(routed(srv), path)
+                assert results[0].status is Status.DELIVERED
+            gc.collect()
+    finally:
+        srv.stop()
+    leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert leaks == []
