@@ -350,14 +350,21 @@ class Worker:
     # -- resuming and retrying -------------------------------------------------------------
 
     async def _open(self, envelope_id: str, fallback_source: str) -> tuple[Envelope, Record] | None:
-        """Read an envelope in active/ with its record (rebuilt if missing); None if rejected."""
+        """Read an envelope in active/ with its record (rebuilt if missing); None if rejected.
+
+        The record is set to say ``active`` at once: a record left saying ``done`` or
+        ``deferred`` while the envelope is being delivered again would mislead a polling job.
+        """
         record = self._load_record(envelope_id)
         source = record.source if record else fallback_source
         self._active[envelope_id] = source
         env = await self._read(envelope_id, source)
         if env is None:
             return None
-        return env, record or self._new_record(envelope_id, source, env)
+        record = record or self._new_record(envelope_id, source, env)
+        record.state = State.ACTIVE
+        record.location = f"active/{envelope_id}{SUFFIX}"
+        return env, record
 
     async def _resume(self, envelope_id: str, replayed: Replayed) -> None:
         try:
@@ -464,8 +471,6 @@ class Worker:
             if opened is None:
                 return
             env, record = opened
-            record.state = State.ACTIVE
-            record.location = f"active/{envelope_id}{SUFFIX}"
             await self._write_quick(record)
             await self._attempt(envelope_id, env, record)
         finally:
