@@ -46,24 +46,31 @@ class IoBatch:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._ops.append((op, waiter))
         if len(self._lanes) < self._max_lanes:
-            lane = asyncio.create_task(self._drive())
-            self._lanes.add(lane)
-            lane.add_done_callback(self._lanes.discard)
+            self._lanes.add(asyncio.create_task(self._drive()))
         await waiter
 
     async def _drive(self) -> None:
-        while self._ops:
-            ops, self._ops = self._ops, []
-            errors = await asyncio.to_thread(self._execute, [op for op, _ in ops])
-            self.batches += 1
-            self.operations += len(ops)
-            for (_, waiter), error in zip(ops, errors, strict=True):
-                if waiter.done():
-                    continue
-                if error is None:
-                    waiter.set_result(None)
-                else:
-                    waiter.set_exception(error)
+        """A lane: runs batches while there are operations queued. It leaves the set of
+        lanes in the same step as it finds the queue empty, so an operation queued a moment
+        later always starts a new lane (with a done-callback instead, one queued between the
+        lane's last look and the callback would wait forever)."""
+        try:
+            while self._ops:
+                ops, self._ops = self._ops, []
+                errors = await asyncio.to_thread(self._execute, [op for op, _ in ops])
+                self.batches += 1
+                self.operations += len(ops)
+                for (_, waiter), error in zip(ops, errors, strict=True):
+                    if waiter.done():
+                        continue
+                    if error is None:
+                        waiter.set_result(None)
+                    else:
+                        waiter.set_exception(error)
+        finally:
+            lane = asyncio.current_task()
+            assert lane is not None
+            self._lanes.discard(lane)
 
     @staticmethod
     def _execute(ops: list[Op]) -> list[BaseException | None]:
