@@ -237,7 +237,8 @@ class ControlServer:
 async def _answers(path: Path) -> bool:
     """Whether a live worker answers on an existing socket path (else it is stale)."""
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 2.0)
+        async with asyncio.timeout(2.0):
+            _, writer = await asyncio.open_unix_connection(str(path))
     except (OSError, TimeoutError):
         return False
     writer.close()

@@ -190,9 +190,10 @@ class Session:
         loop = asyncio.get_running_loop()
         self._trace(f"connecting to {self.hop.host}[{self.hop.address}]:{self.hop.port}")
         try:
-            transport, wire = await asyncio.wait_for(
-                loop.create_connection(_Wire, self.hop.address, self.hop.port), t.connect
-            )
+            async with asyncio.timeout(t.connect):
+                transport, wire = await loop.create_connection(
+                    _Wire, self.hop.address, self.hop.port
+                )
         except TimeoutError:
             return make(451, "4.4.1", f"connect to {self._where()} timed out")
         except OSError as exc:
@@ -246,15 +247,10 @@ class Session:
             self._trace(f"discarded {len(injected)} bytes sent before the TLS handshake")
         context = self._tls_context(tls)
         try:
-            transport = await asyncio.wait_for(
-                asyncio.get_running_loop().start_tls(
-                    self._transport,
-                    self._wire,
-                    context,
-                    server_hostname=self.hop.host,
-                ),
-                self.config.timeouts.starttls,
-            )
+            async with asyncio.timeout(self.config.timeouts.starttls):
+                transport = await asyncio.get_running_loop().start_tls(
+                    self._transport, self._wire, context, server_hostname=self.hop.host
+                )
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
             self.abort()
             reason = getattr(exc, "reason", None) or type(exc).__name__

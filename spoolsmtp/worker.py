@@ -454,9 +454,15 @@ class Worker:
                 del self._due[envelope_id]
                 await self._slots.acquire()
                 self._spawn(self._retry(envelope_id))
-            delay = self._heap[0][0] - now if self._heap else 3600.0
+            # suspended, due retries wait for RESUME (which wakes us), not for a timer: with a
+            # past due time that would be a busy loop
+            waiting = self._heap and not self.suspended
+            delay = self._heap[0][0] - now if waiting else 3600.0
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation that
+            # arrives as the event is set, and the scheduler then outlived SIGTERM
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, min(delay, 3600.0)))
+                async with asyncio.timeout(max(0.0, min(delay, 3600.0))):
+                    await self._wake.wait()
 
     async def _retry(self, envelope_id: str) -> None:
         try:
