@@ -16,6 +16,7 @@ PHASES = (
     "after_journal",
     "writing_bounce",
     "before_final_rename",
+    "before_checkpoint",
 )
 
 

@@ -1,10 +1,13 @@
-"""Group commit for the spool: all blocking file-system work runs in batches in I/O threads.
+"""Group commit for the spool: blocking file-system work runs in batches in I/O threads.
 
-Each operation is a blocking callable run in the I/O thread; it returns what must be made
-durable afterwards: directories to fsync (after renames and creations), and syncable objects
-such as the journal. A batch runs every operation queued so far, then syncs each distinct
-target once, then wakes every waiter. Under load one fsync of ``active/`` covers the claims of
-dozens of envelopes, and one fdatasync of the journal their final replies.
+Each operation is a blocking callable run in the I/O thread; it returns the directories to fsync
+afterwards (after renames and creations). A batch first commits the write-ahead log (the
+journal: whatever was appended before the batch's operations were queued), then runs every
+operation queued so far, then fsyncs each distinct directory once, then wakes every waiter.
+Under load one fsync of ``active/`` covers the claims of dozens of envelopes, and one
+fdatasync of the journal their final replies. Because the log is committed before the
+operations run, a caller may append a record and queue the operation it must precede, and pay
+for one round trip instead of two.
 """
 
 from __future__ import annotations
@@ -17,31 +20,38 @@ from typing import Protocol
 from spoolsmtp.durable import fsync_dir
 
 
-class Syncable(Protocol):
-    """Something with buffered writes to make durable once per batch (the journal)."""
+class Log(Protocol):
+    """Buffered appends made durable at the start of every batch (the journal)."""
 
     def sync(self) -> None: ...
 
 
-Target = Path | Syncable
-Op = Callable[[], Iterable[Target]]
+Op = Callable[[], Iterable[Path]]
+
+
+def nothing() -> tuple[()]:
+    """An operation that only waits for the log to be committed."""
+    return ()
 
 
 class IoBatch:
-    """Runs operations in the I/O thread, in batches, and syncs their targets once per batch."""
+    """Runs operations in I/O threads, in batches, after committing the log."""
 
-    def __init__(self, lanes: int = 2) -> None:
+    def __init__(self, lanes: int = 1) -> None:
+        self.log: Log | None = None
         self._ops: list[tuple[Op, asyncio.Future[None]]] = []
         self._lanes: set[asyncio.Task[None]] = set()
         self._max_lanes = lanes
         self.batches = 0
         self.operations = 0
 
-    async def run(self, op: Op) -> None:
-        """Run ``op`` in an I/O thread; return once it and its targets are durable.
+    async def run(self, op: Op = nothing) -> None:
+        """Run ``op`` in an I/O thread; return once the log, it and its directories are durable.
 
-        Up to ``lanes`` batches run at once: operations are independent (each caller awaits
-        its own before issuing the next), so two fsync queues on the device overlap.
+        Up to ``lanes`` batches run at once (operations are independent: each caller awaits
+        its own before issuing the next). One is the default: with the journal standing in
+        for per-file fsyncs a batch is short, and a second lane mostly adds contention for the
+        interpreter lock (measured: 1,290 against 930 to 1,180 envelopes/s).
         """
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._ops.append((op, waiter))
@@ -72,10 +82,14 @@ class IoBatch:
             assert lane is not None
             self._lanes.discard(lane)
 
-    @staticmethod
-    def _execute(ops: list[Op]) -> list[BaseException | None]:
+    def _execute(self, ops: list[Op]) -> list[BaseException | None]:
+        if self.log is not None:
+            try:
+                self.log.sync()
+            except OSError as exc:
+                return [exc for _ in ops]
         errors: list[BaseException | None] = []
-        targets: dict[Target, list[int]] = {}
+        targets: dict[Path, list[int]] = {}
         for index, op in enumerate(ops):
             try:
                 for target in op():
@@ -86,10 +100,7 @@ class IoBatch:
                 errors.append(None)
         for target, users in targets.items():
             try:
-                if isinstance(target, Path):
-                    fsync_dir(target)
-                else:
-                    target.sync()
+                fsync_dir(target)
             except OSError as exc:
                 for index in users:
                     errors[index] = errors[index] or exc

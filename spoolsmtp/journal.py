@@ -10,10 +10,17 @@ commit). Records:
 * ``{"t": "report", "id", "kind"}``: a report was durably written.
 * ``{"t": "claim", "id", "name"}``: committed just before ``incoming/name`` is renamed to
   ``active/ID.bsmtp``, so that a restart knows the source name of every active envelope.
+* ``{"t": "record", "id", "record": {...}}``: the result record, committed before
+  ``results/ID.json`` is replaced with it. The file itself is written atomically but not
+  fsynced: the journal is what makes it durable, until a checkpoint.
 
-The journal matters only while an envelope is in ``active/``; once its result record is durable
-and it has left ``active/``, its records are dead. A segment whose envelopes have all left is
-deleted; a new segment is started when the current one grows past ``SEGMENT_BYTES``.
+A checkpoint (every second or so, in the background) makes everything written to the spool
+durable with one syncfs(2), then deletes the segments whose records are all dead: a record is
+dead once its envelope has left ``active/`` and its result file was written, and a checkpoint
+has synced that file. So one fdatasync of the journal stands in for the fsync of every result
+file and every directory a finished envelope touched, and a restart first restores from the
+journal any result record the file system lost. A new segment is started when the current one
+grows past ``SEGMENT_BYTES``, or at a checkpoint when none of its envelopes is active.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spoolsmtp.durable import fsync_dir
+from spoolsmtp import crashpoint
+from spoolsmtp.durable import fsync_dir, sync_filesystems
 from spoolsmtp.iobatch import IoBatch
 
 SEGMENT_BYTES = 8 * 1024 * 1024
@@ -40,6 +48,7 @@ class Replayed:
     dots: set[tuple[int, str]] = field(default_factory=set)
     reports: set[str] = field(default_factory=set)
     source: str | None = None
+    record: dict[str, Any] | None = None
 
 
 def replay(folder: Path) -> dict[str, Replayed]:
@@ -61,14 +70,17 @@ def replay(folder: Path) -> dict[str, Replayed]:
                     entry.reports.add(rec["kind"])
                 elif rec["t"] == "claim":
                     entry.source = rec["name"]
+                elif rec["t"] == "record":
+                    entry.record = rec["record"]
     return dict(out)
 
 
 class Journal:
-    """Appends records and commits them in groups; tracks which segments are still needed.
+    """Appends records and commits them in groups; checkpoints and drops dead segments.
 
-    ``append`` buffers the record and runs a batch operation that names the journal as a sync
-    target, so one write and one fdatasync per batch commit the records of every envelope.
+    Appends are buffered; the I/O batch commits the buffer (one write, one fdatasync) before it
+    runs its operations, so the records of every envelope that wrote since the last batch share
+    one fdatasync.
     """
 
     def __init__(self, folder: Path, batch: IoBatch) -> None:
@@ -76,80 +88,131 @@ class Journal:
         self.batch = batch
         folder.mkdir(parents=True, exist_ok=True)
         existing = sorted(folder.glob("*.log"))
-        self._old = existing
-        self._old_ids: set[str] = set()
+        self._old = [int(p.stem) for p in existing]
         self._lock = threading.Lock()
+        self._io_lock = threading.Lock()
         self._buffer: list[bytes] = []
         self._fd = -1
         self._size = 0
         self._segment = 0
         self._live: dict[int, set[str]] = {}
-        self._open_segment(int(existing[-1].stem) + 1 if existing else 1)
+        self._retired: list[int] = []
+        self._open_segment(self._old[-1] + 1 if self._old else 1)
+        batch.log = self
         self.records = 0
         self.commits = 0
+        self.checkpoints = 0
 
     def _open_segment(self, number: int) -> None:
         if self._fd >= 0:
             os.close(self._fd)
-        path = self.folder / f"{number:08d}.log"
+        path = self._path(number)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
         self._size = os.fstat(self._fd).st_size
         self._segment = number
         self._live.setdefault(number, set())
         fsync_dir(self.folder)
 
-    def adopt(self, ids: set[str]) -> None:
-        """Envelopes resumed at start whose records live in the old segments."""
-        self._old_ids = set(ids)
-        self._drop_old_if_unused()
+    def _path(self, number: int) -> Path:
+        return self.folder / f"{number:08d}.log"
 
-    async def append(self, record: dict[str, Any]) -> None:
-        """Write a record and return once it is on disk (shared fdatasync)."""
-        data = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+    def _rotate(self) -> None:
+        """Start a new segment (I/O lock held); the old one retires once nothing in it lives."""
+        old = self._segment
+        self._open_segment(old + 1)
         with self._lock:
-            self._buffer.append(data)
-            self._live.setdefault(self._segment, set()).add(record["id"])
-        self.records += 1
-        await self.batch.run(self._target)
+            if not self._live.get(old):
+                self._live.pop(old, None)
+                self._retired.append(old)
 
-    def _target(self) -> tuple[Journal]:
-        return (self,)
+    def adopt(self, ids: set[str]) -> None:
+        """The segments found at start stay until the envelopes resumed from them finish."""
+        with self._lock:
+            for number in self._old:
+                if ids:
+                    self._live[number] = set(ids)
+                else:
+                    self._retired.append(number)
+            self._old = []
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Buffer a record; the next I/O batch commits it before running its operations."""
+        self._add(record["id"], json.dumps(record, separators=(",", ":")).encode() + b"\n")
+
+    def append_record(self, envelope_id: str, record_json: bytes) -> None:
+        """Buffer a result record (already JSON; embedded as it is, not encoded again)."""
+        head = json.dumps({"t": "record", "id": envelope_id}, separators=(",", ":"))[:-1]
+        line = b"".join((head.encode(), b',"record":', record_json.rstrip(), b"}\n"))
+        self._add(envelope_id, line)
+
+    def _add(self, envelope_id: str, line: bytes) -> None:
+        with self._lock:
+            self._buffer.append(line)
+            self._live.setdefault(self._segment, set()).add(envelope_id)
+        self.records += 1
+
+    async def commit(self) -> None:
+        """Return once everything appended so far is on disk (shared fdatasync)."""
+        await self.batch.run()
 
     def sync(self) -> None:
-        """Write what is buffered and fdatasync it (in the I/O thread, once per batch)."""
-        with self._lock:
-            data = b"".join(self._buffer)
-            self._buffer = []
-            fd = self._fd
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fdatasync(fd)
-        self.commits += 1
-        with self._lock:
+        """Write what is buffered and fdatasync it (in an I/O thread, first in every batch).
+
+        The I/O lock is held until the fdatasync returns, so a batch that finds the buffer
+        empty still waits for a commit another lane has in flight before running its ops.
+        """
+        with self._io_lock:
+            with self._lock:
+                data = b"".join(self._buffer)
+                self._buffer = []
+            if not data:
+                return
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            os.fdatasync(self._fd)
+            self.commits += 1
             self._size += len(data)
             if self._size > SEGMENT_BYTES:
-                self._open_segment(self._segment + 1)
+                self._rotate()
 
     def finished(self, envelope_id: str) -> None:
-        """The envelope has left active/ with a durable record: its records are dead."""
+        """The envelope is out of active/ and its result file is written: its records are
+        dead once a checkpoint has synced that file."""
         with self._lock:
             for number, ids in list(self._live.items()):
                 ids.discard(envelope_id)
                 if not ids and number != self._segment:
-                    (self.folder / f"{number:08d}.log").unlink(missing_ok=True)
                     del self._live[number]
-        if envelope_id in self._old_ids:
-            self._old_ids.discard(envelope_id)
-            self._drop_old_if_unused()
+                    self._retired.append(number)
 
-    def _drop_old_if_unused(self) -> None:
-        if not self._old_ids and self._old:
-            for path in self._old:
-                path.unlink(missing_ok=True)
-            self._old = []
+    def checkpoint(self, folders: list[Path]) -> int:
+        """Sync the spool's file systems, then delete the segments whose records are dead;
+        return how many were deleted. Blocking: run it in a thread."""
+        with self._io_lock:
+            with self._lock:
+                idle = not self._buffer and not self._live.get(self._segment)
+            if idle and self._size > 0:
+                self._rotate()
+            with self._lock:
+                victims, self._retired = self._retired, []
+        if not victims:
+            return 0
+        crashpoint.reach("before_checkpoint")
+        try:
+            sync_filesystems(folders)
+        except OSError:
+            with self._lock:
+                self._retired.extend(victims)
+            raise
+        for number in victims:
+            self._path(number).unlink(missing_ok=True)
+        fsync_dir(self.folder)
+        self.checkpoints += 1
+        return len(victims)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        with self._io_lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1

@@ -122,7 +122,11 @@ class Record:
 
     @classmethod
     def from_json(cls, raw: bytes) -> Record:
-        data = json.loads(raw)
+        return cls.from_dict(json.loads(raw))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Record:
+        data = dict(data)
         data["state"] = State(data["state"])
         data["transactions"] = [
             TxRecord(t["number"], t["mail_from"], [RcptRecord(**r) for r in t["recipients"]])

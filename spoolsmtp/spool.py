@@ -14,10 +14,11 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from spoolsmtp import crashpoint
 from spoolsmtp.config import SpoolConfig
 from spoolsmtp.durable import write_file
 from spoolsmtp.iobatch import IoBatch
@@ -91,30 +92,27 @@ class Spool:
 
     # -- moves -----------------------------------------------------------------------------
 
-    async def claim(
-        self,
-        name: str,
-        before: Callable[[str], Awaitable[None]] | None = None,
-        suffix: str = SUFFIX,
-    ) -> str | None:
-        """Take ``incoming/name`` into ``active/`` under a new id; None if it is gone or is
-        not a regular file (which is then left alone). ``before(id)`` is awaited just before
-        the rename (the worker journals the claim there)."""
-        src = self.dirs["incoming"] / name
+    def choose_id(self, name: str) -> str | None:
+        """The id ``incoming/name`` will be claimed under; None if it is gone or is not a
+        regular file (which is then left alone)."""
         try:
-            info = os.lstat(src)
+            info = os.lstat(self.dirs["incoming"] / name)
         except FileNotFoundError:
             return None
         if not stat.S_ISREG(info.st_mode):
             return None
-        envelope_id = self._adopt(name) or new_id()
-        if before is not None:
-            await before(envelope_id)
+        return self._adopt(name) or new_id()
+
+    async def claim(self, name: str, envelope_id: str, suffix: str = SUFFIX) -> bool:
+        """Take ``incoming/name`` into ``active/`` under ``envelope_id``, durably, after the
+        journal records appended so far; False if it is gone."""
         try:
-            await self._rename(src, self.dirs["active"] / f"{envelope_id}{suffix}")
+            await self._rename(
+                self.dirs["incoming"] / name, self.dirs["active"] / f"{envelope_id}{suffix}"
+            )
         except FileNotFoundError:
-            return None
-        return envelope_id
+            return False
+        return True
 
     def _adopt(self, name: str) -> str | None:
         """A file named ``ID.bsmtp`` by ``spoolsmtp submit`` keeps its id, so the submitter
@@ -160,6 +158,31 @@ class Spool:
         await self._rename(self.envelope(source, envelope_id), dest)
         return dest
 
+    async def conclude(
+        self, envelope_id: str, record: bytes, target: str | None = None, *, durable: bool = False
+    ) -> None:
+        """Replace ``results/ID.json`` with ``record``, then move the envelope from active/ to
+        ``target`` (if given): one I/O operation, run after the journal records appended so
+        far are committed (the record among them).
+
+        The record file is atomic but not fsynced, and the move is not made durable unless
+        ``durable``: the journal redoes both after a crash (an envelope found back in active/
+        is resumed from it) until the next checkpoint syncs them.
+        """
+        path = self.dirs["results"] / f"{envelope_id}.json"
+        src = self.envelope("active", envelope_id)
+
+        def op() -> tuple[Path, ...]:
+            write_file(path, record, fsync=False, sync_dir=False)
+            if target is None:
+                return ()
+            crashpoint.reach("before_final_rename")
+            dest = self.envelope(target, envelope_id)
+            os.rename(src, dest)
+            return (src.parent, dest.parent) if durable else ()
+
+        await self.batch.run(op)
+
     async def move_file(self, source: str, name: str, target: str, new_name: str) -> None:
         """Rename one file between (or within) folders, durably."""
         await self._rename(self.dirs[source] / name, self.dirs[target] / new_name)
@@ -197,7 +220,7 @@ class Spool:
         return path
 
     async def write_quick(self, folder: str, name: str, data: bytes) -> Path:
-        """Atomically (not durably) replace a file that can be rebuilt after a crash."""
+        """Atomically (not durably) replace a file that the envelope can rebuild after a crash."""
         path = self.dirs[folder] / name
 
         def op() -> tuple[()]:

@@ -19,17 +19,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import json
 import logging
 import os
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from spoolsmtp import crashpoint, envfile, journal, legacy, response, retry, writer
+from spoolsmtp import crashpoint, durable, envfile, journal, legacy, response, retry, writer
 from spoolsmtp.config import Config
 from spoolsmtp.config import load as config_load
 from spoolsmtp.control import ControlServer
@@ -61,6 +61,7 @@ from spoolsmtp.watcher import IncomingWatcher
 
 log = logging.getLogger("spoolsmtp")
 QUARANTINE_AFTER = 3
+CHECKPOINT_INTERVAL = 1.0
 BURST_RESCAN = 0.25
 INLINE_READ_BYTES = 256 * 1024
 
@@ -121,7 +122,6 @@ class Worker:
         """Run until SIGTERM/SIGINT or ``stop``; return the exit code."""
         self.spool.ensure()
         replayed = journal.replay(self.spool.dirs["journal"])
-        self.journal = Journal(self.spool.dirs["journal"], self.spool.batch)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
@@ -134,8 +134,15 @@ class Worker:
                     "active", f"{envelope_id}{ORIGINAL}", "active", f"{envelope_id}{SUFFIX}"
                 )
         active = self.spool.ids("active")
+        restored = await asyncio.to_thread(self._restore_records, replayed, set(active))
+        self.journal = Journal(self.spool.dirs["journal"], self.spool.batch)
         self.journal.adopt(set(active))
-        log.info("starting: %d to resume, spool %s", len(active), self.cfg.spool.path)
+        log.info(
+            "starting: %d to resume, %d result records restored from the journal, spool %s",
+            len(active),
+            restored,
+            self.cfg.spool.path,
+        )
         for envelope_id in active:
             await self._slots.acquire()
             self._spawn(self._resume(envelope_id, replayed.get(envelope_id, Replayed())))
@@ -151,6 +158,7 @@ class Worker:
             asyncio.create_task(self._intake()),
             asyncio.create_task(self._scheduler()),
             asyncio.create_task(self._housekeeping()),
+            asyncio.create_task(self._checkpoints()),
         ]
         log.info("ready")
         await self._stopping.wait()
@@ -162,6 +170,7 @@ class Worker:
         await asyncio.gather(*background, return_exceptions=True)
         await self._drain()
         await self.deliverer.close_all()
+        await self._checkpoint()
         self.journal.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
@@ -230,12 +239,16 @@ class Worker:
             await self.deliverer.close_idle()
 
     async def _take(self, name: str) -> None:
+        assert self.journal is not None
         try:
-            envelope_id = await self.spool.claim(
-                name,
-                before=self._journal_claim(name),
-                suffix=ORIGINAL if self._legacy else SUFFIX,
-            )
+            envelope_id = self.spool.choose_id(name)
+            if envelope_id is not None:
+                # committed by the same batch, before the rename: a restart knows the name
+                self.journal.append({"t": "claim", "id": envelope_id, "name": name})
+                suffix = ORIGINAL if self._legacy else SUFFIX
+                if not await self.spool.claim(name, envelope_id, suffix):
+                    self.journal.finished(envelope_id)
+                    return
         finally:
             self._queued.discard(name)
         if envelope_id is None:
@@ -272,12 +285,6 @@ class Worker:
             await self._reject(envelope_id, source, f"{source}:1: cannot convert: {exc}")
             return False
         return True
-
-    def _journal_claim(self, name: str) -> Callable[[str], Awaitable[None]]:
-        async def claim(envelope_id: str) -> None:
-            await self._journal({"t": "claim", "id": envelope_id, "name": name})
-
-        return claim
 
     async def _read(self, envelope_id: str, source: str) -> Envelope | None:
         """Read an envelope in active/; a file that is not one goes to rejected/."""
@@ -349,13 +356,16 @@ class Worker:
 
     # -- resuming and retrying -------------------------------------------------------------
 
-    async def _open(self, envelope_id: str, fallback_source: str) -> tuple[Envelope, Record] | None:
-        """Read an envelope in active/ with its record (rebuilt if missing); None if rejected.
+    async def _open(
+        self, envelope_id: str, fallback_source: str, journaled: Record | None = None
+    ) -> tuple[Envelope, Record] | None:
+        """Read an envelope in active/ with its record (the journal's newest, else the file,
+        else rebuilt from the envelope); None if rejected.
 
         The record is set to say ``active`` at once: a record left saying ``done`` or
         ``deferred`` while the envelope is being delivered again would mislead a polling job.
         """
-        record = self._load_record(envelope_id)
+        record = journaled or self._load_record(envelope_id)
         source = record.source if record else fallback_source
         self._active[envelope_id] = source
         env = await self._read(envelope_id, source)
@@ -368,7 +378,10 @@ class Worker:
 
     async def _resume(self, envelope_id: str, replayed: Replayed) -> None:
         try:
-            opened = await self._open(envelope_id, replayed.source or f"{envelope_id}{SUFFIX}")
+            journaled = Record.from_dict(replayed.record) if replayed.record else None
+            opened = await self._open(
+                envelope_id, replayed.source or f"{envelope_id}{SUFFIX}", journaled
+            )
             if opened is None:
                 return
             env, record = opened
@@ -410,6 +423,28 @@ class Worker:
             tags = {"failed": f"{tx_rec.number}.ndr", "delivered": f"{tx_rec.number}.success"}
             if tags.get(rec.status) in record.reports:
                 rec.reported = True
+
+    def _restore_records(self, replayed: dict[str, Replayed], active: set[str]) -> int:
+        """Before anything else at start: put back every result record the journal holds
+        that the file system lost or left stale (written after the last checkpoint, then a
+        crash). Envelopes still in active/ are not touched: resuming rewrites theirs."""
+        restored = 0
+        folder = self.spool.dirs["results"]
+        for envelope_id, entry in replayed.items():
+            if entry.record is None or envelope_id in active:
+                continue
+            path = folder / f"{envelope_id}.json"
+            try:
+                current = json.loads(path.read_bytes())
+            except (OSError, ValueError):
+                current = None
+            if current != entry.record:
+                durable.write_file(path, Record.from_dict(entry.record).to_json(), sync_dir=False)
+                restored += 1
+        if restored:
+            durable.fsync_dir(folder)
+            log.warning("restored %d result record(s) from the journal", restored)
+        return restored
 
     def _load_record(self, envelope_id: str) -> Record | None:
         try:
@@ -532,7 +567,7 @@ class Worker:
                 rec = record.find(tx.number, res.recipient.address)
                 self._note(rec, res, now)
                 if rec.final:
-                    await self._journal(
+                    self.journal.append(
                         {
                             "t": "rcpt",
                             "id": envelope_id,
@@ -543,6 +578,7 @@ class Worker:
                     )
                 if res.status is Status.DELIVERED:
                     last_delivery = time.time()
+            await self.journal.commit()
             self._mark_dead(tx, results)
             crashpoint.reach("after_journal")
         self._expire(env, record, received, now)
@@ -731,9 +767,9 @@ class Worker:
             folder = "hold" if held else "deferred"
             record.state = State.HELD if held else State.DEFERRED
             record.location = f"{folder}/{envelope_id}{SUFFIX}"
-            await self._write_record(record)
-            crashpoint.reach("before_final_rename")
-            await self.spool.move(envelope_id, "active", folder)
+            # the journal redoes a lost move to deferred/ (a crash before the next checkpoint
+            # only brings the retry forward); an operator's hold is made durable at once
+            await self._write_record(record, folder, durable=held)
             self._summarise(record, record.state, None if held else due)
             if not held:
                 self.schedule(envelope_id, due)
@@ -743,9 +779,7 @@ class Worker:
         else:
             record.state = State.DONE
             record.location = f"done/{envelope_id}{SUFFIX}"
-            await self._write_record(record)
-            crashpoint.reach("before_final_rename")
-            await self.spool.move(envelope_id, "active", "done")
+            await self._write_record(record, "done")
             self.index.pop(envelope_id, None)
             self._hold_after.discard(envelope_id)
             self._spool_trace(f"{envelope_id}: done")
@@ -757,15 +791,39 @@ class Worker:
         if self.journal is not None:
             self.journal.finished(envelope_id)
 
-    async def _write_record(self, record: Record) -> None:
-        await self.spool.write("results", f"{record.id}.json", record.to_json())
+    async def _write_record(
+        self, record: Record, move_to: str | None = None, *, durable: bool = False
+    ) -> None:
+        """Commit the record to the journal, then replace the file with it and move the
+        envelope out of active/ to ``move_to``, in one batch. The file is synced later, by a
+        checkpoint: until then the journal restores it after a crash."""
+        assert self.journal is not None
+        data = record.to_json()
+        self.journal.append_record(record.id, data)
+        await self.spool.conclude(record.id, data, move_to, durable=durable)
 
     async def _write_quick(self, record: Record) -> None:
+        """The record at take time: atomic, not journaled (the envelope rebuilds it)."""
         await self.spool.write_quick("results", f"{record.id}.json", record.to_json())
 
     async def _journal(self, rec: dict[str, Any]) -> None:
         assert self.journal is not None
-        await self.journal.append(rec)
+        self.journal.append(rec)
+        await self.journal.commit()
+
+    async def _checkpoints(self) -> None:
+        while True:
+            await asyncio.sleep(CHECKPOINT_INTERVAL)
+            try:
+                await self._checkpoint()
+            except OSError as exc:
+                log.error("checkpoint failed (will try again): %s", exc)
+
+    async def _checkpoint(self) -> None:
+        """Sync what finished envelopes wrote, then drop their journal segments."""
+        assert self.journal is not None
+        folders = list(self.spool.dirs.values())
+        await asyncio.to_thread(self.journal.checkpoint, folders)
 
     # -- operator actions (the control channel) ---------------------------------------------
 
@@ -814,6 +872,7 @@ class Worker:
             record.location = f"{folder}/{envelope_id}{SUFFIX}"
             record.updated_at = iso(utcnow())
             await self._write_record(record)
+            self._finished(envelope_id)
 
     def flush(self, envelope_id: str | None = None, destination: str | None = None) -> int:
         """Retry deferred envelopes now: one, those for a destination, or all."""

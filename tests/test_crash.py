@@ -91,3 +91,43 @@ def test_a_file_that_crashes_the_worker_three_times_is_quarantined(tmp_path: Pat
     assert (tmp_path / "spool" / rec["location"]).exists()
     assert healthy["state"] == "done"
     assert [m.rcpt_tos for m in srv.messages] == [["h@example.org"]]
+
+
+@pytest.mark.parametrize("lost", ["record", "record and move"])
+def test_what_the_file_system_loses_before_the_checkpoint_the_journal_restores(
+    tmp_path: Path, lost: str
+) -> None:
+    """A finished envelope's result file and its move out of active/ are synced by the next
+    checkpoint, not at once: the journal holds them until then. Kill the worker as that
+    checkpoint begins, undo what a power failure could have undone, and restart: the record
+    comes back, nobody is sent the message again, no second report is written."""
+    srv = SmtpServer(Script(rcpt={BAD: "550 5.1.1 no such user"}))
+    settings = {"smarthost": f"127.0.0.1:{srv.port}"}
+    try:
+        crashing = WorkerProcess(
+            tmp_path, settings, env={"SPOOLSMTP_CRASH_AT": "before_checkpoint"}
+        )
+        crashing.start().drop_drafts("job.bsmtp", [draft("oper@example.com", [*GOOD, BAD])])
+        assert crashing.wait_exit() == -signal.SIGKILL
+        before = crashing.final("job.bsmtp")
+        assert before is not None and before["state"] == "done"
+        result = tmp_path / "spool" / "results" / f"{before['id']}.json"
+        result.write_bytes(b"")
+        if lost == "record and move":
+            name = f"{before['id']}.bsmtp"
+            (tmp_path / "spool" / "done" / name).rename(tmp_path / "spool" / "active" / name)
+        worker = WorkerProcess(tmp_path, settings).start()
+        try:
+            rec = wait_for(lambda: worker.final("job.bsmtp"), what="record restored")
+        finally:
+            assert worker.stop() == 0
+    finally:
+        srv.stop()
+    assert rec["id"] == before["id"] and rec["state"] == "done"
+    statuses = {r["address"]: r["status"] for t in rec["transactions"] for r in t["recipients"]}
+    assert statuses == {**dict.fromkeys(GOOD, "delivered"), BAD: "failed"}
+    assert Counter(r for m in srv.messages for r in m.rcpt_tos) == Counter(GOOD)
+    assert len(worker.files("bounces")) == 1
+    assert worker.files("active") == [] and len(worker.files("done")) == 1
+    segments = list((tmp_path / "spool" / "journal").glob("*.log"))
+    assert all(p.stat().st_size == 0 for p in segments), "a clean stop checkpoints the journal"

@@ -1,12 +1,36 @@
-"""The I/O batcher: failures reach the right waiters, and an operation queued just as a lane
-finishes still runs."""
+"""The I/O batcher: the log is committed before the operations of its batch, failures reach the
+right waiters, and an operation queued just as a lane finishes still runs."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
+import pytest
+
 from spoolsmtp.iobatch import IoBatch
+
+
+class RecordingLog:
+    """A log that notes when it was synced, in the order of everything else."""
+
+    def __init__(self, events: list[str], fail: bool = False) -> None:
+        self.events = events
+        self.fail = fail
+        self.pending: list[str] = []
+        self.lock = threading.Lock()
+
+    def append(self, what: str) -> None:
+        with self.lock:
+            self.pending.append(what)
+
+    def sync(self) -> None:
+        if self.fail:
+            raise OSError(28, "No space left on device")
+        with self.lock:
+            done, self.pending = self.pending, []
+        self.events.extend(f"committed {w}" for w in done)
 
 
 def test_operations_queued_one_after_another_on_one_lane_all_run(tmp_path: Path) -> None:
@@ -29,6 +53,30 @@ def test_operations_queued_one_after_another_on_one_lane_all_run(tmp_path: Path)
     assert ran == list(range(50))
 
 
+def test_the_log_is_committed_before_the_operations_of_its_batch(tmp_path: Path) -> None:
+    events: list[str] = []
+    log = RecordingLog(events)
+
+    async def claim(name: str) -> None:
+        log.append(f"claim {name}")
+
+        def rename() -> tuple[Path]:
+            events.append(f"rename {name}")
+            return (tmp_path,)
+
+        await batch.run(rename)
+
+    batch = IoBatch(lanes=2)
+    batch.log = log
+
+    async def main() -> None:
+        await asyncio.gather(*(claim(f"f{i}") for i in range(20)))
+
+    asyncio.run(main())
+    for i in range(20):
+        assert events.index(f"committed claim f{i}") < events.index(f"rename f{i}")
+
+
 def test_a_failing_operation_fails_only_its_own_waiter(tmp_path: Path) -> None:
     def good() -> tuple[Path]:
         return (tmp_path,)
@@ -45,3 +93,20 @@ def test_a_failing_operation_fails_only_its_own_waiter(tmp_path: Path) -> None:
     results = asyncio.run(main())
     assert results[0] is None and results[2] is None
     assert isinstance(results[1], FileNotFoundError)
+
+
+def test_when_the_log_cannot_be_committed_no_operation_runs(tmp_path: Path) -> None:
+    ran: list[str] = []
+    batch = IoBatch()
+    batch.log = RecordingLog([], fail=True)
+
+    def op() -> tuple[Path]:
+        ran.append("op")
+        return (tmp_path,)
+
+    async def main() -> None:
+        await batch.run(op)
+
+    with pytest.raises(OSError, match="No space"):
+        asyncio.run(main())
+    assert ran == []

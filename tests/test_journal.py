@@ -1,0 +1,91 @@
+"""The journal: what a restart reads back, and which segments a checkpoint may delete."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from spoolsmtp import journal
+from spoolsmtp.iobatch import IoBatch
+from spoolsmtp.journal import Journal
+
+
+def segments(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.log"))
+
+
+def test_replay_gives_the_newest_record_and_every_final_reply(tmp_path: Path) -> None:
+    folder = tmp_path / "journal"
+    first = json.dumps({"id": "A", "state": "active", "n": 1}).encode() + b"\n"
+    second = json.dumps({"id": "A", "state": "done", "text": "caf\u00e9 \u2713"}).encode() + b"\n"
+
+    async def main() -> None:
+        j = Journal(folder, IoBatch())
+        j.append({"t": "claim", "id": "A", "name": "job.bsmtp"})
+        j.append({"t": "dot", "id": "A", "tx": 1, "rcpts": ["a@x.org"]})
+        j.append({"t": "rcpt", "id": "A", "tx": 1, "rcpt": "a@x.org", "result": {"s": "ok"}})
+        j.append_record("A", first)
+        j.append_record("A", second)
+        await j.commit()
+        j.close()
+
+    asyncio.run(main())
+    with open(segments(folder)[-1], "ab") as fh:
+        fh.write(b'{"t":"rcpt","id":"A","tx":1,"rcpt":"b@x.org","res')  # torn by a crash
+    entry = journal.replay(folder)["A"]
+    assert entry.source == "job.bsmtp"
+    assert entry.dots == {(1, "a@x.org")}
+    assert entry.results == {(1, "a@x.org"): {"s": "ok"}}
+    assert entry.record == json.loads(second)
+
+
+def test_a_checkpoint_deletes_only_segments_whose_envelopes_all_finished(tmp_path: Path) -> None:
+    folder = tmp_path / "journal"
+    spool = [tmp_path]
+
+    async def main() -> None:
+        j = Journal(folder, IoBatch())
+        j.append({"t": "claim", "id": "A", "name": "a"})
+        j.append({"t": "claim", "id": "B", "name": "b"})
+        await j.commit()
+        assert j.checkpoint(spool) == 0, "both still active: nothing to delete"
+        j.finished("A")
+        assert j.checkpoint(spool) == 0, "B is still active"
+        assert "A" in journal.replay(folder)
+        j.finished("B")
+        assert j.checkpoint(spool) == 1
+        assert journal.replay(folder) == {}
+        j.append({"t": "claim", "id": "C", "name": "c"})
+        await j.commit()
+        assert set(journal.replay(folder)) == {"C"}
+        j.close()
+
+    asyncio.run(main())
+
+
+def test_segments_found_at_start_stay_until_the_envelopes_resumed_from_them_finish(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "journal"
+    spool = [tmp_path]
+
+    async def crashed() -> None:
+        j = Journal(folder, IoBatch())
+        j.append({"t": "claim", "id": "A", "name": "a"})
+        j.append({"t": "claim", "id": "Z", "name": "z"})
+        await j.commit()
+        j.close()
+
+    async def restarted() -> None:
+        j = Journal(folder, IoBatch())
+        j.adopt({"A"})
+        assert j.checkpoint(spool) == 0
+        assert set(journal.replay(folder)) == {"A", "Z"}
+        j.finished("A")
+        assert j.checkpoint(spool) == 1
+        assert journal.replay(folder) == {}
+        j.close()
+
+    asyncio.run(crashed())
+    asyncio.run(restarted())
