@@ -219,15 +219,11 @@ class Spool:
         await self.batch.run(op)
         return path
 
-    async def write_quick(self, folder: str, name: str, data: bytes) -> Path:
-        """Atomically (not durably) replace a file that the envelope can rebuild after a crash."""
+    def write_quick(self, folder: str, name: str, data: bytes) -> Path:
+        """Atomically (not durably) replace a small file that can be rebuilt after a crash; at
+        once, in the caller's thread."""
         path = self.dirs[folder] / name
-
-        def op() -> tuple[()]:
-            write_file(path, data, fsync=False, sync_dir=False)
-            return ()
-
-        await self.batch.run(op)
+        write_file(path, data, fsync=False, sync_dir=False)
         return path
 
     def ids(self, folder: str) -> list[str]:

@@ -61,6 +61,7 @@ from spoolsmtp.watcher import IncomingWatcher
 
 log = logging.getLogger("spoolsmtp")
 QUARANTINE_AFTER = 3
+ANNOUNCE_AFTER = 0.5
 CHECKPOINT_INTERVAL = 1.0
 BURST_RESCAN = 0.25
 INLINE_READ_BYTES = 256 * 1024
@@ -115,6 +116,7 @@ class Worker:
         self._active: dict[str, str] = {}
         self._watcher: IncomingWatcher | None = None
         self._random = random.Random()
+        self._announcing: dict[str, asyncio.TimerHandle] = {}
 
     # -- running ---------------------------------------------------------------------------
 
@@ -268,7 +270,7 @@ class Worker:
                 return
             record = self._new_record(envelope_id, name, env)
             await self._batch_outputs(envelope_id, env, record, Replayed())
-            await self._write_quick(record)
+            self._announce(record)
             await self._attempt(envelope_id, env, record)
         finally:
             self._active.pop(envelope_id, None)
@@ -512,7 +514,7 @@ class Worker:
             if opened is None:
                 return
             env, record = opened
-            await self._write_quick(record)
+            self._announce(record)
             await self._attempt(envelope_id, env, record)
         finally:
             self._active.pop(envelope_id, None)
@@ -798,13 +800,31 @@ class Worker:
         envelope out of active/ to ``move_to``, in one batch. The file is synced later, by a
         checkpoint: until then the journal restores it after a crash."""
         assert self.journal is not None
+        self._announced(record.id)
         data = record.to_json()
         self.journal.append_record(record.id, data)
         await self.spool.conclude(record.id, data, move_to, durable=durable)
 
-    async def _write_quick(self, record: Record) -> None:
-        """The record at take time: atomic, not journaled (the envelope rebuilds it)."""
-        await self.spool.write_quick("results", f"{record.id}.json", record.to_json())
+    def _announce(self, record: Record) -> None:
+        """The record that says an envelope is being delivered, written once it has been
+        active for ``ANNOUNCE_AFTER`` (most are finished sooner, and their first record is the
+        final one: writing one that is replaced a few milliseconds later costs a file created
+        and a file freed per envelope, which is what slows a busy spool down the most)."""
+        loop = asyncio.get_running_loop()
+        self._announcing[record.id] = loop.call_later(ANNOUNCE_AFTER, self._write_quick, record)
+
+    def _announced(self, envelope_id: str) -> None:
+        """A newer record is about to be written: the pending announcement is void."""
+        handle = self._announcing.pop(envelope_id, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _write_quick(self, record: Record) -> None:
+        """Atomic, not journaled (the envelope rebuilds it); at once, in the loop's thread: a
+        write queued to the I/O lanes could land after the final record."""
+        self._announcing.pop(record.id, None)
+        if record.state is State.ACTIVE:
+            self.spool.write_quick("results", f"{record.id}.json", record.to_json())
 
     async def _journal(self, rec: dict[str, Any]) -> None:
         assert self.journal is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -322,6 +323,27 @@ def test_a_slow_destination_does_not_delay_a_fast_one(tmp_path: Path) -> None:
         fast.stop()
     assert slow_done < 6
     assert len(fast.messages) == 6 and len(slow.messages) == 6
+
+
+def test_an_envelope_being_delivered_has_a_record_that_says_so(tmp_path: Path) -> None:
+    """A job polling results/ID.json sees the envelope taken while its delivery is under way
+    (a moment after the take: most envelopes are finished sooner, and their first record is
+    the final one)."""
+    gate = threading.Event()
+    srv = SmtpServer(Script(gate=gate))
+    w = start(tmp_path, srv)
+    try:
+        w.drop_drafts("j.bsmtp", [draft("o@example.com", ["a@example.org"])])
+        during = wait_for(lambda: w.in_state("j.bsmtp", "active"), what="record while active")
+        gate.set()
+        after = wait_for(lambda: w.final("j.bsmtp"))
+    finally:
+        gate.set()
+        w.stop()
+        srv.stop()
+    assert during["location"] == f"active/{during['id']}.bsmtp"
+    assert statuses(during) == {"a@example.org": "queued"}
+    assert after["id"] == during["id"] and statuses(after) == {"a@example.org": "delivered"}
 
 
 def test_sigterm_lets_work_in_flight_finish(tmp_path: Path) -> None:
