@@ -35,6 +35,7 @@ from spoolsmtp.smtpclient import (
 
 Trace = Callable[[str], None]
 DotHook = Callable[[list[Recipient]], Awaitable[None]]
+BODY_WRITE = 64 * 1024
 
 
 class SessionBroken(Exception):
@@ -405,11 +406,22 @@ class Session:
                 raise SessionBroken(events.pop().reply)
 
     async def _body(self, received: bytes, chunks: Iterable[bytes]) -> None:
+        """Send the message: our Received header and the text, in writes of at least
+        ``BODY_WRITE`` bytes (a small message goes in one system call, not two)."""
         self._trace(f"> (message: {received.decode('utf-8', 'replace').splitlines()[0]} ...)")
-        await self._write(self.proto.send_body(received))
-        crashpoint.reach("mid_data")
+        pending = [self.proto.send_body(received)]
+        size = len(pending[0])
         for chunk in chunks:
-            await self._write(self.proto.send_body(chunk))
+            data = self.proto.send_body(chunk)
+            pending.append(data)
+            size += len(data)
+            if size >= BODY_WRITE:
+                await self._write(b"".join(pending))
+                crashpoint.reach("mid_data")
+                pending, size = [], 0
+        if pending:
+            await self._write(b"".join(pending))
+            crashpoint.reach("mid_data")
 
     async def close(self) -> None:
         """QUIT politely, close, and wait until the connection is gone; all of it bounded by

@@ -15,7 +15,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    FileCreatedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 
 from spoolsmtp.spool import takeable
@@ -54,18 +59,27 @@ class IncomingWatcher:
         settle: float,
         found: Callable[[str], None],
         clock: Callable[[], float] = time.time,
+        known: Callable[[str], bool] = lambda name: False,
     ) -> None:
         self.folder = folder
         self.settle = settle
         self.found = found
         self.clock = clock
+        self.known = known
         self._loop: asyncio.AbstractEventLoop | None = None
         self._observer: Observer | None = None  # type: ignore[valid-type]
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         observer = Observer()
-        observer.schedule(_Handler(self), str(self.folder), recursive=False)
+        # only creations and moves: watchdog then asks inotify for nothing else, so a writer's
+        # open, writes and close (and our reads) cost no event at all
+        observer.schedule(
+            _Handler(self),
+            str(self.folder),
+            recursive=False,
+            event_filter=[FileCreatedEvent, FileMovedEvent],
+        )
         observer.daemon = True
         observer.start()
         self._observer = observer
@@ -82,14 +96,15 @@ class IncomingWatcher:
         if loop is None or loop.is_closed():
             return
         full = Path(path)
-        if full.parent != self.folder:
-            return
+        if full.parent != self.folder or not takeable(full.name):
+            return  # decided here, in watchdog's thread: a writer's temp file wakes nobody
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(self.look, full.name, moved)
 
     def look(self, name: str, moved: bool = False) -> None:
-        """Decide about one name: take it now, later (settle), or never."""
-        if not takeable(name):
+        """Decide about one name: take it now, later (settle), or never (or it is ``known``:
+        already on its way, so a rescan during a burst costs no stat per waiting file)."""
+        if not takeable(name) or self.known(name):
             return
         if moved or self.settle <= 0:
             self.found(name)

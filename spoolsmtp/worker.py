@@ -152,7 +152,10 @@ class Worker:
         self._control = ControlServer(self, self.cfg.control_socket)
         await self._control.start()
         self._watcher = IncomingWatcher(
-            self.spool.dirs["incoming"], self.cfg.spool.settle_seconds, self._found
+            self.spool.dirs["incoming"],
+            self.cfg.spool.settle_seconds,
+            self._found,
+            known=self._known,
         )
         self._watcher.start()
         self._watcher.rescan()
@@ -206,8 +209,11 @@ class Worker:
 
     # -- intake ----------------------------------------------------------------------------
 
+    def _known(self, name: str) -> bool:
+        return name in self._queued or name in self._ignored
+
     def _found(self, name: str) -> None:
-        if name not in self._queued and name not in self._ignored:
+        if not self._known(name):
             self._queued.add(name)
             self._names.put_nowait(name)
 
