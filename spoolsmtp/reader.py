@@ -546,9 +546,13 @@ def _mixed(crlf: bool | None) -> Reply:
     return make(500, "5.5.2", f"line ending differs from the file's ({expected}): bare LF or CR")
 
 
+_ESCAPED = re.compile("[\x00-\x08\x0a-\x1f]")
+
+
 def _echo(content: bytes, limit: int) -> str:
+    """A command as the batch response echoes it: control characters but tab as ``\\xNN``."""
     text = content[:limit].decode("utf-8", "backslashreplace")
-    return "".join(ch if ch == "\t" or ord(ch) >= 32 else f"\\x{ord(ch):02x}" for ch in text)
+    return _ESCAPED.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def _split_path(text: str) -> tuple[str, str]:
