@@ -75,6 +75,17 @@ def replay(folder: Path) -> dict[str, Replayed]:
     return dict(out)
 
 
+@dataclass
+class _Lines:
+    """What an active envelope has journaled, to copy forward when a segment is closed."""
+
+    other: list[bytes] = field(default_factory=list)
+    record: bytes | None = None
+
+    def lines(self) -> list[bytes]:
+        return self.other if self.record is None else [*self.other, self.record]
+
+
 class Journal:
     """Appends records and commits them in groups; checkpoints and drops dead segments.
 
@@ -97,6 +108,8 @@ class Journal:
         self._segment = 0
         self._live: dict[int, set[str]] = {}
         self._retired: list[int] = []
+        self._carry: dict[str, _Lines] = {}
+        self._carried = 0
         self._open_segment(self._old[-1] + 1 if self._old else 1)
         batch.log = self
         self.records = 0
@@ -117,13 +130,33 @@ class Journal:
         return self.folder / f"{number:08d}.log"
 
     def _rotate(self) -> None:
-        """Start a new segment (I/O lock held); the old one retires once nothing in it lives."""
-        old = self._segment
-        self._open_segment(old + 1)
+        """Start a new segment (I/O lock held) and copy into it, committed, the records of
+        every envelope still active (their newest result record only): then no older segment
+        is needed for them, and one envelope stuck on a slow server for an hour pins one
+        segment's worth of its own records, not every segment written since it began."""
+        self._open_segment(self._segment + 1)
         with self._lock:
-            if not self._live.get(old):
-                self._live.pop(old, None)
-                self._retired.append(old)
+            carried = {i: c.lines() for i, c in self._carry.items()}
+        data = b"".join(line for lines in carried.values() for line in lines)
+        if data:
+            self._write(data)
+        self._carried = len(data)
+        with self._lock:
+            self._live[self._segment].update(carried)
+            for number in [n for n in self._live if n != self._segment]:
+                self._live[number].difference_update(carried)
+                if not self._live[number]:
+                    del self._live[number]
+                    self._retired.append(number)
+
+    def _write(self, data: bytes) -> None:
+        """Append to the current segment and fdatasync (I/O lock held)."""
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        os.fdatasync(self._fd)
+        self.commits += 1
+        self._size += len(data)
 
     def adopt(self, ids: set[str]) -> None:
         """The segments found at start stay until the envelopes resumed from them finish."""
@@ -143,12 +176,17 @@ class Journal:
         """Buffer a result record (already JSON; embedded as it is, not encoded again)."""
         head = json.dumps({"t": "record", "id": envelope_id}, separators=(",", ":"))[:-1]
         line = b"".join((head.encode(), b',"record":', record_json.rstrip(), b"}\n"))
-        self._add(envelope_id, line)
+        self._add(envelope_id, line, record=True)
 
-    def _add(self, envelope_id: str, line: bytes) -> None:
+    def _add(self, envelope_id: str, line: bytes, record: bool = False) -> None:
         with self._lock:
             self._buffer.append(line)
             self._live.setdefault(self._segment, set()).add(envelope_id)
+            carry = self._carry.setdefault(envelope_id, _Lines())
+            if record:
+                carry.record = line
+            else:
+                carry.other.append(line)
         self.records += 1
 
     async def commit(self) -> None:
@@ -167,19 +205,15 @@ class Journal:
                 self._buffer = []
             if not data:
                 return
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view) :]
-            os.fdatasync(self._fd)
-            self.commits += 1
-            self._size += len(data)
-            if self._size > SEGMENT_BYTES:
+            self._write(data)
+            if self._size - self._carried > SEGMENT_BYTES:
                 self._rotate()
 
     def finished(self, envelope_id: str) -> None:
         """The envelope is out of active/ and its result file is written: its records are
         dead once a checkpoint has synced that file."""
         with self._lock:
+            self._carry.pop(envelope_id, None)
             for number, ids in list(self._live.items()):
                 ids.discard(envelope_id)
                 if not ids and number != self._segment:

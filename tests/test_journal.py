@@ -6,6 +6,8 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
+
 from spoolsmtp import journal
 from spoolsmtp.iobatch import IoBatch
 from spoolsmtp.journal import Journal
@@ -89,3 +91,38 @@ def test_segments_found_at_start_stay_until_the_envelopes_resumed_from_them_fini
 
     asyncio.run(crashed())
     asyncio.run(restarted())
+
+
+def test_a_long_active_envelope_does_not_pin_the_segments_written_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a segment is closed, the records of envelopes still active are copied into the new
+    one: the old segments can go, and a restart still finds everything."""
+    monkeypatch.setattr(journal, "SEGMENT_BYTES", 2000)
+    folder = tmp_path / "journal"
+    spool = [tmp_path]
+    record = json.dumps({"id": "SLOW", "state": "active"}).encode()
+
+    async def main() -> None:
+        j = Journal(folder, IoBatch())
+        j.append({"t": "claim", "id": "SLOW", "name": "slow.bsmtp"})
+        j.append({"t": "dot", "id": "SLOW", "tx": 1, "rcpts": ["a@x.org"]})
+        j.append_record("SLOW", record)
+        await j.commit()
+        (first,) = segments(folder)
+        for i in range(200):  # many quick envelopes while SLOW waits on its server
+            j.append({"t": "claim", "id": f"Q{i}", "name": f"q{i}"})
+            await j.commit()
+            j.finished(f"Q{i}")
+        j.checkpoint(spool)
+        assert not first.exists(), "SLOW's records were copied forward; its segment went"
+        assert len(segments(folder)) <= 2
+        entry = journal.replay(folder)["SLOW"]
+        assert entry.source == "slow.bsmtp" and entry.dots == {(1, "a@x.org")}
+        assert entry.record == json.loads(record)
+        j.finished("SLOW")
+        j.checkpoint(spool)
+        assert journal.replay(folder) == {}
+        j.close()
+
+    asyncio.run(main())
