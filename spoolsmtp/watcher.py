@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -68,6 +69,9 @@ class IncomingWatcher:
         self.known = known
         self._loop: asyncio.AbstractEventLoop | None = None
         self._observer: Observer | None = None  # type: ignore[valid-type]
+        self._lock = threading.Lock()
+        self._pending: list[tuple[str, bool]] = []
+        self._scheduled = False
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -98,8 +102,22 @@ class IncomingWatcher:
         full = Path(path)
         if full.parent != self.folder or not takeable(full.name):
             return  # decided here, in watchdog's thread: a writer's temp file wakes nobody
+        with self._lock:
+            self._pending.append((full.name, moved))
+            if self._scheduled:
+                return  # the loop has yet to run the callback that will take this one too
+            self._scheduled = True
         with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(self.look, full.name, moved)
+            loop.call_soon_threadsafe(self._take_pending)
+
+    def _take_pending(self) -> None:
+        """In the loop: every name watchdog reported since the last call (during a burst one
+        wake-up of the loop serves dozens of files, not one each)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+            self._scheduled = False
+        for name, moved in pending:
+            self.look(name, moved)
 
     def look(self, name: str, moved: bool = False) -> None:
         """Decide about one name: take it now, later (settle), or never (or it is ``known``:
