@@ -343,12 +343,12 @@ class Session:
                     final[i] = self._result(recipients[i], data_event.reply)
                 return [final[i] for i in range(len(recipients))], []
             stage = "during DATA"
-            await self._body(received, envfile.wire_chunks(fh, tx.message))
+            tail = await self._body(received, envfile.wire_chunks(fh, tx.message))
             if before_dot is not None:
                 await before_dot([recipients[i] for i in accepted])
             self._check_open()
             stage = "after the final dot"
-            await self._write(self.proto.send_end_of_data())
+            await self._write(tail + self.proto.send_end_of_data())
             self._trace("> .")
             crashpoint.reach("after_dot")
             end = await self._next()
@@ -405,9 +405,10 @@ class Session:
             if self.proto.closed:
                 raise SessionBroken(events.pop().reply)
 
-    async def _body(self, received: bytes, chunks: Iterable[bytes]) -> None:
-        """Send the message: our Received header and the text, in writes of at least
-        ``BODY_WRITE`` bytes (a small message goes in one system call, not two)."""
+    async def _body(self, received: bytes, chunks: Iterable[bytes]) -> bytes:
+        """Send our Received header and the message text in writes of ``BODY_WRITE`` bytes or
+        more, and return the rest, unsent: it goes out with the final dot. A small message is
+        then one system call, header, text and dot, instead of three."""
         self._trace(f"> (message: {received.decode('utf-8', 'replace').splitlines()[0]} ...)")
         pending = [self.proto.send_body(received)]
         size = len(pending[0])
@@ -417,11 +418,9 @@ class Session:
             size += len(data)
             if size >= BODY_WRITE:
                 await self._write(b"".join(pending))
-                crashpoint.reach("mid_data")
                 pending, size = [], 0
-        if pending:
-            await self._write(b"".join(pending))
-            crashpoint.reach("mid_data")
+        crashpoint.reach("mid_data")
+        return b"".join(pending)
 
     async def close(self) -> None:
         """QUIT politely, close, and wait until the connection is gone; all of it bounded by

@@ -86,6 +86,24 @@ def test_delivers_message_with_one_received_header(tmp_path: Path, server: SmtpS
     assert b"id ENV1.1" in got.content and b"for <alice@example.org>" in got.content
 
 
+def test_a_message_larger_than_one_write_arrives_whole(tmp_path: Path, server: SmtpServer) -> None:
+    """The text goes out in writes of 64 KB and the last piece with the final dot: nothing
+    lost or doubled at the seams, and leading dots (on either side of a seam) stuffed."""
+    lines = [
+        b".%06d dotted line near a seam or not" % i if i % 7 == 0 else b"x" * 70
+        for i in range(6000)
+    ]
+    message = b"Subject: big\r\n\r\n" + b"\r\n".join(lines) + b"\r\n"
+    assert len(message) > 5 * 64 * 1024
+    path = tmp_path / "e.bsmtp"
+    write_envelope(path, [draft("oper@example.com", ["alice@example.org"], message)])
+    results, _, _ = deliver(routed(server), path)
+    assert [r.status for r in results] == [Status.DELIVERED]
+    (got,) = server.messages
+    assert got.content.endswith(message)
+    assert got.content.count(b"Received:") == 1
+
+
 def test_each_recipient_gets_its_own_reply(tmp_path: Path) -> None:
     srv = SmtpServer(
         Script(
