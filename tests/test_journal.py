@@ -17,6 +17,15 @@ def segments(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.log"))
 
 
+async def claimed(folder: Path, *ids: str) -> Journal:
+    """A journal (new, or reopened after a crash) that has committed a claim for each id."""
+    j = Journal(folder, IoBatch())
+    for envelope_id in ids:
+        j.append({"t": "claim", "id": envelope_id, "name": envelope_id.lower()})
+    await j.commit()
+    return j
+
+
 def test_replay_gives_the_newest_record_and_every_final_reply(tmp_path: Path) -> None:
     folder = tmp_path / "journal"
     first = json.dumps({"id": "A", "state": "active", "n": 1}).encode() + b"\n"
@@ -47,10 +56,7 @@ def test_a_checkpoint_deletes_only_segments_whose_envelopes_all_finished(tmp_pat
     spool = [tmp_path]
 
     async def main() -> None:
-        j = Journal(folder, IoBatch())
-        j.append({"t": "claim", "id": "A", "name": "a"})
-        j.append({"t": "claim", "id": "B", "name": "b"})
-        await j.commit()
+        j = await claimed(folder, "A", "B")
         assert j.checkpoint(spool) == 0, "both still active: nothing to delete"
         j.finished("A")
         assert j.checkpoint(spool) == 0, "B is still active"
@@ -73,11 +79,7 @@ def test_segments_found_at_start_stay_until_the_envelopes_resumed_from_them_fini
     spool = [tmp_path]
 
     async def crashed() -> None:
-        j = Journal(folder, IoBatch())
-        j.append({"t": "claim", "id": "A", "name": "a"})
-        j.append({"t": "claim", "id": "Z", "name": "z"})
-        await j.commit()
-        j.close()
+        (await claimed(folder, "A", "Z")).close()
 
     async def restarted() -> None:
         j = Journal(folder, IoBatch())
