@@ -20,7 +20,8 @@ dead once its envelope has left ``active/`` and its result file was written, and
 has synced that file. So one fdatasync of the journal stands in for the fsync of every result
 file and every directory a finished envelope touched, and a restart first restores from the
 journal any result record the file system lost. A new segment is started when the current one
-grows past ``SEGMENT_BYTES``, or at a checkpoint when none of its envelopes is active.
+grows past ``SEGMENT_BYTES``, or at a checkpoint when none of its envelopes is active; the
+records of envelopes still active are copied into the new segment, so no old one waits on them.
 """
 
 from __future__ import annotations
