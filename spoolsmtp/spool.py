@@ -183,6 +183,11 @@ class Spool:
 
         await self.batch.run(op)
 
+    def unsynced(self) -> list[Path]:
+        """The folders ``conclude`` writes without syncing, for the checkpoint to sync (not
+        incoming/, whose writers are the batch jobs, nor folders written file by file)."""
+        return [self.dirs[name] for name in ("active", "deferred", "done", "results")]
+
     async def move_file(self, source: str, name: str, target: str, new_name: str) -> None:
         """Rename one file between (or within) folders, durably."""
         await self._rename(self.dirs[source] / name, self.dirs[target] / new_name)

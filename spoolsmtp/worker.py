@@ -848,8 +848,7 @@ class Worker:
     async def _checkpoint(self) -> None:
         """Sync what finished envelopes wrote, then drop their journal segments."""
         assert self.journal is not None
-        folders = list(self.spool.dirs.values())
-        await asyncio.to_thread(self.journal.checkpoint, folders)
+        await asyncio.to_thread(self.journal.checkpoint, self.spool.unsynced())
 
     # -- operator actions (the control channel) ---------------------------------------------
 
