@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_none
 
-from spoolsmtp import route
+from spoolsmtp import envfile, route
 from spoolsmtp.config import Config, TlsPolicy
 from spoolsmtp.envelope import Recipient, Transaction
 from spoolsmtp.mx import Hop, MxResolver
@@ -60,6 +60,7 @@ class Deliverer:
         self.resolver = resolver
         self.trace = trace
         self.stats = SessionStats()
+        self.router = route.Router(cfg)
         self._overall = asyncio.Semaphore(cfg.delivery.max_connections)
         self._per_destination: dict[str, asyncio.Semaphore] = {}
         self._idle: dict[_PoolKey, list[Session]] = {}
@@ -72,20 +73,26 @@ class Deliverer:
         now: datetime,
         recipients: list[Recipient] | None = None,
         before_dot: DotHook | None = None,
+        data: bytes | None = None,
     ) -> list[RecipientResult]:
-        """One attempt for ``recipients`` (default: all of the transaction's); a result each."""
+        """One attempt for ``recipients`` (default: all of the transaction's); a result each.
+
+        ``data``, when given, is the whole envelope file already read: the message is sent
+        from it instead of from ``path``."""
         rcpts = list(tx.recipients if recipients is None else recipients)
         if tx.message.received + 1 > self.cfg.limits.max_hops:
             loop = make(554, "5.4.6", f"mail loop: more than {self.cfg.limits.max_hops} hops")
             return [result(r, loop) for r in rcpts]
-        groups = route.group(rcpts, self.cfg)
+        groups = self.router.group(rcpts)
         if len(groups) == 1:
             ((dest, group),) = groups.items()
-            outcomes = [await self.deliver_to(dest, group, path, tx, envelope_id, now, before_dot)]
+            outcomes = [
+                await self.deliver_to(dest, group, path, tx, envelope_id, now, before_dot, data)
+            ]
         else:
             outcomes = await asyncio.gather(
                 *(
-                    self.deliver_to(dest, group, path, tx, envelope_id, now, before_dot)
+                    self.deliver_to(dest, group, path, tx, envelope_id, now, before_dot, data)
                     for dest, group in groups.items()
                 )
             )
@@ -101,6 +108,7 @@ class Deliverer:
         envelope_id: str,
         now: datetime,
         before_dot: DotHook | None = None,
+        data: bytes | None = None,
     ) -> list[RecipientResult]:
         """One attempt for recipients that share a destination."""
         limit = self._per_destination.setdefault(
@@ -116,7 +124,7 @@ class Deliverer:
             latest: dict[Recipient, RecipientResult] = {}
             pending = list(rcpts)
             last = make(451, "4.4.0", "no host tried")
-            with open(path, "rb") as fh:
+            with envfile.open_text(path, data) as fh:
                 if len(hops) == 1:
                     pending = await self._try_hop(
                         hops[0], dest.tls, tx, pending, fh, received, done, latest, before_dot

@@ -54,9 +54,13 @@ def read_stream(
     return reader.finish()
 
 
-def read_bytes(data: bytes, source: str, limits: Limits, hostname: str) -> Envelope:
-    """Read an envelope held in memory (tests, small reports)."""
-    return read_stream(io.BytesIO(data), source, limits, hostname)
+def read_bytes(
+    data: bytes, source: str, limits: Limits, hostname: str, max_file_bytes: int | None = None
+) -> Envelope:
+    """Read an envelope held in memory (a small file read whole, tests, reports)."""
+    reader = Reader(source, limits, hostname, max_file_bytes)
+    reader.feed(data)
+    return reader.finish()
 
 
 def _blocks(fh: BinaryIO, message: Message, chunk: int) -> Iterator[bytes]:
@@ -101,6 +105,13 @@ def wire_chunks(fh: BinaryIO, message: Message, chunk: int = CHUNK) -> Iterator[
     for block in text_chunks(fh, message, chunk):
         stuffed = block.replace(b"\n.", b"\n..")
         yield b"." + stuffed if stuffed.startswith(b".") else stuffed
+
+
+def open_text(path: Path, data: bytes | None) -> BinaryIO:
+    """A stream over an envelope file for ``text_chunks``/``wire_chunks``: its bytes when they
+    are already in memory (no second open), else the file. One stream per reader: the chunk
+    functions seek."""
+    return io.BytesIO(data) if data is not None else open(path, "rb")
 
 
 def message_bytes(path: Path, message: Message) -> bytes:

@@ -65,9 +65,28 @@ def destination_for(domain: str, cfg: Config) -> Destination:
     return Destination(domain, domain, None, default_tls)
 
 
-def group(recipients: Iterable[Recipient], cfg: Config) -> dict[Destination, list[Recipient]]:
-    """Recipients grouped by destination, in first-seen order."""
-    out: dict[Destination, list[Recipient]] = {}
-    for rcpt in recipients:
-        out.setdefault(destination_for(rcpt.domain, cfg), []).append(rcpt)
-    return out
+class Router:
+    """``destination_for`` remembered per domain: the worker asks for the same few domains
+    many times per envelope, and its config does not change while it runs."""
+
+    REMEMBER = 10_000
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self._known: dict[str, Destination] = {}
+
+    def destination(self, domain: str) -> Destination:
+        dest = self._known.get(domain)
+        if dest is None:
+            dest = destination_for(domain, self.cfg)
+            if len(self._known) >= self.REMEMBER:
+                self._known.clear()
+            self._known[domain] = dest
+        return dest
+
+    def group(self, recipients: Iterable[Recipient]) -> dict[Destination, list[Recipient]]:
+        """Recipients grouped by destination, in first-seen order."""
+        out: dict[Destination, list[Recipient]] = {}
+        for rcpt in recipients:
+            out.setdefault(self.destination(rcpt.domain), []).append(rcpt)
+        return out

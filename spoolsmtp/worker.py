@@ -52,7 +52,7 @@ from spoolsmtp.record import (
     reply_from,
 )
 from spoolsmtp.reply import make
-from spoolsmtp.route import destination_for
+from spoolsmtp.route import Destination
 from spoolsmtp.spool import ORIGINAL, SUFFIX, NotRegular, Spool
 from spoolsmtp.stats import Stats
 from spoolsmtp.tracer import Kind as TraceKind
@@ -271,13 +271,14 @@ class Worker:
         try:
             if self._legacy and not await self._convert(envelope_id, name):
                 return
-            env = await self._read(envelope_id, name)
-            if env is None:
+            loaded = await self._read(envelope_id, name)
+            if loaded is None:
                 return
+            env, data = loaded
             record = self._new_record(envelope_id, name, env)
             await self._batch_outputs(envelope_id, env, record, Replayed())
             self._announce(record)
-            await self._attempt(envelope_id, env, record)
+            await self._attempt(envelope_id, env, record, data)
         finally:
             self._active.pop(envelope_id, None)
 
@@ -294,17 +295,22 @@ class Worker:
             return False
         return True
 
-    async def _read(self, envelope_id: str, source: str) -> Envelope | None:
-        """Read an envelope in active/; a file that is not one goes to rejected/."""
+    async def _read(self, envelope_id: str, source: str) -> tuple[Envelope, bytes | None] | None:
+        """Read an envelope in active/; a file that is not one goes to rejected/.
+
+        A small file is read whole, on the loop, and its bytes are kept for delivery (one
+        open, one read); a large one is streamed in a thread, and delivery reads the file."""
+        limits, hostname = self.cfg.limits, self.cfg.helo_name
+        max_bytes = self.cfg.spool.max_file_bytes
         try:
             with self.spool.open_envelope("active", envelope_id) as fh:
-                size = os.fstat(fh.fileno()).st_size
-                args = (fh, source, self.cfg.limits, self.cfg.helo_name)
-                if size <= INLINE_READ_BYTES:
-                    return envfile.read_stream(*args, self.cfg.spool.max_file_bytes)
-                return await asyncio.to_thread(
-                    envfile.read_stream, *args, self.cfg.spool.max_file_bytes
+                if os.fstat(fh.fileno()).st_size <= INLINE_READ_BYTES:
+                    data = fh.read()
+                    return envfile.read_bytes(data, source, limits, hostname, max_bytes), data
+                env = await asyncio.to_thread(
+                    envfile.read_stream, fh, source, limits, hostname, max_bytes
                 )
+                return env, None
         except (EnvelopeFault, NotRegular, OSError) as exc:
             reason = str(exc) if isinstance(exc, EnvelopeFault) else f"{source}: not a regular file"
             await self._reject(envelope_id, source, reason)
@@ -366,7 +372,7 @@ class Worker:
 
     async def _open(
         self, envelope_id: str, fallback_source: str, journaled: Record | None = None
-    ) -> tuple[Envelope, Record] | None:
+    ) -> tuple[Envelope, Record, bytes | None] | None:
         """Read an envelope in active/ with its record (the journal's newest, else the file,
         else rebuilt from the envelope); None if rejected.
 
@@ -376,13 +382,14 @@ class Worker:
         record = journaled or self._load_record(envelope_id)
         source = record.source if record else fallback_source
         self._active[envelope_id] = source
-        env = await self._read(envelope_id, source)
-        if env is None:
+        loaded = await self._read(envelope_id, source)
+        if loaded is None:
             return None
+        env, data = loaded
         record = record or self._new_record(envelope_id, source, env)
         record.state = State.ACTIVE
         record.location = f"active/{envelope_id}{SUFFIX}"
-        return env, record
+        return env, record, data
 
     async def _resume(self, envelope_id: str, replayed: Replayed) -> None:
         try:
@@ -392,7 +399,7 @@ class Worker:
             )
             if opened is None:
                 return
-            env, record = opened
+            env, record, data = opened
             source = record.source
             record.crashes += 1
             if record.crashes >= QUARANTINE_AFTER:
@@ -408,7 +415,7 @@ class Worker:
             self._apply_journal(record, replayed)
             await self._write_record(record)
             await self._batch_outputs(envelope_id, env, record, replayed)
-            await self._attempt(envelope_id, env, record)
+            await self._attempt(envelope_id, env, record, data)
         finally:
             self._active.pop(envelope_id, None)
 
@@ -519,9 +526,9 @@ class Worker:
             opened = await self._open(envelope_id, f"{envelope_id}{SUFFIX}")
             if opened is None:
                 return
-            env, record = opened
+            env, record, data = opened
             self._announce(record)
-            await self._attempt(envelope_id, env, record)
+            await self._attempt(envelope_id, env, record, data)
         finally:
             self._active.pop(envelope_id, None)
 
@@ -531,7 +538,7 @@ class Worker:
         destinations: dict[str, int] = {}
         for _, rec in record.recipients():
             if not rec.final:
-                key = destination_for(rec.address.rpartition("@")[2], self.cfg).key
+                key = self._destination(rec.address.rpartition("@")[2]).key
                 destinations[key] = destinations.get(key, 0) + 1
         self.index[record.id] = Summary(
             record.id,
@@ -542,7 +549,9 @@ class Worker:
             destinations,
         )
 
-    async def _attempt(self, envelope_id: str, env: Envelope, record: Record) -> None:
+    async def _attempt(
+        self, envelope_id: str, env: Envelope, record: Record, data: bytes | None
+    ) -> None:
         assert self.journal is not None
         self._summarise(record, State.ACTIVE)
         now = utcnow()
@@ -568,7 +577,7 @@ class Worker:
                     )
 
                 results = await self.deliverer.deliver(
-                    path, tx, envelope_id, now, alive, before_dot=journal_dot
+                    path, tx, envelope_id, now, alive, before_dot=journal_dot, data=data
                 )
             results += dead
             for res in results:
@@ -593,12 +602,15 @@ class Worker:
         await self._reports(envelope_id, env, record, received, now)
         await self._finish(envelope_id, record, received, now, last_delivery)
 
+    def _destination(self, domain: str) -> Destination:
+        return self.deliverer.router.destination(domain)
+
     def _split_dead(self, todo: list[Recipient]) -> tuple[list[Recipient], list[RecipientResult]]:
         now = time.time()
         alive: list[Recipient] = []
         dead: list[RecipientResult] = []
         for r in todo:
-            dest = destination_for(r.domain, self.cfg)
+            dest = self._destination(r.domain)
             until = self._dead.get(dest.key, 0.0)
             if until > now:
                 reply = make(451, "4.4.1", f"destination {dest.key} not answering; not tried")
@@ -613,7 +625,7 @@ class Worker:
             return
         by_dest: dict[str, list[RecipientResult]] = {}
         for res in results:
-            key = destination_for(res.recipient.domain, self.cfg).key
+            key = self._destination(res.recipient.domain).key
             by_dest.setdefault(key, []).append(res)
         for key, group in by_dest.items():
             unreachable = all(
@@ -915,17 +927,17 @@ class Worker:
             self.schedule(summary.id, now)
             count += 1
         if destination is not None:
-            self._dead.pop(destination_for(destination, self.cfg).key, None)
+            self._dead.pop(self._destination(destination).key, None)
         elif envelope_id is None:
             self._dead.clear()
         return count
 
     def _matches(self, summary: Summary, destination: str) -> bool:
-        return destination_for(destination, self.cfg).key in summary.destinations
+        return self._destination(destination).key in summary.destinations
 
     def expire(self, domain: str) -> bool:
         """Forget cached DNS answers (and the dead-destination mark) for a domain."""
-        self._dead.pop(destination_for(domain, self.cfg).key, None)
+        self._dead.pop(self._destination(domain).key, None)
         return self.resolver.expire(domain)
 
     def suspend(self) -> None:

@@ -6,6 +6,7 @@ import email
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -297,6 +298,36 @@ def test_a_thousand_files_dropped_at_once(tmp_path: Path, server: SmtpServer) ->
     assert got == sorted(f"r{i}@example.org" for i in range(1000))
     assert w.files("incoming") == [] and w.files("active") == [] and w.files("deferred") == []
     assert all(r["state"] == "done" for r in w.records())
+
+
+def test_small_and_large_files_reach_every_destination_whole(tmp_path: Path) -> None:
+    """A small file is read once and sent from memory, to several destinations at once; a
+    file too large for that is streamed from disk. Either way each server gets the text whole,
+    dot-stuffing undone by it exactly as we applied it."""
+    one, two = SmtpServer(), SmtpServer()
+    w = start(
+        tmp_path,
+        one,
+        routes={"one.example": f"127.0.0.1:{one.port}", "two.example": f"127.0.0.1:{two.port}"},
+        smarthost=None,
+    )
+    small = b"Subject: small\r\n\r\n.dot first\r\nbody\r\n"
+    lines = [b".%06d dotted" % i if i % 5 == 0 else b"y" * 76 for i in range(5000)]
+    large = b"Subject: large\r\n\r\n" + b"\r\n".join(lines) + b"\r\n"
+    assert len(large) > 300 * 1024
+    try:
+        for name, message in (("small.bsmtp", small), ("large.bsmtp", large)):
+            rcpts = ["a@one.example", "b@two.example"]
+            w.drop_drafts(name, [draft("o@example.com", rcpts, message)])
+            rec = wait_for(partial(w.final, name), what=name)
+            assert set(statuses(rec).values()) == {"delivered"}
+    finally:
+        w.stop()
+        one.stop()
+        two.stop()
+    for srv in (one, two):
+        assert [m.content.endswith(small) for m in srv.messages] == [True, False]
+        assert [m.content.endswith(large) for m in srv.messages] == [False, True]
 
 
 def test_a_slow_destination_does_not_delay_a_fast_one(tmp_path: Path) -> None:
