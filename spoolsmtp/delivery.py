@@ -21,7 +21,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from spoolsmtp import envfile, route
 from spoolsmtp.config import Config, TlsPolicy
 from spoolsmtp.envelope import Recipient, Transaction
-from spoolsmtp.mx import Hop, MxResolver
+from spoolsmtp.mx import Hop, MxResolver, always
 from spoolsmtp.outcome import RecipientResult, Status, result
 from spoolsmtp.reply import Reply, make
 from spoolsmtp.session import DotHook, Session, SessionStats, StaleSession, fold_received
@@ -55,10 +55,17 @@ def received_header(
 class Deliverer:
     """Sends transactions to their destinations; one per worker, shared by all envelopes."""
 
-    def __init__(self, cfg: Config, resolver: MxResolver, trace: Trace | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        resolver: MxResolver,
+        trace: Trace | None = None,
+        tracing: Callable[[], bool] = always,
+    ) -> None:
         self.cfg = cfg
         self.resolver = resolver
         self.trace = trace
+        self.tracing = tracing
         self.stats = SessionStats()
         self.router = route.Router(cfg)
         self._overall = asyncio.Semaphore(cfg.delivery.max_connections)
@@ -225,6 +232,7 @@ class Deliverer:
             self.cfg.helo_name,
             tls,
             trace=self._trace_session,
+            tracing=self.tracing,
             stats=self.stats,
             ca_file=str(self.cfg.delivery.tls_ca_file) if self.cfg.delivery.tls_ca_file else None,
         )

@@ -33,6 +33,11 @@ NEGATIVE_TTL = 60.0
 Trace = Callable[[str], None]
 
 
+def always() -> bool:
+    """The default ``tracing`` predicate: whoever passed a trace function wants every line."""
+    return True
+
+
 @dataclass(frozen=True)
 class Hop:
     """One address to try: the MX (or route) host name, its address, and the port."""
@@ -70,6 +75,8 @@ class MxResolver:
     max_addresses: int = 5
     port: int = 25
     trace: Trace | None = None
+    # asked before a line is built: a worker with tracing off formats nothing
+    tracing: Callable[[], bool] = always
     clock: Callable[[], float] = time.monotonic
     stats: DnsStats = field(default_factory=DnsStats)
     _cache: dict[str, tuple[float, Resolution]] = field(default_factory=dict)
@@ -102,7 +109,8 @@ class MxResolver:
         hit = self._cache.get(key)
         if hit is not None and hit[0] > now:
             self.stats.cache_hits += 1
-            self._trace(f"{key}: cached, {_describe(hit[1])}")
+            if self._traced():
+                self._trace(f"{key}: cached, {_describe(hit[1])}")
             return hit[1]
         if dest.route is not None:
             result = await self._route_hops(dest.route.host, dest.route.port)
@@ -212,8 +220,11 @@ class MxResolver:
                 return answer
         raise AssertionError("unreachable")
 
+    def _traced(self) -> bool:
+        return self.trace is not None and self.tracing()
+
     def _trace(self, text: str) -> None:
-        if self.trace is not None:
+        if self.trace is not None and self.tracing():
             self.trace(f"resolver: {text}")
 
 

@@ -20,7 +20,7 @@ from typing import BinaryIO
 from spoolsmtp import crashpoint, envfile
 from spoolsmtp.config import DeliveryConfig, Timeouts, TlsPolicy
 from spoolsmtp.envelope import BodyType, Recipient, Transaction
-from spoolsmtp.mx import Hop
+from spoolsmtp.mx import Hop, always
 from spoolsmtp.outcome import RecipientResult, connection_lost, result, timed_out
 from spoolsmtp.reply import Reply, make
 from spoolsmtp.smtpclient import (
@@ -143,6 +143,7 @@ class Session:
     helo_name: str
     tls: TlsPolicy
     trace: Trace | None = None
+    tracing: Callable[[], bool] = always
     stats: SessionStats = field(default_factory=SessionStats)
     ca_file: str | None = None
     proto: ClientProtocol = field(default_factory=ClientProtocol)
@@ -397,8 +398,9 @@ class Session:
     async def _flight(self, commands: list[Command], events: list[Event]) -> None:
         """Send commands in one write (PIPELINING) and collect their replies in order."""
         data = b"".join(self.proto.send(c) for c in commands)
-        for c in commands:
-            self._trace(f"> {c.text}")
+        if self._traced():
+            for c in commands:
+                self._trace(f"> {c.text}")
         await self._write(data)
         for _ in commands:
             events.append(await self._next())
@@ -409,7 +411,8 @@ class Session:
         """Send our Received header and the message text in writes of ``BODY_WRITE`` bytes or
         more, and return the rest, unsent: it goes out with the final dot. A small message is
         then one system call, header, text and dot, instead of three."""
-        self._trace(f"> (message: {received.decode('utf-8', 'replace').splitlines()[0]} ...)")
+        if self._traced():
+            self._trace(f"> (message: {received.decode('utf-8', 'replace').splitlines()[0]} ...)")
         pending = [self.proto.send_body(received)]
         size = len(pending[0])
         for chunk in chunks:
@@ -450,7 +453,8 @@ class Session:
 
     async def _command(self, command: Command) -> Event:
         data = self.proto.send(command)
-        self._trace(f"> {command.text}")
+        if self._traced():
+            self._trace(f"> {command.text}")
         await self._write(data)
         event = await self._next()
         if self.proto.closed and command.verb is not Verb.QUIT:
@@ -495,8 +499,9 @@ class Session:
                 self._trace(f"protocol error: {exc}")
                 raise SessionBroken(make(451, "4.5.0", f"bad reply from server: {exc}")) from exc
             if event is not NEED_DATA:
-                for line in event.reply.render():
-                    self._trace(f"< {line}")
+                if self._traced():
+                    for line in event.reply.render():
+                        self._trace(f"< {line}")
                 return event
             if wire.closed and not wire.buffer:
                 raise SessionBroken(connection_lost(""))
@@ -513,8 +518,11 @@ class Session:
     def _where(self) -> str:
         return f"{self.hop.host}[{self.hop.address}]:{self.hop.port}"
 
+    def _traced(self) -> bool:
+        return self.trace is not None and self.tracing()
+
     def _trace(self, text: str) -> None:
-        if self.trace is not None:
+        if self.trace is not None and self.tracing():
             self.trace(f"session {self.hop.host}[{self.hop.address}]: {text}")
 
 

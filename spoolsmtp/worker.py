@@ -94,9 +94,18 @@ class Worker:
         self.index: dict[str, Summary] = {}
         self._hold_after: set[str] = set()
         self.resolver = MxResolver(
-            cfg.dns, cfg.delivery.max_addresses, cfg.delivery.port, trace=self._resolver_trace
+            cfg.dns,
+            cfg.delivery.max_addresses,
+            cfg.delivery.port,
+            trace=self._resolver_trace,
+            tracing=lambda: self.tracer.on(TraceKind.RESOLVER),
         )
-        self.deliverer = Deliverer(cfg, self.resolver, trace=self._session_trace)
+        self.deliverer = Deliverer(
+            cfg,
+            self.resolver,
+            trace=self._session_trace,
+            tracing=lambda: self.tracer.on(TraceKind.SESSION),
+        )
         self.journal: Journal | None = None
         self.suspended = False
         self._resumed = asyncio.Event()
