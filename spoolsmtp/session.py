@@ -108,20 +108,25 @@ class _Wire(asyncio.Protocol):
         await self._writable.wait()
 
 
+# which of ``Timeouts`` bounds the wait for the reply to each command
+_TIMEOUT_FIELD = {
+    Verb.GREETING: "greeting",
+    Verb.EHLO: "ehlo",
+    Verb.HELO: "ehlo",
+    Verb.STARTTLS: "starttls",
+    Verb.MAIL: "mail",
+    Verb.RCPT: "rcpt",
+    Verb.DATA: "data",
+    Verb.END_OF_DATA: "data_end",
+    Verb.RSET: "mail",
+    Verb.NOOP: "mail",
+    Verb.QUIT: "quit",
+}
+
+
 def _timeout_for(verb: Verb, t: Timeouts) -> float:
-    return {
-        Verb.GREETING: t.greeting,
-        Verb.EHLO: t.ehlo,
-        Verb.HELO: t.ehlo,
-        Verb.STARTTLS: t.starttls,
-        Verb.MAIL: t.mail,
-        Verb.RCPT: t.rcpt,
-        Verb.DATA: t.data,
-        Verb.END_OF_DATA: t.data_end,
-        Verb.RSET: t.mail,
-        Verb.NOOP: t.mail,
-        Verb.QUIT: t.quit,
-    }[verb]
+    value: float = getattr(t, _TIMEOUT_FIELD[verb])
+    return value
 
 
 @dataclass
