@@ -171,11 +171,11 @@ class Journal:
 
     def append(self, record: dict[str, Any]) -> None:
         """Buffer a record; the next I/O batch commits it before running its operations."""
-        self._add(record["id"], json.dumps(record, separators=(",", ":")).encode() + b"\n")
+        self._add(record["id"], _COMPACT(record).encode() + b"\n")
 
     def append_record(self, envelope_id: str, record_json: bytes) -> None:
         """Buffer a result record (already JSON; embedded as it is, not encoded again)."""
-        head = json.dumps({"t": "record", "id": envelope_id}, separators=(",", ":"))[:-1]
+        head = _COMPACT({"t": "record", "id": envelope_id})[:-1]
         line = b"".join((head.encode(), b',"record":', record_json.rstrip(), b"}\n"))
         self._add(envelope_id, line, record=True)
 
@@ -251,3 +251,7 @@ class Journal:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+
+
+# one encoder for every line (json.dumps with options would build one per call)
+_COMPACT = json.JSONEncoder(separators=(",", ":")).encode

@@ -106,7 +106,7 @@ class Record:
         raise KeyError((tx, address))
 
     def to_json(self) -> bytes:
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data = {name: getattr(self, name) for name in _RECORD_FIELDS}
         data["state"] = self.state.value
         data["transactions"] = [
             {
@@ -118,7 +118,7 @@ class Record:
             }
             for t in self.transactions
         ]
-        return json.dumps(data, ensure_ascii=False).encode("utf-8") + b"\n"
+        return _ENCODE(data).encode("utf-8") + b"\n"
 
     @classmethod
     def from_json(cls, raw: bytes) -> Record:
@@ -133,3 +133,9 @@ class Record:
             for t in data["transactions"]
         ]
         return cls(**data)
+
+
+# built once: json.dumps with any option builds a new encoder per call, and fields() walks the
+# class each time; a record is encoded once or twice per envelope
+_ENCODE = json.JSONEncoder(ensure_ascii=False).encode
+_RECORD_FIELDS = tuple(f.name for f in fields(Record))
