@@ -125,7 +125,8 @@ class Worker:
         self._active: dict[str, str] = {}
         self._watcher: IncomingWatcher | None = None
         self._random = random.Random()
-        self._announcing: dict[str, asyncio.TimerHandle] = {}
+        self._announcing: dict[str, tuple[float, Record]] = {}
+        self._announce_timer: asyncio.TimerHandle | None = None
 
     # -- running ---------------------------------------------------------------------------
 
@@ -275,7 +276,8 @@ class Worker:
             return
         self.stats.files_taken += 1
         self._active[envelope_id] = name
-        self._spool_trace(f"{name}: claimed as {envelope_id}")
+        if self.tracer.on(TraceKind.SPOOL):
+            self._spool_trace(f"{name}: claimed as {envelope_id}")
         crashpoint.reach("after_claim")
         try:
             if self._legacy and not await self._convert(envelope_id, name):
@@ -802,9 +804,10 @@ class Worker:
             self._summarise(record, record.state, None if held else due)
             if not held:
                 self.schedule(envelope_id, due)
-            self._spool_trace(
-                f"{envelope_id}: deferred until {iso(datetime.fromtimestamp(due, UTC))}"
-            )
+            if self.tracer.on(TraceKind.SPOOL):
+                self._spool_trace(
+                    f"{envelope_id}: deferred until {iso(datetime.fromtimestamp(due, UTC))}"
+                )
         else:
             record.state = State.DONE
             record.location = f"done/{envelope_id}{SUFFIX}"
@@ -836,20 +839,36 @@ class Worker:
         """The record that says an envelope is being delivered, written once it has been
         active for ``ANNOUNCE_AFTER`` (most are finished sooner, and their first record is the
         final one: writing one that is replaced a few milliseconds later costs a file created
-        and a file freed per envelope, which is what slows a busy spool down the most)."""
+        and a file freed per envelope, which is what slows a busy spool down the most).
+
+        Pending announcements wait in taking order (so the oldest is first) under one timer
+        set for the oldest, not a timer each."""
         loop = asyncio.get_running_loop()
-        self._announcing[record.id] = loop.call_later(ANNOUNCE_AFTER, self._write_quick, record)
+        self._announcing[record.id] = (loop.time() + ANNOUNCE_AFTER, record)
+        if self._announce_timer is None:
+            self._announce_timer = loop.call_later(ANNOUNCE_AFTER, self._announce_due)
+
+    def _announce_due(self) -> None:
+        """Write the records of envelopes active for ``ANNOUNCE_AFTER`` by now; wait for the
+        next."""
+        self._announce_timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._announcing:
+            envelope_id, (due, record) = next(iter(self._announcing.items()))
+            if due > now:
+                self._announce_timer = loop.call_at(due, self._announce_due)
+                return
+            del self._announcing[envelope_id]
+            self._write_quick(record)
 
     def _announced(self, envelope_id: str) -> None:
         """A newer record is about to be written: the pending announcement is void."""
-        handle = self._announcing.pop(envelope_id, None)
-        if handle is not None:
-            handle.cancel()
+        self._announcing.pop(envelope_id, None)
 
     def _write_quick(self, record: Record) -> None:
         """Atomic, not journaled (the envelope rebuilds it); at once, in the loop's thread: a
         write queued to the I/O lanes could land after the final record."""
-        self._announcing.pop(record.id, None)
         if record.state is State.ACTIVE:
             self.spool.write_quick("results", f"{record.id}.json", record.to_json())
 
