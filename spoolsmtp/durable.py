@@ -21,7 +21,7 @@ except (AttributeError, OSError):  # not Linux: sync(2) does the same for every 
     _syncfs = None
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -26,7 +26,7 @@ class Log(Protocol):
     def sync(self) -> None: ...
 
 
-Op = Callable[[], Iterable[Path]]
+Op = Callable[[], Iterable[str | Path]]
 
 
 def nothing() -> tuple[()]:
@@ -89,7 +89,7 @@ class IoBatch:
             except OSError as exc:
                 return [exc for _ in ops]
         errors: list[BaseException | None] = []
-        targets: dict[Path, list[int]] = {}
+        targets: dict[str | Path, list[int]] = {}
         for index, op in enumerate(ops):
             try:
                 for target in op():
