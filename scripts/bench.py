@@ -10,6 +10,7 @@ The worker runs as its own process (`spoolsmtp run`) with fsync on, against the 
 * ``backlog``: N envelopes already in incoming/ when the worker starts (time to first delivery).
 
     .venv/bin/python scripts/bench.py [--burst 10000] [--backlog 100000] [--idle 200]
+                                      [--event-loop auto|asyncio|uvloop]
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def count(folder: Path) -> int:
 
 
 class Run:
-    def __init__(self, tmp: Path, port: int) -> None:
+    def __init__(self, tmp: Path, port: int, event_loop: str) -> None:
         self.spool = tmp / "spool"
         self.incoming = self.spool / "incoming"
         self.incoming.mkdir(parents=True)
@@ -52,6 +53,7 @@ class Run:
             "hostname": "bench.example",
             "smarthost": f"127.0.0.1:{port}",
             "log_level": "warning",
+            "event_loop": event_loop,
             "spool": {"path": str(self.spool)},
         }
         self.config = tmp / "conf.yaml"
@@ -113,6 +115,7 @@ def main() -> None:
     parser.add_argument("--idle", type=int, default=200)
     parser.add_argument("--burst", type=int, default=10_000)
     parser.add_argument("--backlog", type=int, default=100_000)
+    parser.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto")
     args = parser.parse_args()
     sink = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "sink.py")],
@@ -129,7 +132,7 @@ def main() -> None:
     outer = tempfile.TemporaryDirectory(dir=ROOT, prefix=".bench-")
     try:
         if args.idle:
-            run = Run(Path(outer.name) / "idle", port)
+            run = Run(Path(outer.name) / "idle", port, args.event_loop)
             run.start()
             time.sleep(1.0)  # let it start before the first drop: we measure idle latency
             for i in range(args.idle):
@@ -139,7 +142,7 @@ def main() -> None:
             lat = run.latencies()
             rows.append(("idle, one at a time", args.idle, None, lat, cpu, rss, None))
         if args.burst:
-            run = Run(Path(outer.name) / "burst", port)
+            run = Run(Path(outer.name) / "burst", port, args.event_loop)
             run.start()
             time.sleep(1.0)
             start = time.time()
@@ -159,7 +162,7 @@ def main() -> None:
                 )
             )
         if args.backlog:
-            run = Run(Path(outer.name) / "backlog", port)
+            run = Run(Path(outer.name) / "backlog", port, args.event_loop)
             for i in range(args.backlog):
                 run.drop(i)
             run.start()
@@ -174,6 +177,7 @@ def main() -> None:
         sink.stdin.close()
         sink.wait(10)
         outer.cleanup()
+    print(f"event loop: {args.event_loop} (auto: uvloop where installed)")
     heads = ("N", "env/s", "p50 ms", "p99 ms", "CPU s/1000", "peak RSS MB", "first s")
     print(f"{'case':22} " + " ".join(f"{h:>{max(7, len(h))}}" for h in heads))
     for label, n, rate, latencies, cpu, rss, first_s in rows:

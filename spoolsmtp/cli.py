@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from spoolsmtp import config as configmod
-from spoolsmtp import ctl, deliver_cmd, envfile, exitcodes, response, submit
+from spoolsmtp import ctl, deliver_cmd, envfile, eventloop, exitcodes, response, submit
 from spoolsmtp.errors import ConfigError, EnvelopeFault
 from spoolsmtp.units import parse_duration
 from spoolsmtp.worker import Worker
@@ -95,16 +95,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(cfg: configmod.Config, args: argparse.Namespace) -> int:
-    if args.check_config:
-        print(f"{cfg.source}: configuration OK")
-        return exitcodes.OK
-    logging.basicConfig(
-        level=cfg.log_level.value.upper(),
-        format="%(asctime)s spoolsmtp[%(process)d] %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
     try:
-        return asyncio.run(Worker(cfg).run())
+        _, loop_factory = eventloop.factory(cfg)
+        if args.check_config:
+            print(f"{cfg.source}: configuration OK")
+            return exitcodes.OK
+        logging.basicConfig(
+            level=cfg.log_level.value.upper(),
+            format="%(asctime)s spoolsmtp[%(process)d] %(levelname)s %(message)s",
+            stream=sys.stderr,
+        )
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(Worker(cfg).run())
     except ConfigError as exc:
         print(f"spoolsmtp: config error: {exc}", file=sys.stderr)
         return exitcodes.CONFIG

@@ -51,6 +51,14 @@ class TlsPolicy(Enum):
     VERIFY = "verify"
 
 
+class EventLoop(Enum):
+    """Which asyncio event loop runs the worker (``auto``: uvloop where it is installed)."""
+
+    AUTO = "auto"
+    ASYNCIO = "asyncio"
+    UVLOOP = "uvloop"
+
+
 class LogLevel(Enum):
     """How much the worker logs."""
 
@@ -214,6 +222,7 @@ class Config:
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     shutdown_timeout: float = _duration(30.0)
     log_level: LogLevel = LogLevel.INFO
+    event_loop: EventLoop = EventLoop.AUTO
     source: str = field(default="(defaults)", metadata={"internal": True})
 
     @property

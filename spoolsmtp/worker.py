@@ -29,7 +29,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from spoolsmtp import crashpoint, durable, envfile, journal, legacy, response, retry, writer
+from spoolsmtp import (
+    crashpoint,
+    durable,
+    envfile,
+    eventloop,
+    journal,
+    legacy,
+    response,
+    retry,
+    writer,
+)
 from spoolsmtp.config import Config
 from spoolsmtp.config import load as config_load
 from spoolsmtp.control import ControlServer
@@ -150,10 +160,12 @@ class Worker:
         self.journal = Journal(self.spool.dirs["journal"], self.spool.batch)
         self.journal.adopt(set(active))
         log.info(
-            "starting: %d to resume, %d result records restored from the journal, spool %s",
+            "starting: %d to resume, %d result records restored from the journal, spool %s,"
+            " event loop %s",
             len(active),
             restored,
             self.cfg.spool.path,
+            eventloop.name_of(loop),
         )
         for envelope_id in active:
             await self._slots.acquire()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
-from spoolsmtp import cli, config
+from spoolsmtp import cli, config, eventloop
 from spoolsmtp.config import TlsPolicy
 from spoolsmtp.errors import ConfigError
 from spoolsmtp.units import format_duration, parse_duration, parse_size
@@ -61,6 +62,7 @@ def test_a_typo_is_caught_with_a_suggestion() -> None:
         ("routes:\n  example.org: {hots: x}\n", "routes.example.org.hots", "unknown key"),
         ("dns:\n  nameservers: 127.0.0.1\n", "dns.nameservers", "list"),
         ("delivery:\n  reuse_connections: yes please\n", "delivery.reuse_connections", "true"),
+        ("event_loop: tokio\n", "event_loop", "uvloop"),
     ],
 )
 def test_wrong_values_name_the_key(text: str, key: str, problem: str) -> None:
@@ -106,6 +108,7 @@ def test_the_shipped_config_states_exactly_the_defaults() -> None:
         "submit",
         "shutdown_timeout",
         "log_level",
+        "event_loop",
     ):
         assert getattr(shipped, name) == getattr(defaults, name), name
 
@@ -120,3 +123,12 @@ def test_check_config_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err
     assert f"{bad}: limits.recipents: unknown key (did you mean 'limits.recipients'?)" in err
     assert cli.main(["run", "--config", str(tmp_path / "missing.yaml"), "--check-config"]) == 78
+
+
+def test_uvloop_asked_for_but_missing_stops_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
+    with pytest.raises(ConfigError) as info:
+        eventloop.factory(config.parse("event_loop: uvloop\n", "c.yaml"))
+    assert info.value.key == "event_loop"
+    assert "not installed" in info.value.problem
+    assert eventloop.factory(config.parse("event_loop: auto\n", "c.yaml")) == ("asyncio", None)

@@ -330,6 +330,21 @@ def test_small_and_large_files_reach_every_destination_whole(tmp_path: Path) -> 
         assert [m.content.endswith(large) for m in srv.messages] == [False, True]
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_worker_runs_on_either_event_loop(
+    tmp_path: Path, server: SmtpServer, loop: str
+) -> None:
+    """uvloop is the default where installed; asyncio's own loop stays a supported choice."""
+    w = start(tmp_path, server, event_loop=loop)
+    try:
+        w.drop_drafts("j.bsmtp", [draft("o@example.com", ["a@example.org"])])
+        rec = wait_for(lambda: w.final("j.bsmtp"), what="j done")
+    finally:
+        assert w.stop() == 0
+    assert statuses(rec) == {"a@example.org": "delivered"}
+    assert f"event loop {loop}".encode() in w.log.read_bytes()
+
+
 def test_a_slow_destination_does_not_delay_a_fast_one(tmp_path: Path) -> None:
     slow = SmtpServer(Script(data_delay=2.0))
     fast = SmtpServer()
