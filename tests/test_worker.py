@@ -304,6 +304,10 @@ def test_small_and_large_files_reach_every_destination_whole(tmp_path: Path) -> 
     """A small file is read once and sent from memory, to several destinations at once; a
     file too large for that is streamed from disk. Either way each server gets the text whole,
     dot-stuffing undone by it exactly as we applied it."""
+    small = b"Subject: small\r\n\r\n.dot first\r\nbody\r\n"
+    lines = [b".%06d dotted" % i if i % 5 == 0 else b"y" * 76 for i in range(5000)]
+    large = b"Subject: large\r\n\r\n" + b"\r\n".join(lines) + b"\r\n"
+    assert len(large) > 300 * 1024
     one, two = SmtpServer(), SmtpServer()
     w = start(
         tmp_path,
@@ -311,10 +315,6 @@ def test_small_and_large_files_reach_every_destination_whole(tmp_path: Path) -> 
         routes={"one.example": f"127.0.0.1:{one.port}", "two.example": f"127.0.0.1:{two.port}"},
         smarthost=None,
     )
-    small = b"Subject: small\r\n\r\n.dot first\r\nbody\r\n"
-    lines = [b".%06d dotted" % i if i % 5 == 0 else b"y" * 76 for i in range(5000)]
-    large = b"Subject: large\r\n\r\n" + b"\r\n".join(lines) + b"\r\n"
-    assert len(large) > 300 * 1024
     try:
         for name, message in (("small.bsmtp", small), ("large.bsmtp", large)):
             rcpts = ["a@one.example", "b@two.example"]

@@ -79,9 +79,14 @@ class WorkerProcess:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout)
-        self._log_fh.close()
-        return code
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # the test fails, but leaves no worker behind
+            self.proc.wait(10)
+            raise
+        finally:
+            self._log_fh.close()
 
     def wait_exit(self, timeout: float = 30.0) -> int:
         assert self.proc is not None
