@@ -326,12 +326,12 @@ class Worker:
         limits, hostname = self.cfg.limits, self.cfg.helo_name
         max_bytes = self.cfg.spool.max_file_bytes
         try:
-            with self.spool.open_envelope("active", envelope_id) as fh:
-                if os.fstat(fh.fileno()).st_size <= INLINE_READ_BYTES:
-                    data = fh.read()
-                    return envfile.read_bytes(data, source, limits, hostname, max_bytes), data
+            opened = self.spool.open_envelope("active", envelope_id, whole=INLINE_READ_BYTES)
+            if isinstance(opened, bytes):
+                return envfile.read_bytes(opened, source, limits, hostname, max_bytes), opened
+            with opened:
                 env = await asyncio.to_thread(
-                    envfile.read_stream, fh, source, limits, hostname, max_bytes
+                    envfile.read_stream, opened, source, limits, hostname, max_bytes
                 )
                 return env, None
         except (EnvelopeFault, NotRegular, OSError) as exc:
