@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from flufl.bounce import all_failures
 
-from spoolsmtp import config, envfile, response
+from spoolsmtp import config, envfile, response, writer
 from spoolsmtp.envelope import MailParams, Notify, Recipient, Ret
 from spoolsmtp.writer import Draft
 from tests.helpers import draft
@@ -272,6 +272,26 @@ def test_a_file_written_in_place_is_taken_only_when_settled(
         w.stop()
     assert rec["state"] == "done"
     assert server.messages[0].content.endswith(b"line 11\r\n")
+
+
+def test_a_file_moved_in_whole_is_taken_without_settling(
+    tmp_path: Path, server: SmtpServer
+) -> None:
+    """A rename into incoming/ (from a dot-name, or from another folder of the same file
+    system) puts a whole file there: it is taken at once, however long the settle time for
+    files written in place (test_a_file_written_in_place_is_taken_only_when_settled)."""
+    w = start(tmp_path, server, spool={"settle_seconds": "1h"})
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    message = writer.render([draft("o@example.com", ["b@example.org"])], "batch.test")
+    (outside / "moved.bsmtp").write_bytes(message)
+    try:
+        w.drop_drafts("dotted.bsmtp", [draft("o@example.com", ["a@example.org"])])
+        (outside / "moved.bsmtp").rename(w.spool / "incoming" / "moved.bsmtp")
+        wait_for(lambda: w.final("dotted.bsmtp") and w.final("moved.bsmtp"), timeout=20)
+    finally:
+        w.stop()
+    assert sorted(m.rcpt_tos[0] for m in server.messages) == ["a@example.org", "b@example.org"]
 
 
 def test_files_present_at_start_are_taken(tmp_path: Path, server: SmtpServer) -> None:
