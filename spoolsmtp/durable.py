@@ -7,6 +7,7 @@ durable at once (the journal's checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from collections.abc import Iterable, Iterator
@@ -52,30 +53,33 @@ def sync_filesystems(folders: Iterable[Path]) -> None:
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
 
 
-def _temp(path: Path) -> Path:
+def _temp(path: str) -> str:
     """The temp name starts with a dot so that a reader of the folder (the incoming watcher,
     an operator's ls) never takes a half-written file for a finished one."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    folder, _, name = path.rpartition("/")
+    return f"{folder}/.{name}.{os.getpid()}.tmp" if folder else f".{name}.{os.getpid()}.tmp"
 
 
 @contextmanager
-def _placing(tmp: Path, path: Path, sync_dir: bool) -> Iterator[None]:
+def _placing(tmp: str, path: str, sync_dir: bool) -> Iterator[None]:
     """Rename ``tmp`` over ``path`` once the body is done; on any failure remove ``tmp`` (a
     full disk leaves nothing behind)."""
     try:
         yield
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
     if sync_dir:
-        fsync_dir(path.parent)
+        fsync_dir(os.path.dirname(path) or ".")
 
 
 @contextmanager
-def replacing(path: Path, *, fsync: bool = True, sync_dir: bool = True) -> Iterator[BinaryIO]:
+def replacing(path: str | Path, *, fsync: bool = True, sync_dir: bool = True) -> Iterator[BinaryIO]:
     """Write a file that replaces ``path`` atomically: a dot-named temp file, fsynced (unless
     ``fsync`` is off, for files that can be rebuilt), renamed into place, the folder fsynced."""
+    path = os.fspath(path)
     tmp = _temp(path)
     with _placing(tmp, path, sync_dir), os.fdopen(os.open(tmp, _CREATE, 0o640), "wb") as fh:
         yield fh
@@ -84,9 +88,10 @@ def replacing(path: Path, *, fsync: bool = True, sync_dir: bool = True) -> Itera
             os.fsync(fh.fileno())
 
 
-def write_file(path: Path, data: bytes, *, fsync: bool = True, sync_dir: bool = True) -> None:
-    """Replace ``path`` with ``data`` as ``replacing`` does; blocking. Plain system calls, no
-    file object: the spool writes thousands of these a second."""
+def write_file(path: str | Path, data: bytes, *, fsync: bool = True, sync_dir: bool = True) -> None:
+    """Replace ``path`` with ``data`` as ``replacing`` does; blocking. Plain system calls and
+    strings, no file object or Path: the spool writes thousands of these a second."""
+    path = os.fspath(path)
     tmp = _temp(path)
     with _placing(tmp, path, sync_dir):
         fd = os.open(tmp, _CREATE, 0o640)

@@ -174,9 +174,9 @@ class Spool:
         is resumed from it) until the next checkpoint syncs them.
         """
         name = f"{envelope_id}{SUFFIX}"
+        results = self._file("results", f"{envelope_id}.json")
 
         def op() -> tuple[str, ...]:
-            results = self.dirs["results"] / f"{envelope_id}.json"
             write_file(results, record, fsync=False, sync_dir=False)
             if target is None:
                 return ()
