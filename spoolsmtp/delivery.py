@@ -21,10 +21,11 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from spoolsmtp import envfile, route
 from spoolsmtp.config import Config, TlsPolicy
 from spoolsmtp.envelope import Recipient, Transaction
-from spoolsmtp.mx import Hop, MxResolver, always
+from spoolsmtp.mx import Hop, MxResolver
 from spoolsmtp.outcome import RecipientResult, Status, result
 from spoolsmtp.reply import Reply, make
 from spoolsmtp.session import DotHook, Session, SessionStats, StaleSession, fold_received
+from spoolsmtp.tracer import always
 
 Trace = Callable[[str], None]
 _PoolKey = tuple[str, int, str, TlsPolicy]

@@ -28,14 +28,10 @@ from spoolsmtp.config import DnsConfig
 from spoolsmtp.errors import ConfigError
 from spoolsmtp.reply import Reply, make
 from spoolsmtp.route import Destination
+from spoolsmtp.tracer import always
 
 NEGATIVE_TTL = 60.0
 Trace = Callable[[str], None]
-
-
-def always() -> bool:
-    """The default ``tracing`` predicate: whoever passed a trace function wants every line."""
-    return True
 
 
 @dataclass(frozen=True)

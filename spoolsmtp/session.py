@@ -20,7 +20,7 @@ from typing import BinaryIO
 from spoolsmtp import crashpoint, envfile
 from spoolsmtp.config import DeliveryConfig, Timeouts, TlsPolicy
 from spoolsmtp.envelope import BodyType, Recipient, Transaction
-from spoolsmtp.mx import Hop, always
+from spoolsmtp.mx import Hop
 from spoolsmtp.outcome import RecipientResult, connection_lost, result, timed_out
 from spoolsmtp.reply import Reply, make
 from spoolsmtp.smtpclient import (
@@ -32,6 +32,7 @@ from spoolsmtp.smtpclient import (
     RemoteProtocolError,
     Verb,
 )
+from spoolsmtp.tracer import always
 
 Trace = Callable[[str], None]
 DotHook = Callable[[list[Recipient]], Awaitable[None]]
