@@ -272,3 +272,25 @@ def test_deliver_command_exit_codes(tmp_path: Path, reply: str, code: int) -> No
     finally:
         srv.stop()
     assert result.returncode == code, result.stdout + result.stderr
+
+
+def test_every_reply_is_waited_for_under_its_own_configured_timeout() -> None:
+    """Each command's reply is bounded by the timeout RFC 5321 gives it, as configured."""
+    from spoolsmtp.session import _timeout_for
+    from spoolsmtp.smtpclient import Verb
+
+    t = config.Timeouts(greeting=1, ehlo=2, starttls=3, mail=4, rcpt=5, data=6, data_end=7, quit=8)
+    expected = {
+        Verb.GREETING: 1,
+        Verb.EHLO: 2,
+        Verb.HELO: 2,
+        Verb.STARTTLS: 3,
+        Verb.MAIL: 4,
+        Verb.RSET: 4,
+        Verb.NOOP: 4,
+        Verb.RCPT: 5,
+        Verb.DATA: 6,
+        Verb.END_OF_DATA: 7,
+        Verb.QUIT: 8,
+    }
+    assert {verb: _timeout_for(verb, t) for verb in Verb} == expected
