@@ -73,6 +73,12 @@ class Deliverer:
         self._per_destination: dict[str, asyncio.Semaphore] = {}
         self._idle: dict[_PoolKey, list[Session]] = {}
 
+    def reconfigure(self, cfg: Config) -> None:
+        """A reloaded configuration: routes and timeouts apply to the next delivery (the
+        remembered routes are those of the old one, so they go too)."""
+        self.cfg = cfg
+        self.router = route.Router(cfg)
+
     async def deliver(
         self,
         path: Path,

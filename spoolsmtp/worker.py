@@ -993,7 +993,7 @@ class Worker:
         """Read the config file again; a bad one raises ConfigError and changes nothing."""
         new = config_load(self.cfg.source)
         self.cfg = new
-        self.deliverer.cfg = new
+        self.deliverer.reconfigure(new)
         return f"{new.source} reloaded"
 
     def dead_destinations(self) -> dict[str, float]:

@@ -202,6 +202,27 @@ def test_reload_keeps_a_bad_config_out(world: tuple[WorkerProcess, SmtpServer, P
     assert ask(sock, "STATS")["status"] == 200
 
 
+def test_reload_takes_a_new_smarthost_at_once(
+    world: tuple[WorkerProcess, SmtpServer, Path],
+) -> None:
+    """Routing is read from the reloaded file for the next envelope, even for a destination
+    the worker has already routed since it started."""
+    w, old, sock = world
+    w.drop_drafts("before.bsmtp", [draft("o@example.com", ["a@example.org"])])
+    wait_for(lambda: w.final("before.bsmtp"))
+    new = SmtpServer()
+    try:
+        text = w.config.read_text().replace(f"127.0.0.1:{old.port}", f"127.0.0.1:{new.port}")
+        w.config.write_text(text)
+        assert ask(sock, "RELOAD")["status"] == 200
+        w.drop_drafts("after.bsmtp", [draft("o@example.com", ["b@example.org"])])
+        wait_for(lambda: w.final("after.bsmtp"))
+    finally:
+        new.stop()
+    assert [m.rcpt_tos for m in old.messages] == [["a@example.org"]]
+    assert [m.rcpt_tos for m in new.messages] == [["b@example.org"]]
+
+
 def test_shutdown_drains_and_exits_zero(world: tuple[WorkerProcess, SmtpServer, Path]) -> None:
     w, _, sock = world
     assert ctl(w.config, "SHUTDOWN").returncode == 0
