@@ -67,7 +67,7 @@ def destination_for(domain: str, cfg: Config) -> Destination:
 
 class Router:
     """``destination_for`` remembered per domain: the worker asks for the same few domains
-    many times per envelope, and its config does not change while it runs."""
+    many times per envelope. Bound to one config: a RELOAD builds a new Router."""
 
     REMEMBER = 10_000
 
