@@ -8,6 +8,7 @@ import contextlib
 import os
 import pwd
 import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,13 +32,22 @@ def _drop_to_nobody() -> None:
     os.setuid(uid)
 
 
+def interpreter_reachable() -> None:
+    """Let ``nobody`` run this interpreter: its installation may sit under root's 0700 home
+    (pyenv), so every folder above it gets the traversal bit for others (never read)."""
+    for path in {Path(sys.executable).parent, Path(os.path.realpath(sys.executable)).parent}:
+        reachable_by_others(path)
+
+
 def run_as_nobody(argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
     """Run ``argv`` as ``nobody`` (no supplementary groups), like ``subprocess.run``."""
+    interpreter_reachable()
     return subprocess.run(argv, preexec_fn=_drop_to_nobody, check=False, **kwargs)
 
 
 def popen_as_nobody(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
     """Start ``argv`` as ``nobody``, like ``subprocess.Popen``."""
+    interpreter_reachable()
     return subprocess.Popen(argv, preexec_fn=_drop_to_nobody, **kwargs)  # noqa: PLW1509
 
 
@@ -68,7 +78,7 @@ def fill(path: Path, name: str = "filler") -> Path:
     free the space again)."""
     filler = path / name
     block = b"\0" * 65536
-    with open(filler, "wb") as fh:
+    with open(filler, "wb", buffering=0) as fh:  # close() must not flush into ENOSPC
         try:
             while True:
                 fh.write(block)
