@@ -68,7 +68,7 @@ def fill(path: Path, name: str = "filler") -> Path:
     free the space again)."""
     filler = path / name
     block = b"\0" * 65536
-    with open(filler, "wb") as fh:
+    with open(filler, "wb", buffering=0) as fh:  # unbuffered: close() must not flush (ENOSPC)
         try:
             while True:
                 fh.write(block)
