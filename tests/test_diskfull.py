@@ -1,0 +1,164 @@
+"""A full disk while the worker delivers: nothing sent twice unflagged, no envelope wedged in
+active/, no connection left open, and the full disk shown as a state, not a flood of logs."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from tests.helpers import draft
+from tests.hostile import fill, needs_root, small_tmpfs
+from tests.smtpservers import _LoopThread
+from tests.workerproc import WorkerProcess, wait_for
+
+PER_DEST = 10
+ENVELOPES = 20
+RCPTS = 30
+
+
+class Sink:
+    """A plain SMTP server (no extensions) on loopback that counts what a test needs: the
+    connections open now and at most, the DATA phases begun and ended, and every recipient of
+    every message it accepted. With the gate closed it holds each DATA before its 354."""
+
+    def __init__(self) -> None:
+        self.open_now = 0
+        self.max_open = 0
+        self.at_gate = 0
+        self.data_ended = 0
+        self.delivered: Counter[str] = Counter()
+        self._lt = _LoopThread()
+        self._gate = asyncio.Event()
+        self._lock = threading.Lock()
+
+        async def start() -> asyncio.Server:
+            return await asyncio.start_server(self._handle, "127.0.0.1", 0)
+
+        self._server: asyncio.Server = self._lt.run(start())
+        self.port: int = self._server.sockets[0].getsockname()[1]
+        self.open_gate()
+
+    def open_gate(self) -> None:
+        self._lt.loop.call_soon_threadsafe(self._gate.set)
+
+    def close_gate(self) -> None:
+        self._lt.run(self._close_gate())
+
+    async def _close_gate(self) -> None:
+        self._gate.clear()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.open_now += 1
+        self.max_open = max(self.max_open, self.open_now)
+        rcpts: list[str] = []
+        try:
+            writer.write(b"220 sink.test ready\r\n")
+            while True:
+                line = await reader.readuntil(b"\n")
+                verb = line[:4].upper()
+                if verb == b"RCPT":
+                    rcpts.append(line.split(b"<", 1)[1].split(b">", 1)[0].decode())
+                    writer.write(b"250 2.1.5 ok\r\n")
+                elif verb == b"DATA":
+                    self.at_gate += 1
+                    await self._gate.wait()
+                    self.at_gate -= 1
+                    writer.write(b"354 go ahead\r\n")
+                    try:
+                        async with asyncio.timeout(2):  # the server's own idle limit
+                            await reader.readuntil(b"\r\n.\r\n")
+                    finally:
+                        self.data_ended += 1
+                    self.delivered.update(rcpts)
+                    rcpts = []
+                    writer.write(b"250 2.0.0 queued\r\n")
+                elif verb == b"RSET":
+                    rcpts = []
+                    writer.write(b"250 ok\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 bye\r\n")
+                    await writer.drain()
+                    return
+                else:
+                    writer.write(b"250 ok\r\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+            pass
+        finally:
+            self.open_now -= 1
+            writer.close()
+
+    def stop(self) -> None:
+        async def close() -> None:
+            self._server.close()
+
+        self._lt.run(close())
+        self._lt.stop()
+
+
+def addresses(n: int) -> list[str]:
+    return [f"user{i:03d}-with-a-rather-long-local-part@example{n}.org" for i in range(RCPTS)]
+
+
+def settings(spool: Path, sink: Sink, **spool_keys: Any) -> dict[str, Any]:
+    return {
+        "smarthost": f"127.0.0.1:{sink.port}",
+        "spool": {"path": str(spool), **spool_keys},
+        "delivery": {"max_per_destination": PER_DEST},
+        "retry": {"interval": "1s", "max_interval": "2s"},
+    }
+
+
+def on_tmpfs(root: Path, fs: Path, cfg: dict[str, Any]) -> WorkerProcess:
+    """A worker whose spool is ``fs/spool`` (its config and log stay in ``root``)."""
+    worker = WorkerProcess(root, cfg)
+    worker.spool = fs / "spool"
+    (worker.spool / "incoming").mkdir(parents=True, exist_ok=True)
+    return worker
+
+
+def drop_burst(worker: WorkerProcess) -> None:
+    for n in range(ENVELOPES):
+        worker.drop_drafts(f"job{n:02d}.bsmtp", [draft("oper@example.com", addresses(n))])
+
+
+@needs_root
+def test_disk_full_at_the_dot_then_kill_sends_nothing_twice_unflagged(tmp_path: Path) -> None:
+    """The disk fills while envelopes wait for the server's 354; the dot records cannot be
+    written. Space is freed, the worker is killed (-9) and restarted: every recipient got the
+    message once, or twice with ``possible_duplicate`` set."""
+    sink = Sink()
+    sink.close_gate()
+    try:
+        with small_tmpfs(tmp_path / "fs", size="4m") as fs:
+            cfg = settings(fs / "spool", sink)
+            worker = on_tmpfs(tmp_path, fs, cfg).start()
+            try:
+                drop_burst(worker)
+                wait_for(lambda: sink.at_gate == PER_DEST, what="sessions at DATA")
+                wait_for(lambda: len(worker.files("active")) == ENVELOPES, what="all claimed")
+                filler = fill(fs)
+                sink.open_gate()
+                wait_for(lambda: sink.data_ended >= ENVELOPES, what="every first DATA over")
+                filler.unlink()
+            finally:
+                worker.kill()
+            worker = on_tmpfs(tmp_path, fs, cfg).start()
+            try:
+                sources = [f"job{n:02d}.bsmtp" for n in range(ENVELOPES)]
+                wait_for(lambda: all(worker.final(s) for s in sources), 60, what="all final")
+                records = [worker.final(s) for s in sources]
+            finally:
+                assert worker.stop() == 0
+    finally:
+        sink.stop()
+    for rec in records:
+        assert rec is not None
+        for tx in rec["transactions"]:
+            for r in tx["recipients"]:
+                assert r["status"] == "delivered", r
+                got = sink.delivered[r["address"]]
+                assert got == 1 or (got == 2 and r["possible_duplicate"]), (r, got)
