@@ -110,6 +110,11 @@ def _run(cfg: configmod.Config, args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"spoolsmtp: config error: {exc}", file=sys.stderr)
         return exitcodes.CONFIG
+    except OSError as exc:
+        # a spool that cannot be created or written (read-only, another owner): one line
+        where = exc.filename or cfg.spool.path
+        print(f"spoolsmtp: {where}: cannot write the spool: {exc.strerror}", file=sys.stderr)
+        return exitcodes.CANTCREAT
 
 
 def _submit(cfg: configmod.Config, args: argparse.Namespace) -> int:

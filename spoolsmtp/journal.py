@@ -35,6 +35,7 @@ import json
 import os
 import threading
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,23 +63,27 @@ def replay(folder: Path) -> dict[str, Replayed]:
     out: dict[str, Replayed] = defaultdict(Replayed)
     for path in sorted(folder.glob("*.log")):
         with open(path, "rb") as fh:
-            for raw in fh:
-                try:
-                    rec = json.loads(raw)
-                except ValueError:
-                    continue
-                entry = out[rec["id"]]
-                if rec["t"] == "rcpt":
-                    entry.results[(rec["tx"], rec["rcpt"])] = rec["result"]
-                elif rec["t"] == "dot":
-                    entry.dots.update((rec["tx"], r) for r in rec["rcpts"])
-                elif rec["t"] == "report":
-                    entry.reports.add(rec["kind"])
-                elif rec["t"] == "claim":
-                    entry.source = rec["name"]
-                elif rec["t"] == "record":
-                    entry.record = rec["record"]
+            _read_lines(out, fh)
     return dict(out)
+
+
+def _read_lines(out: dict[str, Replayed], lines: Iterable[bytes]) -> None:
+    for raw in lines:
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            continue
+        entry = out[rec["id"]]
+        if rec["t"] == "rcpt":
+            entry.results[(rec["tx"], rec["rcpt"])] = rec["result"]
+        elif rec["t"] == "dot":
+            entry.dots.update((rec["tx"], r) for r in rec["rcpts"])
+        elif rec["t"] == "report":
+            entry.reports.add(rec["kind"])
+        elif rec["t"] == "claim":
+            entry.source = rec["name"]
+        elif rec["t"] == "record":
+            entry.record = rec["record"]
 
 
 @dataclass
@@ -259,6 +264,18 @@ class Journal:
                 # be begun (no inode left) is tried again after the next commit
                 with contextlib.suppress(OSError):
                     self._rotate()
+
+    def known(self, envelope_id: str) -> Replayed | None:
+        """What the journal holds of an active envelope (written, or pending and written
+        before any later commit succeeds), from memory; None if nothing since start."""
+        with self._lock:
+            carry = self._carry.get(envelope_id)
+            lines = list(carry.lines()) if carry is not None else None
+        if lines is None:
+            return None
+        out: dict[str, Replayed] = defaultdict(Replayed)
+        _read_lines(out, lines)
+        return out.get(envelope_id, Replayed())
 
     def finished(self, envelope_id: str) -> None:
         """The envelope is out of active/ and its result file is written: its records are

@@ -24,7 +24,8 @@ class Sink:
     connections open now and at most, the DATA phases begun and ended, and every recipient of
     every message it accepted. With the gate closed it holds each DATA before its 354."""
 
-    def __init__(self) -> None:
+    def __init__(self, idle_limit: float | None = 2.0) -> None:
+        self.idle_limit = idle_limit
         self.open_now = 0
         self.max_open = 0
         self.at_gate = 0
@@ -68,7 +69,7 @@ class Sink:
                     self.at_gate -= 1
                     writer.write(b"354 go ahead\r\n")
                     try:
-                        async with asyncio.timeout(2):  # the server's own idle limit
+                        async with asyncio.timeout(self.idle_limit):  # the server's own limit
                             await reader.readuntil(b"\r\n.\r\n")
                     finally:
                         self.data_ended += 1
@@ -106,7 +107,8 @@ def addresses(n: int) -> list[str]:
 def settings(spool: Path, sink: Sink, **spool_keys: Any) -> dict[str, Any]:
     return {
         "smarthost": f"127.0.0.1:{sink.port}",
-        "spool": {"path": str(spool), **spool_keys},
+        # no reserve unless a test sets one: the tmpfs is far smaller than the default
+        "spool": {"path": str(spool), "min_free_space": 0, "min_free_inodes": 0, **spool_keys},
         "delivery": {"max_per_destination": PER_DEST},
         "retry": {"interval": "1s", "max_interval": "2s"},
     }
@@ -150,6 +152,45 @@ def test_disk_full_at_the_dot_then_kill_sends_nothing_twice_unflagged(tmp_path: 
             try:
                 sources = [f"job{n:02d}.bsmtp" for n in range(ENVELOPES)]
                 wait_for(lambda: all(worker.final(s) for s in sources), 60, what="all final")
+                records = [worker.final(s) for s in sources]
+            finally:
+                assert worker.stop() == 0
+    finally:
+        sink.stop()
+    for rec in records:
+        assert rec is not None
+        for tx in rec["transactions"]:
+            for r in tx["recipients"]:
+                assert r["status"] == "delivered", r
+                got = sink.delivered[r["address"]]
+                assert got == 1 or (got == 2 and r["possible_duplicate"]), (r, got)
+
+
+@needs_root
+def test_after_a_full_disk_no_envelope_stays_in_active_and_no_connection_leaks(
+    tmp_path: Path,
+) -> None:
+    """The disk fills while a burst waits at DATA: every envelope whose attempt failed is
+    tried again once space is back (none left in active/, none sent twice unflagged), and the
+    connections to the server are back within the configured limit."""
+    sink = Sink(idle_limit=None)
+    sink.close_gate()
+    try:
+        with small_tmpfs(tmp_path / "fs", size="4m") as fs:
+            cfg = settings(fs / "spool", sink)
+            worker = on_tmpfs(tmp_path, fs, cfg).start()
+            try:
+                drop_burst(worker)
+                wait_for(lambda: sink.at_gate == PER_DEST, what="sessions at DATA")
+                wait_for(lambda: len(worker.files("active")) == ENVELOPES, what="all claimed")
+                filler = fill(fs)
+                sink.open_gate()
+                wait_for(lambda: sink.data_ended >= PER_DEST, what="the first DATAs over")
+                filler.unlink()
+                sources = [f"job{n:02d}.bsmtp" for n in range(ENVELOPES)]
+                wait_for(lambda: all(worker.final(s) for s in sources), 60, what="all final")
+                wait_for(lambda: not worker.files("active"), 30, what="active/ empty")
+                wait_for(lambda: sink.open_now <= PER_DEST, 30, what="connections within limit")
                 records = [worker.final(s) for s in sources]
             finally:
                 assert worker.stop() == 0
