@@ -109,6 +109,8 @@ class DiskWatch:
         """A write (or the work of an envelope) failed: a full disk begins the disk-full
         state; another I/O error is logged once per episode; anything else is a bug and
         keeps its traceback."""
+        if isinstance(exc, OSError) and exc.filename:
+            what = f"{what}: {exc.filename}"
         if isinstance(exc, OSError) and exc.errno in FULL:
             self.enter(f"{what}: {exc.strerror}")
         elif isinstance(exc, OSError):
@@ -120,7 +122,7 @@ class DiskWatch:
                     "%s: %s (the work is tried again; further errors like this are not logged"
                     " while they go on)",
                     what,
-                    exc,
+                    exc.strerror or exc,
                 )
         else:
             log.error("%s failed", what, exc_info=exc)

@@ -183,12 +183,12 @@ class Journal:
             while view:
                 view = view[os.write(self._fd, view) :]
             os.fdatasync(self._fd)
-        except OSError:
+        except OSError as exc:
             try:
                 os.ftruncate(self._fd, self._size)
             except OSError:
                 self._torn = True
-            raise
+            raise OSError(exc.errno, exc.strerror, str(self._path(self._segment))) from exc
         self.commits += 1
         self._size += len(data)
 

@@ -153,8 +153,8 @@ class Worker:
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT or ``stop``; return the exit code."""
-        self.spool.ensure()
         diskfull.check_writable(self.spool.dirs.values())
+        self.spool.ensure()
         replayed = journal.replay(self.spool.dirs["journal"])
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -210,7 +210,10 @@ class Worker:
         await asyncio.gather(*background, return_exceptions=True)
         await self._drain()
         await self.deliverer.close_all()
-        await self._checkpoint()
+        try:
+            await self._checkpoint()
+        except OSError as exc:  # the journal redoes what is not synced
+            self.disk.failed(exc, "checkpoint")
         self.journal.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
@@ -584,7 +587,8 @@ class Worker:
         try:
             known = await self._known_of(envelope_id) if put_back else None
             journaled = Record.from_dict(known.record) if known and known.record else None
-            opened = await self._open(envelope_id, f"{envelope_id}{SUFFIX}", journaled)
+            source = known.source if known and known.source else f"{envelope_id}{SUFFIX}"
+            opened = await self._open(envelope_id, source, journaled)
             if opened is None:
                 return
             env, record, data = opened
