@@ -11,6 +11,7 @@ from pathlib import Path
 
 from spoolsmtp import config as configmod
 from spoolsmtp import ctl, deliver_cmd, envfile, eventloop, exitcodes, response, submit
+from spoolsmtp.diskfull import SpoolNotWritable
 from spoolsmtp.errors import ConfigError, EnvelopeFault
 from spoolsmtp.units import parse_duration
 from spoolsmtp.worker import Worker
@@ -110,6 +111,14 @@ def _run(cfg: configmod.Config, args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"spoolsmtp: config error: {exc}", file=sys.stderr)
         return exitcodes.CONFIG
+    except SpoolNotWritable as exc:
+        # a spool that cannot be created or written (read-only, another owner): one line
+        print(f"spoolsmtp: {exc.filename}: cannot write the spool: {exc.strerror}", file=sys.stderr)
+        return exitcodes.CANTCREAT
+    except OSError as exc:  # anything else the worker cannot start without: one line too
+        where = exc.filename or cfg.spool.path
+        print(f"spoolsmtp: {where}: {exc.strerror or exc}", file=sys.stderr)
+        return exitcodes.CANTCREAT
 
 
 def _submit(cfg: configmod.Config, args: argparse.Namespace) -> int:

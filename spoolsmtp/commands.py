@@ -187,12 +187,15 @@ def _overview(worker: Worker, command: str) -> Answer:
         "oldest_seconds": {k: round(v, 1) for k, v in oldest.items()},
         "destinations": dests,
         "suspended": worker.suspended,
+        "disk_full": _when(worker.disk.since),
     }
     text = [f"{'state':12} {'count':>8}  oldest"]
     for name, count in states.items():
         text.append(f"{name:12} {count:8d}  {_age(oldest.get(name))}")
     if worker.suspended:
         text.append("taking files: SUSPENDED")
+    if worker.disk.since is not None:
+        text.append(f"disk_full: yes since {_when(worker.disk.since)} ({worker.disk.reason})")
     if dests:
         width = max(12, *(len(k) for k in dests))
         text.append("")
@@ -282,6 +285,8 @@ async def _stats(worker: Worker, command: str, args: list[str]) -> Answer:
         "deadletters_written": s.deadletters,
         "possible_duplicates": s.possible_duplicates,
         "quarantined": s.quarantined,
+        "disk_full": worker.disk.full,
+        "disk_full_pauses": s.disk_full_pauses,
         "connections_opened": d.connections,
         "connections_reused": d.reused,
         "tls_sessions": d.tls,

@@ -80,6 +80,8 @@ class SpoolConfig:
     encoding: str = "utf-8"
     strip_trailing_blanks: bool = False
     record_length: int = _count(0, 0, 32760)
+    min_free_space: int = _size(64 * 1024**2)
+    min_free_inodes: int = _count(1000, 0)
     incoming: Path | None = None
     active: Path | None = None
     deferred: Path | None = None

@@ -204,6 +204,11 @@ class Deliverer:
                         latest[r] = result(r, failure, hop.host, hop.address)
                     return [*left, *todo]
                 continue
+            except BaseException:
+                # anything else (the journal could not be written, a cancellation): the
+                # session is in an unknown state; it is closed, never left open and unpooled
+                session.abort()
+                raise
             for res in results:
                 latest[res.recipient] = res
                 final = res.status is not Status.DEFERRED or res.after_dot

@@ -22,14 +22,20 @@ file and every directory a finished envelope touched, and a restart first restor
 journal any result record the file system lost. A new segment is started when the current one
 grows past ``SEGMENT_BYTES``, or at a checkpoint when none of its envelopes is active; the
 records of envelopes still active are copied into the new segment, so no old one waits on them.
+
+A commit reports success only for records that are on disk: lines leave the buffer once written
+and fdatasynced, and a failed write (a full disk, EIO) cuts the segment back to its last good
+offset, so the lines stay pending and nothing is ever appended to a torn line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,23 +63,27 @@ def replay(folder: Path) -> dict[str, Replayed]:
     out: dict[str, Replayed] = defaultdict(Replayed)
     for path in sorted(folder.glob("*.log")):
         with open(path, "rb") as fh:
-            for raw in fh:
-                try:
-                    rec = json.loads(raw)
-                except ValueError:
-                    continue
-                entry = out[rec["id"]]
-                if rec["t"] == "rcpt":
-                    entry.results[(rec["tx"], rec["rcpt"])] = rec["result"]
-                elif rec["t"] == "dot":
-                    entry.dots.update((rec["tx"], r) for r in rec["rcpts"])
-                elif rec["t"] == "report":
-                    entry.reports.add(rec["kind"])
-                elif rec["t"] == "claim":
-                    entry.source = rec["name"]
-                elif rec["t"] == "record":
-                    entry.record = rec["record"]
+            _read_lines(out, fh)
     return dict(out)
+
+
+def _read_lines(out: dict[str, Replayed], lines: Iterable[bytes]) -> None:
+    for raw in lines:
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            continue
+        entry = out[rec["id"]]
+        if rec["t"] == "rcpt":
+            entry.results[(rec["tx"], rec["rcpt"])] = rec["result"]
+        elif rec["t"] == "dot":
+            entry.dots.update((rec["tx"], r) for r in rec["rcpts"])
+        elif rec["t"] == "report":
+            entry.reports.add(rec["kind"])
+        elif rec["t"] == "claim":
+            entry.source = rec["name"]
+        elif rec["t"] == "record":
+            entry.record = rec["record"]
 
 
 @dataclass
@@ -106,6 +116,7 @@ class Journal:
         self._buffer: list[bytes] = []
         self._fd = -1
         self._size = 0
+        self._torn = False
         self._segment = 0
         self._live: dict[int, set[str]] = {}
         self._retired: list[int] = []
@@ -118,12 +129,16 @@ class Journal:
         self.checkpoints = 0
 
     def _open_segment(self, number: int) -> None:
+        """Open (or create) segment ``number`` and make it the current one. The new one is
+        opened before the old is closed: when that fails (no inode left) the old stays."""
+        path = self._path(number)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
         if self._fd >= 0:
             os.close(self._fd)
-        path = self._path(number)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-        self._size = os.fstat(self._fd).st_size
+        self._fd = fd
+        self._size = os.fstat(fd).st_size
         self._segment = number
+        self._torn = False
         self._live.setdefault(number, set())
         fsync_dir(self.folder)
 
@@ -140,7 +155,12 @@ class Journal:
             carried = {i: c.lines() for i, c in self._carry.items()}
         data = b"".join(line for lines in carried.values() for line in lines)
         if data:
-            self._write(data)
+            try:
+                self._write(data)
+            except OSError:
+                # the older segments still hold these records: they stay until it works
+                self._carried = 0
+                return
         self._carried = len(data)
         with self._lock:
             self._live[self._segment].update(carried)
@@ -151,13 +171,40 @@ class Journal:
                     self._retired.append(number)
 
     def _write(self, data: bytes) -> None:
-        """Append to the current segment and fdatasync (I/O lock held)."""
+        """Append to the current segment and fdatasync (I/O lock held).
+
+        On failure (ENOSPC, EIO, a short write then an error) the segment is cut back to
+        its last good offset, so that no torn line is left for the next record to be
+        appended to; if even that fails, the next write starts a new segment."""
+        if self._torn:
+            self._mend()
         view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
-        os.fdatasync(self._fd)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                self._torn = True
+            raise OSError(exc.errno, exc.strerror, str(self._path(self._segment))) from exc
         self.commits += 1
         self._size += len(data)
+
+    def _mend(self) -> None:
+        """The current segment may end in a torn line: cut it back, or begin a new one."""
+        try:
+            os.ftruncate(self._fd, self._size)
+        except OSError:
+            old = self._segment
+            self._open_segment(old + 1)
+            with self._lock:
+                if not self._live.get(old):
+                    self._live.pop(old, None)
+                    self._retired.append(old)
+        else:
+            self._torn = False
 
     def adopt(self, ids: set[str]) -> None:
         """The segments found at start stay until the envelopes resumed from them finish."""
@@ -202,13 +249,33 @@ class Journal:
         """
         with self._io_lock:
             with self._lock:
+                taken = len(self._buffer)
                 data = b"".join(self._buffer)
-                self._buffer = []
             if not data:
                 return
+            # the lines leave the buffer only once they are on disk: after a failed write
+            # they stay, and every later commit fails until they are written (or succeeds
+            # once they are), so no caller hears "durable" of a record that is not
             self._write(data)
+            with self._lock:
+                del self._buffer[:taken]
             if self._size - self._carried > SEGMENT_BYTES:
-                self._rotate()
+                # the records are durable whatever happens here; a new segment that cannot
+                # be begun (no inode left) is tried again after the next commit
+                with contextlib.suppress(OSError):
+                    self._rotate()
+
+    def known(self, envelope_id: str) -> Replayed | None:
+        """What the journal holds of an active envelope (written, or pending and written
+        before any later commit succeeds), from memory; None if nothing since start."""
+        with self._lock:
+            carry = self._carry.get(envelope_id)
+            lines = list(carry.lines()) if carry is not None else None
+        if lines is None:
+            return None
+        out: dict[str, Replayed] = defaultdict(Replayed)
+        _read_lines(out, lines)
+        return out.get(envelope_id, Replayed())
 
     def finished(self, envelope_id: str) -> None:
         """The envelope is out of active/ and its result file is written: its records are

@@ -352,7 +352,13 @@ class Session:
             stage = "during DATA"
             tail = await self._body(received, envfile.wire_chunks(fh, tx.message))
             if before_dot is not None:
-                await before_dot([recipients[i] for i in accepted])
+                try:
+                    await before_dot([recipients[i] for i in accepted])
+                except BaseException:
+                    # the dot record could not be written (a full disk): the server waits
+                    # for a dot that must not come, so the connection cannot be used again
+                    self.abort()
+                    raise
             self._check_open()
             stage = "after the final dot"
             await self._write(tail + self.proto.send_end_of_data())

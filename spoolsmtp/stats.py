@@ -23,6 +23,7 @@ class Stats:
     deadletters: int = 0
     possible_duplicates: int = 0
     quarantined: int = 0
+    disk_full_pauses: int = 0
     _latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
     _finished: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from spoolsmtp import (
     crashpoint,
+    diskfull,
     durable,
     envfile,
     eventloop,
@@ -75,6 +76,7 @@ ANNOUNCE_AFTER = 0.5
 CHECKPOINT_INTERVAL = 1.0
 BURST_RESCAN = 0.25
 INLINE_READ_BYTES = 256 * 1024
+PUT_BACK_MAX = 300.0
 
 
 def utcnow() -> datetime:
@@ -137,11 +139,21 @@ class Worker:
         self._random = random.Random()
         self._announcing: dict[str, tuple[float, Record]] = {}
         self._announce_timer: asyncio.TimerHandle | None = None
+        self._putbacks: dict[str, int] = {}
+        spool_dirs = [self.spool.dirs["journal"], *self.spool.dirs.values()]
+        self.disk = diskfull.DiskWatch(
+            spool_dirs,
+            cfg.spool.min_free_space,
+            cfg.spool.min_free_inodes,
+            self.stats,
+            self.resume_work,
+        )
 
     # -- running ---------------------------------------------------------------------------
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT or ``stop``; return the exit code."""
+        diskfull.check_writable(self.spool.dirs.values())
         self.spool.ensure()
         replayed = journal.replay(self.spool.dirs["journal"])
         loop = asyncio.get_running_loop()
@@ -186,6 +198,7 @@ class Worker:
             asyncio.create_task(self._scheduler()),
             asyncio.create_task(self._housekeeping()),
             asyncio.create_task(self._checkpoints()),
+            asyncio.create_task(self.disk.run(self.journal.commit)),
         ]
         log.info("ready")
         await self._stopping.wait()
@@ -197,7 +210,10 @@ class Worker:
         await asyncio.gather(*background, return_exceptions=True)
         await self._drain()
         await self.deliverer.close_all()
-        await self._checkpoint()
+        try:
+            await self._checkpoint()
+        except OSError as exc:  # the journal redoes what is not synced
+            self.disk.failed(exc, "checkpoint")
         self.journal.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
@@ -226,8 +242,8 @@ class Worker:
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         self._slots.release()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("envelope task failed", exc_info=task.exception())
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self.disk.failed(exc, "taking a file")
 
     # -- intake ----------------------------------------------------------------------------
 
@@ -245,6 +261,7 @@ class Worker:
             if self._names.empty():
                 self._rescan_soon()
             await self._resumed.wait()
+            await self.disk.ok.wait()
             await self._slots.acquire()
             self._spawn(self._take(name))
 
@@ -276,7 +293,7 @@ class Worker:
                 # committed by the same batch, before the rename: a restart knows the name
                 self.journal.append({"t": "claim", "id": envelope_id, "name": name})
                 suffix = ORIGINAL if self._legacy else SUFFIX
-                if not await self.spool.claim(name, envelope_id, suffix):
+                if not await self._claim(name, envelope_id, suffix):
                     self.journal.finished(envelope_id)
                     return
         finally:
@@ -302,8 +319,21 @@ class Worker:
             await self._batch_outputs(envelope_id, env, record, Replayed())
             self._announce(record)
             await self._attempt(envelope_id, env, record, data)
+        except Exception as exc:
+            self._put_back(envelope_id, exc)
         finally:
             self._active.pop(envelope_id, None)
+
+    async def _claim(self, name: str, envelope_id: str, suffix: str) -> bool:
+        """``Spool.claim``; a claim that failed (a full disk) but whose rename was done is a
+        claim (the envelope is in active/ and goes on), one that was not is no claim."""
+        try:
+            return await self.spool.claim(name, envelope_id, suffix)
+        except OSError:
+            if self.spool.path("active", f"{envelope_id}{suffix}").exists():
+                return True
+            self._finished(envelope_id)
+            raise
 
     async def _convert(self, envelope_id: str, source: str) -> bool:
         """Legacy files (EBCDIC, padded records) become UTF-8 text once, right after the claim."""
@@ -439,6 +469,8 @@ class Worker:
             await self._write_record(record)
             await self._batch_outputs(envelope_id, env, record, replayed)
             await self._attempt(envelope_id, env, record, data)
+        except Exception as exc:
+            self._put_back(envelope_id, exc)
         finally:
             self._active.pop(envelope_id, None)
 
@@ -520,7 +552,8 @@ class Worker:
         while True:
             self._wake.clear()
             now = time.time()
-            while self._heap and self._heap[0][0] <= now and not self.suspended:
+            halted = self.suspended or self.disk.full
+            while self._heap and self._heap[0][0] <= now and not halted:
                 when, envelope_id = heapq.heappop(self._heap)
                 if self._due.get(envelope_id) != when:
                     continue
@@ -529,7 +562,7 @@ class Worker:
                 self._spawn(self._retry(envelope_id))
             # suspended, due retries wait for RESUME (which wakes us), not for a timer: with a
             # past due time that would be a busy loop
-            waiting = self._heap and not self.suspended
+            waiting = self._heap and not halted
             delay = self._heap[0][0] - now if waiting else 3600.0
             # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation that
             # arrives as the event is set, and the scheduler then outlived SIGTERM
@@ -538,22 +571,61 @@ class Worker:
                     await self._wake.wait()
 
     async def _retry(self, envelope_id: str) -> None:
+        put_back = envelope_id in self._putbacks
         try:
-            await self.spool.move(envelope_id, "deferred", "active")
+            if not (put_back and self.spool.envelope("active", envelope_id).exists()):
+                put_back = False
+                await self.spool.move(envelope_id, "deferred", "active")
         except FileNotFoundError:
+            return
+        except OSError as exc:
+            self._put_back(envelope_id, exc)
             return
         summary = self.index.get(envelope_id)
         if summary is not None:
             summary.state = State.ACTIVE
         try:
-            opened = await self._open(envelope_id, f"{envelope_id}{SUFFIX}")
+            known = await self._known_of(envelope_id) if put_back else None
+            journaled = Record.from_dict(known.record) if known and known.record else None
+            source = known.source if known and known.source else f"{envelope_id}{SUFFIX}"
+            opened = await self._open(envelope_id, source, journaled)
             if opened is None:
                 return
             env, record, data = opened
+            if known is not None:
+                self._apply_journal(record, known)
+                await self._write_record(record)
+                await self._batch_outputs(envelope_id, env, record, known)
             self._announce(record)
             await self._attempt(envelope_id, env, record, data)
+        except Exception as exc:
+            self._put_back(envelope_id, exc)
         finally:
             self._active.pop(envelope_id, None)
+
+    def _put_back(self, envelope_id: str, exc: BaseException) -> None:
+        """The work on an envelope failed (a full disk, EIO, a bug): it is logged once per
+        episode and tried again with backoff, and only once there is room, from what the
+        journal knows of it (so a recipient a server accepted is not sent again)."""
+        self.disk.failed(exc, f"envelope {envelope_id}")
+        tries = self._putbacks.get(envelope_id, 0) + 1
+        self._putbacks[envelope_id] = tries
+        self.schedule(envelope_id, time.time() + min(2.0**tries, PUT_BACK_MAX))
+
+    async def _known_of(self, envelope_id: str) -> Replayed:
+        """What the journal knows of an envelope put back; its pending records are written
+        first (the commit fails while they cannot be)."""
+        assert self.journal is not None
+        await self.journal.commit()
+        known = self.journal.known(envelope_id)
+        if known is None:
+            everything = await asyncio.to_thread(journal.replay, self.spool.dirs["journal"])
+            known = everything.get(envelope_id, Replayed())
+        return known
+
+    def resume_work(self) -> None:
+        """There is room again: due retries (and put-back envelopes) start at once."""
+        self._wake.set()
 
     # -- one attempt -----------------------------------------------------------------------
 
@@ -832,6 +904,7 @@ class Worker:
         self._finished(envelope_id)
 
     def _finished(self, envelope_id: str) -> None:
+        self._putbacks.pop(envelope_id, None)
         if self.journal is not None:
             self.journal.finished(envelope_id)
 
@@ -882,7 +955,10 @@ class Worker:
         """Atomic, not journaled (the envelope rebuilds it); at once, in the loop's thread: a
         write queued to the I/O lanes could land after the final record."""
         if record.state is State.ACTIVE:
-            self.spool.write_quick("results", f"{record.id}.json", record.to_json())
+            try:
+                self.spool.write_quick("results", f"{record.id}.json", record.to_json())
+            except OSError as exc:  # a timer callback: it must not die of a full disk
+                self.disk.failed(exc, f"results/{record.id}.json")
 
     async def _journal(self, rec: dict[str, Any]) -> None:
         assert self.journal is not None
@@ -895,7 +971,7 @@ class Worker:
             try:
                 await self._checkpoint()
             except OSError as exc:
-                log.error("checkpoint failed (will try again): %s", exc)
+                self.disk.failed(exc, "checkpoint")
 
     async def _checkpoint(self) -> None:
         """Sync what finished envelopes wrote, then drop their journal segments."""

@@ -11,6 +11,7 @@ import pytest
 from spoolsmtp import journal
 from spoolsmtp.iobatch import IoBatch
 from spoolsmtp.journal import Journal
+from tests.hostile import fill, needs_root, small_tmpfs
 
 
 def segments(folder: Path) -> list[Path]:
@@ -128,3 +129,65 @@ def test_a_long_active_envelope_does_not_pin_the_segments_written_after_it(
         j.close()
 
     asyncio.run(main())
+
+
+@needs_root
+def test_a_commit_after_a_failed_write_is_not_reported_durable_and_nothing_is_torn(
+    tmp_path: Path,
+) -> None:
+    """The disk fills while a batch of records is written: the write is cut short (a torn
+    line) and fails. A commit must not then report success for records that are not on disk,
+    and once space is back every record, the lost batch and the next, reads back whole."""
+    with small_tmpfs(tmp_path / "fs", size="1m") as fs:
+        folder = fs / "journal"
+        big = "x" * 20_000  # larger than what is left of the segment's last page
+
+        async def main() -> None:
+            j = await claimed(folder, "A")
+            filler = fill(fs)
+            j.append({"t": "claim", "id": "B", "name": "b", "pad": big})
+            with pytest.raises(OSError):
+                await j.commit()
+            # another caller committing now must hear that B is not on disk either
+            j.append({"t": "claim", "id": "C", "name": "c"})
+            with pytest.raises(OSError):
+                await j.commit()
+            filler.unlink()
+            j.append({"t": "claim", "id": "D", "name": "d"})
+            await j.commit()
+            j.close()
+
+        asyncio.run(main())
+        replayed = journal.replay(folder)
+        assert {k: v.source for k, v in replayed.items()} == {
+            "A": "a",
+            "B": "b",
+            "C": "c",
+            "D": "d",
+        }
+
+
+@needs_root
+def test_a_record_swallowed_by_a_failed_batch_does_not_get_success_from_the_next(
+    tmp_path: Path,
+) -> None:
+    """B is appended while another caller's batch fails: B's own commit, in the next batch,
+    must fail too (its record is not on disk), not succeed on an empty buffer."""
+    with small_tmpfs(tmp_path / "fs", size="1m") as fs:
+        folder = fs / "journal"
+
+        async def main() -> None:
+            j = await claimed(folder, "A")
+            filler = fill(fs)
+            j.append({"t": "claim", "id": "X", "name": "x" * 20_000})
+            j.append({"t": "claim", "id": "B", "name": "b"})
+            with pytest.raises(OSError):
+                await j.commit()  # X's caller
+            with pytest.raises(OSError):
+                await j.commit()  # B's caller
+            filler.unlink()
+            await j.commit()
+            j.close()
+
+        asyncio.run(main())
+        assert set(journal.replay(folder)) == {"A", "X", "B"}
