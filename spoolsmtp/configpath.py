@@ -76,12 +76,13 @@ def load_for_callers(
     places: list[tuple[str, Path]] = []
     if spool:
         for name in ("incoming", "results"):
-            override = getattr(cfg.spool, name)
-            places.append((f"spool.{name}" if override else "spool.path", cfg.spool.folder(name)))
+            override: Path | None = getattr(cfg.spool, name)
+            places.append(
+                (f"spool.{name}", override) if override else ("spool.path", cfg.spool.path)
+            )
     if control:
-        places.append(
-            ("control.socket" if cfg.control.socket else "spool.path", cfg.control_socket)
-        )
+        sock = cfg.control.socket
+        places.append(("control.socket", sock) if sock else ("spool.path", cfg.spool.path))
     for key, place in places:
         if place.is_absolute():
             continue
@@ -90,9 +91,11 @@ def load_for_callers(
                 "no config",
                 "",
                 f"give --config FILE, set ${ENV} or install {SYSTEM_CONFIG}; the built-in "
-                f"{key} '{place}' would be the current folder",
+                f"{key} '{place}' would be relative to the current folder",
             )
         raise ConfigError(
-            str(path), key, f"must be an absolute path here, not '{place}' (the current folder)"
+            str(path),
+            key,
+            f"must be an absolute path here, not '{place}' (relative to the current folder)",
         )
     return cfg
