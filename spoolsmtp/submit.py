@@ -181,6 +181,10 @@ def submit(
                 reply = r.get("reply") or {}
                 said = f"{reply.get('code', '')} {reply.get('text', '')}".strip()
                 print(f"{r.get('address')}: {r.get('status')} {said}".rstrip())
+        for line in (record or {}).get("batch_errors") or []:
+            print(f"refused: {line}")
+        if (record or {}).get("reason"):
+            print(f"rejected: {(record or {})['reason']}")
     if waited.problem:
         print(
             f"{prog}: {envelope_id} is queued, but cannot learn the outcome: {waited.problem}",

@@ -20,6 +20,7 @@ from typing import Any
 from spoolsmtp import exitcodes
 
 POLL = 0.1
+SOCKET_POLL = 0.5  # asking the worker costs it a record read: not ten times a second
 _QUERY_TIMEOUT = 10.0
 # reasons a connect can never succeed for this user; anything else (ENOENT, ECONNREFUSED: no
 # worker yet) may pass when the worker starts
@@ -95,16 +96,17 @@ def query(
     return result
 
 
-def _look(path: Path, sock_path: Path, envelope_id: str) -> dict[str, Any] | None:
+def _look(path: Path, sock_path: Path, envelope_id: str) -> tuple[dict[str, Any] | None, bool]:
+    """The record as it is now (None: not written yet), and whether the worker was asked."""
     try:
         data = json.loads(path.read_bytes())
-        return data if isinstance(data, dict) else None
+        return (data if isinstance(data, dict) else None), False
     except FileNotFoundError:
-        return None
+        return None, False
     except ValueError:
-        return None  # being replaced; the next look sees the whole file
+        return None, False  # being replaced; the next look sees the whole file
     except PermissionError:
-        return query(sock_path, envelope_id)
+        return query(sock_path, envelope_id), True
     except OSError as exc:
         raise _Unknown(f"cannot read {path}: {exc.strerror or exc}", final=True) from exc
 
@@ -116,9 +118,11 @@ def wait(results: Path, sock_path: Path, envelope_id: str, seconds: float) -> Wa
     record: dict[str, Any] | None = None
     problem: str | None = None
     while True:
+        interval = POLL
         try:
-            found = _look(path, sock_path, envelope_id)
+            found, asked = _look(path, sock_path, envelope_id)
             problem = None
+            interval = SOCKET_POLL if asked else POLL
             if found is not None:
                 record = found
                 code = outcome(record)
@@ -128,8 +132,12 @@ def wait(results: Path, sock_path: Path, envelope_id: str, seconds: float) -> Wa
             problem = str(exc)
             if exc.final:
                 return Waited(exitcodes.TEMPFAIL, record, problem)
-        except Exception as exc:
+            interval = SOCKET_POLL
+        except Exception as exc:  # the mail is queued: never a traceback, never exit 1
             return Waited(exitcodes.TEMPFAIL, record, f"{type(exc).__name__}: {exc}")
-        if deadline is not None and time.monotonic() >= deadline:
-            return Waited(exitcodes.TEMPFAIL, record, problem)
-        time.sleep(POLL)
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return Waited(exitcodes.TEMPFAIL, record, problem)
+            interval = min(interval, left)
+        time.sleep(interval)
