@@ -10,11 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from spoolsmtp import config as configmod
-from spoolsmtp import ctl, deliver_cmd, envfile, eventloop, exitcodes, response, submit
+from spoolsmtp import configpath, ctl, deliver_cmd, envfile, eventloop, exitcodes, response, submit
 from spoolsmtp.diskfull import SpoolNotWritable
 from spoolsmtp.errors import ConfigError, EnvelopeFault
 from spoolsmtp.units import parse_duration
 from spoolsmtp.worker import Worker
+
+_CALLER_CONFIG = "YAML config (default $SPOOLSMTP_CONFIG, else /etc/spoolsmtp/spoolsmtp.yaml)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,14 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     deliver.add_argument("file", type=Path, metavar="FILE")
 
     control = sub.add_parser("ctl", help="talk to a running worker over the control socket")
-    control.add_argument("--config", type=Path, help="YAML config (default conf/spoolsmtp.yaml)")
+    control.add_argument("--config", type=Path, help=_CALLER_CONFIG)
     control.add_argument("--json", action="store_true", help="one JSON object per command")
     control.add_argument("--socket", type=Path, help="the control socket (default from config)")
     control.add_argument("--follow", action="store_true", help="after TRACE: stream the trace here")
     control.add_argument("words", nargs="+", metavar="COMMAND")
 
     sub_cmd = sub.add_parser("submit", help="wrap a message in an envelope and queue it")
-    sub_cmd.add_argument("--config", type=Path, help="YAML config (default conf/spoolsmtp.yaml)")
+    sub_cmd.add_argument("--config", type=Path, help=_CALLER_CONFIG)
     sub_cmd.add_argument("-f", dest="sender", help="envelope sender (default: submit.sender)")
     sub_cmd.add_argument("-t", action="store_true", help="recipients from To/Cc/Bcc (Bcc removed)")
     sub_cmd.add_argument("-i", "-oi", action="store_true", help="a lone '.' does not end input")
@@ -75,9 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:
         return exitcodes.USAGE if exc.code not in (0, None) else exitcodes.OK
     try:
-        cfg = configmod.load(args.config)
+        cfg = _config(args)
     except ConfigError as exc:
-        print(f"spoolsmtp: config error: {exc}", file=sys.stderr)
+        prog = f"spoolsmtp {args.command}" if args.command in ("submit", "ctl") else "spoolsmtp"
+        print(f"{prog}: config error: {exc}", file=sys.stderr)
         return exitcodes.CONFIG
     if args.command == "run":
         return _run(cfg, args)
@@ -93,6 +96,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(cfg, args.files, quiet=args.quiet)
     parser.error(f"unknown command {args.command}")
     return exitcodes.USAGE
+
+
+def _config(args: argparse.Namespace) -> configmod.Config:
+    """submit and ctl never read a config from the current folder (see ``configpath``)."""
+    if args.command == "submit":
+        return configpath.load_for_callers(args.config, control=args.wait is not None)
+    if args.command == "ctl":
+        return configpath.load_for_callers(args.config, spool=False, control=args.socket is None)
+    return configpath.load_for_operators(args.config)
 
 
 def _run(cfg: configmod.Config, args: argparse.Namespace) -> int:
@@ -130,7 +142,7 @@ def _submit(cfg: configmod.Config, args: argparse.Namespace) -> int:
             print(f"spoolsmtp submit: --wait: {exc}", file=sys.stderr)
             return exitcodes.USAGE
     sub = submit.Submission(
-        sender=args.sender.strip("<>") if args.sender is not None else None,
+        sender=_unbracket(args.sender) if args.sender is not None else None,
         recipients=tuple(args.recipients),
         from_headers=args.t,
         dot_ends=not args.i and args.file is None,
@@ -145,6 +157,10 @@ def _submit(cfg: configmod.Config, args: argparse.Namespace) -> int:
             print(f"spoolsmtp submit: {args.file}: no such file", file=sys.stderr)
             return exitcodes.NOINPUT
     return submit.submit(cfg, sub, sys.stdin.buffer, wait_seconds=wait, as_json=args.json)
+
+
+def _unbracket(address: str) -> str:
+    return address[1:-1] if address.startswith("<") and address.endswith(">") else address
 
 
 def _check(cfg: configmod.Config, files: list[Path], *, quiet: bool) -> int:

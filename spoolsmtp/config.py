@@ -205,6 +205,7 @@ class SubmitConfig:
     """Defaults for ``spoolsmtp submit`` and the sendmail entry point."""
 
     sender: str = ""
+    qualify_domain: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,16 @@
 """``spoolsmtp-sendmail``: a sendmail-compatible entry point over ``submit``.
 
-It accepts what cron, logwatch, ERP systems and PHP's mail() pass to /usr/sbin/sendmail:
-``-t -i -oi -f ADDR -F NAME -bm -odi -oem`` and friends. Flags that do not change what is sent
-(delivery mode, error mode, verbosity, queue options) are ignored with a debug note; modes that
-are not "send a message" (-bs, -bp, -bd, -q ...) are refused. Recipients are the arguments.
-The config is ``$SPOOLSMTP_CONFIG``, else ``conf/spoolsmtp.yaml``, else
-``/etc/spoolsmtp/spoolsmtp.yaml``.
+It accepts what cron, logwatch, ERP systems and PHP's mail() pass to /usr/sbin/sendmail. The
+command line is parsed as sendmail's getopt does (GNU getopt, as sendmail on Linux): flags
+cluster (``-ti`` is ``-t -i``), a flag that takes a value takes the rest of its cluster or the
+next argument (``-oi``, ``-O opt=val``, ``-fuser``, ``-f user``), options may follow recipients,
+and ``--`` ends them. Flags that do not change what is sent (delivery and error modes, queue and
+logging options) are ignored; modes that are not "send a message" (-bs, -bp, -q ...) and unknown
+flags are refused with 64. Every value that reaches the envelope or the message is checked
+first: a value that could inject a command or a header is refused with 64, naming the flag.
+
+The config is ``$SPOOLSMTP_CONFIG`` (not for set-id callers), else
+``/etc/spoolsmtp/spoolsmtp.yaml``; never one in the current folder (see ``configpath``).
 """
 
 from __future__ import annotations
@@ -13,103 +18,181 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
-from spoolsmtp import config as configmod
-from spoolsmtp import exitcodes
+from spoolsmtp import configpath, exitcodes
 from spoolsmtp.envelope import Notify, Ret
 from spoolsmtp.errors import ConfigError
 from spoolsmtp.submit import Submission, submit
 
 log = logging.getLogger("spoolsmtp.sendmail")
-_WITH_VALUE = {"f", "F", "r", "N", "R", "V", "B", "L", "O", "X", "C", "h", "p", "q"}
-_REFUSED_MODES = {"s", "p", "d", "D", "i", "t", "v", "h", "H", "P", "a"}
+PROG = "spoolsmtp-sendmail"
+# sendmail 8's getopt string, with Postfix's extra flags (-U -x without values)
+_WITH_VALUE = frozenset("ABbCDdeFfhLMNOopQqRrVX")
+_FLAGS = frozenset("cGIimnsTtvUx")
+_IGNORE_DOTS = {"ignoredots", "ignoredots=true", "ignoredots=t", "ignoredots=yes", "ignoredots=y"}
+_XTEXT_SAFE = frozenset(chr(c) for c in range(0x21, 0x7F)) - {"+", "="}
 
 
 class UsageError(Exception):
     pass
 
 
-def parse(argv: Sequence[str]) -> tuple[Submission, list[str]]:
-    """sendmail's command line: (what to send, ignored flags)."""
+@dataclass
+class _Parsed:
     sender: str | None = None
     full_name: str | None = None
-    from_headers = False
-    dot_ends = True
+    from_headers: bool = False
+    dot_ends: bool = True
     notify: frozenset[Notify] | None = None
     ret: Ret | None = None
     envid: str | None = None
-    verbose = False
-    ignored: list[str] = []
-    recipients: list[str] = []
-    args = list(argv)
+    verbose: bool = False
+    ignored: list[str] = field(default_factory=list)
+
+
+def getopt(argv: Sequence[str]) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """(flag, value) pairs and the other arguments, as GNU getopt with sendmail's flags."""
+    opts: list[tuple[str, str | None]] = []
+    operands: list[str] = []
     i = 0
-    while i < len(args):
-        arg = args[i]
+    while i < len(argv):
+        arg = argv[i]
         i += 1
         if arg == "--":
-            recipients += args[i:]
+            operands += argv[i:]
             break
         if not arg.startswith("-") or arg == "-":
-            recipients.append(arg)
+            operands.append(arg)
             continue
-        flag, rest = arg[1], arg[2:]
-        if flag in _WITH_VALUE and not rest and flag not in ("O",):
-            if i >= len(args):
-                raise UsageError(f"option -{flag} needs a value")
-            rest = args[i]
-            i += 1
-        if flag in ("f", "r"):
-            sender = rest.strip("<>")
-        elif flag == "F":
-            full_name = rest
-        elif flag == "t":
-            from_headers = True
-        elif flag == "i" or (flag == "o" and rest == "i"):
-            dot_ends = False
-        elif flag == "b":
-            if rest and rest[0] in _REFUSED_MODES:
-                raise UsageError(f"mode -b{rest} is not supported: this sendmail only queues mail")
-            if rest not in ("m", ""):
-                ignored.append(arg)
-        elif flag == "q":
-            raise UsageError("-q (run the queue) is not supported; the worker runs it")
-        elif flag == "N":
-            words = {w.strip().upper() for w in rest.split(",")}
-            notify = frozenset() if words == {"NEVER"} else frozenset(Notify(w) for w in words)
-        elif flag == "R":
-            ret = Ret(rest.upper())
-        elif flag == "V":
-            envid = rest
+        j = 1
+        while j < len(arg):
+            flag = arg[j]
+            j += 1
+            if flag in _WITH_VALUE:
+                if j < len(arg):
+                    value = arg[j:]
+                elif flag == "q":
+                    value = ""  # -q alone runs the queue; refused either way
+                elif i < len(argv):
+                    value = argv[i]
+                    i += 1
+                else:
+                    raise UsageError(f"-{flag}: option needs a value")
+                opts.append((flag, value))
+                break
+            if flag not in _FLAGS:
+                raise UsageError(f"-{flag}: unknown option")
+            opts.append((flag, None))
+    return opts, operands
+
+
+def _no_controls(flag: str, value: str) -> None:
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise UsageError(f"-{flag}: the value holds a control character (CR, LF, NUL ...)")
+
+
+def _sender(flag: str, value: str) -> str:
+    text = value.strip()
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1]
+    if any(ch in text for ch in "<> \t"):
+        raise UsageError(f"-{flag}: {value!r} is not an address")
+    return text
+
+
+def _notify(value: str) -> frozenset[Notify]:
+    words = [w.strip().upper() for w in value.split(",")]
+    if words == ["NEVER"]:
+        return frozenset()
+    try:
+        return frozenset(Notify(w) for w in words)
+    except ValueError:
+        raise UsageError(
+            f"-N: {value!r}: expected NEVER, or some of SUCCESS,FAILURE,DELAY"
+        ) from None
+
+
+def _envid(value: str) -> str:
+    if not value or not all(0x21 <= ord(ch) <= 0x7E for ch in value):
+        raise UsageError("-V: the envelope id must be printable ASCII without spaces")
+    encoded = "".join(ch if ch in _XTEXT_SAFE else f"+{ord(ch):02X}" for ch in value)
+    if len(encoded) > 100:
+        raise UsageError("-V: the envelope id is longer than 100 characters (as xtext)")
+    return encoded
+
+
+def _apply(p: _Parsed, flag: str, value: str | None) -> None:
+    if value is None:
+        if flag == "I":
+            raise UsageError("-I: initialising the alias database is not supported")
+        if flag == "t":
+            p.from_headers = True
+        elif flag == "i":
+            p.dot_ends = False
         elif flag == "v":
-            verbose = True
+            p.verbose = True
         else:
-            ignored.append(arg)
+            p.ignored.append(f"-{flag}")
+        return
+    _no_controls(flag, value)
+    if flag in ("f", "r"):
+        p.sender = _sender(flag, value)
+    elif flag == "F":
+        p.full_name = value  # checked as a phrase when the From field is built
+    elif (flag == "o" and value == "i") or (flag == "O" and value.strip().lower() in _IGNORE_DOTS):
+        p.dot_ends = False
+    elif flag == "b":
+        if value != "m":
+            raise UsageError(f"-b{value}: mode not supported: this sendmail only queues mail")
+    elif flag == "q":
+        raise UsageError("-q: running the queue is not supported; the worker runs it")
+    elif flag == "N":
+        p.notify = _notify(value)
+    elif flag == "R":
+        if value.strip().upper() not in ("FULL", "HDRS"):
+            raise UsageError(f"-R: {value!r}: expected full or hdrs")
+        p.ret = Ret(value.strip().upper())
+    elif flag == "V":
+        p.envid = _envid(value)
+    elif flag == "B" and value.upper() not in ("7BIT", "8BITMIME"):
+        raise UsageError(f"-B: {value!r}: expected 7BIT or 8BITMIME")
+    else:
+        p.ignored.append(f"-{flag}{value}")
+
+
+def parse(argv: Sequence[str]) -> tuple[Submission, list[str]]:
+    """sendmail's command line: (what to send, ignored flags)."""
+    opts, recipients = getopt(argv)
+    p = _Parsed()
+    for flag, value in opts:
+        _apply(p, flag, value)
     sub = Submission(
-        sender=sender,
+        sender=p.sender,
         recipients=tuple(recipients),
-        from_headers=from_headers,
-        dot_ends=dot_ends,
-        full_name=full_name,
-        verbose=verbose,
-        notify=notify,
-        ret=ret,
-        envid=envid,
+        from_headers=p.from_headers,
+        dot_ends=p.dot_ends,
+        full_name=p.full_name,
+        verbose=p.verbose,
+        notify=p.notify,
+        ret=p.ret,
+        envid=p.envid,
     )
-    return sub, ignored
+    return sub, p.ignored
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="spoolsmtp-sendmail: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(message)s")
     try:
         sub, ignored = parse(sys.argv[1:] if argv is None else argv)
-    except (UsageError, ValueError) as exc:
-        print(f"spoolsmtp-sendmail: {exc}", file=sys.stderr)
+    except UsageError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
         return exitcodes.USAGE
     for flag in ignored:
         log.debug("ignoring %s (it does not change what is queued)", flag)
     try:
-        cfg = configmod.load(None)
+        cfg = configpath.load_for_callers(None)
     except ConfigError as exc:
-        print(f"spoolsmtp-sendmail: config error: {exc}", file=sys.stderr)
+        print(f"{PROG}: config error: {exc}", file=sys.stderr)
         return exitcodes.CONFIG
-    return submit(cfg, sub, sys.stdin.buffer, wait_seconds=None, as_json=False, quiet=True)
+    return submit(cfg, sub, sys.stdin.buffer, wait_seconds=None, quiet=True, prog=PROG)

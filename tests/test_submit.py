@@ -177,7 +177,7 @@ def test_sendmail_driven_as_cron_drives_it(world: tuple[WorkerProcess, SmtpServe
     assert msg.rcpt_tos == ["alice@example.org"]
     body = without_received(msg)
     assert body.endswith(b"/etc/cron.daily/logrotate:\r\n.\r\nerror: x\r\n")
-    assert b"From: root (Cron Daemon)" in body
+    assert b"From: root@spoolsmtp.test (Cron Daemon)" in body
 
 
 def test_sendmail_refuses_modes_it_does_not_have(tmp_path: Path) -> None:
