@@ -10,10 +10,18 @@ Rules of the file (SPEC.md "The envelope"):
   a HELO/EHLO after QUIT opens a new session (concatenated envelopes stay readable).
 * The states are NO_HELO -> READY -> MAIL (a transaction is open) -> DATA (reading a message)
   -> READY, plus SKIP (the body of a refused DATA, consumed and dropped) and CLOSED (after QUIT).
-* A transaction abandoned without DATA (QUIT or end of file after MAIL) is answered with an error,
-  like a refused command. Only RSET discards a transaction silently.
+* A transaction abandoned without DATA (QUIT, HELO/EHLO, or end of file after MAIL) is answered
+  with an error, like a refused command. Only RSET discards a transaction silently. HELO/EHLO in
+  a transaction resets it (RFC 5321 4.1.4): its recipients never join a later transaction.
+* Every refusal remembers the sender of the transaction it stood in (``Entry.sender``), so that
+  each sender is told of its own refused commands.
 * Structural faults reject the whole file, raising ``EnvelopeFault``: binary content (a NUL or
-  control bytes among commands), an empty file, DATA never terminated, a file over the size limit.
+  control bytes among commands), an empty file, DATA never terminated, a file over the size limit,
+  more commands, transactions or recipients than the per-file limits allow. Reading stops at the
+  line that passes a limit, so what the reader keeps stays bounded (about 1 KB per command line).
+* Fields that reach headers, the wire or a terminal carry no control characters: HELO/EHLO must
+  name a domain or an address literal, ORCPT must be ``atom;xtext`` that encodes no control
+  character.
 
 The reader does no I/O: feed it bytes with ``feed`` and call ``finish`` at end of file. It keeps
 offsets, not message text, so memory does not grow with message size. A message is scanned a
@@ -27,7 +35,7 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
-from spoolsmtp.address import parse_path
+from spoolsmtp.address import check_domain, parse_path
 from spoolsmtp.config import Limits
 from spoolsmtp.envelope import (
     BodyType,
@@ -49,6 +57,9 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.I | re.M)
 _XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*$")
 _TICK = re.compile(r"^[\x21-\x7e]{1,64}$")
+_ADDR_TYPE = re.compile(r"^[A-Za-z0-9!#$%&'*/=?^_`{|}~\-]+$")
+_HEX = re.compile(r"\+([0-9A-F]{2})|\\x\{([0-9A-Fa-f]{1,6})\}")
+_POSTMASTER = "<postmaster>"
 _NOT_IN_BATCH = {"STARTTLS", "AUTH", "VRFY", "EXPN", "ETRN", "TURN", "ATRN", "BDAT"}
 
 
@@ -113,6 +124,11 @@ class Reader:
         self._scan: _Scan | None = None
         self._long_line = 0
         self._last_sender: str | None = None
+        self._first_sender: str | None = None
+        self._commands = 0
+        self._replies: dict[Reply, Reply] = {}
+        self._mails = 0
+        self._recipients = 0
         self._entries: list[Entry] = []
         self._transactions: list[Transaction] = []
         self._seen_content = False
@@ -153,7 +169,11 @@ class Reader:
                 ),
             )
             self._open = None
-        errors = tuple(e for e in self._entries if not e.reply.ok)
+        errors = tuple(
+            e if e.sender is not None else Entry(e.line, e.echo, e.reply, self._first_sender)
+            for e in self._entries
+            if not e.reply.ok
+        )
         return Envelope(
             source=self.source,
             transactions=tuple(self._transactions),
@@ -220,6 +240,9 @@ class Reader:
         if self._crlf is None and raw.endswith(b"\n"):
             self._crlf = crlf
         self._seen_content = True
+        self._commands += 1
+        if self._commands > self.limits.commands_per_file:
+            self._over(line, self.limits.commands_per_file, "commands", "commands_per_file")
         echo = _echo(content, self.limits.command_line)
         if len(content) + 2 > self.limits.command_line:
             self._answer(line, echo, _too_long(self.limits.command_line))
@@ -289,15 +312,24 @@ class Reader:
     def _helo_cmd(self, verb: str, arg: str, line: int) -> Reply:
         if not arg or " " in arg:
             return make(501, "5.5.4", f"Syntax: {verb} hostname")
-        if self._open is not None:
+        if check_domain(arg, "HELO", "5.5.4") is not None:
             return make(
-                503,
-                "5.5.1",
-                f"transaction begun at line {self._open.line} still open; RSET first",
+                501,
+                "5.5.4",
+                f"{verb} needs a domain name or an address literal such as [192.0.2.1]",
             )
         self._helo = arg
         self._helo_line = line
         self._state = State.READY
+        if self._open is not None:
+            # RFC 5321 4.1.4: HELO/EHLO in a transaction resets it, as RSET would (and as Exim
+            # does); unlike RSET it is answered as an error, so the job learns of the loss
+            begun, self._open = self._open.line, None
+            return make(
+                503,
+                "5.5.1",
+                f"transaction begun at line {begun} abandoned without DATA: {verb} resets it",
+            )
         if verb == "HELO":
             return Reply(250, None, (f"{self.hostname} hello {arg}",))
         return Reply(
@@ -328,9 +360,16 @@ class Reader:
         if fault is not None:
             return fault
         sender = str(mailbox) if mailbox else ""
+        self._mails += 1
+        if self._mails > self.limits.transactions_per_file:
+            self._over(
+                line, self.limits.transactions_per_file, "transactions", "transactions_per_file"
+            )
         self._open = _Open(line, sender, params)
         self._state = State.MAIL
         self._last_sender = sender
+        if self._first_sender is None:
+            self._first_sender = sender
         return make(250, "2.1.0", f"<{sender}> sender ok")
 
     def _rcpt(self, arg: str, line: int) -> Reply:
@@ -342,6 +381,9 @@ class Reader:
         notify, orcpt, fault = _rcpt_params(rest)
         if fault is not None:
             return fault
+        if path.lower() == _POSTMASTER:
+            # RFC 5321 4.5.1: <Postmaster> without a domain must be accepted; it is ours
+            path = f"<{path[1:-1]}@{self.hostname}>"
         mailbox, fault = parse_path(
             path, self.limits, sender=False, utf8=self._open.params.smtputf8
         )
@@ -349,12 +391,21 @@ class Reader:
             return fault
         assert mailbox is not None
         address = str(mailbox)
-        if address.lower() in self._open.seen:
+        # RFC 5321 2.4: a local part is case-sensitive, the domain is not; 4.5.1: "postmaster"
+        # is a case-insensitive local part
+        local = mailbox.local
+        key = (
+            f"{local.lower() if local.lower() == 'postmaster' else local}@{mailbox.domain.lower()}"
+        )
+        if key in self._open.seen:
             return make(250, "2.1.5", f"<{address}> duplicate recipient, delivered once")
         if len(self._open.recipients) >= self.limits.recipients:
             return make(452, "4.5.3", f"too many recipients (limit {self.limits.recipients})")
+        self._recipients += 1
+        if self._recipients > self.limits.recipients_per_file:
+            self._over(line, self.limits.recipients_per_file, "recipients", "recipients_per_file")
         self._open.recipients.append(Recipient(address, notify, orcpt, line))
-        self._open.seen.add(address.lower())
+        self._open.seen.add(key)
         return make(250, "2.1.5", f"<{address}> recipient ok")
 
     def _data(self, arg: str, line: int, next_offset: int) -> Reply:
@@ -389,7 +440,22 @@ class Reader:
         return make(250, "2.0.0", f"verbose mode {mode.lower()}")
 
     def _answer(self, line: int, echo: str, reply: Reply) -> None:
-        self._entries.append(Entry(line, echo, reply))
+        # equal replies share one object: a file of 100,000 refused RCPTs keeps one 452
+        reply = self._replies.setdefault(reply, reply)
+        if reply.ok:
+            self._entries.append(Entry(line, echo, reply))
+        else:
+            # a refusal belongs to the transaction it stood in: the last valid MAIL FROM before
+            # it ("" for <>); refusals before any are settled in ``finish``
+            self._entries.append(Entry(line, echo, reply, self._last_sender))
+
+    def _over(self, line: int, limit: int, what: str, key: str) -> None:
+        """A per-file limit is passed: the whole file is refused and reading stops here."""
+        raise EnvelopeFault(
+            self.source,
+            line,
+            f"more than {limit} {what} in one file (limits.{key}); the whole file is refused",
+        )
 
     # -- message text ----------------------------------------------------------------------
 
@@ -483,8 +549,11 @@ class Reader:
             return make(554, "5.6.0", f"bare CR in message text at line {bare_line}; refused")
         longest = self.limits.text_line - (1 if crlf else 2)
         if len(block) > longest:
+            # RFC 5321 4.5.3.1.6: the dot added by dot-stuffing does not count toward the limit
             lines = block.split(b"\n")
-            lengths = [len(x) for x in lines]
+            lengths = [len(x) - x.startswith(b".") for x in lines]
+            if not line_start and lines[0].startswith(b"."):
+                lengths[0] += 1
             worst = max(lengths)
             if worst > longest:
                 index = lengths.index(worst)
@@ -654,9 +723,20 @@ def _rcpt_params(text: str) -> tuple[frozenset[Notify] | None, str | None, Reply
             kind, semi, addr = (value or "").partition(";")
             if not semi or not kind or not addr or len(value or "") > 500:
                 return None, None, make(501, "5.5.4", "ORCPT must be addr-type;address")
-            if not _XTEXT.match(addr):
-                return None, None, make(501, "5.5.4", "ORCPT address must be xtext")
+            if not _ADDR_TYPE.match(kind):
+                return None, None, make(501, "5.5.4", "ORCPT addr-type must be an atom (rfc822)")
+            if not _XTEXT.match(addr) or _hides_control(addr):
+                return None, None, make(501, "5.5.4", "ORCPT address must be printable xtext")
             orcpt = value
         else:
             return None, None, make(555, "5.5.4", f"unsupported RCPT parameter {key}")
     return notify, orcpt, None
+
+
+def _hides_control(xtext: str) -> bool:
+    """True when xtext (``+XX``, or utf-8-addr ``\\x{HEX}``) encodes a control character."""
+    for m in _HEX.finditer(xtext):
+        code = int(m.group(1) or m.group(2), 16)
+        if code < 0x20 or 0x7F <= code < 0xA0:
+            return True
+    return False

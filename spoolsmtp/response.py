@@ -41,6 +41,21 @@ def error_lines(envelope: Envelope, errors: tuple[Entry, ...] | None = None) -> 
     return [f"{source}:{e.line}: {shown(e.reply.render()[0])}" for e in chosen]
 
 
+def batch_reports(envelope: Envelope) -> list[tuple[str, str | None, list[str]]]:
+    """One batch error report per sender: (tag, sender, its refused lines), in file order.
+
+    A refused command is reported to the sender of the transaction it stood in (``Entry.sender``).
+    The first report keeps the tag ``batch``, the others are ``batch.2``, ``batch.3``...
+    """
+    groups: dict[str | None, list[Entry]] = {}
+    for entry in envelope.errors:
+        groups.setdefault(entry.sender, []).append(entry)
+    return [
+        ("batch" if n == 1 else f"batch.{n}", sender, error_lines(envelope, tuple(entries)))
+        for n, (sender, entries) in enumerate(groups.items(), 1)
+    ]
+
+
 def verdict(envelope: Envelope) -> str:
     """One line: accepted or not, with counts."""
     recipients = sum(len(t.recipients) for t in envelope.transactions)
