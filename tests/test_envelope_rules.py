@@ -15,7 +15,7 @@ import pytest
 from spoolsmtp import envfile, writer
 from spoolsmtp.config import Limits
 from tests.helpers import draft
-from tests.smtpservers import SmtpServer
+from tests.smtpservers import Script, SmtpServer
 from tests.workerproc import ROOT, WorkerProcess, wait_for
 
 MB = 1024 * 1024
@@ -242,3 +242,36 @@ def test_writer_and_reader_agree_on_the_longest_dot_line() -> None:
     env = envfile.read_bytes(ok, "ok.bsmtp", Limits(), "mx.test")
     assert env.accepted, env.errors
     assert env.transactions[0].message.size == 1000
+
+
+def test_control_bytes_in_envelope_fields_reach_neither_the_wire_nor_a_report(
+    tmp_path: Path,
+) -> None:
+    srv = SmtpServer(Script(rcpt={"gone@example.org": "550 5.1.1 no such user"}))
+    data = lines(
+        "HELO ok.example.com",
+        "EHLO evil\x1b]0;x\x07.example.com",
+        "MAIL FROM:<o@example.com>",
+        "RCPT TO:<a@example.org> ORCPT=rfc822\x1b[31m;a@example.org",
+        "RCPT TO:<b@example.org> ORCPT=rfc822;b+1B[31m@example.org",
+        "RCPT TO:<c@[IPv6:fe80::1%eth0\x1b]>",
+        "RCPT TO:<gone@example.org> ORCPT=rfc822;gone+07@example.org",
+        "RCPT TO:<ok@example.org> ORCPT=rfc822;ok@example.org",
+        "DATA",
+        "hi",
+        ".",
+    )
+    w = start(tmp_path, srv)
+    try:
+        w.drop("ctl.bsmtp", data)
+        rec = wait_for(lambda: w.final("ctl.bsmtp"))
+    finally:
+        w.stop()
+        srv.stop()
+    assert [m.rcpt_tos for m in srv.messages] == [["ok@example.org"]]
+    assert [line.split(": ", 1)[1][:3] for line in rec["batch_errors"]] == ["501"] * 5
+    sent = b"".join(srv.raw)
+    assert b"\x1b" not in sent and b"\x07" not in sent
+    assert b"Received: from ok.example.com" in srv.messages[0].content
+    for report in w.files("bounces"):
+        assert b"\x1b" not in report.read_bytes() and b"\x07" not in report.read_bytes()
