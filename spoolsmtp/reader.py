@@ -386,12 +386,8 @@ class Reader:
             return fault
         assert mailbox is not None
         address = str(mailbox)
-        # RFC 5321 2.4: a local part is case-sensitive, the domain is not; 4.5.1: "postmaster"
-        # is a case-insensitive local part
-        local = mailbox.local
-        key = (
-            f"{local.lower() if local.lower() == 'postmaster' else local}@{mailbox.domain.lower()}"
-        )
+        # RFC 5321 2.4: a local part is case-sensitive; only the domain is not
+        key = f"{mailbox.local}@{mailbox.domain.lower()}"
         if key in self._open.seen:
             return make(250, "2.1.5", f"<{address}> duplicate recipient, delivered once")
         if len(self._open.recipients) >= self.limits.recipients:
