@@ -20,6 +20,7 @@ _LABEL = re.compile(
     r"^(?:[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\-\u0080-\U0010ffff]{0,61}"
     r"[A-Za-z0-9\u0080-\U0010ffff])?)$"
 )
+_IPV6 = re.compile(r"^[0-9A-Fa-f:.]+$")
 _SOURCE_ROUTE = re.compile(r"^@[^:,]+(?:,@[^:,]+)*:")
 
 
@@ -77,6 +78,9 @@ def check_domain(domain: str, role: str, status: str) -> Reply | None:
         literal = domain[1:-1]
         try:
             if literal.lower().startswith("ipv6:"):
+                # only hex digits, colons and dots: ipaddress would take a zone ("%eth 0\x1b")
+                if not _IPV6.match(literal[5:]):
+                    raise ValueError(literal)
                 ipaddress.IPv6Address(literal[5:])
             else:
                 ipaddress.IPv4Address(literal)

@@ -166,6 +166,7 @@ def _unbracket(address: str) -> str:
 def _check(cfg: configmod.Config, files: list[Path], *, quiet: bool) -> int:
     status = exitcodes.OK
     for path in files:
+        name = response.shown(str(path))
         try:
             with envfile.converted(path, cfg.spool) as readable:
                 env = envfile.read(
@@ -176,20 +177,20 @@ def _check(cfg: configmod.Config, files: list[Path], *, quiet: bool) -> int:
                     source=str(path),
                 )
         except FileNotFoundError:
-            print(f"{path}: no such file", file=sys.stderr)
+            print(f"{name}: no such file", file=sys.stderr)
             status = max(status, exitcodes.NOINPUT)
             continue
         except IsADirectoryError:
-            print(f"{path}: is a directory", file=sys.stderr)
+            print(f"{name}: is a directory", file=sys.stderr)
             status = max(status, exitcodes.NOINPUT)
             continue
         except UnicodeError as exc:
-            print(f"{path}:1: cannot convert from {cfg.spool.encoding}: {exc}")
+            print(f"{name}:1: cannot convert from {cfg.spool.encoding}: {response.shown(str(exc))}")
             status = max(status, exitcodes.DATAERR)
             continue
         except EnvelopeFault as exc:
-            print(str(exc))
-            print(f"{path}: REJECTED, not an envelope; nothing of it would be sent")
+            print(response.shown(str(exc)))
+            print(f"{name}: REJECTED, not an envelope; nothing of it would be sent")
             status = max(status, exitcodes.DATAERR)
             continue
         if not quiet:

@@ -109,6 +109,9 @@ class Limits:
     domain: int = _count(255)
     path: int = _count(256)
     recipients: int = _count(1000)
+    recipients_per_file: int = _count(50_000)
+    transactions_per_file: int = _count(10_000)
+    commands_per_file: int = _count(100_000)
     max_message_bytes: int = _size(50 * 1000**2, 1)
     max_hops: int = _count(100)
 

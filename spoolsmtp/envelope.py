@@ -113,13 +113,18 @@ class Transaction:
     message: Message
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
-    """One line of the batch response: a command as written (its echo) and the reply it got."""
+    """One line of the batch response: a command as written (its echo) and the reply it got.
+
+    ``sender`` (refusals only) is the MAIL FROM of the transaction the command stood in: the
+    last valid one before it, else the file's first; "" for ``<>``; None when the file has none.
+    """
 
     line: int
     echo: str
     reply: Reply
+    sender: str | None = None
 
 
 @dataclass(frozen=True)

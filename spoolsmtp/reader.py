@@ -10,10 +10,18 @@ Rules of the file (SPEC.md "The envelope"):
   a HELO/EHLO after QUIT opens a new session (concatenated envelopes stay readable).
 * The states are NO_HELO -> READY -> MAIL (a transaction is open) -> DATA (reading a message)
   -> READY, plus SKIP (the body of a refused DATA, consumed and dropped) and CLOSED (after QUIT).
-* A transaction abandoned without DATA (QUIT or end of file after MAIL) is answered with an error,
-  like a refused command. Only RSET discards a transaction silently.
+* A transaction abandoned without DATA (QUIT, HELO/EHLO, or end of file after MAIL) is answered
+  with an error, like a refused command. Only RSET discards a transaction silently. HELO/EHLO in
+  a transaction resets it (RFC 5321 4.1.4): its recipients never join a later transaction.
+* Every refusal remembers the sender of the transaction it stood in (``Entry.sender``), so that
+  each sender is told of its own refused commands.
 * Structural faults reject the whole file, raising ``EnvelopeFault``: binary content (a NUL or
-  control bytes among commands), an empty file, DATA never terminated, a file over the size limit.
+  control bytes among commands), an empty file, DATA never terminated, a file over the size limit,
+  more commands, transactions or recipients than the per-file limits allow. Reading stops at the
+  line that passes a limit, so what the reader keeps stays bounded (about 1 KB per command line).
+* Fields that reach headers, the wire or a terminal carry no control characters: HELO/EHLO must
+  name a domain or an address literal, ORCPT must be ``atom;xtext`` that encodes no control
+  character.
 
 The reader does no I/O: feed it bytes with ``feed`` and call ``finish`` at end of file. It keeps
 offsets, not message text, so memory does not grow with message size. A message is scanned a
@@ -27,28 +35,26 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
-from spoolsmtp.address import parse_path
+from spoolsmtp.address import check_domain, parse_path
 from spoolsmtp.config import Limits
 from spoolsmtp.envelope import (
-    BodyType,
     Entry,
     Envelope,
     MailParams,
     Message,
-    Notify,
     Recipient,
-    Ret,
     Transaction,
 )
 from spoolsmtp.errors import EnvelopeFault
+from spoolsmtp.params import mail_params, rcpt_params, split_path
 from spoolsmtp.reply import Reply, make
 
 # A line longer than this without any LF is taken as proof that the file is not line text.
 _MAX_PARTIAL = 64 * 1024
 _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.I | re.M)
-_XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*$")
 _TICK = re.compile(r"^[\x21-\x7e]{1,64}$")
+_POSTMASTER = "<postmaster>"
 _NOT_IN_BATCH = {"STARTTLS", "AUTH", "VRFY", "EXPN", "ETRN", "TURN", "ATRN", "BDAT"}
 
 
@@ -113,6 +119,11 @@ class Reader:
         self._scan: _Scan | None = None
         self._long_line = 0
         self._last_sender: str | None = None
+        self._first_sender: str | None = None
+        self._commands = 0
+        self._replies: dict[Reply, Reply] = {}
+        self._mails = 0
+        self._recipients = 0
         self._entries: list[Entry] = []
         self._transactions: list[Transaction] = []
         self._seen_content = False
@@ -153,7 +164,11 @@ class Reader:
                 ),
             )
             self._open = None
-        errors = tuple(e for e in self._entries if not e.reply.ok)
+        errors = tuple(
+            e if e.sender is not None else Entry(e.line, e.echo, e.reply, self._first_sender)
+            for e in self._entries
+            if not e.reply.ok
+        )
         return Envelope(
             source=self.source,
             transactions=tuple(self._transactions),
@@ -220,6 +235,9 @@ class Reader:
         if self._crlf is None and raw.endswith(b"\n"):
             self._crlf = crlf
         self._seen_content = True
+        self._commands += 1
+        if self._commands > self.limits.commands_per_file:
+            self._over(line, self.limits.commands_per_file, "commands", "commands_per_file")
         echo = _echo(content, self.limits.command_line)
         if len(content) + 2 > self.limits.command_line:
             self._answer(line, echo, _too_long(self.limits.command_line))
@@ -289,15 +307,24 @@ class Reader:
     def _helo_cmd(self, verb: str, arg: str, line: int) -> Reply:
         if not arg or " " in arg:
             return make(501, "5.5.4", f"Syntax: {verb} hostname")
-        if self._open is not None:
+        if check_domain(arg, "HELO", "5.5.4") is not None:
             return make(
-                503,
-                "5.5.1",
-                f"transaction begun at line {self._open.line} still open; RSET first",
+                501,
+                "5.5.4",
+                f"{verb} needs a domain name or an address literal such as [192.0.2.1]",
             )
         self._helo = arg
         self._helo_line = line
         self._state = State.READY
+        if self._open is not None:
+            # RFC 5321 4.1.4: HELO/EHLO in a transaction resets it, as RSET would (and as Exim
+            # does); unlike RSET it is answered as an error, so the job learns of the loss
+            begun, self._open = self._open.line, None
+            return make(
+                503,
+                "5.5.1",
+                f"transaction begun at line {begun} abandoned without DATA: {verb} resets it",
+            )
         if verb == "HELO":
             return Reply(250, None, (f"{self.hostname} hello {arg}",))
         return Reply(
@@ -320,17 +347,24 @@ class Reader:
             return make(503, "5.5.1", f"nested MAIL command (MAIL at line {self._open.line})")
         if not arg.upper().startswith("FROM:"):
             return make(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")
-        path, rest = _split_path(arg[5:].lstrip())
-        params, fault = _mail_params(rest, self.limits)
+        path, rest = split_path(arg[5:].lstrip())
+        params, fault = mail_params(rest, self.limits)
         if fault is not None:
             return fault
         mailbox, fault = parse_path(path, self.limits, sender=True, utf8=params.smtputf8)
         if fault is not None:
             return fault
         sender = str(mailbox) if mailbox else ""
+        self._mails += 1
+        if self._mails > self.limits.transactions_per_file:
+            self._over(
+                line, self.limits.transactions_per_file, "transactions", "transactions_per_file"
+            )
         self._open = _Open(line, sender, params)
         self._state = State.MAIL
         self._last_sender = sender
+        if self._first_sender is None:
+            self._first_sender = sender
         return make(250, "2.1.0", f"<{sender}> sender ok")
 
     def _rcpt(self, arg: str, line: int) -> Reply:
@@ -338,10 +372,13 @@ class Reader:
             return make(503, "5.5.1", "need MAIL before RCPT")
         if not arg.upper().startswith("TO:"):
             return make(501, "5.5.4", "Syntax: RCPT TO:<address> [parameters]")
-        path, rest = _split_path(arg[3:].lstrip())
-        notify, orcpt, fault = _rcpt_params(rest)
+        path, rest = split_path(arg[3:].lstrip())
+        notify, orcpt, fault = rcpt_params(rest)
         if fault is not None:
             return fault
+        if path.lower() == _POSTMASTER:
+            # RFC 5321 4.5.1: <Postmaster> without a domain must be accepted; it is ours
+            path = f"<{path[1:-1]}@{self.hostname}>"
         mailbox, fault = parse_path(
             path, self.limits, sender=False, utf8=self._open.params.smtputf8
         )
@@ -349,12 +386,17 @@ class Reader:
             return fault
         assert mailbox is not None
         address = str(mailbox)
-        if address.lower() in self._open.seen:
+        # RFC 5321 2.4: a local part is case-sensitive; only the domain is not
+        key = f"{mailbox.local}@{mailbox.domain.lower()}"
+        if key in self._open.seen:
             return make(250, "2.1.5", f"<{address}> duplicate recipient, delivered once")
         if len(self._open.recipients) >= self.limits.recipients:
             return make(452, "4.5.3", f"too many recipients (limit {self.limits.recipients})")
+        self._recipients += 1
+        if self._recipients > self.limits.recipients_per_file:
+            self._over(line, self.limits.recipients_per_file, "recipients", "recipients_per_file")
         self._open.recipients.append(Recipient(address, notify, orcpt, line))
-        self._open.seen.add(address.lower())
+        self._open.seen.add(key)
         return make(250, "2.1.5", f"<{address}> recipient ok")
 
     def _data(self, arg: str, line: int, next_offset: int) -> Reply:
@@ -389,7 +431,22 @@ class Reader:
         return make(250, "2.0.0", f"verbose mode {mode.lower()}")
 
     def _answer(self, line: int, echo: str, reply: Reply) -> None:
-        self._entries.append(Entry(line, echo, reply))
+        # equal replies share one object: a file of 100,000 refused RCPTs keeps one 452
+        reply = self._replies.setdefault(reply, reply)
+        if reply.ok:
+            self._entries.append(Entry(line, echo, reply))
+        else:
+            # a refusal belongs to the transaction it stood in: the last valid MAIL FROM before
+            # it ("" for <>); refusals before any are settled in ``finish``
+            self._entries.append(Entry(line, echo, reply, self._last_sender))
+
+    def _over(self, line: int, limit: int, what: str, key: str) -> None:
+        """A per-file limit is passed: the whole file is refused and reading stops here."""
+        raise EnvelopeFault(
+            self.source,
+            line,
+            f"more than {limit} {what} in one file (limits.{key}); the whole file is refused",
+        )
 
     # -- message text ----------------------------------------------------------------------
 
@@ -483,8 +540,11 @@ class Reader:
             return make(554, "5.6.0", f"bare CR in message text at line {bare_line}; refused")
         longest = self.limits.text_line - (1 if crlf else 2)
         if len(block) > longest:
+            # RFC 5321 4.5.3.1.6: the dot added by dot-stuffing does not count toward the limit
             lines = block.split(b"\n")
-            lengths = [len(x) for x in lines]
+            lengths = [len(x) - x.startswith(b".") for x in lines]
+            if not line_start and lines[0].startswith(b"."):
+                lengths[0] += 1
             worst = max(lengths)
             if worst > longest:
                 index = lengths.index(worst)
@@ -553,110 +613,3 @@ def _echo(content: bytes, limit: int) -> str:
     """A command as the batch response echoes it: control characters but tab as ``\\xNN``."""
     text = content[:limit].decode("utf-8", "backslashreplace")
     return _ESCAPED.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-
-
-def _split_path(text: str) -> tuple[str, str]:
-    """Split ``<path> params``, respecting quoted local parts; a bare path ends at a space."""
-    if not text.startswith("<"):
-        path, _, rest = text.partition(" ")
-        return path, rest
-    quoted = False
-    escaped = False
-    for i, ch in enumerate(text):
-        if escaped:
-            escaped = False
-        elif ch == "\\" and quoted:
-            escaped = True
-        elif ch == '"':
-            quoted = not quoted
-        elif ch == ">" and not quoted:
-            return text[: i + 1], text[i + 1 :]
-    return text, ""
-
-
-def _params(text: str) -> tuple[dict[str, str | None], Reply | None]:
-    out: dict[str, str | None] = {}
-    if text and not text.startswith(" "):
-        return out, make(501, "5.5.4", "parameters must follow the address after a space")
-    for word in text.split():
-        name, eq, value = word.partition("=")
-        key = name.upper()
-        if key in out:
-            return out, make(501, "5.5.4", f"duplicate parameter {key}")
-        out[key] = value if eq else None
-    return out, None
-
-
-def _mail_params(text: str, limits: Limits) -> tuple[MailParams, Reply | None]:
-    params, fault = _params(text)
-    if fault is not None:
-        return MailParams(), fault
-    size: int | None = None
-    body: BodyType | None = None
-    smtputf8 = False
-    ret: Ret | None = None
-    envid: str | None = None
-    for key, value in params.items():
-        if key == "SIZE":
-            if value is None or not value.isdigit() or len(value) > 20:
-                return MailParams(), make(501, "5.5.4", "SIZE needs a number of octets")
-            size = int(value)
-            if size > limits.max_message_bytes:
-                return MailParams(), make(
-                    552,
-                    "5.3.4",
-                    f"message size exceeds fixed maximum message size ({limits.max_message_bytes})",
-                )
-        elif key == "BODY":
-            names = {b.value: b for b in BodyType}
-            if value is None or value.upper() not in names:
-                if value is not None and value.upper() == "BINARYMIME":
-                    return MailParams(), make(555, "5.5.4", "BODY=BINARYMIME is not supported")
-                return MailParams(), make(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
-            body = names[value.upper()]
-        elif key == "SMTPUTF8":
-            if value is not None:
-                return MailParams(), make(501, "5.5.4", "SMTPUTF8 takes no value")
-            smtputf8 = True
-        elif key == "RET":
-            if value is None or value.upper() not in ("FULL", "HDRS"):
-                return MailParams(), make(501, "5.5.4", "RET must be FULL or HDRS")
-            ret = Ret(value.upper())
-        elif key == "ENVID":
-            if value is None or not value or len(value) > 100 or not _XTEXT.match(value):
-                return MailParams(), make(501, "5.5.4", "ENVID must be 1-100 characters of xtext")
-            envid = value
-        else:
-            return MailParams(), make(555, "5.5.4", f"unsupported MAIL parameter {key}")
-    return MailParams(size, body, smtputf8, ret, envid), None
-
-
-def _rcpt_params(text: str) -> tuple[frozenset[Notify] | None, str | None, Reply | None]:
-    params, fault = _params(text)
-    if fault is not None:
-        return None, None, fault
-    notify: frozenset[Notify] | None = None
-    orcpt: str | None = None
-    for key, value in params.items():
-        if key == "NOTIFY":
-            words = (value or "").upper().split(",")
-            if words == ["NEVER"]:
-                notify = frozenset()
-            elif words and all(w in ("SUCCESS", "FAILURE", "DELAY") for w in words):
-                notify = frozenset(Notify(w) for w in words)
-            else:
-                return (
-                    None,
-                    None,
-                    make(501, "5.5.4", "NOTIFY must be NEVER or a list of SUCCESS,FAILURE,DELAY"),
-                )
-        elif key == "ORCPT":
-            kind, semi, addr = (value or "").partition(";")
-            if not semi or not kind or not addr or len(value or "") > 500:
-                return None, None, make(501, "5.5.4", "ORCPT must be addr-type;address")
-            if not _XTEXT.match(addr):
-                return None, None, make(501, "5.5.4", "ORCPT address must be xtext")
-            orcpt = value
-        else:
-            return None, None, make(555, "5.5.4", f"unsupported RCPT parameter {key}")
-    return notify, orcpt, None

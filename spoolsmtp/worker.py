@@ -408,18 +408,21 @@ class Worker:
             await self.spool.write(
                 "results", f"{envelope_id}.response", response.render(env).encode()
             )
-        if env.errors and "batch" not in record.reports and "batch" not in replayed.reports:
+        rendered = response.render(env) if env.errors else ""
+        for tag, sender, errors in response.batch_reports(env):
+            if tag in record.reports or tag in replayed.reports:
+                continue
             message = batch_report(
                 hostname=self.cfg.helo_name,
                 envelope_id=envelope_id,
                 source=record.source,
-                sender=env.last_sender or "",
-                errors=response.error_lines(env),
-                response=response.render(env),
+                sender=sender or "",
+                errors=errors,
+                response=rendered,
                 now=utcnow(),
             )
-            await self._send_report(envelope_id, "batch", env.last_sender or "", message)
-            record.reports.append("batch")
+            await self._send_report(envelope_id, tag, sender or "", message)
+            record.reports.append(tag)
 
     # -- resuming and retrying -------------------------------------------------------------
 

@@ -51,3 +51,26 @@ def test_not_an_envelope_is_rejected_with_its_reason(tmp_path: Path) -> None:
     assert result.returncode == 65
     assert "img.bsmtp:1: binary content" in result.stdout
     assert "REJECTED" in result.stdout
+
+
+def test_nothing_check_prints_reaches_the_terminal_as_a_control_character(tmp_path: Path) -> None:
+    # a file name with ESC, BEL and a byte that is not UTF-8; a command with DEL and C1 CSI
+    name = b"evil\x1b]0;owned\x07\xff.bsmtp"
+    body = "HELO h\nNOOP \x7f\u009b31m\nFROB\u009b2J\nQUIT\n".encode()
+    (tmp_path / name.decode("utf-8", "surrogateescape")).write_bytes(body)
+    (tmp_path / "gone\x1b[2J.bsmtp").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "spoolsmtp", "check", name, b"gone\x1b[2J.bsmtp", b"nope\x1b"],
+        cwd=tmp_path,
+        capture_output=True,
+        check=False,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 66
+    assert [b for b in out if (b < 0x20 and b not in b"\n\t") or b == 0x7F] == []
+    assert "\u009b" not in out.decode("utf-8")
+    text = out.decode()
+    assert "evil\\x1b]0;owned\\x07\\xff.bsmtp:3: 500 5.5.2 command unrecognized" in text
+    assert "050 NOOP \\x7f\\x9b31m" in text
+    assert "gone\\x1b[2J.bsmtp: is a directory" in text
+    assert "nope\\x1b: no such file" in text

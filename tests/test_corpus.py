@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from spoolsmtp import cli, config, envfile
+from spoolsmtp import cli, config, envfile, response
 from tests.helpers import read_in_steps
 
 CORPUS = Path(__file__).parent / "corpus"
@@ -47,3 +47,16 @@ def test_reading_does_not_depend_on_how_the_bytes_arrive(name: str) -> None:
     whole = read_in_steps(data, max(len(data), 1), limits, size)
     assert read_in_steps(data, 1, limits, size) == whole
     assert read_in_steps(data, 7, limits, size) == whole
+
+
+@pytest.mark.parametrize("name", [c for c in CASES if (CORPUS / f"{c}.reports").exists()])
+def test_each_sender_is_reported_the_refusals_of_its_own_transactions(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(CORPUS)
+    env = envfile.read(Path(f"{name}.bsmtp"), CFG.limits, CFG.helo_name)
+    shown = []
+    for tag, sender, lines in response.batch_reports(env):
+        shown.append(f"{tag} <{sender}>")
+        shown.extend(f"  {line}" for line in lines)
+    assert "".join(line + "\n" for line in shown) == (CORPUS / f"{name}.reports").read_text()

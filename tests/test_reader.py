@@ -149,3 +149,22 @@ def test_check_reads_standard_layout_from_a_stream() -> None:
         io.BytesIO(b"HELO h\nMAIL FROM:<a@b.c>\nRCPT TO:<d@e.f>\nDATA\n.\n"), "s", LIMITS, "m"
     )
     assert env.transactions[0].message.size == 0
+
+
+@pytest.mark.parametrize(
+    "literal",
+    [
+        "[IPv6:fe80::1%eth0]",
+        "[IPv6:fe80::1%eth 0]",
+        "[IPv6:fe80::1%\x1b]",
+        "[IPv6: ::1]",
+        "[ 1.2.3.4]",
+    ],
+)
+def test_an_address_literal_is_an_address_and_nothing_else(literal: str) -> None:
+    data = f"HELO h\nMAIL FROM:<a@b.c>\nRCPT TO:<x@{literal}>\nRSET\n".encode()
+    (refused,) = read(data).errors
+    assert refused.reply.render() == ["501 5.1.3 bad recipient address syntax: bad address literal"]
+    if " " not in literal:
+        helo = read(f"NOOP\nHELO {literal}\n".encode())
+        assert [e.reply.code for e in helo.errors] == [501]
