@@ -59,6 +59,21 @@ def status_code(reply: Reply | None, kind: Kind) -> str:
     return "4.0.0"
 
 
+def report_tag(tx: int, kind: Kind, written: list[str]) -> str:
+    """The tag (and file name part) of the next ``kind`` report about transaction ``tx``:
+    ``1.ndr``, then ``1.ndr.2``, ``1.ndr.3``... so that no report replaces another. ``written``
+    holds the tags of the reports already written for the envelope; a report rewritten after a
+    crash, before its tag was journaled, gets the same tag again and replaces only itself."""
+    base = f"{tx}.{kind.value}"
+    taken = set(written)
+    if base not in taken:
+        return base
+    n = 2
+    while f"{base}.{n}" in taken:
+        n += 1
+    return f"{base}.{n}"
+
+
 def xtext_decode(text: str) -> str:
     return _XTEXT.sub(lambda m: chr(int(m.group(1), 16)), text)
 
@@ -80,16 +95,21 @@ def delivery_report(
     full: bool,
     envid: str | None = None,
     retry_until: datetime | None = None,
+    report_id: str | None = None,
 ) -> bytes:
-    """An RFC 3464 report about ``items`` to ``sender``; ``original`` is the message text."""
-    boundary = f"{envelope_id}.{kind.value}/{hostname}"
+    """An RFC 3464 report about ``items`` to ``sender``; ``original`` is the message text.
+
+    ``report_id`` names this report (its Message-ID and MIME boundary), unique among the
+    reports of the envelope; by default ``envelope_id`` and the kind."""
+    report_id = report_id or f"{envelope_id}.{kind.value}"
+    boundary = f"{report_id}/{hostname}"
     head = _headers(
         [
             ("From", f"Mail Delivery System <MAILER-DAEMON@{hostname}>"),
             ("To", f"<{sender}>"),
             ("Subject", _SUBJECT[kind]),
             ("Date", format_datetime(now)),
-            ("Message-ID", f"<{envelope_id}.{kind.value}@{hostname}>"),
+            ("Message-ID", f"<{report_id}@{hostname}>"),
             ("Auto-Submitted", "auto-replied"),
             ("MIME-Version", "1.0"),
             (

@@ -44,7 +44,7 @@ from spoolsmtp.config import Config
 from spoolsmtp.config import load as config_load
 from spoolsmtp.control import ControlServer
 from spoolsmtp.delivery import Deliverer
-from spoolsmtp.dsn import Item, Kind, batch_report, delivery_report
+from spoolsmtp.dsn import Item, Kind, batch_report, delivery_report, report_tag
 from spoolsmtp.envelope import Envelope, Notify, Recipient, Ret, Transaction
 from spoolsmtp.errors import EnvelopeFault
 from spoolsmtp.journal import Journal, Replayed
@@ -454,13 +454,11 @@ class Worker:
                 if not rec.final:
                     rec.possible_duplicate = True
                     self.stats.possible_duplicates += 1
+        # a recipient's ``reported`` comes back with its result: it is journaled in the same
+        # commit as the report that named it
         for kind in replayed.reports:
             if kind not in record.reports:
                 record.reports.append(kind)
-        for tx_rec, rec in record.recipients():
-            tags = {"failed": f"{tx_rec.number}.ndr", "delivered": f"{tx_rec.number}.success"}
-            if tags.get(rec.status) in record.reports:
-                rec.reported = True
 
     def _restore_records(self, replayed: dict[str, Replayed], active: set[str]) -> int:
         """Before anything else at start: put back every result record the journal holds
@@ -717,11 +715,15 @@ class Worker:
             ]
             for kind, rcpts in ((Kind.FAILURE, failed), (Kind.SUCCESS, succeeded)):
                 if rcpts:
-                    await self._report(envelope_id, tx, kind, rcpts, recs, received, now)
+                    await self._report(
+                        envelope_id, tx, kind, rcpts, recs, received, now, record.reports
+                    )
                     for r in rcpts:
                         recs[r.address].reported = True
             if warn and delayed:
-                await self._report(envelope_id, tx, Kind.DELAY, delayed, recs, received, now)
+                await self._report(
+                    envelope_id, tx, Kind.DELAY, delayed, recs, received, now, record.reports
+                )
         for _, rec in record.recipients():
             if rec.status == "failed" and not rec.reported:
                 rec.reported = True
@@ -737,7 +739,11 @@ class Worker:
         recs: dict[str, RcptRecord],
         received: datetime,
         now: datetime,
+        written: list[str],
     ) -> None:
+        """Write one report and add its tag to ``written``; a failure or success report also
+        marks its recipients reported in the journal, in the commit that records the report."""
+        tag = report_tag(tx.number, kind, written)
         items = [_item(r, recs[r.address]) for r in rcpts]
         full = tx.params.ret is Ret.FULL
         original = await asyncio.to_thread(
@@ -756,12 +762,34 @@ class Worker:
             full=full,
             envid=tx.params.envid,
             retry_until=until,
+            report_id=f"{envelope_id}.{tag}",
         )
-        await self._send_report(envelope_id, f"{tx.number}.{kind.value}", tx.mail_from, message)
+        marks = [
+            {
+                "t": "rcpt",
+                "id": envelope_id,
+                "tx": tx.number,
+                "rcpt": r.address,
+                "result": {**_final_fields(recs[r.address]), "reported": True},
+            }
+            for r in rcpts
+            if kind is not Kind.DELAY
+        ]
+        await self._send_report(envelope_id, tag, tx.mail_from, message, then=marks)
+        written.append(tag)
 
-    async def _send_report(self, envelope_id: str, tag: str, sender: str, message: bytes) -> None:
+    async def _send_report(
+        self,
+        envelope_id: str,
+        tag: str,
+        sender: str,
+        message: bytes,
+        *,
+        then: list[dict[str, Any]] | None = None,
+    ) -> None:
         """Write a report as a Batch SMTP envelope: to bounces/ (or incoming/ with requeue),
-        or to deadletter/ when the original sender was null."""
+        or to deadletter/ when the original sender was null. ``then``: journal records
+        committed with the one that says the report was written."""
         name = f"{envelope_id}.{tag}{SUFFIX}"
         if sender:
             data = writer.render(
@@ -779,7 +807,13 @@ class Worker:
         crashpoint.reach("writing_bounce")
         await self.spool.write(folder, name, data)
         self._spool_trace(f"{envelope_id}: report {tag} written to {folder}/{name}")
-        await self._journal({"t": "report", "id": envelope_id, "kind": tag})
+        assert self.journal is not None
+        # the report first: a torn commit that kept only it makes a duplicate report, never
+        # a lost one (marks without their report would let the next one take its name)
+        self.journal.append({"t": "report", "id": envelope_id, "kind": tag})
+        for rec in then or ():
+            self.journal.append(rec)
+        await self.journal.commit()
 
     # -- finishing -------------------------------------------------------------------------
 

@@ -1,0 +1,82 @@
+"""The reports spoolsmtp writes, read as their readers read them: the ``email`` package and
+flufl.bounce, a real worker over a real spool, real SMTP servers on loopback."""
+
+from __future__ import annotations
+
+import email
+from collections.abc import Iterator
+from email.message import Message
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flufl.bounce import all_failures
+
+from spoolsmtp import config, envfile
+from tests.helpers import draft
+from tests.smtpservers import Script, SmtpServer
+from tests.workerproc import WorkerProcess, wait_for
+
+FAST_RETRY = {"interval": "200ms", "max_interval": "300ms", "max_age": "1s", "warning_age": "0s"}
+
+
+@pytest.fixture
+def server() -> Iterator[SmtpServer]:
+    srv = SmtpServer()
+    yield srv
+    srv.stop()
+
+
+def start(tmp_path: Path, port: int, **settings: Any) -> WorkerProcess:
+    settings.setdefault("smarthost", f"127.0.0.1:{port}")
+    return WorkerProcess(tmp_path, settings).start()
+
+
+def report_of(path: Path) -> Message:
+    """The report message inside a report envelope, parsed as a mail reader would."""
+    env = envfile.read(path, config.Config().limits, "x")
+    assert env.accepted, env.errors
+    return email.message_from_bytes(envfile.message_bytes(path, env.transactions[0].message))
+
+
+def failures(message: Message) -> tuple[set[str], set[str]]:
+    temporary, permanent = all_failures(message)
+    return {a.decode() for a in temporary}, {a.decode() for a in permanent}
+
+
+def status_blocks(message: Message) -> list[Message]:
+    (part,) = [p for p in message.walk() if p.get_content_type() == "message/delivery-status"]
+    blocks = part.get_payload()
+    assert isinstance(blocks, list)
+    return blocks[1:]
+
+
+# -- every report keeps its own name ---------------------------------------------------------
+
+
+def test_a_later_failure_of_the_same_transaction_gets_a_report_of_its_own(
+    tmp_path: Path,
+) -> None:
+    srv = SmtpServer(
+        Script(
+            rcpt={
+                "gone@example.org": "550 5.1.1 no such user",
+                "later@example.org": "451 4.3.0 come back later",
+            }
+        )
+    )
+    w = start(tmp_path, srv.port, retry=FAST_RETRY)
+    try:
+        w.drop_drafts(
+            "j.bsmtp", [draft("o@example.com", ["gone@example.org", "later@example.org"])]
+        )
+        wait_for(lambda: w.final("j.bsmtp"))
+    finally:
+        w.stop()
+        srv.stop()
+    reports = w.files("bounces")
+    assert len(reports) == 2, reports
+    found = sorted(sorted(failures(report_of(r))[1]) for r in reports)
+    assert found == [["gone@example.org"], ["later@example.org"]]
+    ids = {report_of(r)["Message-ID"] for r in reports}
+    assert len(ids) == 2
