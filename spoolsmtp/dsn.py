@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from email.parser import BytesHeaderParser
 from email.utils import format_datetime
 from enum import Enum
 
@@ -19,6 +20,7 @@ from spoolsmtp.reply import Reply, sanitise
 
 FULL_LIMIT = 256 * 1024
 _XTEXT = re.compile(r"\+([0-9A-F]{2})")
+_MSGID = re.compile(r"<[!-;=?-~]{1,900}>")
 
 
 class Kind(Enum):
@@ -82,6 +84,19 @@ def _headers(pairs: list[tuple[str, str]]) -> list[str]:
     return [f"{name}: {value}" for name, value in pairs]
 
 
+def original_message_id(head: bytes) -> str | None:
+    """The Message-ID of the message whose header block is ``head``, if it has a usable one."""
+    value = BytesHeaderParser().parsebytes(head + b"\r\n\r\n").get("Message-ID")
+    match = _MSGID.search(str(value)) if value is not None else None
+    return match.group(0) if match else None
+
+
+def _address_list(addresses: list[str]) -> str:
+    """Addresses for a header field, folded one a line when they do not fit on one."""
+    line = ", ".join(addresses)
+    return line if len(line) <= 60 else ",\r\n ".join(addresses)
+
+
 def delivery_report(
     *,
     kind: Kind,
@@ -96,13 +111,26 @@ def delivery_report(
     envid: str | None = None,
     retry_until: datetime | None = None,
     report_id: str | None = None,
+    spool_id: str | None = None,
 ) -> bytes:
     """An RFC 3464 report about ``items`` to ``sender``; ``original`` is the message text.
 
     ``report_id`` names this report (its Message-ID and MIME boundary), unique among the
-    reports of the envelope; by default ``envelope_id`` and the kind."""
+    reports of the envelope; by default ``envelope_id`` and the kind. ``spool_id``, the id of
+    the envelope in the spool, is given in ``X-Spoolsmtp-Envelope-Id``. As Postfix's and
+    Exim's do, a failure report lists its recipients in ``X-Failed-Recipients``, and a report
+    refers to the original's Message-ID (``References``, ``In-Reply-To``)."""
     report_id = report_id or f"{envelope_id}.{kind.value}"
     boundary = f"{report_id}/{hostname}"
+    original_head, _, _ = original.partition(b"\r\n\r\n")
+    extra: list[tuple[str, str]] = []
+    if kind is Kind.FAILURE:
+        extra.append(("X-Failed-Recipients", _address_list([i.address for i in items])))
+    message_id = original_message_id(original_head)
+    if message_id is not None:
+        extra += [("References", message_id), ("In-Reply-To", message_id)]
+    if spool_id is not None:
+        extra.append(("X-Spoolsmtp-Envelope-Id", spool_id))
     head = _headers(
         [
             ("From", f"Mail Delivery System <MAILER-DAEMON@{hostname}>"),
@@ -110,6 +138,7 @@ def delivery_report(
             ("Subject", _SUBJECT[kind]),
             ("Date", format_datetime(now)),
             ("Message-ID", f"<{report_id}@{hostname}>"),
+            *extra,
             ("Auto-Submitted", "auto-replied"),
             ("MIME-Version", "1.0"),
             (
@@ -144,7 +173,6 @@ def delivery_report(
         if kind is Kind.DELAY and retry_until is not None:
             fields.append(("Will-Retry-Until", format_datetime(retry_until)))
         status += _headers(fields)
-    original_head, _, _ = original.partition(b"\r\n\r\n")
     if full and kind is Kind.FAILURE and len(original) <= FULL_LIMIT:
         enclosed_type, enclosed = "message/rfc822", original
     else:

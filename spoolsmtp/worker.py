@@ -763,6 +763,7 @@ class Worker:
             envid=tx.params.envid,
             retry_until=until,
             report_id=f"{envelope_id}.{tag}",
+            spool_id=envelope_id,
         )
         marks = [
             {

@@ -80,3 +80,35 @@ def test_a_later_failure_of_the_same_transaction_gets_a_report_of_its_own(
     assert found == [["gone@example.org"], ["later@example.org"]]
     ids = {report_of(r)["Message-ID"] for r in reports}
     assert len(ids) == 2
+
+
+# -- what operators and bounce parsers look for ---------------------------------------------
+
+
+def test_a_report_names_the_failed_recipients_the_original_and_our_envelope(
+    tmp_path: Path,
+) -> None:
+    srv = SmtpServer(Script(rcpt={"gone@example.org": "550 5.1.1 no such user"}))
+    w = start(tmp_path, srv.port)
+    original = b"Subject: hello\r\nMessage-ID:\r\n <orig.1@batch.test>\r\n\r\nhi\r\n"
+    try:
+        w.drop_drafts(
+            "j.bsmtp",
+            [
+                draft("o@example.com", ["gone@example.org", "ok@example.org"], original),
+                draft("o@example.com", ["gone@example.org"]),
+            ],
+        )
+        rec = wait_for(lambda: w.final("j.bsmtp"))
+    finally:
+        w.stop()
+        srv.stop()
+    first, second = (report_of(r) for r in w.files("bounces"))
+    assert first["X-Failed-Recipients"] == "gone@example.org"
+    assert first["References"] == "<orig.1@batch.test>"
+    assert first["In-Reply-To"] == "<orig.1@batch.test>"
+    assert first["X-Spoolsmtp-Envelope-Id"] == rec["id"]
+    assert "Original-Envelope-Id" not in str(first)
+    # the second message had no Message-ID: nothing to refer to
+    assert second["References"] is None and second["In-Reply-To"] is None
+    assert second["X-Spoolsmtp-Envelope-Id"] == rec["id"]
