@@ -49,6 +49,7 @@ class Item:
     remote_mta: str | None = None
     orcpt: str | None = None
     last_attempt: datetime | None = None
+    local: bool = False
 
 
 def status_code(reply: Reply | None, kind: Kind) -> str:
@@ -163,11 +164,12 @@ def delivery_report(
             ("Action", _ACTION[kind]),
             ("Status", status_code(item.reply, kind)),
         ]
-        if item.remote_mta:
+        if item.remote_mta and not item.local:
             fields.append(("Remote-MTA", f"dns; {sanitise(item.remote_mta, 200)}"))
         if item.reply is not None:
             text = sanitise(" ".join(item.reply.render()), 700)
-            fields.append(("Diagnostic-Code", f"smtp; {text}"))
+            # our own decision is not dressed as a server's reply (Postfix writes X-Postfix;)
+            fields.append(("Diagnostic-Code", f"{'X-Spoolsmtp' if item.local else 'smtp'}; {text}"))
         if item.last_attempt is not None:
             fields.append(("Last-Attempt-Date", format_datetime(item.last_attempt)))
         if kind is Kind.DELAY and retry_until is not None:
@@ -223,7 +225,9 @@ def _human(kind: Kind, hostname: str, items: list[Item], until: datetime | None)
     lines.append("")
     for item in items:
         reason = sanitise(item.reply.render()[0], 300) if item.reply else ""
-        where = f" (from {sanitise(item.remote_mta, 200)})" if item.remote_mta else ""
+        where = ""
+        if item.remote_mta and not item.local:
+            where = f" (from {sanitise(item.remote_mta, 200)})"
         lines.append(f"<{item.address}>: {reason}{where}")
     return lines
 

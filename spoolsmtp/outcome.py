@@ -27,6 +27,8 @@ class RecipientResult:
 
     ``after_dot`` marks a deferral whose cause came after the final dot was sent (RFC 5321
     section 6.1): the server may have accepted the message, so a retry may duplicate it.
+    ``local`` marks a reply spoolsmtp decided itself (a server's SIZE limit, a missing
+    8BITMIME or SMTPUTF8, a DNS answer, a mail loop): no server said it, and ``host`` is None.
     """
 
     recipient: Recipient
@@ -35,6 +37,7 @@ class RecipientResult:
     host: str | None = None
     address: str | None = None
     after_dot: bool = False
+    local: bool = False
 
 
 def status_of(reply: Reply) -> Status:
@@ -53,9 +56,15 @@ def result(
     address: str | None = None,
     *,
     after_dot: bool = False,
+    local: bool = False,
 ) -> RecipientResult:
     """A recipient's result decided by ``reply``."""
-    return RecipientResult(recipient, status_of(reply), reply, host, address, after_dot)
+    return RecipientResult(recipient, status_of(reply), reply, host, address, after_dot, local)
+
+
+def decided_here(recipient: Recipient, reply: Reply) -> RecipientResult:
+    """A recipient's result decided by spoolsmtp itself, not by a server's reply."""
+    return result(recipient, reply, local=True)
 
 
 def connection_lost(stage: str) -> Reply:

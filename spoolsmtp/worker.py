@@ -635,7 +635,7 @@ class Worker:
             until = self._dead.get(dest.key, 0.0)
             if until > now:
                 reply = make(451, "4.4.1", f"destination {dest.key} not answering; not tried")
-                dead.append(RecipientResult(r, Status.DEFERRED, reply))
+                dead.append(RecipientResult(r, Status.DEFERRED, reply, local=True))
             else:
                 alive.append(r)
         return alive, dead
@@ -659,7 +659,8 @@ class Worker:
     def _note(self, rec: RcptRecord, res: RecipientResult, now: datetime) -> None:
         rec.status = res.status.value
         rec.reply = reply_dict(res.reply)
-        rec.host = res.host or rec.host
+        rec.host = None if res.local else res.host or rec.host
+        rec.decided_locally = res.local
         tried = res.host is not None or res.status is not Status.DEFERRED
         if tried:
             rec.attempts += 1
@@ -1057,7 +1058,7 @@ def _wants(rcpt: Recipient, what: Notify, *, default: bool) -> bool:
 def _item(rcpt: Recipient, rec: RcptRecord) -> Item:
     reply = reply_from(rec.reply) if rec.reply is not None else None
     last = parse_iso(rec.last_attempt_at) if rec.last_attempt_at is not None else None
-    return Item(rcpt.address, reply, rec.host, rcpt.orcpt, last)
+    return Item(rcpt.address, reply, rec.host, rcpt.orcpt, last, rec.decided_locally)
 
 
 def _final_fields(rec: RcptRecord) -> dict[str, Any]:
@@ -1069,6 +1070,7 @@ def _final_fields(rec: RcptRecord) -> dict[str, Any]:
         "first_attempt_at": rec.first_attempt_at,
         "last_attempt_at": rec.last_attempt_at,
         "possible_duplicate": rec.possible_duplicate,
+        "decided_locally": rec.decided_locally,
     }
 
 

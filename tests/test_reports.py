@@ -112,3 +112,28 @@ def test_a_report_names_the_failed_recipients_the_original_and_our_envelope(
     # the second message had no Message-ID: nothing to refer to
     assert second["References"] is None and second["In-Reply-To"] is None
     assert second["X-Spoolsmtp-Envelope-Id"] == rec["id"]
+
+
+# -- our own refusals are ours ---------------------------------------------------------------
+
+
+def test_a_refusal_decided_here_is_not_dressed_as_the_servers(tmp_path: Path) -> None:
+    srv = SmtpServer(size_limit=500)
+    w = start(tmp_path, srv.port)
+    try:
+        w.drop_drafts("j.bsmtp", [draft("o@example.com", ["big@example.org"], b"x\r\n" * 300)])
+        rec = wait_for(lambda: w.final("j.bsmtp"))
+    finally:
+        w.stop()
+        srv.stop()
+    (rcpt,) = rec["transactions"][0]["recipients"]
+    assert rcpt["status"] == "failed" and rcpt["reply"]["enhanced"] == "5.3.4"
+    assert rcpt["host"] is None and rcpt["decided_locally"] is True
+    assert "127.0.0.1" in rcpt["reply"]["text"]  # whose limit it was
+    (report,) = w.files("bounces")
+    message = report_of(report)
+    (block,) = status_blocks(message)
+    assert block["Remote-MTA"] is None
+    assert block["Diagnostic-Code"].startswith("X-Spoolsmtp; 552 5.3.4 ")
+    assert failures(message)[1] == {"big@example.org"}
+    assert b"MAIL FROM" not in srv.wire
