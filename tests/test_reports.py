@@ -48,7 +48,7 @@ def status_blocks(message: Message) -> list[Message]:
     (part,) = [p for p in message.walk() if p.get_content_type() == "message/delivery-status"]
     blocks = part.get_payload()
     assert isinstance(blocks, list)
-    return blocks[1:]
+    return [b for b in blocks[1:] if isinstance(b, Message)]
 
 
 # -- every report keeps its own name ---------------------------------------------------------
