@@ -32,7 +32,9 @@ class Kind(Enum):
     BATCH = "batch"
 
 
-_ACTION = {Kind.FAILURE: "failed", Kind.DELAY: "delayed", Kind.SUCCESS: "delivered"}
+# a success we report is always "relayed" (RFC 3464 2.3.3, RFC 3461 6.2.2): spoolsmtp hands
+# mail on by SMTP, and writes a success report only when the next hop did not offer DSN
+_ACTION = {Kind.FAILURE: "failed", Kind.DELAY: "delayed", Kind.SUCCESS: "relayed"}
 _SUBJECT = {
     Kind.FAILURE: "Undelivered Mail Returned to Sender",
     Kind.DELAY: "Delayed Mail (still being retried)",
@@ -221,7 +223,10 @@ def _human(kind: Kind, hostname: str, items: list[Item], until: datetime | None)
             lines += [f"It will be retried until {format_datetime(until)}."]
         lines += ["You do not need to send it again."]
     else:
-        lines += ["Your message was delivered to the recipients below."]
+        lines += [
+            "Your message was relayed to the recipients below. Their mail system does not",
+            "send delivery notifications, so this is the last notice you will receive.",
+        ]
     lines.append("")
     for item in items:
         reason = sanitise(item.reply.render()[0], 300) if item.reply else ""

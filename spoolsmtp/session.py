@@ -363,7 +363,7 @@ class Session:
                 crashpoint.reach("after_250")
             self.dirty = False
             for i in accepted:
-                final[i] = self._result(recipients[i], end.reply)
+                final[i] = self._result(recipients[i], end.reply, dsn_relayed=dsn)
         except SessionBroken as exc:
             self.abort()
             if stage == "after MAIL" and not events and self.transactions > 1:
@@ -518,8 +518,17 @@ class Session:
                 raise SessionBroken(timed_out(f"waiting for the reply to {verb.name}")) from None
             self.proto.receive_data(wire.take())
 
-    def _result(self, rcpt: Recipient, reply: Reply, *, after_dot: bool = False) -> RecipientResult:
-        return result(rcpt, reply, self.hop.host, self.hop.address, after_dot=after_dot)
+    def _result(
+        self, rcpt: Recipient, reply: Reply, *, after_dot: bool = False, dsn_relayed: bool = False
+    ) -> RecipientResult:
+        return result(
+            rcpt,
+            reply,
+            self.hop.host,
+            self.hop.address,
+            after_dot=after_dot,
+            dsn_relayed=dsn_relayed,
+        )
 
     def _where(self) -> str:
         return f"{self.hop.host}[{self.hop.address}]:{self.hop.port}"

@@ -661,6 +661,7 @@ class Worker:
         rec.reply = reply_dict(res.reply)
         rec.host = None if res.local else res.host or rec.host
         rec.decided_locally = res.local
+        rec.dsn_relayed = res.dsn_relayed
         tried = res.host is not None or res.status is not Status.DEFERRED
         if tried:
             rec.attempts += 1
@@ -712,6 +713,7 @@ class Worker:
                 for r in tx.recipients
                 if recs[r.address].status == "delivered"
                 and not recs[r.address].reported
+                and not recs[r.address].dsn_relayed  # the next hop reports, not us
                 and _wants(r, Notify.SUCCESS, default=False)
             ]
             for kind, rcpts in ((Kind.FAILURE, failed), (Kind.SUCCESS, succeeded)):
@@ -1071,6 +1073,7 @@ def _final_fields(rec: RcptRecord) -> dict[str, Any]:
         "last_attempt_at": rec.last_attempt_at,
         "possible_duplicate": rec.possible_duplicate,
         "decided_locally": rec.decided_locally,
+        "dsn_relayed": rec.dsn_relayed,
     }
 
 

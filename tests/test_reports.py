@@ -3,7 +3,9 @@ flufl.bounce, a real worker over a real spool, real SMTP servers on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import email
+import signal
 from collections.abc import Iterator
 from email.message import Message
 from pathlib import Path
@@ -13,8 +15,10 @@ import pytest
 from flufl.bounce import all_failures
 
 from spoolsmtp import config, envfile
+from spoolsmtp.envelope import Notify, Recipient
+from spoolsmtp.writer import Draft
 from tests.helpers import draft
-from tests.smtpservers import Script, SmtpServer
+from tests.smtpservers import RawServer, Script, SmtpServer, read_line
 from tests.workerproc import WorkerProcess, wait_for
 
 FAST_RETRY = {"interval": "200ms", "max_interval": "300ms", "max_age": "1s", "warning_age": "0s"}
@@ -137,3 +141,89 @@ def test_a_refusal_decided_here_is_not_dressed_as_the_servers(tmp_path: Path) ->
     assert block["Diagnostic-Code"].startswith("X-Spoolsmtp; 552 5.3.4 ")
     assert failures(message)[1] == {"big@example.org"}
     assert b"MAIL FROM" not in srv.wire
+
+
+# -- NOTIFY=SUCCESS: one notice, from whoever is responsible ----------------------------------
+
+
+def dsn_server() -> tuple[RawServer, list[bytes]]:
+    """A server that offers DSN (aiosmtpd refuses RCPT parameters): the lines it received."""
+    received: list[bytes] = []
+
+    async def dialogue(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 dsn.test ready\r\n")
+        while True:
+            line = await read_line(reader)
+            received.append(line)
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-dsn.test\r\n250-8BITMIME\r\n250 DSN\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go ahead\r\n")
+                received.append(await reader.readuntil(b"\r\n.\r\n"))
+                writer.write(b"250 2.0.0 queued\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                await writer.drain()
+                return
+            else:
+                writer.write(b"250 2.0.0 ok\r\n")
+            await writer.drain()
+
+    return RawServer(dialogue), received
+
+
+def success_draft(address: str) -> Draft:
+    rcpt = Recipient(address, frozenset({Notify.SUCCESS, Notify.FAILURE}))
+    return Draft("o@example.com", (rcpt,), b"Subject: x\r\n\r\nbody\r\n")
+
+
+def test_success_relayed_to_a_dsn_server_is_reported_by_it_not_by_us(tmp_path: Path) -> None:
+    srv, received = dsn_server()
+    w = start(tmp_path, srv.port)
+    try:
+        w.drop_drafts("j.bsmtp", [success_draft("ok@example.org")])
+        rec = wait_for(lambda: w.final("j.bsmtp"))
+    finally:
+        w.stop()
+        srv.stop()
+    (rcpt,) = rec["transactions"][0]["recipients"]
+    assert rcpt["status"] == "delivered" and rcpt["dsn_relayed"] is True
+    assert b"RCPT TO:<ok@example.org> NOTIFY=FAILURE,SUCCESS\r\n" in received
+    assert w.files("bounces") == []
+
+
+def test_success_relayed_to_a_server_without_dsn_is_reported_as_relayed(
+    tmp_path: Path, server: SmtpServer
+) -> None:
+    w = start(tmp_path, server.port)
+    try:
+        w.drop_drafts("j.bsmtp", [success_draft("ok@example.org")])
+        rec = wait_for(lambda: w.final("j.bsmtp"))
+    finally:
+        w.stop()
+    assert rec["transactions"][0]["recipients"][0]["dsn_relayed"] is False
+    (report,) = w.files("bounces")
+    (block,) = status_blocks(report_of(report))
+    assert block["Action"] == "relayed"
+    assert block["Final-Recipient"] == "rfc822; ok@example.org"
+
+
+def test_that_the_next_hop_reports_success_survives_a_crash_before_our_reports(
+    tmp_path: Path,
+) -> None:
+    srv, _ = dsn_server()
+    settings = {"smarthost": f"127.0.0.1:{srv.port}"}
+    try:
+        crashing = WorkerProcess(tmp_path, settings, env={"SPOOLSMTP_CRASH_AT": "after_journal"})
+        crashing.start().drop_drafts("j.bsmtp", [success_draft("ok@example.org")])
+        assert crashing.wait_exit() == -signal.SIGKILL
+        worker = WorkerProcess(tmp_path, settings).start()
+        try:
+            rec = wait_for(lambda: worker.final("j.bsmtp"))
+        finally:
+            assert worker.stop() == 0
+    finally:
+        srv.stop()
+    assert rec["transactions"][0]["recipients"][0]["dsn_relayed"] is True
+    assert worker.files("bounces") == []
