@@ -21,6 +21,7 @@ from spoolsmtp.reply import Reply, sanitise
 FULL_LIMIT = 256 * 1024
 _XTEXT = re.compile(r"\+([0-9A-F]{2})")
 _MSGID = re.compile(r"<[!-;=?-~]{1,900}>")
+_EMBEDDED = re.compile(r"\\x\{([0-9A-Fa-f]{2,6})\}")
 
 
 class Kind(Enum):
@@ -79,6 +80,19 @@ def report_tag(tx: int, kind: Kind, written: list[str]) -> str:
     return f"{base}.{n}"
 
 
+def utf8_addr_xtext(address: str) -> str:
+    """``address`` in RFC 6533's utf-8-addr-xtext form: ASCII, each non-ASCII character (and
+    ``+``, ``=``, ``\\``) written ``\\x{HEX}``; an ASCII address is unchanged but for those."""
+    return "".join(
+        ch if "!" <= ch <= "~" and ch not in "+=\\" else f"\\x{{{ord(ch):02X}}}" for ch in address
+    )
+
+
+def utf8_addr_decode(text: str) -> str:
+    """The address an RFC 6533 utf-8-addr-xtext (``j\\x{F6}rg@example.org``) stands for."""
+    return _EMBEDDED.sub(lambda m: chr(int(m.group(1), 16)), text)
+
+
 def xtext_decode(text: str) -> str:
     return _XTEXT.sub(lambda m: chr(int(m.group(1), 16)), text)
 
@@ -118,6 +132,11 @@ def delivery_report(
 ) -> bytes:
     """An RFC 3464 report about ``items`` to ``sender``; ``original`` is the message text.
 
+    When the sender or a recipient address is not ASCII, the report follows RFC 6533: a
+    message/global-delivery-status part with ``utf-8`` address types, in UTF-8. Each part says
+    the charset it needs (utf-8 only if it has non-ASCII text), and the report's own header
+    stays ASCII unless the sender's address is not (then it travels with SMTPUTF8 anyway).
+
     ``report_id`` names this report (its Message-ID and MIME boundary), unique among the
     reports of the envelope; by default ``envelope_id`` and the kind. ``spool_id``, the id of
     the envelope in the spool, is given in ``X-Spoolsmtp-Envelope-Id``. As Postfix's and
@@ -125,10 +144,15 @@ def delivery_report(
     refers to the original's Message-ID (``References``, ``In-Reply-To``)."""
     report_id = report_id or f"{envelope_id}.{kind.value}"
     boundary = f"{report_id}/{hostname}"
+    utf8 = not (sender.isascii() and all(i.address.isascii() for i in items))
+    status_type = "global-delivery-status" if utf8 else "delivery-status"
     original_head, _, _ = original.partition(b"\r\n\r\n")
     extra: list[tuple[str, str]] = []
     if kind is Kind.FAILURE:
-        extra.append(("X-Failed-Recipients", _address_list([i.address for i in items])))
+        # always ASCII, a UTF-8 address in RFC 6533's xtext form: bounce parsers (flufl.bounce's
+        # Exim detector among them) cannot read message/global-delivery-status, but read this
+        failed = [a if a.isascii() else utf8_addr_xtext(a) for a in (i.address for i in items)]
+        extra.append(("X-Failed-Recipients", _address_list(failed)))
     message_id = original_message_id(original_head)
     if message_id is not None:
         extra += [("References", message_id), ("In-Reply-To", message_id)]
@@ -146,7 +170,7 @@ def delivery_report(
             ("MIME-Version", "1.0"),
             (
                 "Content-Type",
-                f'multipart/report; report-type=delivery-status; boundary="{boundary}"',
+                f'multipart/report; report-type={status_type}; boundary="{boundary}"',
             ),
         ]
     )
@@ -161,8 +185,9 @@ def delivery_report(
         if item.orcpt:
             addr_type, _, value = item.orcpt.partition(";")
             fields.append(("Original-Recipient", f"{addr_type}; {sanitise(xtext_decode(value))}"))
+        address_type = "rfc822" if item.address.isascii() else "utf-8"
         fields += [
-            ("Final-Recipient", f"rfc822; {item.address}"),
+            ("Final-Recipient", f"{address_type}; {item.address}"),
             ("Action", _ACTION[kind]),
             ("Status", status_code(item.reply, kind)),
         ]
@@ -177,24 +202,29 @@ def delivery_report(
         if kind is Kind.DELAY and retry_until is not None:
             fields.append(("Will-Retry-Until", format_datetime(retry_until)))
         status += _headers(fields)
+    global_head = not original_head.isascii()
     if full and kind is Kind.FAILURE and len(original) <= FULL_LIMIT:
-        enclosed_type, enclosed = "message/rfc822", original
+        enclosed = original
+        enclosed_type = "message/global" if global_head else "message/rfc822"
     else:
-        enclosed_type, enclosed = "text/rfc822-headers", original_head + b"\r\n"
+        enclosed = original_head + b"\r\n"
+        enclosed_type = "message/global-headers" if global_head else "text/rfc822-headers"
     parts = [
         "\r\n".join(head),
         "",
         "This is a MIME-encapsulated message.",
         "",
         f"--{boundary}",
-        "Content-Type: text/plain; charset=us-ascii",
+        f"Content-Type: text/plain; charset={_charset(human)}",
         "Content-Description: Notification",
+        *_eight_bit(human),
         "",
         *human,
         "",
         f"--{boundary}",
-        "Content-Type: message/delivery-status",
+        f"Content-Type: message/{status_type}",
         "Content-Description: Delivery report",
+        *_eight_bit(status),
         "",
         *status,
         "",
@@ -203,11 +233,21 @@ def delivery_report(
         "Content-Description: Undelivered message"
         if kind is Kind.FAILURE
         else "Content-Description: Message headers",
+        *([] if enclosed.isascii() else ["Content-Transfer-Encoding: 8bit"]),
         "",
         "",
     ]
     encoded = "\r\n".join(parts).encode("utf-8")
     return encoded + enclosed.rstrip(b"\r\n") + f"\r\n\r\n--{boundary}--\r\n".encode()
+
+
+def _charset(lines: list[str]) -> str:
+    return "us-ascii" if all(line.isascii() for line in lines) else "utf-8"
+
+
+def _eight_bit(lines: list[str]) -> list[str]:
+    """The transfer encoding header a part of these lines needs, if any."""
+    return [] if all(line.isascii() for line in lines) else ["Content-Transfer-Encoding: 8bit"]
 
 
 def _human(kind: Kind, hostname: str, items: list[Item], until: datetime | None) -> list[str]:

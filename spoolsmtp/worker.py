@@ -45,7 +45,7 @@ from spoolsmtp.config import load as config_load
 from spoolsmtp.control import ControlServer
 from spoolsmtp.delivery import Deliverer
 from spoolsmtp.dsn import Item, Kind, batch_report, delivery_report, report_tag
-from spoolsmtp.envelope import Envelope, Notify, Recipient, Ret, Transaction
+from spoolsmtp.envelope import Envelope, MailParams, Notify, Recipient, Ret, Transaction
 from spoolsmtp.errors import EnvelopeFault
 from spoolsmtp.journal import Journal, Replayed
 from spoolsmtp.mx import MxResolver
@@ -796,8 +796,10 @@ class Worker:
         committed with the one that says the report was written."""
         name = f"{envelope_id}.{tag}{SUFFIX}"
         if sender:
+            # a UTF-8 sender's report goes with SMTPUTF8, or our own reader refuses it
+            params = MailParams(smtputf8=not sender.isascii())
             data = writer.render(
-                [writer.Draft("", (Recipient(sender),), message)], self.cfg.helo_name
+                [writer.Draft("", (Recipient(sender),), message, params)], self.cfg.helo_name
             )
             folder = "incoming" if self.cfg.bounces.requeue else "bounces"
             self.stats.reports += 1

@@ -8,6 +8,7 @@ import email
 import signal
 from collections.abc import Iterator
 from email.message import Message
+from email.parser import HeaderParser
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,8 @@ import pytest
 from flufl.bounce import all_failures
 
 from spoolsmtp import config, envfile
-from spoolsmtp.envelope import Notify, Recipient
+from spoolsmtp.dsn import utf8_addr_decode
+from spoolsmtp.envelope import MailParams, Notify, Recipient
 from spoolsmtp.writer import Draft
 from tests.helpers import draft
 from tests.smtpservers import RawServer, Script, SmtpServer, read_line
@@ -227,3 +229,101 @@ def test_that_the_next_hop_reports_success_survives_a_crash_before_our_reports(
         srv.stop()
     assert rec["transactions"][0]["recipients"][0]["dsn_relayed"] is True
     assert worker.files("bounces") == []
+
+
+# -- reports about UTF-8 addresses (RFC 6533) -------------------------------------------------
+
+
+def global_status_blocks(path: Path) -> list[Message]:
+    """The per-recipient blocks of the message/global-delivery-status part of a report (the
+    email package reads such a part as a message of its own: this reads its text as is)."""
+    env = envfile.read(path, config.Config().limits, "x")
+    raw = envfile.message_bytes(path, env.transactions[0].message)
+    start = raw.index(b"Content-Type: message/global-delivery-status\r\n")
+    start = raw.index(b"\r\n\r\n", start) + 4
+    text = raw[start : raw.index(b"\r\n--", start)].decode("utf-8")
+    return [HeaderParser().parsestr(b) for b in text.split("\r\n\r\n")[1:]]
+
+
+def test_a_failed_utf8_recipient_gets_an_rfc6533_report_a_bounce_parser_reads(
+    tmp_path: Path,
+) -> None:
+    srv = SmtpServer(Script(rcpt={"j\u00f6rg@example.org": "550 5.1.1 no such user"}))
+    w = start(tmp_path, srv.port)
+    try:
+        w.drop_drafts(
+            "j.bsmtp",
+            [
+                draft(
+                    "o@example.com",
+                    ["j\u00f6rg@example.org", "gone@example.org"],
+                    params=MailParams(smtputf8=True),
+                )
+            ],
+        )
+        wait_for(lambda: w.final("j.bsmtp"))
+    finally:
+        w.stop()
+        srv.stop()
+    (report,) = w.files("bounces")
+    assert b"MAIL FROM:<>\r\n" in report.read_bytes()  # to an ASCII sender: no SMTPUTF8 needed
+    message = report_of(report)
+    assert message.get_param("report-type") == "global-delivery-status"
+    (block,) = global_status_blocks(report)
+    assert block["Final-Recipient"] == "utf-8; j\u00f6rg@example.org"
+    assert block["Action"] == "failed" and block["Status"] == "5.1.1"
+    human = message.get_payload(0)
+    assert isinstance(human, Message) and human.get_content_type() == "text/plain"
+    assert human.get_content_charset() == "utf-8"
+    text = human.get_payload(decode=True)
+    assert isinstance(text, bytes) and "<j\u00f6rg@example.org>" in text.decode("utf-8")
+    # flufl.bounce reads X-Failed-Recipients (its Exim detector), where a UTF-8 address is
+    # written in RFC 6533's ASCII form
+    _, failed = failures(message)
+    assert {utf8_addr_decode(a) for a in failed} == {"j\u00f6rg@example.org"}
+
+
+def test_an_ascii_report_stays_ascii(tmp_path: Path) -> None:
+    srv = SmtpServer(Script(rcpt={"gone@example.org": "550 5.1.1 no such user"}))
+    w = start(tmp_path, srv.port)
+    try:
+        w.drop_drafts("j.bsmtp", [draft("o@example.com", ["gone@example.org"])])
+        wait_for(lambda: w.final("j.bsmtp"))
+    finally:
+        w.stop()
+        srv.stop()
+    (report,) = w.files("bounces")
+    message = report_of(report)
+    assert report.read_bytes().isascii()
+    assert message.get_param("report-type") == "delivery-status"
+    human = message.get_payload(0)
+    assert isinstance(human, Message) and human.get_content_type() == "text/plain"
+    assert human.get_content_charset() == "us-ascii"
+    (block,) = status_blocks(message)
+    assert block["Final-Recipient"] == "rfc822; gone@example.org"
+
+
+def test_a_report_to_a_utf8_sender_is_written_so_that_it_can_be_sent(tmp_path: Path) -> None:
+    srv = SmtpServer(Script(rcpt={"gone@example.org": "550 5.1.1 no such user"}))
+    w = start(tmp_path, srv.port, bounces={"requeue": True})
+    try:
+        w.drop_drafts(
+            "j.bsmtp",
+            [
+                draft(
+                    "j\u00f6rg@example.com", ["gone@example.org"], params=MailParams(smtputf8=True)
+                )
+            ],
+        )
+        wait_for(lambda: w.final("j.bsmtp"))
+        sent = wait_for(
+            lambda: [m for m in srv.messages if m.rcpt_tos == ["j\u00f6rg@example.com"]]
+        )
+    finally:
+        w.stop()
+        srv.stop()
+    assert w.files("deadletter") == []
+    (msg,) = sent
+    assert msg.mail_from in ("", "<>") and "SMTPUTF8" in msg.mail_options
+    _, failed = failures(email.message_from_bytes(msg.content))
+    assert failed == {"gone@example.org"}
