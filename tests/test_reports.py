@@ -88,6 +88,35 @@ def test_a_later_failure_of_the_same_transaction_gets_a_report_of_its_own(
     assert len(ids) == 2
 
 
+def test_requeued_reports_of_one_transaction_are_all_delivered(tmp_path: Path) -> None:
+    srv = SmtpServer(
+        Script(
+            rcpt={
+                "gone@example.org": "550 5.1.1 no such user",
+                "later@example.org": "451 4.3.0 come back later",
+            }
+        )
+    )
+    w = start(tmp_path, srv.port, retry=FAST_RETRY, bounces={"requeue": True})
+    try:
+        w.drop_drafts(
+            "j.bsmtp", [draft("o@example.com", ["gone@example.org", "later@example.org"])]
+        )
+        wait_for(lambda: w.final("j.bsmtp"))
+        sent = wait_for(
+            lambda: (
+                (got := [m for m in srv.messages if m.rcpt_tos == ["o@example.com"]])
+                and len(got) == 2
+                and got
+            )
+        )
+    finally:
+        w.stop()
+        srv.stop()
+    found = sorted(sorted(failures(email.message_from_bytes(m.content))[1]) for m in sent)
+    assert found == [["gone@example.org"], ["later@example.org"]]
+
+
 # -- what operators and bounce parsers look for ---------------------------------------------
 
 
