@@ -22,7 +22,7 @@ from spoolsmtp import envfile, route
 from spoolsmtp.config import Config, TlsPolicy
 from spoolsmtp.envelope import Recipient, Transaction
 from spoolsmtp.mx import Hop, MxResolver
-from spoolsmtp.outcome import RecipientResult, Status, result
+from spoolsmtp.outcome import RecipientResult, Status, decided_here, result
 from spoolsmtp.reply import Reply, make
 from spoolsmtp.session import DotHook, Session, SessionStats, StaleSession, fold_received
 from spoolsmtp.tracer import always
@@ -96,7 +96,7 @@ class Deliverer:
         rcpts = list(tx.recipients if recipients is None else recipients)
         if tx.message.received + 1 > self.cfg.limits.max_hops:
             loop = make(554, "5.4.6", f"mail loop: more than {self.cfg.limits.max_hops} hops")
-            return [result(r, loop) for r in rcpts]
+            return [decided_here(r, loop) for r in rcpts]
         groups = self.router.group(rcpts)
         if len(groups) == 1:
             ((dest, group),) = groups.items()
@@ -131,7 +131,7 @@ class Deliverer:
         async with limit, self._overall:
             resolution = await self.resolver.hops(dest)
             if resolution.failure is not None:
-                return [result(r, resolution.failure) for r in rcpts]
+                return [decided_here(r, resolution.failure) for r in rcpts]
             hops = resolution.hops
             received = received_header(tx, envelope_id, self.cfg.helo_name, now, rcpts)
             done: dict[Recipient, RecipientResult] = {}

@@ -27,6 +27,10 @@ class RecipientResult:
 
     ``after_dot`` marks a deferral whose cause came after the final dot was sent (RFC 5321
     section 6.1): the server may have accepted the message, so a retry may duplicate it.
+    ``local`` marks a reply spoolsmtp decided itself (a server's SIZE limit, a missing
+    8BITMIME or SMTPUTF8, a DNS answer, a mail loop): no server said it, and ``host`` is None.
+    ``dsn_relayed`` marks a recipient accepted by a server that offered DSN and was given the
+    recipient's DSN parameters: from there on, that server reports (RFC 3461 section 6.2.1).
     """
 
     recipient: Recipient
@@ -35,6 +39,8 @@ class RecipientResult:
     host: str | None = None
     address: str | None = None
     after_dot: bool = False
+    local: bool = False
+    dsn_relayed: bool = False
 
 
 def status_of(reply: Reply) -> Status:
@@ -53,9 +59,17 @@ def result(
     address: str | None = None,
     *,
     after_dot: bool = False,
+    local: bool = False,
+    dsn_relayed: bool = False,
 ) -> RecipientResult:
     """A recipient's result decided by ``reply``."""
-    return RecipientResult(recipient, status_of(reply), reply, host, address, after_dot)
+    status = status_of(reply)
+    return RecipientResult(recipient, status, reply, host, address, after_dot, local, dsn_relayed)
+
+
+def decided_here(recipient: Recipient, reply: Reply) -> RecipientResult:
+    """A recipient's result decided by spoolsmtp itself, not by a server's reply."""
+    return result(recipient, reply, local=True)
 
 
 def connection_lost(stage: str) -> Reply:

@@ -49,7 +49,9 @@ def reply_from(data: dict[str, Any]) -> Reply:
 
 @dataclass
 class RcptRecord:
-    """One recipient's fate so far."""
+    """One recipient's fate so far. ``decided_locally``: the reply is spoolsmtp's own decision
+    (no server said it; ``host`` is then None). ``dsn_relayed``: the server that accepted it
+    offered DSN and got its NOTIFY, so that server, not spoolsmtp, reports its success."""
 
     address: str
     status: str = QUEUED
@@ -61,6 +63,8 @@ class RcptRecord:
     next_attempt_at: str | None = None
     possible_duplicate: bool = False
     reported: bool = False
+    decided_locally: bool = False
+    dsn_relayed: bool = False
 
     @property
     def final(self) -> bool:

@@ -21,7 +21,7 @@ from spoolsmtp import crashpoint, envfile
 from spoolsmtp.config import DeliveryConfig, Timeouts, TlsPolicy
 from spoolsmtp.envelope import BodyType, Recipient, Transaction
 from spoolsmtp.mx import Hop
-from spoolsmtp.outcome import RecipientResult, connection_lost, result, timed_out
+from spoolsmtp.outcome import RecipientResult, connection_lost, decided_here, result, timed_out
 from spoolsmtp.reply import Reply, make
 from spoolsmtp.smtpclient import (
     NEED_DATA,
@@ -310,9 +310,9 @@ class Session:
         self.last_used = time.monotonic()
         self.transactions += 1
         ext = self.extensions
-        refusal = _refusal(tx, recipients, ext, len(received))
+        refusal = _refusal(tx, recipients, ext, len(received), self._where())
         if refusal is not None:
-            return [self._result(r, refusal) for r in recipients], []
+            return [decided_here(r, refusal) for r in recipients], []
         dsn = "DSN" in ext
         commands = [
             Command(Verb.MAIL, f"MAIL FROM:<{tx.mail_from}>{_mail_args(tx, ext, len(received))}")
@@ -369,7 +369,7 @@ class Session:
                 crashpoint.reach("after_250")
             self.dirty = False
             for i in accepted:
-                final[i] = self._result(recipients[i], end.reply)
+                final[i] = self._result(recipients[i], end.reply, dsn_relayed=dsn)
         except SessionBroken as exc:
             self.abort()
             if stage == "after MAIL" and not events and self.transactions > 1:
@@ -524,8 +524,17 @@ class Session:
                 raise SessionBroken(timed_out(f"waiting for the reply to {verb.name}")) from None
             self.proto.receive_data(wire.take())
 
-    def _result(self, rcpt: Recipient, reply: Reply, *, after_dot: bool = False) -> RecipientResult:
-        return result(rcpt, reply, self.hop.host, self.hop.address, after_dot=after_dot)
+    def _result(
+        self, rcpt: Recipient, reply: Reply, *, after_dot: bool = False, dsn_relayed: bool = False
+    ) -> RecipientResult:
+        return result(
+            rcpt,
+            reply,
+            self.hop.host,
+            self.hop.address,
+            after_dot=after_dot,
+            dsn_relayed=dsn_relayed,
+        )
 
     def _where(self) -> str:
         return f"{self.hop.host}[{self.hop.address}]:{self.hop.port}"
@@ -549,17 +558,20 @@ def _needs_utf8(tx: Transaction, recipients: list[Recipient]) -> bool:
 
 
 def _refusal(
-    tx: Transaction, recipients: list[Recipient], ext: Extensions, extra: int
+    tx: Transaction, recipients: list[Recipient], ext: Extensions, extra: int, server: str
 ) -> Reply | None:
-    """A reason to fail the transaction on this server without sending it."""
+    """A reason to fail the transaction on this server without sending it (decided here: the
+    text names the server whose limit or lack it was)."""
     size = tx.message.size + extra
     if ext.size is not None and size > ext.size:
-        return make(552, "5.3.4", f"message of {size} octets exceeds the server's limit {ext.size}")
+        return make(
+            552, "5.3.4", f"message of {size} octets exceeds the limit {ext.size} of {server}"
+        )
     eight_bit = tx.message.eight_bit or tx.params.body is BodyType.EIGHT_BIT
     if eight_bit and "8BITMIME" not in ext:
-        return make(554, "5.6.3", "8-bit message but the server does not offer 8BITMIME")
+        return make(554, "5.6.3", f"8-bit message but {server} does not offer 8BITMIME")
     if _needs_utf8(tx, recipients) and "SMTPUTF8" not in ext:
-        return make(554, "5.6.7", "non-ASCII address but the server does not offer SMTPUTF8")
+        return make(554, "5.6.7", f"non-ASCII address but {server} does not offer SMTPUTF8")
     return None
 
 

@@ -45,8 +45,8 @@ from spoolsmtp.config import Config
 from spoolsmtp.config import load as config_load
 from spoolsmtp.control import ControlServer
 from spoolsmtp.delivery import Deliverer
-from spoolsmtp.dsn import Item, Kind, batch_report, delivery_report
-from spoolsmtp.envelope import Envelope, Notify, Recipient, Ret, Transaction
+from spoolsmtp.dsn import Item, Kind, batch_report, delivery_report, report_tag
+from spoolsmtp.envelope import Envelope, MailParams, Notify, Recipient, Ret, Transaction
 from spoolsmtp.errors import EnvelopeFault
 from spoolsmtp.journal import Journal, Replayed
 from spoolsmtp.mx import MxResolver
@@ -489,13 +489,11 @@ class Worker:
                 if not rec.final:
                     rec.possible_duplicate = True
                     self.stats.possible_duplicates += 1
+        # a recipient's ``reported`` comes back with its result: it is journaled in the same
+        # commit as the report that named it
         for kind in replayed.reports:
             if kind not in record.reports:
                 record.reports.append(kind)
-        for tx_rec, rec in record.recipients():
-            tags = {"failed": f"{tx_rec.number}.ndr", "delivered": f"{tx_rec.number}.success"}
-            if tags.get(rec.status) in record.reports:
-                rec.reported = True
 
     def _restore_records(self, replayed: dict[str, Replayed], active: set[str]) -> int:
         """Before anything else at start: put back every result record the journal holds
@@ -712,7 +710,7 @@ class Worker:
             until = self._dead.get(dest.key, 0.0)
             if until > now:
                 reply = make(451, "4.4.1", f"destination {dest.key} not answering; not tried")
-                dead.append(RecipientResult(r, Status.DEFERRED, reply))
+                dead.append(RecipientResult(r, Status.DEFERRED, reply, local=True))
             else:
                 alive.append(r)
         return alive, dead
@@ -736,7 +734,9 @@ class Worker:
     def _note(self, rec: RcptRecord, res: RecipientResult, now: datetime) -> None:
         rec.status = res.status.value
         rec.reply = reply_dict(res.reply)
-        rec.host = res.host or rec.host
+        rec.host = None if res.local else res.host or rec.host
+        rec.decided_locally = res.local
+        rec.dsn_relayed = res.dsn_relayed
         tried = res.host is not None or res.status is not Status.DEFERRED
         if tried:
             rec.attempts += 1
@@ -788,15 +788,20 @@ class Worker:
                 for r in tx.recipients
                 if recs[r.address].status == "delivered"
                 and not recs[r.address].reported
+                and not recs[r.address].dsn_relayed  # the next hop reports, not us
                 and _wants(r, Notify.SUCCESS, default=False)
             ]
             for kind, rcpts in ((Kind.FAILURE, failed), (Kind.SUCCESS, succeeded)):
                 if rcpts:
-                    await self._report(envelope_id, tx, kind, rcpts, recs, received, now)
+                    await self._report(
+                        envelope_id, tx, kind, rcpts, recs, received, now, record.reports
+                    )
                     for r in rcpts:
                         recs[r.address].reported = True
             if warn and delayed:
-                await self._report(envelope_id, tx, Kind.DELAY, delayed, recs, received, now)
+                await self._report(
+                    envelope_id, tx, Kind.DELAY, delayed, recs, received, now, record.reports
+                )
         for _, rec in record.recipients():
             if rec.status == "failed" and not rec.reported:
                 rec.reported = True
@@ -812,7 +817,11 @@ class Worker:
         recs: dict[str, RcptRecord],
         received: datetime,
         now: datetime,
+        written: list[str],
     ) -> None:
+        """Write one report and add its tag to ``written``; a failure or success report also
+        marks its recipients reported in the journal, in the commit that records the report."""
+        tag = report_tag(tx.number, kind, written)
         items = [_item(r, recs[r.address]) for r in rcpts]
         full = tx.params.ret is Ret.FULL
         original = await asyncio.to_thread(
@@ -831,16 +840,41 @@ class Worker:
             full=full,
             envid=tx.params.envid,
             retry_until=until,
+            report_id=f"{envelope_id}.{tag}",
+            spool_id=envelope_id,
         )
-        await self._send_report(envelope_id, f"{tx.number}.{kind.value}", tx.mail_from, message)
+        marks = [
+            {
+                "t": "rcpt",
+                "id": envelope_id,
+                "tx": tx.number,
+                "rcpt": r.address,
+                "result": {**_final_fields(recs[r.address]), "reported": True},
+            }
+            for r in rcpts
+            if kind is not Kind.DELAY
+        ]
+        await self._send_report(envelope_id, tag, tx.mail_from, message, then=marks)
+        written.append(tag)
 
-    async def _send_report(self, envelope_id: str, tag: str, sender: str, message: bytes) -> None:
+    async def _send_report(
+        self,
+        envelope_id: str,
+        tag: str,
+        sender: str,
+        message: bytes,
+        *,
+        then: list[dict[str, Any]] | None = None,
+    ) -> None:
         """Write a report as a Batch SMTP envelope: to bounces/ (or incoming/ with requeue),
-        or to deadletter/ when the original sender was null."""
+        or to deadletter/ when the original sender was null. ``then``: journal records
+        committed with the one that says the report was written."""
         name = f"{envelope_id}.{tag}{SUFFIX}"
         if sender:
+            # a UTF-8 sender's report goes with SMTPUTF8, or our own reader refuses it
+            params = MailParams(smtputf8=not sender.isascii())
             data = writer.render(
-                [writer.Draft("", (Recipient(sender),), message)], self.cfg.helo_name
+                [writer.Draft("", (Recipient(sender),), message, params)], self.cfg.helo_name
             )
             folder = "incoming" if self.cfg.bounces.requeue else "bounces"
             self.stats.reports += 1
@@ -854,7 +888,13 @@ class Worker:
         crashpoint.reach("writing_bounce")
         await self.spool.write(folder, name, data)
         self._spool_trace(f"{envelope_id}: report {tag} written to {folder}/{name}")
-        await self._journal({"t": "report", "id": envelope_id, "kind": tag})
+        assert self.journal is not None
+        # the report first: a torn commit that kept only it makes a duplicate report, never
+        # a lost one (marks without their report would let the next one take its name)
+        self.journal.append({"t": "report", "id": envelope_id, "kind": tag})
+        for rec in then or ():
+            self.journal.append(rec)
+        await self.journal.commit()
 
     # -- finishing -------------------------------------------------------------------------
 
@@ -1101,7 +1141,7 @@ def _wants(rcpt: Recipient, what: Notify, *, default: bool) -> bool:
 def _item(rcpt: Recipient, rec: RcptRecord) -> Item:
     reply = reply_from(rec.reply) if rec.reply is not None else None
     last = parse_iso(rec.last_attempt_at) if rec.last_attempt_at is not None else None
-    return Item(rcpt.address, reply, rec.host, rcpt.orcpt, last)
+    return Item(rcpt.address, reply, rec.host, rcpt.orcpt, last, rec.decided_locally)
 
 
 def _final_fields(rec: RcptRecord) -> dict[str, Any]:
@@ -1113,6 +1153,8 @@ def _final_fields(rec: RcptRecord) -> dict[str, Any]:
         "first_attempt_at": rec.first_attempt_at,
         "last_attempt_at": rec.last_attempt_at,
         "possible_duplicate": rec.possible_duplicate,
+        "decided_locally": rec.decided_locally,
+        "dsn_relayed": rec.dsn_relayed,
     }
 
 

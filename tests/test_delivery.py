@@ -236,6 +236,8 @@ def test_size_over_the_servers_limit_fails_without_sending(tmp_path: Path) -> No
         srv.stop()
     (res,) = results
     assert (res.status, res.reply.code, res.reply.enhanced) == (Status.FAILED, 552, "5.3.4")
+    # decided here, not said by the server: no host, and the text names whose limit it was
+    assert res.local and res.host is None and f"127.0.0.1]:{srv.port}" in res.reply.text
     assert b"MAIL FROM" not in srv.wire
 
 
@@ -255,6 +257,7 @@ def test_eight_bit_needs_8bitmime(tmp_path: Path) -> None:
     try:
         results, _, _ = deliver(routed(plain), path)
         assert (results[0].status, results[0].reply.enhanced) == (Status.FAILED, "5.6.3")
+        assert results[0].local and results[0].host is None
         assert b"MAIL FROM" not in plain.wire
         results, _, _ = deliver(routed(eight), path)
         assert results[0].status is Status.DELIVERED
@@ -275,6 +278,7 @@ def test_utf8_addresses_need_smtputf8(tmp_path: Path) -> None:
     try:
         results, _, _ = deliver(routed(without), path)
         assert (results[0].status, results[0].reply.enhanced) == (Status.FAILED, "5.6.7")
+        assert results[0].local and results[0].host is None
         results, _, _ = deliver(routed(with_it), path)
         assert results[0].status is Status.DELIVERED
         assert with_it.messages[0].rcpt_tos == ["j\u00f6rg@example.org"]

@@ -197,7 +197,7 @@ def test_notify_never_and_success(tmp_path: Path) -> None:
         srv.stop()
     (report,) = w.files("bounces")
     assert report.name.endswith(".1.success.bsmtp")
-    assert "Action: delivered" in report.read_text()
+    assert "Action: relayed" in report.read_text()
 
 
 def test_verb_on_keeps_the_batch_response(tmp_path: Path, server: SmtpServer) -> None:
