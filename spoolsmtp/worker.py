@@ -34,6 +34,7 @@ from spoolsmtp import (
     durable,
     envfile,
     eventloop,
+    exitcodes,
     journal,
     legacy,
     response,
@@ -64,6 +65,7 @@ from spoolsmtp.record import (
 from spoolsmtp.reply import make
 from spoolsmtp.route import Destination
 from spoolsmtp.spool import ORIGINAL, SUFFIX, NotRegular, Spool
+from spoolsmtp.spoollock import SpoolBusy, SpoolLock
 from spoolsmtp.stats import Stats
 from spoolsmtp.tracer import Kind as TraceKind
 from spoolsmtp.tracer import Tracer
@@ -141,7 +143,20 @@ class Worker:
     # -- running ---------------------------------------------------------------------------
 
     async def run(self) -> int:
-        """Run until SIGTERM/SIGINT or ``stop``; return the exit code."""
+        """Run until SIGTERM/SIGINT or ``stop``; return the exit code (75 if another worker
+        holds the spool)."""
+        lock = SpoolLock(self.cfg.spool.path)
+        try:
+            lock.acquire()
+        except SpoolBusy as exc:
+            log.error("%s", exc)
+            return exitcodes.TEMPFAIL
+        try:
+            return await self._run()
+        finally:
+            lock.release()
+
+    async def _run(self) -> int:
         self.spool.ensure()
         replayed = journal.replay(self.spool.dirs["journal"])
         loop = asyncio.get_running_loop()
