@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 from spoolsmtp import exitcodes
 from tests.helpers import draft
@@ -12,7 +13,7 @@ from tests.smtpservers import Script, SmtpServer
 from tests.workerproc import WorkerProcess, wait_for
 
 
-def second(tmp_path: Path, first: WorkerProcess, settings: dict[str, object]) -> WorkerProcess:
+def second(tmp_path: Path, first: WorkerProcess, settings: dict[str, Any]) -> WorkerProcess:
     """A worker with its own folder, config and control socket, on the first one's spool."""
     root = tmp_path / "second"
     root.mkdir(exist_ok=True)
