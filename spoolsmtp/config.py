@@ -160,6 +160,12 @@ class DnsConfig:
     port: int = _count(53, 1, 65535)
     timeout: float = _duration(5.0, 0.001)
     lifetime: float = _duration(15.0, 0.001)
+    allow_loopback: bool = False
+    allow_private: bool = True
+    max_mx: int = _count(10)
+    max_queries: int = _count(50)
+    max_ttl: float = _duration(86400.0)
+    cache_size: int = _count(10000)
 
 
 @dataclass(frozen=True)
