@@ -51,6 +51,15 @@ class TlsPolicy(Enum):
     VERIFY = "verify"
 
 
+class TlsVersion(Enum):
+    """The oldest TLS version accepted toward remote servers (``delivery.tls_min_version``)."""
+
+    TLSV1 = "TLSv1"
+    TLSV1_1 = "TLSv1.1"
+    TLSV1_2 = "TLSv1.2"
+    TLSV1_3 = "TLSv1.3"
+
+
 class EventLoop(Enum):
     """Which asyncio event loop runs the worker (``auto``: uvloop where it is installed)."""
 
@@ -149,6 +158,7 @@ class DeliveryConfig:
     pipelining: bool = True
     tls: TlsPolicy = TlsPolicy.OPPORTUNISTIC
     tls_ca_file: Path | None = None
+    tls_min_version: TlsVersion = TlsVersion.TLSV1_2
     timeouts: Timeouts = field(default_factory=Timeouts)
 
 
