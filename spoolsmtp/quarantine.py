@@ -19,6 +19,7 @@ kills the worker, it is quarantined unread, and no report can be sent.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -27,6 +28,7 @@ from spoolsmtp.journal import Journal, Replayed
 from spoolsmtp.record import Record, reply_dict
 from spoolsmtp.reply import Reply, make
 
+log = logging.getLogger("spoolsmtp")
 QUARANTINE_AFTER = 3
 
 
@@ -140,7 +142,15 @@ class Reads:
         for envelope_id in active:
             self.journal.append(_phase(envelope_id, "stopped", crashes=self.crashes(envelope_id)))
         if active:
-            await self.journal.commit()
+            try:
+                await self.journal.commit()
+            except OSError as exc:
+                log.error(
+                    "journal %s: cannot record the clean stop (%s); an envelope cut while it"
+                    " was being read may be blamed for it at the next start",
+                    self.journal.folder,
+                    exc,
+                )
 
 
 class _Reading:

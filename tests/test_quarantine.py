@@ -28,6 +28,12 @@ def sent(srv: SmtpServer, dots: int) -> Callable[[], bool]:
     return lambda: srv.wire.count(DOT) >= dots
 
 
+def busy_or_idle(srv: SmtpServer, worker: WorkerProcess) -> Callable[[], bool]:
+    """True once the server has been sent one more message, or nothing is left to send."""
+    dot = sent(srv, srv.wire.count(DOT) + 1)
+    return lambda: dot() or not (worker.files("active") or worker.files("incoming"))
+
+
 def statuses(rec: dict[str, Any]) -> dict[str, str]:
     return {r["address"]: r["status"] for t in rec["transactions"] for r in t["recipients"]}
 
@@ -87,6 +93,41 @@ def test_kill_9_while_the_server_answers_the_dot_does_not_quarantine(tmp_path: P
     (rcpt,) = rec["transactions"][0]["recipients"]
     assert rcpt["status"] == "delivered" and rcpt["possible_duplicate"]
     assert rec["crashes"] == 0
+
+
+def test_a_kill_9_loop_over_many_envelopes_quarantines_none(tmp_path: Path) -> None:
+    """Kill -9 the worker each time the server (answering the dot after a short think) has
+    been sent another message, four times over, then let it finish: every envelope is
+    delivered, none is quarantined."""
+    srv = SmtpServer(Script(data_delay=0.3))
+    settings = {"smarthost": f"127.0.0.1:{srv.port}"}
+    names = [f"job{i:02d}.bsmtp" for i in range(20)]
+    try:
+        for n in range(4):
+            worker = WorkerProcess(tmp_path, settings).start()
+            if n == 0:
+                for name in names:
+                    worker.drop_drafts(name, [draft("o@example.com", [f"{name}@example.org"])])
+            wait_for(busy_or_idle(srv, worker), what=f"a dot sent in run {n}")
+            worker.kill()
+        last = WorkerProcess(tmp_path, settings).start()
+        try:
+            records = wait_for(
+                lambda: (
+                    [last.final(name) for name in names]
+                    if all(last.final(name) for name in names)
+                    else None
+                ),
+                what="every envelope final",
+            )
+        finally:
+            assert last.stop() == 0
+    finally:
+        srv.stop()
+    assert [r["state"] for r in records] == ["done"] * len(names), [
+        r.get("reason") for r in records
+    ]
+    assert last.files("rejected") == []
 
 
 def test_an_envelope_that_kills_the_worker_while_read_is_quarantined_and_reported(
