@@ -165,7 +165,7 @@ class MxResolver:
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
         if ip.is_loopback:
-            return None if self.config.allow_loopback else "loopback"
+            return None if self.config.allow_loopback else "loopback (a loop back to this host)"
         if ip.is_link_local:
             return "link-local"
         if ip.is_unspecified:

@@ -246,7 +246,10 @@ def test_many_mx_records_cost_a_bounded_number_of_queries(zone: tuple[Zone, int]
     r = resolver(port)
     res = hops(r, "example.org")
     assert [h.host for h in res.hops] == [f"mx{i}.example.org" for i in range(1, 6)]
-    assert len(z.queries) <= 1 + 2 * 10, len(z.queries)
+    # the resolver library may resend a slow UDP query: count the questions asked
+    asked = {(name, rdtype) for _, name, rdtype in z.queries}
+    assert len(asked) <= 1 + 2 * 10, len(asked)
+    assert ("mx11.example.org", "A") not in asked
 
 
 def test_the_query_budget_ends_a_look_up(zone: tuple[Zone, int]) -> None:
