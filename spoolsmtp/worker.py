@@ -448,7 +448,11 @@ class Worker:
             assert self._reads is not None
             crashes = self._reads.crashes(envelope_id)
             if crashes > QUARANTINE_AFTER:
-                await self._quarantine(envelope_id, journaled, fallback, crashes)
+                # even the read for the reports killed it: quarantine it unread
+                unread = journaled or self._load_record(envelope_id)
+                if unread is not None:
+                    self._apply_journal(unread, replayed)
+                await self._quarantine(envelope_id, unread, fallback, crashes)
                 return
             opened = await self._open(envelope_id, fallback, journaled)
             if opened is None:
@@ -475,7 +479,6 @@ class Worker:
     ) -> None:
         """Reading it killed the worker ``crashes`` times: fail what is left, tell the senders
         (if it could be read once more: ``env``), and move it to rejected/."""
-        record = record or self._load_record(envelope_id)
         if record is not None:
             record.crashes = crashes
             self.stats.failed += quarantine.fail_unfinished(record, crashes)
