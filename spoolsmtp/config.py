@@ -51,6 +51,15 @@ class TlsPolicy(Enum):
     VERIFY = "verify"
 
 
+class TlsVersion(Enum):
+    """The oldest TLS version accepted toward remote servers (``delivery.tls_min_version``)."""
+
+    TLSV1 = "TLSv1"
+    TLSV1_1 = "TLSv1.1"
+    TLSV1_2 = "TLSv1.2"
+    TLSV1_3 = "TLSv1.3"
+
+
 class EventLoop(Enum):
     """Which asyncio event loop runs the worker (``auto``: uvloop where it is installed)."""
 
@@ -154,6 +163,7 @@ class DeliveryConfig:
     pipelining: bool = True
     tls: TlsPolicy = TlsPolicy.OPPORTUNISTIC
     tls_ca_file: Path | None = None
+    tls_min_version: TlsVersion = TlsVersion.TLSV1_2
     timeouts: Timeouts = field(default_factory=Timeouts)
 
 
@@ -165,6 +175,12 @@ class DnsConfig:
     port: int = _count(53, 1, 65535)
     timeout: float = _duration(5.0, 0.001)
     lifetime: float = _duration(15.0, 0.001)
+    allow_loopback: bool = False
+    allow_private: bool = True
+    max_mx: int = _count(10)
+    max_queries: int = _count(50)
+    max_ttl: float = _duration(86400.0)
+    cache_size: int = _count(10000)
 
 
 @dataclass(frozen=True)

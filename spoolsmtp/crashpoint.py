@@ -9,6 +9,7 @@ import signal
 
 PHASES = (
     "after_claim",
+    "reading",
     "after_rcpt",
     "mid_data",
     "after_dot",

@@ -13,6 +13,10 @@ commit). Records:
 * ``{"t": "record", "id", "record": {...}}``: the result record, committed before
   ``results/ID.json`` is replaced with it. The file itself is written atomically but not
   fsynced: the journal is what makes it durable, until a checkpoint.
+* ``{"t": "phase", "id", "phase", "crashes"?, "alone"?}``: ``reading`` is committed before the
+  envelope file is read, ``read`` after it was read, ``stopped`` when a clean stop (SIGTERM,
+  SHUTDOWN) leaves it in ``active/``. A restart that finds ``reading`` last knows the worker died
+  while the envelope was being read (quarantine.py decides whom to blame).
 
 A checkpoint (every second or so, in the background) makes everything written to the spool
 durable with one syncfs(2), then deletes the segments whose records are all dead: a record is
@@ -56,6 +60,9 @@ class Replayed:
     reports: set[str] = field(default_factory=set)
     source: str | None = None
     record: dict[str, Any] | None = None
+    phase: str | None = None
+    crashes: int = 0
+    alone: bool = False
 
 
 def replay(folder: Path) -> dict[str, Replayed]:
@@ -84,6 +91,10 @@ def _read_lines(out: dict[str, Replayed], lines: Iterable[bytes]) -> None:
             entry.source = rec["name"]
         elif rec["t"] == "record":
             entry.record = rec["record"]
+        elif rec["t"] == "phase":
+            entry.phase = rec["phase"]
+            entry.crashes = 0 if rec["phase"] == "read" else rec.get("crashes", 0)
+            entry.alone = rec.get("alone", False)
 
 
 @dataclass

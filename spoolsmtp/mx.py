@@ -5,6 +5,15 @@ or a reply that says why there is none: NXDOMAIN and null MX are permanent (550 
 556 5.1.10), SERVFAIL and timeouts temporary (451 4.4.3). MX records are ordered by
 ``Rdataset.processing_order()`` (preference, equal preferences shuffled). Answers are cached
 for their TTL; ``expire`` forgets one domain.
+
+DNS answers are not trusted as given: only the ``dns.max_mx`` most preferred MX records are
+used, a look-up sends at most ``dns.max_queries`` queries, TTLs are capped at ``dns.max_ttl``
+and the cache holds at most ``dns.cache_size`` look-ups (expired ones dropped first). Addresses
+found through DNS that point back at this host or at a link-local service (loopback unless
+``dns.allow_loopback``, link-local, unspecified, multicast; private ones unless
+``dns.allow_private``) are refused: an MX host with nothing else fails with 554 5.4.4, like
+Postfix's "mail for X loops back to myself". Routes, the smarthost and address literals are the
+operator's choice and are not filtered.
 """
 
 from __future__ import annotations
@@ -22,7 +31,13 @@ import dns.name
 import dns.rdatatype
 import dns.resolver
 from dns.rdtypes.ANY.MX import MX
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_fixed
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    retry_if_not_exception_type,
+    stop_after_attempt,
+    wait_fixed,
+)
 
 from spoolsmtp.config import DnsConfig
 from spoolsmtp.errors import ConfigError
@@ -54,6 +69,17 @@ class Resolution:
 
 class _Temporary(Exception):
     """A DNS failure worth one more try (timeout, SERVFAIL)."""
+
+
+class _OverBudget(_Temporary):
+    """The look-up has sent ``dns.max_queries`` queries: not worth another try."""
+
+
+@dataclass
+class _Budget:
+    """Queries one look-up may still send."""
+
+    left: int
 
 
 @dataclass
@@ -108,44 +134,92 @@ class MxResolver:
             if self._traced():
                 self._trace(f"{key}: cached, {_describe(hit[1])}")
             return hit[1]
+        if hit is not None:
+            del self._cache[key]
+        budget = _Budget(self.config.max_queries)
         if dest.route is not None:
-            result = await self._route_hops(dest.route.host, dest.route.port)
+            result = await self._route_hops(dest.route.host, dest.route.port, budget)
         else:
             assert dest.domain is not None
-            result = await self._mx_hops(dest.domain)
+            result = await self._mx_hops(dest.domain, budget)
         self._trace(f"{key}: {_describe(result)}")
         if result.failure is None or result.failure.code >= 500:
             ttl = result.ttl if result.failure is None else NEGATIVE_TTL
+            ttl = min(ttl, self.config.max_ttl)
             if ttl > 0:
-                self._cache[key] = (now + ttl, result)
+                self._remember(key, now + ttl, result, now)
         return result
 
-    async def _route_hops(self, host: str, port: int) -> Resolution:
+    def _remember(self, key: str, until: float, result: Resolution, now: float) -> None:
+        """Cache a look-up; when full, drop the expired ones, then the oldest."""
+        if len(self._cache) >= self.config.cache_size and key not in self._cache:
+            for old in [k for k, (t, _) in self._cache.items() if t <= now]:
+                del self._cache[old]
+            while len(self._cache) >= self.config.cache_size:
+                del self._cache[next(iter(self._cache))]
+        self._cache[key] = (until, result)
+
+    def _refused(self, address: str) -> str | None:
+        """Why an address found through DNS is not used, or None if it may be."""
+        ip = ipaddress.ip_address(address)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip.is_loopback:
+            return None if self.config.allow_loopback else "loopback (a loop back to this host)"
+        if ip.is_link_local:
+            return "link-local"
+        if ip.is_unspecified:
+            return "unspecified"
+        if ip.is_multicast:
+            return "multicast"
+        if ip.is_private and not self.config.allow_private:
+            return "private"
+        return None
+
+    def _usable(self, host: str, addresses: list[str], refused: list[str]) -> list[Hop]:
+        """The hops for the addresses of a host found through DNS; refused ones noted."""
+        hops: list[Hop] = []
+        for address in addresses:
+            why = self._refused(address)
+            if why is None:
+                hops.append(Hop(host, address, self.port))
+            else:
+                refused.append(f"{host}: {address} is {why}")
+        return hops
+
+    def _refusal(self, domain: str, refused: list[str]) -> Reply:
+        shown = "; ".join(refused[:3]) + ("; ..." if len(refused) > 3 else "")
+        return make(554, "5.4.4", f"{domain} has only refused addresses ({shown})")
+
+    async def _route_hops(self, host: str, port: int, budget: _Budget) -> Resolution:
         try:
             ipaddress.ip_address(host)
         except ValueError:
             pass
         else:
             return Resolution((Hop(host, host, port),), ttl=float("inf"))
-        addresses, ttl, failure = await self._addresses(host)
+        addresses, ttl, failure = await self._addresses(host, budget)
         if not addresses:
             return Resolution(failure=failure or make(451, "4.4.4", f"no address for {host}"))
         hops = tuple(Hop(host, a, port) for a in addresses[: self.max_addresses])
         return Resolution(hops, ttl=ttl)
 
-    async def _mx_hops(self, domain: str) -> Resolution:
+    async def _mx_hops(self, domain: str, budget: _Budget) -> Resolution:
         try:
-            answer = await self._query(domain, "MX")
+            answer = await self._query(domain, "MX", budget)
         except dns.resolver.NXDOMAIN:
             return Resolution(failure=make(550, "5.1.2", f"domain {domain} does not exist"))
         except dns.resolver.NoAnswer:
-            addresses, ttl, failure = await self._addresses(domain)
+            addresses, ttl, failure = await self._addresses(domain, budget)
             if not addresses:
                 return Resolution(
                     failure=failure or make(550, "5.4.4", f"{domain} has no MX and no address")
                 )
-            hops = tuple(Hop(domain, a, self.port) for a in addresses[: self.max_addresses])
-            return Resolution(hops, ttl=ttl)
+            skipped: list[str] = []
+            usable = self._usable(domain, addresses, skipped)
+            if not usable:
+                return Resolution(failure=self._refusal(domain, skipped))
+            return Resolution(tuple(usable[: self.max_addresses]), ttl=ttl)
         except _Temporary as exc:
             return Resolution(failure=make(451, "4.4.3", f"DNS lookup of MX {domain}: {exc}"))
         rrset = answer.rrset
@@ -157,29 +231,32 @@ class MxResolver:
                 ttl=float(rrset.ttl),
             )
         ttl = float(rrset.ttl)
-        hosts = [r.exchange.to_text(omit_final_dot=True) for r in records]
-        looked_up = await asyncio.gather(*(self._addresses(h) for h in hosts))
+        hosts = [r.exchange.to_text(omit_final_dot=True) for r in records[: self.config.max_mx]]
+        looked_up = await asyncio.gather(*(self._addresses(h, budget) for h in hosts))
         found: list[Hop] = []
+        refused: list[str] = []
         temporary: Reply | None = None
         for host, (addresses, host_ttl, failure) in zip(hosts, looked_up, strict=True):
             if failure is not None and failure.code < 500:
                 temporary = failure
             if addresses:
                 ttl = min(ttl, host_ttl)
-            found.extend(Hop(host, a, self.port) for a in addresses)
+            found.extend(self._usable(host, addresses, refused))
         if not found:
+            if temporary is None and refused:
+                return Resolution(failure=self._refusal(domain, refused))
             failure = temporary or make(550, "5.4.4", f"no MX host of {domain} has an address")
             return Resolution(failure=failure)
         return Resolution(tuple(found[: self.max_addresses]), ttl=ttl)
 
-    async def _addresses(self, host: str) -> tuple[list[str], float, Reply | None]:
+    async def _addresses(self, host: str, budget: _Budget) -> tuple[list[str], float, Reply | None]:
         """A then AAAA addresses of a host; a temporary failure only if neither answered."""
         found: list[str] = []
         ttl = float("inf")
         temporary: Reply | None = None
         for rdtype in ("A", "AAAA"):
             try:
-                answer = await self._query(host, rdtype)
+                answer = await self._query(host, rdtype, budget)
             except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
                 continue
             except _Temporary as exc:
@@ -193,14 +270,17 @@ class MxResolver:
             return found, ttl, None
         return [], 0.0, temporary
 
-    async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer:
+    async def _query(self, name: str, rdtype: str, budget: _Budget) -> dns.resolver.Answer:
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(2),
             wait=wait_fixed(0.05),
-            retry=retry_if_exception_type(_Temporary),
+            retry=retry_if_exception_type(_Temporary) & retry_if_not_exception_type(_OverBudget),
             reraise=True,
         ):
             with attempt:
+                if budget.left <= 0:
+                    raise _OverBudget(f"more than {self.config.max_queries} queries")
+                budget.left -= 1
                 self.stats.queries += 1
                 try:
                     answer = await self._resolver.resolve(

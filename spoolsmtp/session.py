@@ -13,12 +13,13 @@ import asyncio
 import contextlib
 import ssl
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from spoolsmtp import crashpoint, envfile
-from spoolsmtp.config import DeliveryConfig, Timeouts, TlsPolicy
+from spoolsmtp.config import DeliveryConfig, Timeouts, TlsPolicy, TlsVersion
 from spoolsmtp.envelope import BodyType, Recipient, Transaction
 from spoolsmtp.mx import Hop
 from spoolsmtp.outcome import RecipientResult, connection_lost, decided_here, result, timed_out
@@ -37,6 +38,12 @@ from spoolsmtp.tracer import always
 Trace = Callable[[str], None]
 DotHook = Callable[[list[Recipient]], Awaitable[None]]
 BODY_WRITE = 64 * 1024
+_TLS_VERSIONS = {
+    TlsVersion.TLSV1: ssl.TLSVersion.TLSv1,
+    TlsVersion.TLSV1_1: ssl.TLSVersion.TLSv1_1,
+    TlsVersion.TLSV1_2: ssl.TLSVersion.TLSv1_2,
+    TlsVersion.TLSV1_3: ssl.TLSVersion.TLSv1_3,
+}
 
 
 class SessionBroken(Exception):
@@ -275,10 +282,20 @@ class Session:
         if tls is TlsPolicy.VERIFY:
             context = ssl.create_default_context(cafile=self.ca_file)
             context.check_hostname = True
-            return context
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
+        else:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        minimum = _TLS_VERSIONS[self.config.tls_min_version]
+        if minimum < ssl.TLSVersion.TLSv1_2:
+            # the operator allowed TLS 1.0/1.1 on purpose: Python's deprecation warning is not
+            # news to them, and OpenSSL 3 needs its security level lowered to speak them
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                context.minimum_version = minimum
+            context.set_ciphers("DEFAULT:@SECLEVEL=0")
+        else:
+            context.minimum_version = minimum
         return context
 
     # -- transactions ----------------------------------------------------------------------

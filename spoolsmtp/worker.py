@@ -11,7 +11,7 @@ Life of an envelope (each arrow a rename done by ``Spool``, each state durable b
 on, so a restart resumes from the journal and never sends again to a recipient a server
 accepted (apart from the RFC 5321 section 6.1 window, counted as ``possible_duplicates``).
 Anything found in ``active/`` at start is an interrupted attempt: it is resumed, and an envelope
-that was in flight at three crashes in a row is quarantined in ``rejected/``.
+that the worker died reading three times in a row is quarantined in ``rejected/`` (quarantine.py).
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ from spoolsmtp import (
     durable,
     envfile,
     eventloop,
+    exitcodes,
     journal,
     legacy,
+    quarantine,
     response,
     retry,
     writer,
@@ -51,6 +53,7 @@ from spoolsmtp.errors import EnvelopeFault
 from spoolsmtp.journal import Journal, Replayed
 from spoolsmtp.mx import MxResolver
 from spoolsmtp.outcome import RecipientResult, Status
+from spoolsmtp.quarantine import QUARANTINE_AFTER, Reads
 from spoolsmtp.record import (
     QUEUED,
     RcptRecord,
@@ -65,13 +68,13 @@ from spoolsmtp.record import (
 from spoolsmtp.reply import make
 from spoolsmtp.route import Destination
 from spoolsmtp.spool import ORIGINAL, SUFFIX, NotRegular, Spool
+from spoolsmtp.spoollock import SpoolBusy, SpoolLock
 from spoolsmtp.stats import Stats
 from spoolsmtp.tracer import Kind as TraceKind
 from spoolsmtp.tracer import Tracer
 from spoolsmtp.watcher import IncomingWatcher
 
 log = logging.getLogger("spoolsmtp")
-QUARANTINE_AFTER = 3
 ANNOUNCE_AFTER = 0.5
 CHECKPOINT_INTERVAL = 1.0
 BURST_RESCAN = 0.25
@@ -119,6 +122,7 @@ class Worker:
             tracing=lambda: self.tracer.on(TraceKind.SESSION),
         )
         self.journal: Journal | None = None
+        self._reads: Reads | None = None
         self.suspended = False
         self._resumed = asyncio.Event()
         self._resumed.set()
@@ -152,7 +156,20 @@ class Worker:
     # -- running ---------------------------------------------------------------------------
 
     async def run(self) -> int:
-        """Run until SIGTERM/SIGINT or ``stop``; return the exit code."""
+        """Run until SIGTERM/SIGINT or ``stop``; return the exit code (75 if another worker
+        holds the spool)."""
+        lock = SpoolLock(self.cfg.spool.path)
+        try:
+            lock.acquire()
+        except SpoolBusy as exc:
+            log.error("%s", exc)
+            return exitcodes.TEMPFAIL
+        try:
+            return await self._run()
+        finally:
+            lock.release()
+
+    async def _run(self) -> int:
         diskfull.check_writable(self.spool.dirs.values())
         self.spool.ensure()
         replayed = journal.replay(self.spool.dirs["journal"])
@@ -171,6 +188,7 @@ class Worker:
         restored = await asyncio.to_thread(self._restore_records, replayed, set(active))
         self.journal = Journal(self.spool.dirs["journal"], self.spool.batch)
         self.journal.adopt(set(active))
+        self._reads = Reads(self.journal, quarantine.assess(replayed, active))
         log.info(
             "starting: %d to resume, %d result records restored from the journal, spool %s,"
             " event loop %s",
@@ -209,6 +227,7 @@ class Worker:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await self._drain()
+        await self._reads.stopped(self.spool.ids("active"))
         await self.deliverer.close_all()
         try:
             await self._checkpoint()
@@ -286,14 +305,16 @@ class Worker:
             await self.deliverer.close_idle()
 
     async def _take(self, name: str) -> None:
-        assert self.journal is not None
+        assert self.journal is not None and self._reads is not None
         try:
             envelope_id = self.spool.choose_id(name)
             if envelope_id is not None:
+                self._reads.mark(envelope_id)
                 # committed by the same batch, before the rename: a restart knows the name
                 self.journal.append({"t": "claim", "id": envelope_id, "name": name})
                 suffix = ORIGINAL if self._legacy else SUFFIX
                 if not await self._claim(name, envelope_id, suffix):
+                    self._reads.forget(envelope_id)
                     self.journal.finished(envelope_id)
                     return
         finally:
@@ -355,19 +376,25 @@ class Worker:
         open, one read); a large one is streamed in a thread, and delivery reads the file."""
         limits, hostname = self.cfg.limits, self.cfg.helo_name
         max_bytes = self.cfg.spool.max_file_bytes
-        try:
-            opened = self.spool.open_envelope("active", envelope_id, whole=INLINE_READ_BYTES)
-            if isinstance(opened, bytes):
-                return envfile.read_bytes(opened, source, limits, hostname, max_bytes), opened
-            with opened:
-                env = await asyncio.to_thread(
-                    envfile.read_stream, opened, source, limits, hostname, max_bytes
-                )
-                return env, None
-        except (EnvelopeFault, NotRegular, OSError) as exc:
-            reason = str(exc) if isinstance(exc, EnvelopeFault) else f"{source}: not a regular file"
-            await self._reject(envelope_id, source, reason)
-            return None
+        assert self._reads is not None
+        # the phase records around the read (quarantine.py); a journal failure there is not
+        # the envelope's fault, so it is outside the try
+        async with self._reads.reading(envelope_id):
+            crashpoint.reach("reading")
+            try:
+                opened = self.spool.open_envelope("active", envelope_id, whole=INLINE_READ_BYTES)
+                if isinstance(opened, bytes):
+                    return envfile.read_bytes(opened, source, limits, hostname, max_bytes), opened
+                with opened:
+                    env = await asyncio.to_thread(
+                        envfile.read_stream, opened, source, limits, hostname, max_bytes
+                    )
+                    return env, None
+            except (EnvelopeFault, NotRegular, OSError) as exc:
+                fault = exc
+        reason = str(fault) if isinstance(fault, EnvelopeFault) else f"{source}: not a regular file"
+        await self._reject(envelope_id, source, reason)
+        return None
 
     async def _reject(
         self, envelope_id: str, source: str, reason: str, record: Record | None = None
@@ -450,25 +477,25 @@ class Worker:
     async def _resume(self, envelope_id: str, replayed: Replayed) -> None:
         try:
             journaled = Record.from_dict(replayed.record) if replayed.record else None
-            opened = await self._open(
-                envelope_id, replayed.source or f"{envelope_id}{SUFFIX}", journaled
-            )
+            fallback = replayed.source or f"{envelope_id}{SUFFIX}"
+            assert self._reads is not None
+            crashes = self._reads.crashes(envelope_id)
+            if crashes > QUARANTINE_AFTER:
+                # even the read for the reports killed it: quarantine it unread
+                unread = journaled or self._load_record(envelope_id)
+                if unread is not None:
+                    self._apply_journal(unread, replayed)
+                await self._quarantine(envelope_id, unread, fallback, crashes)
+                return
+            opened = await self._open(envelope_id, fallback, journaled)
             if opened is None:
                 return
             env, record, data = opened
-            source = record.source
-            record.crashes += 1
-            if record.crashes >= QUARANTINE_AFTER:
-                self.stats.quarantined += 1
-                await self._reject(
-                    envelope_id,
-                    source,
-                    f"{source}: quarantined: the worker stopped abnormally "
-                    f"{record.crashes} times in a row while delivering it",
-                    record,
-                )
-                return
+            record.crashes = crashes
             self._apply_journal(record, replayed)
+            if crashes == QUARANTINE_AFTER:
+                await self._quarantine(envelope_id, record, record.source, crashes, env)
+                return
             await self._write_record(record)
             await self._batch_outputs(envelope_id, env, record, replayed)
             await self._attempt(envelope_id, env, record, data)
@@ -476,6 +503,27 @@ class Worker:
             self._put_back(envelope_id, exc)
         finally:
             self._active.pop(envelope_id, None)
+
+    async def _quarantine(
+        self,
+        envelope_id: str,
+        record: Record | None,
+        source: str,
+        crashes: int,
+        env: Envelope | None = None,
+    ) -> None:
+        """Reading it killed the worker ``crashes`` times: fail what is left, tell the senders
+        (if it could be read once more: ``env``), and move it to rejected/."""
+        if record is not None:
+            record.crashes = crashes
+            self.stats.failed += quarantine.fail_unfinished(record, crashes)
+            source = record.source
+        if record is not None and env is not None:
+            now = utcnow()
+            await self._reports(envelope_id, env, record, parse_iso(record.received_at), now)
+        self.stats.quarantined += 1
+        reason = quarantine.reason(source, crashes, read=env is not None)
+        await self._reject(envelope_id, source, reason, record)
 
     def _apply_journal(self, record: Record, replayed: Replayed) -> None:
         for (tx, address), result in replayed.results.items():

@@ -70,11 +70,11 @@ def test_a_file_that_crashes_the_worker_three_times_is_quarantined(tmp_path: Pat
     srv = SmtpServer()
     settings = {"smarthost": f"127.0.0.1:{srv.port}"}
     try:
-        first = WorkerProcess(tmp_path, settings, env={"SPOOLSMTP_CRASH_AT": "after_rcpt"}).start()
+        first = WorkerProcess(tmp_path, settings, env={"SPOOLSMTP_CRASH_AT": "reading"}).start()
         first.drop_drafts("poison.bsmtp", [draft("o@example.com", ["a@example.org"])])
         assert first.wait_exit() == -signal.SIGKILL
         for _ in range(2):
-            again = WorkerProcess(tmp_path, settings, env={"SPOOLSMTP_CRASH_AT": "after_rcpt"})
+            again = WorkerProcess(tmp_path, settings, env={"SPOOLSMTP_CRASH_AT": "reading"})
             again.start()
             assert again.wait_exit() == -signal.SIGKILL
         last = WorkerProcess(tmp_path, settings).start()

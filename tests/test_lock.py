@@ -1,0 +1,76 @@
+"""One worker per spool: a second ``spoolsmtp run`` on the same spool is refused, with real
+processes; a lock left by a worker killed with SIGKILL does not block the next one."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from spoolsmtp import exitcodes
+from tests.helpers import draft
+from tests.smtpservers import Script, SmtpServer
+from tests.workerproc import WorkerProcess, wait_for
+
+
+def second(tmp_path: Path, first: WorkerProcess, settings: dict[str, Any]) -> WorkerProcess:
+    """A worker with its own folder, config and control socket, on the first one's spool."""
+    root = tmp_path / "second"
+    root.mkdir(exist_ok=True)
+    return WorkerProcess(
+        root,
+        {
+            **settings,
+            "spool": {"path": str(first.spool), "settle_seconds": "300ms"},
+            "control": {"socket": str(root / "control.sock")},
+        },
+    )
+
+
+def test_a_second_worker_on_the_same_spool_is_refused_and_delivers_nothing(
+    tmp_path: Path,
+) -> None:
+    gate = threading.Event()
+    srv = SmtpServer(Script(gate=gate))
+    settings = {"smarthost": f"127.0.0.1:{srv.port}"}
+    first = WorkerProcess(tmp_path, settings).start()
+    try:
+        first.drop_drafts("job.bsmtp", [draft("o@example.com", ["a@example.org"])])
+        wait_for(lambda: first.files("active"), what="envelope in flight")
+        other = second(tmp_path, first, settings)
+        try:
+            assert other.start().wait_exit(timeout=10) == exitcodes.TEMPFAIL
+        finally:
+            other.kill()
+        assert first.proc is not None
+        lines = other.log.read_text().strip().splitlines()
+        assert len(lines) == 1, lines
+        assert f"pid {first.proc.pid}" in lines[0] and "worker.lock" in lines[0]
+        gate.set()
+        rec = wait_for(lambda: first.final("job.bsmtp"), what="delivered by the first")
+    finally:
+        gate.set()
+        assert first.stop() == 0
+        srv.stop()
+    assert rec["state"] == "done"
+    assert [m.rcpt_tos for m in srv.messages] == [["a@example.org"]]
+
+
+def test_a_lock_left_by_a_killed_worker_does_not_block_a_restart(tmp_path: Path) -> None:
+    srv = SmtpServer()
+    settings = {"smarthost": f"127.0.0.1:{srv.port}"}
+    try:
+        first = WorkerProcess(tmp_path, settings).start()
+        first.kill()
+        assert (first.spool / "worker.lock").exists()
+        again = second(tmp_path, first, settings).start()
+        try:
+            first.drop_drafts("job.bsmtp", [draft("o@example.com", ["a@example.org"])])
+            rec = wait_for(lambda: first.final("job.bsmtp"), what="delivered after restart")
+        finally:
+            assert again.stop() == 0
+    finally:
+        srv.stop()
+    assert rec["state"] == "done"
+    assert again.proc is not None
+    assert (first.spool / "worker.lock").read_text().strip() == str(again.proc.pid)

@@ -1,0 +1,193 @@
+"""Quarantine blames an envelope only for crashes it plausibly caused, and never abandons mail
+silently: stops we asked for and kills while a server thinks do not count; an envelope that
+kills the worker while it is read is quarantined, its recipients fail and its sender is told."""
+
+from __future__ import annotations
+
+import email
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flufl.bounce import all_failures
+
+from spoolsmtp import config, envfile
+from spoolsmtp.journal import Replayed
+from spoolsmtp.quarantine import Verdict, assess
+from tests.helpers import draft
+from tests.smtpservers import Script, SmtpServer
+from tests.workerproc import WorkerProcess, wait_for
+
+DOT = b"\r\n.\r\n"
+
+
+def sent(srv: SmtpServer, dots: int) -> Callable[[], bool]:
+    """True once the server has been sent ``dots`` final dots (and is thinking about them)."""
+    return lambda: srv.wire.count(DOT) >= dots
+
+
+def busy_or_idle(srv: SmtpServer, worker: WorkerProcess) -> Callable[[], bool]:
+    """True once the server has been sent one more message, or nothing is left to send."""
+    dot = sent(srv, srv.wire.count(DOT) + 1)
+    return lambda: dot() or not (worker.files("active") or worker.files("incoming"))
+
+
+def statuses(rec: dict[str, Any]) -> dict[str, str]:
+    return {r["address"]: r["status"] for t in rec["transactions"] for r in t["recipients"]}
+
+
+def failed_in(path: Path) -> set[str]:
+    cfg = config.Config()
+    env = envfile.read(path, cfg.limits, "x")
+    msg = email.message_from_bytes(envfile.message_bytes(path, env.transactions[0].message))
+    return {a.decode() for a in all_failures(msg)[1]}
+
+
+def test_three_sigterms_while_a_slow_server_thinks_do_not_quarantine(tmp_path: Path) -> None:
+    gate = threading.Event()
+    srv = SmtpServer(Script(gate=gate))
+    settings = {"smarthost": f"127.0.0.1:{srv.port}", "shutdown_timeout": "200ms"}
+    try:
+        for n in range(1, 4):
+            worker = WorkerProcess(tmp_path, settings).start()
+            if n == 1:
+                worker.drop_drafts("slow.bsmtp", [draft("o@example.com", ["a@example.org"])])
+            wait_for(sent(srv, n), what=f"dot sent, attempt {n}")
+            assert worker.stop() == 0
+        gate.set()
+        last = WorkerProcess(tmp_path, settings).start()
+        try:
+            rec = wait_for(lambda: last.final("slow.bsmtp"), what="final record")
+        finally:
+            assert last.stop() == 0
+    finally:
+        gate.set()
+        srv.stop()
+    assert rec["state"] == "done", rec.get("reason")
+    assert statuses(rec) == {"a@example.org": "delivered"}
+
+
+def test_kill_9_while_the_server_answers_the_dot_does_not_quarantine(tmp_path: Path) -> None:
+    gate = threading.Event()
+    srv = SmtpServer(Script(gate=gate))
+    settings = {"smarthost": f"127.0.0.1:{srv.port}"}
+    try:
+        for n in range(1, 4):
+            worker = WorkerProcess(tmp_path, settings).start()
+            if n == 1:
+                worker.drop_drafts("job.bsmtp", [draft("o@example.com", ["a@example.org"])])
+            wait_for(sent(srv, n), what=f"dot sent, attempt {n}")
+            worker.kill()
+        gate.set()
+        last = WorkerProcess(tmp_path, settings).start()
+        try:
+            rec = wait_for(lambda: last.final("job.bsmtp"), what="final record")
+        finally:
+            assert last.stop() == 0
+    finally:
+        gate.set()
+        srv.stop()
+    assert rec["state"] == "done", rec.get("reason")
+    (rcpt,) = rec["transactions"][0]["recipients"]
+    assert rcpt["status"] == "delivered" and rcpt["possible_duplicate"]
+    assert rec["crashes"] == 0
+
+
+def test_a_kill_9_loop_over_many_envelopes_quarantines_none(tmp_path: Path) -> None:
+    """Kill -9 the worker each time the server (answering the dot after a short think) has
+    been sent another message, four times over, then let it finish: every envelope is
+    delivered, none is quarantined."""
+    srv = SmtpServer(Script(data_delay=0.3))
+    settings = {"smarthost": f"127.0.0.1:{srv.port}"}
+    names = [f"job{i:02d}.bsmtp" for i in range(20)]
+    try:
+        for n in range(4):
+            worker = WorkerProcess(tmp_path, settings).start()
+            if n == 0:
+                for name in names:
+                    worker.drop_drafts(name, [draft("o@example.com", [f"{name}@example.org"])])
+            wait_for(busy_or_idle(srv, worker), what=f"a dot sent in run {n}")
+            worker.kill()
+        last = WorkerProcess(tmp_path, settings).start()
+        try:
+            records = wait_for(
+                lambda: (
+                    [last.final(name) for name in names]
+                    if all(last.final(name) for name in names)
+                    else None
+                ),
+                what="every envelope final",
+            )
+        finally:
+            assert last.stop() == 0
+    finally:
+        srv.stop()
+    assert [r["state"] for r in records] == ["done"] * len(names), [
+        r.get("reason") for r in records
+    ]
+    assert last.files("rejected") == []
+
+
+@pytest.mark.parametrize("crashes", [3, 4])
+def test_an_envelope_that_kills_the_worker_while_read_is_quarantined_and_reported(
+    tmp_path: Path, crashes: int
+) -> None:
+    """a@ is delivered on the first attempt, b@ deferred; every later read of the envelope
+    kills the worker (SPOOLSMTP_CRASH_AT=reading). After three such crashes it is
+    quarantined: a@ stays delivered, b@ fails, and the sender gets a report naming b@. If
+    the read for that report kills the worker too (a fourth crash), it is quarantined unread
+    and no report can be sent, but the record still says who failed."""
+    srv = SmtpServer(Script(defer_first={"b@example.org": 1}))
+    settings = {
+        "smarthost": f"127.0.0.1:{srv.port}",
+        "retry": {"interval": "50ms", "max_interval": "50ms"},
+    }
+    crash = {"SPOOLSMTP_CRASH_AT": "reading"}
+    try:
+        first = WorkerProcess(tmp_path, settings).start()
+        first.drop_drafts(
+            "poison.bsmtp", [draft("o@example.com", ["a@example.org", "b@example.org"])]
+        )
+        wait_for(lambda: first.in_state("poison.bsmtp", "deferred"), what="first attempt")
+        assert first.stop() == 0
+        for _ in range(crashes):
+            crashing = WorkerProcess(tmp_path, settings, env=crash).start()
+            assert crashing.wait_exit() == -signal.SIGKILL
+        last = WorkerProcess(tmp_path, settings).start()
+        try:
+            rec = wait_for(lambda: last.final("poison.bsmtp"), what="quarantined")
+        finally:
+            assert last.stop() == 0
+    finally:
+        srv.stop()
+    assert rec["state"] == "rejected"
+    assert "quarantined" in rec["reason"] and f"{crashes} times" in rec["reason"]
+    assert (tmp_path / "spool" / rec["location"]).exists()
+    assert statuses(rec) == {"a@example.org": "delivered", "b@example.org": "failed"}
+    b = rec["transactions"][0]["recipients"][1]
+    assert (b["reply"]["code"], b["reply"]["enhanced"]) == (554, "5.3.0")
+    assert [m.rcpt_tos for m in srv.messages] == [["a@example.org"]]
+    if crashes == 3:
+        (report,) = last.files("bounces")
+        assert failed_in(report) == {"b@example.org"}
+    else:
+        assert last.files("bounces") == []
+        assert "no report was sent" in rec["reason"]
+
+
+def test_a_crash_while_several_were_read_blames_none_until_one_is_read_alone() -> None:
+    """Two envelopes being read when the worker died: neither is blamed, both are read alone
+    next time; the one being read alone at the next crash is blamed, the other not."""
+    both = {i: Replayed(phase="reading", crashes=1 if i == "b" else 0) for i in ("a", "b")}
+    verdicts = assess(both, ["a", "b"])
+    assert verdicts == {"a": Verdict(0, alone=True), "b": Verdict(1, alone=True)}
+    again = {
+        "a": Replayed(phase="reading", crashes=0, alone=True),
+        "b": Replayed(phase="reading", crashes=1),
+    }
+    assert assess(again, ["a", "b"]) == {"a": Verdict(1, alone=True), "b": Verdict(1, True)}
+    stopped = {"a": Replayed(phase="stopped", crashes=2), "b": Replayed(phase="read")}
+    assert assess(stopped, ["a", "b"]) == {"a": Verdict(2, alone=True)}
