@@ -151,7 +151,9 @@ def test_hold_release_flush_move_the_envelope(
 def test_flush_dest_and_expire(world: tuple[WorkerProcess, SmtpServer, Path]) -> None:
     w, srv, sock = world
     w.drop_drafts("j.bsmtp", [draft("o@example.com", ["later@example.org"])])
-    wait_for(lambda: w.in_state("j.bsmtp", "deferred"))
+    rec = wait_for(lambda: w.in_state("j.bsmtp", "deferred"))
+    # the record on disk may say deferred a moment before the worker's own index does
+    wait_for(lambda: ask(sock, f"QUERY {rec['id']}")["result"]["state"] == "deferred")
     srv.script.rcpt.clear()
     answer = ask(sock, "FLUSH DEST example.org")
     assert answer["result"]["scheduled"] == 1
