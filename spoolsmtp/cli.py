@@ -85,8 +85,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "submit":
         return _submit(cfg, args)
     if args.command == "ctl":
+        trusted = ctl.trusted_uids(worker_user=cfg.user, spool_folder=cfg.spool.folder("active"))
         return ctl.run(
-            args.socket or cfg.control_socket, args.words, as_json=args.json, follow=args.follow
+            [args.socket] if args.socket else [cfg.operator_socket, cfg.control_socket],
+            args.words,
+            as_json=args.json,
+            follow=args.follow,
+            trusted=trusted,
         )
     if args.command == "check":
         return _check(cfg, args.files, quiet=args.quiet)
