@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from spoolsmtp import config as configmod
-from spoolsmtp import ctl, deliver_cmd, envfile, eventloop, exitcodes, response, submit
+from spoolsmtp import ctl, deliver_cmd, envfile, eventloop, exitcodes, privileges, response, submit
 from spoolsmtp.errors import ConfigError, EnvelopeFault
 from spoolsmtp.units import parse_duration
 from spoolsmtp.worker import Worker
@@ -110,6 +110,7 @@ def _run(cfg: configmod.Config, args: argparse.Namespace) -> int:
             format="%(asctime)s spoolsmtp[%(process)d] %(levelname)s %(message)s",
             stream=sys.stderr,
         )
+        privileges.become(cfg)
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             return runner.run(Worker(cfg).run())
     except ConfigError as exc:
