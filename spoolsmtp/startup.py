@@ -4,7 +4,9 @@ Like Postfix's queue: every folder belongs to the worker's user and only it may 
 only ``incoming/`` (the drop box, as Postfix's maildrop) may be writable by group or others,
 and then it must be sticky, so one submitter cannot remove or rename another's file. The spool
 root must be owned by the worker's user or root and writable by no one else. Anything else
-stops start-up with one line naming the folder and what is wrong (exit 78).
+stops start-up with one line naming the folder and what is wrong (exit 78). The control
+sockets' folders are held to the rule ``ctlsocket`` applies when it binds, before any mail is
+touched.
 
 When root starts a worker that is to run as another user, ``prepare`` first makes the folders
 that are missing, owned by that user, and hands over folders still owned by root (with the
@@ -19,6 +21,7 @@ import stat
 from pathlib import Path
 
 from spoolsmtp.config import Config
+from spoolsmtp.ctlsocket import folder_problem
 from spoolsmtp.errors import ConfigError
 from spoolsmtp.spool import FOLDERS
 
@@ -65,6 +68,17 @@ def check(cfg: Config, uid: int | None = None) -> None:
         why = problem(key, info, uid)
         if why:
             raise ConfigError(cfg.source, key, f"refusing {path}: it {why}")
+    sockets = (
+        ("control.socket", cfg.control_socket),
+        ("control.operator_socket", cfg.operator_socket),
+    )
+    for key, sock in sockets:
+        with contextlib.suppress(FileNotFoundError):
+            why = folder_problem(os.stat(sock.parent), uid)
+            if why:
+                raise ConfigError(
+                    cfg.source, key, f"refusing the socket folder {sock.parent}: it {why}"
+                )
 
 
 def prepare(cfg: Config, owner: tuple[int, int] | None = None) -> None:
