@@ -5,11 +5,17 @@ Protocol: a request line is ``[JSON ]COMMAND [ARGS...]``. A text answer is a sta
 and a line holding only ``.``. A JSON answer is one line holding one object. ``FOLLOW`` (after
 TRACE) streams trace lines until the client goes away.
 
-Who may do what: the peer's uid and gid come from SO_PEERCRED when it connects. HELP, QUERY and
-STATS are open to anyone who can reach the socket; everything else needs root or a user or group
-listed in ``control.authorized_users`` / ``control.authorized_groups``. A refusal is answered
-and logged with the peer's pid and uid. Lines are bounded, idle connections time out, and
-connections per uid are capped.
+Two sockets serve the same commands: the public one (``control.socket``) and the operators'
+(``control.operator_socket``, 0600 or 0660 to ``control.operator_group``), which others cannot
+reach and so cannot jam. Both are created by ``ctlsocket``, never chmod-ed by path.
+
+Who may do what: the peer's uid and gid come from SO_PEERCRED, its supplementary groups from
+SO_PEERGROUPS (the kernel's word, not the user database). HELP, QUERY and STATS are open to
+anyone who can reach a socket; everything else needs root or a user or group listed in
+``control.authorized_users`` / ``control.authorized_groups``. A refusal is answered and logged
+with the peer's pid and uid. Lines are bounded, idle connections time out, connections per uid
+are capped, no request can cause a traceback, and the log lines one uid can cause are capped
+(``PeerLog``).
 """
 
 from __future__ import annotations

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from spoolsmtp.peerlog import PeerLog
 from tests.helpers import draft
 from tests.hostile import needs_root, run_as_nobody
 from tests.smtpservers import RawServer, SmtpServer, read_line
@@ -134,3 +136,28 @@ def test_remote_text_with_control_characters_is_stored_and_shown_escaped(
     assert out.returncode == 0 and "no \\x1b[2J" in out.stdout
     for shown in (out.stdout, as_json.stdout):
         assert not set(shown.replace("\n", "").encode()) & CONTROL_BYTES and "\x9b" not in shown
+
+
+def test_the_lines_one_uid_causes_are_capped_and_the_rest_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [1000.0]
+    log = PeerLog(logging.getLogger("spoolsmtp.test"), burst=2, window=60.0, clock=lambda: now[0])
+
+    async def flood() -> None:
+        for i in range(5):
+            log.warning(65534, "refused %d", i)
+        log.warning(1000, "another uid has its own allowance")
+        now[0] += 61.0
+        log.warning(65534, "refused again")
+        log.close()
+
+    with caplog.at_level(logging.WARNING, logger="spoolsmtp.test"):
+        asyncio.run(flood())
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused 0",
+        "refused 1",
+        "another uid has its own allowance",
+        "control: suppressed 3 more line(s) caused by uid 65534 in the last 60s",
+        "refused again",
+    ]
