@@ -188,3 +188,55 @@ def test_the_sockets_get_their_modes_even_under_umask_077(tmp_path: Path, folder
         assert ask(sock, "STATS")["status"] == 200
     finally:
         w.kill()
+
+
+_OPERATOR = textwrap.dedent(
+    """
+    import socket, sys
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    try:
+        s.connect(sys.argv[1])
+    except PermissionError:
+        print("EACCES")
+        sys.exit(0)
+    s.sendall(b"JSON SUSPEND\\n")
+    print(s.makefile().readline(), end="")
+    """
+)
+
+
+@needs_root
+@pytest.mark.parametrize(("groups", "said"), [([4242], '"status": 200'), ([], "EACCES")])
+def test_the_operator_group_reaches_the_operator_socket_and_no_one_else(
+    tmp_path: Path, folder: Path, groups: list[int], said: str
+) -> None:
+    operator = folder / "op" / "control.sock"
+    w = _worker(
+        tmp_path,
+        folder / "control.sock",
+        operator_socket=str(operator),
+        operator_group="4242",
+        authorized_groups=["4242"],
+    ).start()
+    uid, gid = nobody()
+
+    def drop() -> None:
+        os.setgroups(groups)
+        os.setgid(gid)
+        os.setuid(uid)
+
+    try:
+        assert (operator.stat().st_mode & 0o777, operator.stat().st_gid) == (0o660, 4242)
+        assert (operator.parent.stat().st_mode & 0o777) == 0o710
+        done = subprocess.run(
+            [PLAIN_PYTHON, "-c", _OPERATOR, str(operator)],
+            preexec_fn=drop,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        w.kill()
+    assert said in done.stdout, done.stderr
