@@ -131,7 +131,8 @@ class ControlServer:
 
     async def start(self) -> None:
         source = self.worker.cfg.source
-        _allowed_ids(self.cfg)  # user and group names looked up now, not per connection
+        # user and group names are looked up now (and after RELOAD), never per connection
+        await asyncio.to_thread(_allowed_ids, self.cfg)
         public_gid = _gid(self.cfg.group, "control.group", source)
         sockets = [(self.path, self.cfg.mode_bits, public_gid, "control.socket", 0o755)]
         if self.operator_path is not None:
@@ -256,7 +257,10 @@ class ControlServer:
     async def _execute(self, peer: Peer, verb: str, args: list[str]) -> commands.Answer:
         """Run a command; a failure is a 500 answer and one (rate-limited) log line."""
         try:
-            return await commands.execute(self.worker, verb, args)
+            answer = await commands.execute(self.worker, verb, args)
+            if verb == "RELOAD":
+                await asyncio.to_thread(_allowed_ids, self.cfg)
+            return answer
         except Exception as exc:
             self.peer_log.warning(
                 peer.uid,
