@@ -10,7 +10,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from spoolsmtp import config as configmod
-from spoolsmtp import configpath, ctl, deliver_cmd, envfile, eventloop, exitcodes, response, submit
+from spoolsmtp import (
+    configpath,
+    ctl,
+    deliver_cmd,
+    envfile,
+    eventloop,
+    exitcodes,
+    privileges,
+    response,
+    submit,
+)
 from spoolsmtp.diskfull import SpoolNotWritable
 from spoolsmtp.errors import ConfigError, EnvelopeFault
 from spoolsmtp.units import parse_duration
@@ -89,8 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "submit":
         return _submit(cfg, args)
     if args.command == "ctl":
+        trusted = ctl.trusted_uids(worker_user=cfg.user, spool_folder=cfg.spool.folder("active"))
         return ctl.run(
-            args.socket or cfg.control_socket, args.words, as_json=args.json, follow=args.follow
+            [args.socket] if args.socket else [cfg.operator_socket, cfg.control_socket],
+            args.words,
+            as_json=args.json,
+            follow=args.follow,
+            trusted=trusted,
         )
     if args.command == "check":
         return _check(cfg, args.files, quiet=args.quiet)
@@ -118,6 +133,7 @@ def _run(cfg: configmod.Config, args: argparse.Namespace) -> int:
             format="%(asctime)s spoolsmtp[%(process)d] %(levelname)s %(message)s",
             stream=sys.stderr,
         )
+        privileges.become(cfg)
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             return runner.run(Worker(cfg).run())
     except ConfigError as exc:

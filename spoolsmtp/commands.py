@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from spoolsmtp.address import check_domain
 from spoolsmtp.errors import ConfigError
 from spoolsmtp.record import State
 from spoolsmtp.route import destination_for
+from spoolsmtp.spool import is_id
 from spoolsmtp.tracer import Kind
 
 if TYPE_CHECKING:
@@ -88,6 +90,25 @@ def _bad(command: str, text: str) -> Answer:
     return Answer(BAD, command, text=[text])
 
 
+def _bad_id(command: str, word: str) -> Answer | None:
+    """A 400 unless ``word`` is an envelope id (checked here, where ids enter)."""
+    if is_id(word):
+        return None
+    return _bad(command, f"not an envelope id: {_shown(word)}")
+
+
+def _bad_domain(command: str, word: str) -> Answer | None:
+    """A 400 unless ``word`` is a domain name or an address literal."""
+    if len(word) <= 255 and check_domain(word, "destination", "5.1.2") is None:
+        return None
+    return _bad(command, f"not a domain: {_shown(word)}")
+
+
+def _shown(word: str) -> str:
+    """A peer's word, bounded and with control characters escaped, for an answer."""
+    return repr(word[:64] + ("..." if len(word) > 64 else ""))
+
+
 def _age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -146,10 +167,10 @@ async def _query(worker: Worker, command: str, args: list[str]) -> Answer:
     if args[0].upper() == "DEST":
         if len(args) != 2:
             return _bad(command, "usage: QUERY DEST domain")
-        return _destination(worker, command, args[1])
+        return _bad_domain(command, args[1]) or _destination(worker, command, args[1])
     if len(args) != 1:
         return _bad(command, "usage: QUERY [ID | DEST domain]")
-    return _envelope(worker, command, args[0])
+    return _bad_id(command, args[0]) or _envelope(worker, command, args[0])
 
 
 def _overview(worker: Worker, command: str) -> Answer:
@@ -210,8 +231,6 @@ def _overview(worker: Worker, command: str) -> Answer:
 
 
 def _envelope(worker: Worker, command: str, envelope_id: str) -> Answer:
-    if "/" in envelope_id or envelope_id.startswith("."):
-        return _bad(command, f"not an envelope id: {envelope_id!r}")
     path = worker.spool.path("results", f"{envelope_id}.json")
     try:
         record = json.loads(path.read_bytes())
@@ -347,6 +366,9 @@ async def _each(worker: Worker, command: str, args: list[str], action: str) -> A
         wanted = State.DEFERRED if action == "HOLD" else State.HELD
         ids = [s.id for s in list(worker.index.values()) if s.state is wanted]
     else:
+        bad = _bad_id(command, args[0])
+        if bad:
+            return bad
         ids = [args[0]]
     run = worker.hold if action == "HOLD" else worker.release
     said = [await run(envelope_id) for envelope_id in ids]
@@ -366,8 +388,14 @@ async def _flush(worker: Worker, command: str, args: list[str]) -> Answer:
     if not args:
         count = worker.flush()
     elif args[0].upper() == "DEST" and len(args) == 2:
+        bad = _bad_domain(command, args[1])
+        if bad:
+            return bad
         count = worker.flush(destination=args[1])
     elif len(args) == 1:
+        bad = _bad_id(command, args[0])
+        if bad:
+            return bad
         count = worker.flush(envelope_id=args[0])
     else:
         return _bad(command, "usage: FLUSH [ID | DEST domain]")
@@ -377,6 +405,9 @@ async def _flush(worker: Worker, command: str, args: list[str]) -> Answer:
 async def _expire(worker: Worker, command: str, args: list[str]) -> Answer:
     if len(args) != 1:
         return _bad(command, "usage: EXPIRE domain")
+    bad = _bad_domain(command, args[0])
+    if bad:
+        return bad
     forgot = worker.expire(args[0])
     text = f"forgot the DNS answers for {args[0]}" if forgot else f"nothing cached for {args[0]}"
     return Answer(OK, command, {"forgotten": forgot}, [text])

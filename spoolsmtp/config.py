@@ -213,6 +213,9 @@ class ControlConfig:
     max_line: int = _size(4096, 64)
     idle_timeout: float = _duration(60.0, 0.01)
     max_connections_per_uid: int = _count(8)
+    backlog: int = _count(512, 1, 65535)
+    operator_socket: Path | None = None
+    operator_group: str | None = None
 
     @property
     def mode_bits(self) -> int:
@@ -243,6 +246,7 @@ class Config:
     control: ControlConfig = field(default_factory=ControlConfig)
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     shutdown_timeout: float = _duration(30.0)
+    user: str | None = None
     log_level: LogLevel = LogLevel.INFO
     event_loop: EventLoop = EventLoop.AUTO
     source: str = field(default="(defaults)", metadata={"internal": True})
@@ -254,6 +258,10 @@ class Config:
     @property
     def control_socket(self) -> Path:
         return self.control.socket or self.spool.path / "control.sock"
+
+    @property
+    def operator_socket(self) -> Path:
+        return self.control.operator_socket or self.spool.path / "operator" / "control.sock"
 
 
 def load(path: Path | str | None = None) -> Config:

@@ -5,20 +5,27 @@ Protocol: a request line is ``[JSON ]COMMAND [ARGS...]``. A text answer is a sta
 and a line holding only ``.``. A JSON answer is one line holding one object. ``FOLLOW`` (after
 TRACE) streams trace lines until the client goes away.
 
-Who may do what: the peer's uid and gid come from SO_PEERCRED when it connects. HELP, QUERY and
-STATS are open to anyone who can reach the socket; everything else needs root or a user or group
-listed in ``control.authorized_users`` / ``control.authorized_groups``. A refusal is answered
-and logged with the peer's pid and uid. Lines are bounded, idle connections time out, and
-connections per uid are capped.
+Two sockets serve the same commands: the public one (``control.socket``) and the operators'
+(``control.operator_socket``, 0600 or 0660 to ``control.operator_group``), which others cannot
+reach and so cannot jam. Both are created by ``ctlsocket``, never chmod-ed by path.
+
+Who may do what: the peer's uid and gid come from SO_PEERCRED, its supplementary groups from
+SO_PEERGROUPS (the kernel's word, not the user database). HELP, QUERY and STATS are open to
+anyone who can reach a socket; everything else needs root or a user or group listed in
+``control.authorized_users`` / ``control.authorized_groups``. A refusal is answered and logged
+with the peer's pid and uid. Lines are bounded, idle connections time out, connections per uid
+are capped, no request can cause a traceback, and the log lines one uid can cause are capped
+(``PeerLog``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
 import grp
 import logging
-import os
 import pwd
 import socket
 import struct
@@ -27,9 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from spoolsmtp import commands
+from spoolsmtp import commands, ctlsocket
 from spoolsmtp.config import ControlConfig
 from spoolsmtp.errors import ConfigError
+from spoolsmtp.peerlog import PeerLog
 
 if TYPE_CHECKING:
     from spoolsmtp.worker import Worker
@@ -37,43 +45,64 @@ if TYPE_CHECKING:
 log = logging.getLogger("spoolsmtp")
 
 
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+
+
+
 @dataclass(frozen=True)
 class Peer:
-    """Who is on the other end of a control connection."""
+    """Who is on the other end of a control connection: ids and groups from the kernel."""
 
     pid: int
     uid: int
     gid: int
+    groups: frozenset[int] = frozenset()
 
     @classmethod
     def of(cls, sock: socket.socket) -> Peer:
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, gid = struct.unpack("3i", raw)
-        return cls(pid, uid, gid)
+        return cls(pid, uid, gid, _peer_groups(sock, pid))
+
+
+def _peer_groups(sock: socket.socket, pid: int) -> frozenset[int]:
+    """The peer's supplementary groups as the kernel saw them at connect (SO_PEERGROUPS),
+    else from /proc/PID/status; never from the user database."""
+    for size in (4096, 4 * 65536):
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE:
+                continue
+            break
+        return frozenset(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Groups:"):
+                return frozenset(int(g) for g in line.split()[1:])
+    return frozenset()
+
+
+@functools.lru_cache(maxsize=4)
+def _allowed_ids(cfg: ControlConfig) -> tuple[frozenset[int], frozenset[int]]:
+    """The configured users and groups as numbers, looked up once per configuration."""
+    uids: set[int] = set()
+    gids: set[int] = set()
+    for user in cfg.authorized_users:
+        with contextlib.suppress(KeyError):
+            uids.add(int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid)
+    for group in cfg.authorized_groups:
+        with contextlib.suppress(KeyError):
+            gids.add(int(group) if group.isdigit() else grp.getgrnam(group).gr_gid)
+    return frozenset(uids), frozenset(gids)
 
 
 def authorised(peer: Peer, cfg: ControlConfig) -> bool:
-    """Root, or a listed user (name or uid), or a member of a listed group (name or gid)."""
+    """Root, or a listed user (name or uid), or a process in a listed group (name or gid):
+    its primary or one of its supplementary groups, as the kernel reports them."""
     if peer.uid == 0:
         return True
-    try:
-        name: str | None = pwd.getpwuid(peer.uid).pw_name
-    except KeyError:
-        name = None
-    if str(peer.uid) in cfg.authorized_users or (name and name in cfg.authorized_users):
-        return True
-    if not cfg.authorized_groups:
-        return False
-    gids = {peer.gid}
-    if name:
-        gids.update(os.getgrouplist(name, peer.gid))
-    for gid in gids:
-        if str(gid) in cfg.authorized_groups:
-            return True
-        with contextlib.suppress(KeyError):
-            if grp.getgrgid(gid).gr_name in cfg.authorized_groups:
-                return True
-    return False
+    uids, gids = _allowed_ids(cfg)
+    return peer.uid in uids or bool(gids & ({peer.gid} | peer.groups))
 
 
 def frame_text(answer: commands.Answer) -> bytes:
@@ -84,74 +113,102 @@ def frame_text(answer: commands.Answer) -> bytes:
 
 
 class ControlServer:
-    """Serves the worker's control socket."""
+    """Serves the worker's control sockets: the public one and the operators' own."""
 
-    def __init__(self, worker: Worker, path: Path) -> None:
+    def __init__(self, worker: Worker, path: Path, operator_path: Path | None = None) -> None:
         self.worker = worker
         self.path = path
-        self._server: asyncio.Server | None = None
+        self.operator_path = operator_path
+        self._servers: list[asyncio.Server] = []
+        self._bound: list[ctlsocket.Bound] = []
         self._per_uid: Counter[int] = Counter()
         self._clients: set[asyncio.Task[None]] = set()
+        self.peer_log = PeerLog(log)
 
     @property
     def cfg(self) -> ControlConfig:
         return self.worker.cfg.control
 
     async def start(self) -> None:
-        if self.path.exists() or self.path.is_symlink():
-            if await _answers(self.path):
-                raise ConfigError(
-                    str(self.path), "control.socket", "another worker is answering on this socket"
+        source = self.worker.cfg.source
+        # user and group names are looked up now (and after RELOAD), never per connection
+        await asyncio.to_thread(_allowed_ids, self.cfg)
+        public_gid = _gid(self.cfg.group, "control.group", source)
+        sockets = [(self.path, self.cfg.mode_bits, public_gid, "control.socket", 0o755)]
+        if self.operator_path is not None:
+            gid = _gid(self.cfg.operator_group, "control.operator_group", source)
+            mode, folder = (0o600, 0o700) if gid is None else (0o660, 0o710)
+            sockets.append((self.operator_path, mode, gid, "control.operator_socket", folder))
+        try:
+            for path, mode, gid, key, folder in sockets:
+                bound = await asyncio.to_thread(
+                    ctlsocket.bind, path, mode, gid, key, source, folder
                 )
-            self.path.unlink()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._server = await asyncio.start_unix_server(
-            self._client, path=str(self.path), limit=self.cfg.max_line + 2
-        )
-        os.chmod(self.path, self.cfg.mode_bits)
-        if self.cfg.group:
-            try:
-                gid = (
-                    int(self.cfg.group)
-                    if self.cfg.group.isdigit()
-                    else grp.getgrnam(self.cfg.group).gr_gid
+                self._bound.append(bound)
+                self._servers.append(
+                    await asyncio.start_unix_server(
+                        self._client,
+                        sock=bound.sock,
+                        limit=self.cfg.max_line + 2,
+                        backlog=self.cfg.backlog,
+                    )
                 )
-            except KeyError as exc:
-                raise ConfigError(
-                    str(self.path), "control.group", f"no group {self.cfg.group!r}"
-                ) from exc
-            os.chown(self.path, -1, gid)
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for task in list(self._clients):
-                task.cancel()
-            await asyncio.gather(*self._clients, return_exceptions=True)
-            await self._server.wait_closed()
-            self._server = None
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        for server in self._servers:
+            server.close()
+        for task in list(self._clients):
+            task.cancel()
+        await asyncio.gather(*self._clients, return_exceptions=True)
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers = []
+        for bound in self._bound:
+            bound.remove()
+        self._bound = []
+        self.peer_log.close()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._clients.add(task)
-        peer = Peer.of(writer.get_extra_info("socket"))
+        try:
+            peer = Peer.of(writer.get_extra_info("socket"))
+        except OSError:
+            self._clients.discard(task)
+            writer.close()
+            return
         self._per_uid[peer.uid] += 1
         try:
             if self._per_uid[peer.uid] > self.cfg.max_connections_per_uid:
-                log.warning(
-                    "control: too many connections from uid %d (pid %d)", peer.uid, peer.pid
+                self.peer_log.warning(
+                    peer.uid,
+                    "control: too many connections from uid %d (pid %d)",
+                    peer.uid,
+                    peer.pid,
                 )
                 writer.write(b"503 too many connections from your uid\n.\n")
                 await writer.drain()
                 return
             await self._serve(peer, reader, writer)
-        except (ConnectionError, asyncio.CancelledError):
+        except (ConnectionError, asyncio.CancelledError, TimeoutError):
             pass
+        except Exception as exc:
+            self.peer_log.warning(
+                peer.uid,
+                "control: dropped the connection of pid %d uid %d: %s: %s",
+                peer.pid,
+                peer.uid,
+                type(exc).__name__,
+                exc,
+            )
         finally:
             self._per_uid[peer.uid] -= 1
+            if not self._per_uid[peer.uid]:
+                del self._per_uid[peer.uid]
             self._clients.discard(task)
             writer.close()
             with contextlib.suppress(ConnectionError, asyncio.CancelledError):
@@ -194,12 +251,32 @@ class ControlServer:
             if commands.needs_authority(verb) and not authorised(peer, self.cfg):
                 answer = self._refuse(peer, line)
             else:
-                answer = await commands.execute(self.worker, verb, args)
+                answer = await self._execute(peer, verb, args)
             await self._send(writer, answer, as_json)
+
+    async def _execute(self, peer: Peer, verb: str, args: list[str]) -> commands.Answer:
+        """Run a command; a failure is a 500 answer and one (rate-limited) log line."""
+        try:
+            answer = await commands.execute(self.worker, verb, args)
+            if verb == "RELOAD":
+                await asyncio.to_thread(_allowed_ids, self.cfg)
+            return answer
+        except Exception as exc:
+            self.peer_log.warning(
+                peer.uid,
+                "control: %s from pid %d uid %d failed: %s: %s",
+                verb,
+                peer.pid,
+                peer.uid,
+                type(exc).__name__,
+                exc,
+            )
+            return commands.Answer(commands.FAILED, verb, text=[f"{verb} failed: {exc}"])
 
     def _refuse(self, peer: Peer, line: str) -> commands.Answer:
         verb = line.split(maxsplit=1)[0].upper() if line.split() else line
-        log.warning(
+        self.peer_log.warning(
+            peer.uid,
             "control: refused %r from pid %d uid %d gid %d: not authorised",
             line[:80],
             peer.pid,
@@ -234,14 +311,10 @@ class ControlServer:
             tracer.unfollow(queue)
 
 
-async def _answers(path: Path) -> bool:
-    """Whether a live worker answers on an existing socket path (else it is stale)."""
+def _gid(group: str | None, key: str, source: str) -> int | None:
+    if not group:
+        return None
     try:
-        async with asyncio.timeout(2.0):
-            _, writer = await asyncio.open_unix_connection(str(path))
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
+        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError as exc:
+        raise ConfigError(source, key, f"no group {group!r}") from exc

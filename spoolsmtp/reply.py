@@ -85,6 +85,15 @@ def with_enhanced(code: int, lines: list[str]) -> Reply:
     return Reply(code, enhanced, tuple(out))
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def escape_controls(text: str) -> str:
+    """Control characters (C0, DEL, C1) as ``\\xNN``: remote text kept whole but unable to
+    move a terminal's cursor, retitle it or ring its bell when an operator reads it."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def sanitise(text: str, limit: int = 400) -> str:
     """Text from a remote server made safe for a header or a log line: printable ASCII, bounded."""
     cleaned = "".join(ch if 32 <= ord(ch) < 127 else " " for ch in text)

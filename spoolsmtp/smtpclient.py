@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from enum import Enum, auto
 
 from spoolsmtp.errors import SpoolsmtpError
-from spoolsmtp.reply import Reply, with_enhanced
+from spoolsmtp.reply import Reply, escape_controls, with_enhanced
 
 MAX_REPLY_LINE = 2048
 MAX_REPLY_LINES = 100
@@ -162,7 +162,7 @@ class ReplyParser:
             if len(self._lines) > MAX_REPLY_LINES:
                 raise RemoteProtocolError(f"reply of more than {MAX_REPLY_LINES} lines")
             if sep == b" ":
-                lines = [x.decode("utf-8", "replace") for x in self._lines]
+                lines = [escape_controls(x.decode("utf-8", "replace")) for x in self._lines]
                 reply = with_enhanced(int(code), lines)
                 self._lines = []
                 self._code = None

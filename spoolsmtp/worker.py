@@ -201,7 +201,7 @@ class Worker:
             await self._slots.acquire()
             self._spawn(self._resume(envelope_id, replayed.get(envelope_id, Replayed())))
         self._load_deferred()
-        self._control = ControlServer(self, self.cfg.control_socket)
+        self._control = ControlServer(self, self.cfg.control_socket, self.cfg.operator_socket)
         await self._control.start()
         self._watcher = IncomingWatcher(
             self.spool.dirs["incoming"],

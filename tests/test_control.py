@@ -118,12 +118,14 @@ def test_help_query_stats_in_text_and_json(world: tuple[WorkerProcess, SmtpServe
 def test_errors_are_answers_not_crashes(world: tuple[WorkerProcess, SmtpServer, Path]) -> None:
     w, _, sock = world
     assert ask(sock, "FROB")["status"] == 400
-    assert ask(sock, "QUERY no-such-id")["status"] == 404
+    assert ask(sock, "QUERY 20260101-000000-000000-abcdef")["status"] == 404
+    assert ask(sock, "QUERY no-such-id")["status"] == 400
     assert ask(sock, "TRACE SIDEWAYS")["status"] == 400
     assert ask(sock, "HOLD")["status"] == 400
     assert ask(sock, "STATS")["status"] == 200
     assert ctl(w.config, "FROB").returncode == 64
-    assert ctl(w.config, "QUERY", "missing").returncode == 66
+    assert ctl(w.config, "QUERY", "20260101-000000-000000-abcdef").returncode == 66
+    assert ctl(w.config, "QUERY", "missing").returncode == 64
     assert ctl(w.config, "--socket", "/nonexistent/sock", "HELP").returncode == 69
 
 

@@ -1,0 +1,135 @@
+"""Start-up checks of the spool's folders: who owns them and who else may write in them.
+
+Like Postfix's queue: every folder belongs to the worker's user and only it may write there;
+only ``incoming/`` (the drop box, as Postfix's maildrop) may be writable by group or others,
+and then it must be sticky, so one submitter cannot remove or rename another's file. The spool
+root must be owned by the worker's user or root and writable by no one else. Anything else
+stops start-up with one line naming the folder and what is wrong (exit 78). The control
+sockets' folders are held to the rule ``ctlsocket`` applies when it binds, before any mail is
+touched.
+
+When root starts a worker that is to run as another user, ``prepare`` first makes the folders
+that are missing, owned by that user, and hands over folders still owned by root (with the
+files in them, so the worker can read what an earlier root-run worker wrote).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from pathlib import Path
+
+from spoolsmtp.config import Config
+from spoolsmtp.ctlsocket import folder_problem
+from spoolsmtp.errors import ConfigError
+from spoolsmtp.spool import FOLDERS
+
+OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
+DROP_BOX = "incoming"
+
+
+def folders(cfg: Config) -> list[tuple[str, Path]]:
+    """Each spool folder with its config key; the spool root first."""
+    return [("spool.path", cfg.spool.path)] + [
+        (f"spool.{name}", cfg.spool.folder(name)) for name in FOLDERS
+    ]
+
+
+def problem(name: str, info: os.stat_result, uid: int) -> str | None:
+    """What is unsafe about a folder (None: nothing)."""
+    mode = stat.S_IMODE(info.st_mode)
+    if not stat.S_ISDIR(info.st_mode):
+        return "is not a folder"
+    owners = (uid, 0) if name == "spool.path" else (uid,)
+    if info.st_uid not in owners:
+        return f"belongs to uid {info.st_uid}, not to the worker's uid {uid}"
+    if mode & OTHERS_WRITE:
+        if name != f"spool.{DROP_BOX}":
+            return f"is writable by group or others (mode {mode:04o}); only incoming/ may be"
+        if not mode & stat.S_ISVTX:
+            return (
+                f"is writable by group or others (mode {mode:04o}) but not sticky:"
+                " make it 1733 (or 1730 for a group) so no one can remove another's file"
+            )
+    return None
+
+
+def check(cfg: Config, uid: int | None = None) -> None:
+    """Refuse (ConfigError) the first folder with an unsafe owner or mode."""
+    uid = os.geteuid() if uid is None else uid
+    for key, path in folders(cfg):
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            continue  # made by the worker, with umask 077
+        except OSError as exc:
+            raise ConfigError(cfg.source, key, f"{path}: {exc.strerror}") from exc
+        why = problem(key, info, uid)
+        if why:
+            raise ConfigError(cfg.source, key, f"refusing {path}: it {why}")
+    sockets = (
+        ("control.socket", cfg.control_socket),
+        ("control.operator_socket", cfg.operator_socket),
+    )
+    for key, sock in sockets:
+        with contextlib.suppress(FileNotFoundError):
+            why = folder_problem(os.stat(sock.parent), uid)
+            if why:
+                raise ConfigError(
+                    cfg.source, key, f"refusing the socket folder {sock.parent}: it {why}"
+                )
+
+
+def prepare(cfg: Config, owner: tuple[int, int] | None = None) -> None:
+    """Make the folders that are missing: the spool root and incoming/ 0755, the rest 0700
+    (whatever the umask). With ``owner`` (root starting a worker that will run as that uid
+    and gid) they are made its own, and folders root still owns (and the files in them) are
+    handed over to it. Never follows a symlink."""
+    for key, path in folders(cfg):
+        public = key in ("spool.path", f"spool.{DROP_BOX}")
+        try:
+            created = _make(path, 0o755 if public else 0o700)
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ConfigError(cfg.source, key, f"{path}: cannot create: {exc.strerror}") from exc
+        try:
+            if owner is None or owner[0] == 0 or os.fstat(fd).st_uid != 0:
+                continue
+            os.fchown(fd, *owner)
+            if not created and not public:
+                _hand_over(fd, *owner)
+        except OSError as exc:
+            raise ConfigError(cfg.source, key, f"{path}: cannot hand over: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+    if owner is not None and owner[0] != 0:
+        for path, mode in ((cfg.control_socket.parent, 0o755), (cfg.operator_socket.parent, 0o700)):
+            if _make(path, mode):  # a socket folder root makes is the worker's own
+                os.chown(path, *owner, follow_symlinks=False)
+
+
+def _make(path: Path, mode: int) -> bool:
+    """Create ``path`` (and missing parents, 0755) with exactly ``mode``; False if it exists."""
+    if path.exists() or path.is_symlink():
+        return False
+    if not path.parent.exists():
+        _make(path.parent, 0o755)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return False
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _hand_over(fd: int, uid: int, gid: int) -> None:
+    """The files root left in a folder, to the worker's user (symlinks themselves only)."""
+    for name in os.listdir(fd):
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(name, dir_fd=fd, follow_symlinks=False).st_uid == 0:
+                os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)

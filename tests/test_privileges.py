@@ -1,0 +1,224 @@
+"""Who the worker runs as and what it lets others do: a root-started worker becomes its
+configured user, creates private files, refuses unsafe folders, and trusts the kernel's word
+on a control peer's groups."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import site
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import draft
+from tests.hostile import needs_root, nobody
+from tests.smtpservers import SmtpServer
+from tests.test_control import ask, ctl, sockdir  # noqa: F401 - fixture
+from tests.workerproc import ROOT, WorkerProcess, wait_for
+
+# nobody cannot enter /root, where the test's own interpreter may live: the worker that drops
+# to nobody runs on the system's python3 with this checkout's dependencies
+PLAIN_PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+PLAIN_PATH = f"{ROOT}:{site.getsitepackages()[0]}"
+
+
+def _status(pid: int) -> dict[str, list[int]]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("Uid", "Gid", "Groups"):
+            out[key] = [int(v) for v in value.split()]
+    return out
+
+
+@pytest.fixture
+def open_root() -> Iterator[Path]:
+    """A folder nobody may enter, outside pytest's own (which pytest runs starting elsewhere
+    make 0700 again)."""
+    path = Path(tempfile.mkdtemp(prefix="spoolsmtp-priv-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def as_nobody(
+    open_root: Path,
+    sockdir: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[tuple[WorkerProcess, SmtpServer, Path]]:
+    uid, gid = nobody()
+    os.chown(sockdir, uid, gid)
+    srv = SmtpServer()
+    sock = sockdir / "control.sock"
+    w = WorkerProcess(
+        open_root,
+        {
+            "user": "nobody",
+            "smarthost": f"127.0.0.1:{srv.port}",
+            "control": {"socket": str(sock)},
+        },
+        env={"PYTHONPATH": PLAIN_PATH},
+    )
+    with monkeypatch.context() as patch:
+        patch.setattr(sys, "executable", PLAIN_PYTHON)
+        w.start()
+    yield w, srv, sock
+    w.kill()
+    srv.stop()
+
+
+@needs_root
+def test_a_root_started_worker_runs_as_its_user_and_still_delivers(
+    as_nobody: tuple[WorkerProcess, SmtpServer, Path],
+) -> None:
+    w, srv, sock = as_nobody
+    uid, gid = nobody()
+    assert w.proc is not None
+    ids = _status(w.proc.pid)
+    assert ids["Uid"] == [uid] * 4 and ids["Gid"] == [gid] * 4, ids
+    assert set(ids["Groups"]) <= set(os.getgrouplist("nobody", gid)), ids
+    w.drop_drafts("p.bsmtp", [draft("o@example.com", ["a@example.org"])])
+    rec = wait_for(lambda: w.final("p.bsmtp"))
+    assert rec["transactions"][0]["recipients"][0]["status"] == "delivered"
+    assert [m.rcpt_tos for m in srv.messages] == [["a@example.org"]]
+    result = w.spool / "results" / f"{rec['id']}.json"
+    assert result.stat().st_uid == uid and (result.stat().st_mode & 0o777) == 0o600
+    for name in ("active", "done", "results", "journal", "deferred"):
+        info = (w.spool / name).stat()
+        assert info.st_uid == uid and (info.st_mode & 0o777) == 0o700, name
+    assert sock.stat().st_uid == uid
+    stats = ctl(w.config, "STATS")
+    assert stats.returncode == 0 and "recipients_delivered" in stats.stdout, stats.stderr
+    assert ask(sock, "STATS")["result"]["recipients_delivered"] == 1
+    assert "Traceback" not in w.log.read_text()
+
+
+def _refused(w: WorkerProcess) -> str:
+    w.start()
+    try:
+        assert w.wait_exit() == 78
+    finally:
+        w.kill()
+    text = w.log.read_text()
+    assert "Traceback" not in text and len(text.strip().splitlines()) == 1, text
+    return text
+
+
+@pytest.mark.parametrize(
+    ("folder", "mode", "refused"),
+    [
+        ("active", 0o777, "writable by group or others"),
+        ("active", 0o1777, "writable by group or others"),
+        ("results", 0o770, "writable by group or others"),
+        ("incoming", 0o777, "not sticky"),
+        ("incoming", 0o1733, None),
+    ],
+)
+def test_unsafe_folder_modes_are_refused_at_start(
+    tmp_path: Path,
+    sockdir: Path,  # noqa: F811
+    folder: str,
+    mode: int,
+    refused: str | None,
+) -> None:
+    w = WorkerProcess(tmp_path, {"control": {"socket": str(sockdir / "control.sock")}})
+    (w.spool / folder).mkdir(parents=True, exist_ok=True)
+    (w.spool / folder).chmod(mode)
+    if refused is None:
+        w.start()
+        try:
+            assert w.proc is not None and w.proc.poll() is None
+            assert ask(sockdir / "control.sock", "STATS")["status"] == 200
+        finally:
+            w.kill()
+        return
+    text = _refused(w)
+    assert f"spool.{folder}: refusing {w.spool / folder}" in text and refused in text
+
+
+@needs_root
+def test_a_folder_owned_by_another_user_is_refused(
+    tmp_path: Path,
+    sockdir: Path,  # noqa: F811
+) -> None:
+    w = WorkerProcess(tmp_path, {"control": {"socket": str(sockdir / "control.sock")}})
+    (w.spool / "deferred").mkdir(parents=True)
+    os.chown(w.spool / "deferred", *nobody())
+    text = _refused(w)
+    assert "spool.deferred" in text and f"belongs to uid {nobody()[0]}" in text
+
+
+def test_files_the_worker_creates_are_private(
+    tmp_path: Path,
+    sockdir: Path,  # noqa: F811
+) -> None:
+    srv = SmtpServer()
+    w = WorkerProcess(
+        tmp_path,
+        {"smarthost": f"127.0.0.1:{srv.port}", "control": {"socket": str(sockdir / "c.sock")}},
+    ).start()
+    try:
+        w.drop_drafts("f.bsmtp", [draft("o@example.com", ["a@example.org"])])
+        rec = wait_for(lambda: w.final("f.bsmtp"))
+    finally:
+        w.kill()
+        srv.stop()
+    assert ((w.spool / "results" / f"{rec['id']}.json").stat().st_mode & 0o777) == 0o600
+    assert (w.spool.stat().st_mode & 0o777) == 0o755
+    for name in ("active", "deferred", "hold", "done", "results", "journal", "operator"):
+        assert ((w.spool / name).stat().st_mode & 0o777) == 0o700, name
+
+
+_ASK = textwrap.dedent(
+    """
+    import socket, sys
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(sys.argv[1])
+    s.sendall(b"JSON TRACE SPOOL\\n")
+    print(s.makefile().readline(), end="")
+    """
+)
+
+
+def _with_groups(groups: list[int]) -> None:
+    uid, gid = nobody()
+    os.setgroups(groups)
+    os.setgid(gid)
+    os.setuid(uid)
+
+
+@needs_root
+@pytest.mark.parametrize(("groups", "status"), [([4242], 200), ([4243], 403), ([], 403)])
+def test_a_peer_is_authorised_by_the_groups_the_kernel_reports(
+    tmp_path: Path,
+    sockdir: Path,  # noqa: F811
+    groups: list[int],
+    status: int,
+) -> None:
+    import subprocess
+
+    sock = sockdir / "control.sock"
+    # gid 4242 is in no group file: only the peer's real groups can tell
+    w = WorkerProcess(
+        tmp_path, {"control": {"socket": str(sock), "authorized_groups": ["4242"]}}
+    ).start()
+    try:
+        done = subprocess.run(
+            [PLAIN_PYTHON, "-c", _ASK, str(sock)],
+            preexec_fn=lambda: _with_groups(groups),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        w.kill()
+    assert json.loads(done.stdout)["status"] == status, done.stderr
