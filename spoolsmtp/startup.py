@@ -22,6 +22,7 @@ from pathlib import Path
 
 from spoolsmtp.config import Config
 from spoolsmtp.ctlsocket import folder_problem
+from spoolsmtp.diskfull import SpoolNotWritable
 from spoolsmtp.errors import ConfigError
 from spoolsmtp.spool import FOLDERS
 
@@ -91,8 +92,8 @@ def prepare(cfg: Config, owner: tuple[int, int] | None = None) -> None:
         try:
             created = _make(path, 0o755 if public else 0o700)
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as exc:
-            raise ConfigError(cfg.source, key, f"{path}: cannot create: {exc.strerror}") from exc
+        except OSError as exc:  # a read-only or foreign spool: 73, one line, as run promises
+            raise SpoolNotWritable(exc.errno, exc.strerror, str(path)) from exc
         try:
             if owner is None or owner[0] == 0 or os.fstat(fd).st_uid != 0:
                 continue
