@@ -182,18 +182,24 @@ def foreign(info: os.stat_result) -> bool:
     return info.st_uid != os.geteuid() or info.st_nlink > 1
 
 
-def make_own(path: str) -> bool:
-    """Replace ``path`` with a worker-owned 0600 copy if it is ``foreign``; True if copied.
-    Blocking; the copy is fsynced, the folder is not (a lost rename only means copying the
-    same bytes again). Raises ``NotRegular``, ``Changed`` or ``OSError``."""
+def to_copy(path: str) -> tuple[int, os.stat_result] | None:
+    """The open file at ``path`` if it is ``foreign`` (to give to ``copy_own``), else None:
+    two system calls and a close, cheap enough for the event loop's thread."""
     fd, info = open_regular(path)
+    if foreign(info):
+        return fd, info
+    os.close(fd)
+    return None
+
+
+def copy_own(fd: int, info: os.stat_result, path: str) -> None:
+    """Replace ``path`` with a worker-owned 0600 copy of what ``fd`` reads, and close ``fd``.
+    Blocking; the copy is fsynced, the folder is not (a lost rename only means copying the
+    same bytes again). Raises ``Changed`` or ``OSError``."""
     try:
-        if not foreign(info):
-            return False
         with replacing(path, sync_dir=False, mode=0o600) as out:
             while chunk := os.read(fd, COPY_CHUNK):
                 out.write(chunk)
             check_unchanged(fd, info)
-        return True
     finally:
         os.close(fd)

@@ -231,9 +231,13 @@ class Spool:
         return os.fdopen(fd, "rb")
 
     async def make_own(self, envelope_id: str) -> None:
-        """Make ``active/ID.bsmtp`` a file only the worker can change (``intake.make_own``),
-        in a thread: a large copy must not hold up the I/O batch."""
-        await asyncio.to_thread(intake.make_own, self._file("active", f"{envelope_id}{SUFFIX}"))
+        """Make ``active/ID.bsmtp`` a file only the worker can change: a file someone else
+        owns, or that has another link, is copied (``intake.copy_own``), in a thread: a large
+        copy must not hold up the I/O batch. The worker's own files are left as they are."""
+        path = self._file("active", f"{envelope_id}{SUFFIX}")
+        found = intake.to_copy(path)
+        if found is not None:
+            await asyncio.to_thread(intake.copy_own, *found, path)
 
     async def write(self, folder: str, name: str, data: bytes, *, private: bool = False) -> Path:
         """Durably write a file into a folder (temp, fsync, rename, coalesced dir fsync).
