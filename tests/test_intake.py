@@ -12,10 +12,11 @@ import textwrap
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 
+from spoolsmtp import intake
 from tests.smtpservers import SmtpServer
 from tests.test_control import ask
 from tests.workerproc import WorkerProcess, wait_for
@@ -200,3 +201,29 @@ def test_a_legacy_file_without_line_ends_converts_in_bounded_memory(tmp_path: Pa
     grown_kib = int(done.stdout)
     assert grown_kib < 48 * 1024, f"RSS grew by {grown_kib} KiB converting {size} bytes"
     assert dst.stat().st_size == size - 1  # the one trailing blank stripped
+
+
+def test_a_file_that_changes_while_it_is_read_is_an_error_not_a_silent_cut(
+    tmp_path: Path,
+) -> None:
+    """What a writer adds while the worker reads a claimed file is never silently dropped:
+    the read says the file changed (the worker rejects it with that reason)."""
+    path = tmp_path / "growing.bsmtp"
+    path.write_bytes(BODY)
+
+    def read_while_it_grows(fh: BinaryIO) -> bytes:
+        data = fh.read()
+        with open(path, "ab") as writer:
+            writer.write(b"MAIL FROM:<o@example.com>\r\nRCPT TO:<b@example.org>\r\n")
+        return data
+
+    fd, _ = intake.open_regular(str(path))
+    with os.fdopen(fd, "rb") as fh, pytest.raises(intake.Changed, match="changed while"):
+        intake.checked(read_while_it_grows, fh)
+    fd, _ = intake.open_regular(str(path))
+    with os.fdopen(fd, "rb") as fh:
+        assert intake.checked(_read, fh) == (path.read_bytes())
+
+
+def _read(fh: BinaryIO) -> bytes:
+    return fh.read()
