@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import BinaryIO, TypeVar
 
 from spoolsmtp.durable import replacing
+from spoolsmtp.errors import EnvelopeFault
 
 NAME_MAX = 255
 REASON = ".reason"
@@ -175,6 +176,17 @@ def checked(read: Callable[..., T], fh: BinaryIO, *args: object) -> T:
     result = read(fh, *args)
     check_unchanged(fh.fileno(), before)
     return result
+
+
+def why_not_read(source: str, exc: Exception) -> str:
+    """The reason a claimed file is rejected, for the record and ``.reason``."""
+    if isinstance(exc, EnvelopeFault):
+        return str(exc)
+    if isinstance(exc, Changed):
+        return f"{source}: {exc.strerror}"
+    if isinstance(exc, OSError) and exc.errno != errno.ELOOP:
+        return f"{source}: cannot read: {exc.strerror}"
+    return f"{source}: not a regular file"
 
 
 def foreign(info: os.stat_result) -> bool:

@@ -365,10 +365,7 @@ class Worker:
                 )
                 return env, None
         except (EnvelopeFault, NotRegular, OSError) as exc:
-            reason = str(exc) if isinstance(exc, EnvelopeFault) else f"{source}: not a regular file"
-            if isinstance(exc, intake.Changed):
-                reason = f"{source}: {exc.strerror}"
-            await self._reject(envelope_id, source, reason)
+            await self._reject(envelope_id, source, intake.why_not_read(source, exc))
             return None
 
     async def _reject(
