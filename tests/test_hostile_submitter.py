@@ -194,7 +194,10 @@ def test_a_submitter_cannot_change_what_is_sent_after_the_claim(tmp_path: Path) 
         await dialogue(reader, out, received)
 
     srv = RawServer(script)
-    w = WorkerProcess(tmp_path, {"smarthost": f"127.0.0.1:{srv.port}"})
+    # the server's greeting waits for the rewrite (a process started as nobody): time enough
+    phases = ("connect", "greeting", "ehlo", "mail", "rcpt", "data", "data_block", "data_end")
+    timeouts = {"timeouts": dict.fromkeys(phases, "60s")}
+    w = WorkerProcess(tmp_path, {"smarthost": f"127.0.0.1:{srv.port}", "delivery": timeouts})
     w.start()
     open_incoming(w)
     envelope_id = new_id()
@@ -218,7 +221,7 @@ def test_a_submitter_cannot_change_what_is_sent_after_the_claim(tmp_path: Path) 
             timeout=30,
         )
         rewritten.set()
-        rec = wait_for(lambda: w.final(f"{envelope_id}.bsmtp"), timeout=15)
+        rec = wait_for(lambda: w.final(f"{envelope_id}.bsmtp"), timeout=60)
     finally:
         rewritten.set()
         w.stop()
