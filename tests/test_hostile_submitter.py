@@ -79,10 +79,10 @@ def test_a_fifo_or_symlink_swapped_in_at_claim_time_neither_hangs_nor_leaks(
     (active / f"{link_id}.orig").symlink_to(secret)
     try:
         w.start()
-        fifo = wait_for(lambda: w.final(f"{fifo_id}.bsmtp"), timeout=15, what="fifo rejected")
-        link = wait_for(lambda: w.final(f"{link_id}.bsmtp"), timeout=15, what="link rejected")
+        fifo = wait_for(lambda: w.final(f"{fifo_id}.bsmtp"), what="fifo rejected")
+        link = wait_for(lambda: w.final(f"{link_id}.bsmtp"), what="link rejected")
         w.drop_drafts("after.bsmtp", [draft("o@example.com", ["a@example.org"])])
-        after = wait_for(lambda: w.final("after.bsmtp"), timeout=15)
+        after = wait_for(lambda: w.final("after.bsmtp"))
     finally:
         code = w.stop(timeout=15)
         srv.stop()
@@ -147,7 +147,7 @@ def test_a_planted_temp_file_or_symlink_in_incoming_gets_no_requeued_report(
         w.drop_drafts(
             f"{envelope_id}.bsmtp", [draft("victim@example.com", ["gone@example.org"], message)]
         )
-        rec = wait_for(lambda: w.final(f"{envelope_id}.bsmtp"), timeout=15)
+        rec = wait_for(lambda: w.final(f"{envelope_id}.bsmtp"))
         got = wait_for(
             lambda: [m for m in srv.messages if "victim@example.com" in m.rcpt_tos],
             timeout=15,

@@ -63,7 +63,7 @@ def test_any_name_the_file_system_allows_is_finished_and_stays_finished(
     w = start(tmp_path, server)
     try:
         drop_bytes_name(w, name, data)
-        rec = wait_for(lambda: w.final(source), timeout=15, what="final record")
+        rec = wait_for(lambda: w.final(source), what="final record")
     finally:
         assert w.stop() == 0
     assert rec["state"] == ("done" if content == "envelope" else "rejected")
