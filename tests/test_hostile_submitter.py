@@ -84,7 +84,7 @@ def test_a_fifo_or_symlink_swapped_in_at_claim_time_neither_hangs_nor_leaks(
         w.drop_drafts("after.bsmtp", [draft("o@example.com", ["a@example.org"])])
         after = wait_for(lambda: w.final("after.bsmtp"))
     finally:
-        code = w.stop(timeout=15)
+        code = w.stop(timeout=30)
         srv.stop()
     assert code == 0
     assert fifo["state"] == link["state"] == "rejected"
@@ -150,7 +150,6 @@ def test_a_planted_temp_file_or_symlink_in_incoming_gets_no_requeued_report(
         rec = wait_for(lambda: w.final(f"{envelope_id}.bsmtp"))
         got = wait_for(
             lambda: [m for m in srv.messages if "victim@example.com" in m.rcpt_tos],
-            timeout=15,
             what="the requeued report delivered",
         )
         read = []
