@@ -17,7 +17,7 @@ from spoolsmtp import writer
 from spoolsmtp.spool import new_id
 from tests.helpers import draft
 from tests.hostile import needs_root, nobody, popen_as_nobody, reachable_by_others, run_as_nobody
-from tests.smtpservers import RawServer, Script, SmtpServer
+from tests.smtpservers import Message, RawServer, Script, SmtpServer
 from tests.workerproc import WorkerProcess, wait_for
 
 SECRET = b"root-only secret 7f3a9c"
@@ -147,13 +147,12 @@ def test_a_planted_temp_file_or_symlink_in_incoming_gets_no_requeued_report(
         victim = draft("victim@example.com", ["gone@example.org"], message)
         w.drop_drafts(f"{envelope_id}.bsmtp", [victim, victim])
         rec = wait_for(lambda: w.final(f"{envelope_id}.bsmtp"))
-        got = wait_for(
-            lambda: (
-                [m for m in srv.messages if "victim@example.com" in m.rcpt_tos][1:]
-                and [m for m in srv.messages if "victim@example.com" in m.rcpt_tos]
-            ),
-            what="both requeued reports delivered",
-        )
+
+        def reports() -> list[Message]:
+            return [m for m in srv.messages if "victim@example.com" in m.rcpt_tos]
+
+        wait_for(lambda: len(reports()) == 2, what="both requeued reports delivered")
+        got = reports()
         read = []
         for proc in planted:
             out, _ = proc.communicate("done\n", timeout=10)
