@@ -160,6 +160,10 @@ def test_a_planted_temp_file_or_symlink_in_incoming_gets_no_requeued_report(
     finally:
         for proc in planted:
             proc.kill()
+            proc.wait(10)
+            for pipe in (proc.stdin, proc.stdout):
+                if pipe is not None:
+                    pipe.close()
         w.stop()
         srv.stop()
     assert rec["state"] == "done"
