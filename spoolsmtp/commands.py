@@ -297,6 +297,7 @@ async def _stats(worker: Worker, command: str, args: list[str]) -> Answer:
         "uptime_seconds": round(time.time() - s.started, 1),
         "files_taken": s.files_taken,
         "files_rejected": s.files_rejected,
+        "files_refused": s.files_refused,
         "recipients_delivered": s.delivered,
         "recipients_failed": s.failed,
         "recipients_deferred": s.deferred,

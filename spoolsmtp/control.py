@@ -109,7 +109,7 @@ def frame_text(answer: commands.Answer) -> bytes:
     lines = [f"{answer.status} {answer.summary}"]
     lines += ["." + line if line.startswith(".") else line for line in answer.text]
     lines.append(".")
-    return ("\n".join(lines) + "\n").encode("utf-8")
+    return ("\n".join(lines) + "\n").encode("utf-8", "backslashreplace")
 
 
 class ControlServer:

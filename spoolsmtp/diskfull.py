@@ -34,6 +34,14 @@ MAX_BACKOFF = 8.0
 QUIET_AFTER = 60.0
 PROBE_BYTES = 1024 * 1024
 FULL = (errno.ENOSPC, errno.EDQUOT)
+# faults of the machine, not of an envelope: work that meets one is put back and tried again,
+# never blamed on the file (rejected) it happened to be reading or copying
+NOT_THE_ENVELOPES = (*FULL, errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM)
+
+
+def machine_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` is a fault of the disk or the machine rather than of the file."""
+    return isinstance(exc, OSError) and exc.errno in NOT_THE_ENVELOPES
 
 
 class SpoolNotWritable(OSError):

@@ -50,14 +50,22 @@ def sync_filesystems(folders: Iterable[Path]) -> None:
             os.close(fd)
 
 
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
 
 
-def _temp(path: str) -> str:
+def _temp(path: str, temp_dir: str | None = None) -> str:
     """The temp name starts with a dot so that a reader of the folder (the incoming watcher,
-    an operator's ls) never takes a half-written file for a finished one."""
+    an operator's ls) never takes a half-written file for a finished one. Its random part
+    makes it unpredictable, and it is created with O_EXCL: in a folder others may write
+    (incoming/), nobody can plant a file or a link for us to write into. ``temp_dir``, on the
+    same file system, holds it instead of ``path``'s own folder."""
     folder, _, name = path.rpartition("/")
-    return f"{folder}/.{name}.{os.getpid()}.tmp" if folder else f".{name}.{os.getpid()}.tmp"
+    if temp_dir is not None:
+        folder = temp_dir
+    if len(name) > 60:  # the temp name must fit in a file name too (255 bytes)
+        name = os.fsdecode(os.fsencode(name)[:180])
+    tail = f".{name}.{os.getpid()}.{os.urandom(6).hex()}.tmp"
+    return f"{folder}/{tail}" if folder else tail
 
 
 @contextmanager
@@ -76,25 +84,37 @@ def _placing(tmp: str, path: str, sync_dir: bool) -> Iterator[None]:
 
 
 @contextmanager
-def replacing(path: str | Path, *, fsync: bool = True, sync_dir: bool = True) -> Iterator[BinaryIO]:
+def replacing(
+    path: str | Path, *, fsync: bool = True, sync_dir: bool = True, mode: int = 0o640
+) -> Iterator[BinaryIO]:
     """Write a file that replaces ``path`` atomically: a dot-named temp file, fsynced (unless
     ``fsync`` is off, for files that can be rebuilt), renamed into place, the folder fsynced."""
     path = os.fspath(path)
     tmp = _temp(path)
-    with _placing(tmp, path, sync_dir), os.fdopen(os.open(tmp, _CREATE, 0o640), "wb") as fh:
+    with _placing(tmp, path, sync_dir), os.fdopen(os.open(tmp, _CREATE, mode), "wb") as fh:
         yield fh
         fh.flush()
         if fsync:
             os.fsync(fh.fileno())
 
 
-def write_file(path: str | Path, data: bytes, *, fsync: bool = True, sync_dir: bool = True) -> None:
+def write_file(
+    path: str | Path,
+    data: bytes,
+    *,
+    fsync: bool = True,
+    sync_dir: bool = True,
+    mode: int = 0o640,
+    temp_dir: str | None = None,
+) -> None:
     """Replace ``path`` with ``data`` as ``replacing`` does; blocking. Plain system calls and
-    strings, no file object or Path: the spool writes thousands of these a second."""
+    strings, no file object or Path: the spool writes thousands of these a second. With
+    ``temp_dir`` the temp file is written there (a folder only we may write, on the same file
+    system) and renamed into ``path``'s folder."""
     path = os.fspath(path)
-    tmp = _temp(path)
+    tmp = _temp(path, temp_dir)
     with _placing(tmp, path, sync_dir):
-        fd = os.open(tmp, _CREATE, 0o640)
+        fd = os.open(tmp, _CREATE, mode)
         try:
             view = memoryview(data)
             while view:

@@ -40,7 +40,8 @@ def converted(path: Path, spool: SpoolConfig) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="spoolsmtp-") as tmp:
         dest = Path(tmp) / path.name
-        legacy.convert_file(path, dest, spool)
+        # the user named this file: a link to it is followed (the worker's own reads are not)
+        legacy.convert_file(path.resolve(), dest, spool)
         yield dest
 
 

@@ -6,9 +6,11 @@ what the reader and everything after it see.
 from __future__ import annotations
 
 import codecs
+import os
 from pathlib import Path
 from typing import BinaryIO
 
+from spoolsmtp import intake
 from spoolsmtp.config import SpoolConfig
 from spoolsmtp.durable import replacing
 
@@ -30,11 +32,16 @@ def transcode(src: BinaryIO, dst: BinaryIO, cfg: SpoolConfig) -> None:
 
     EBCDIC's NL (U+0085 once decoded) ends a line like LF; with ``record_length`` the text is
     cut into records of that many characters, each one line.
+
+    A line without a line end is written out as it comes (all but its trailing blanks, which
+    ``strip_trailing_blanks`` may yet remove), so time is linear and memory bounded whatever the
+    line length.
     """
     utf8 = codecs.lookup(cfg.encoding).name == "utf-8"
     errors = "surrogateescape" if utf8 else "strict"
     decoder = codecs.getincrementaldecoder(cfg.encoding)(errors=errors)
     pending = ""
+    blanks: list[str] = []  # the trailing blanks of the open line, not yet written
     while True:
         raw = src.read(CHUNK)
         final = not raw
@@ -49,21 +56,34 @@ def transcode(src: BinaryIO, dst: BinaryIO, cfg: SpoolConfig) -> None:
             out = "".join(_fix(line, cfg) + "\n" for line in lines)
         else:
             cut = len(text) if final else text.rfind("\n") + 1
-            block, pending = text[:cut], text[cut:]
+            block, rest = text[:cut], text[cut:]
+            if blanks and (cut or final):  # the open line ends in this block
+                block, blanks = "".join(blanks) + block, []
+            elif blanks and rest.strip(" \r"):  # it goes on: its blanks were inside it
+                rest, blanks = "".join(blanks) + rest, []
             lines = block.split("\n")
             last = lines.pop()
             out = "".join(_fix(line, cfg) + "\n" for line in lines)
             out += _fix(last, cfg) if last else ""
+            # the open line: what ends in a non-blank is final; its blanks wait for more
+            head = rest.rstrip(" \r")
+            out += head
+            if len(head) < len(rest):
+                blanks.append(rest[len(head) :])
         dst.write(out.encode("utf-8", errors))
         if final:
             return
 
 
 def convert_file(src: Path, dst: Path, cfg: SpoolConfig) -> None:
-    """Convert ``src`` into a durable ``dst`` (temp, fsync, rename); blocking. The caller
-    syncs the folder (the spool's I/O batch does, once per batch)."""
-    with open(src, "rb") as fin, replacing(dst, sync_dir=False) as fout:
+    """Convert ``src`` into a durable worker-owned ``dst`` (temp, fsync, rename); blocking.
+    ``src`` is read through one descriptor that follows no link, cannot block on a FIFO and
+    must be a regular file (``intake.open_regular``), and must not change while it is read.
+    The caller syncs the folder (the spool's I/O batch does, once per batch)."""
+    fd, info = intake.open_regular(os.fspath(src))
+    with os.fdopen(fd, "rb") as fin, replacing(dst, sync_dir=False, mode=0o600) as fout:
         transcode(fin, fout, cfg)
+        intake.check_unchanged(fd, info)
 
 
 def _fix(line: str, cfg: SpoolConfig) -> str:

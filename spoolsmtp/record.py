@@ -130,7 +130,9 @@ class Record:
             }
             for t in self.transactions
         ]
-        return _ENCODE(data).encode("utf-8") + b"\n"
+        # a source name that is not UTF-8 holds lone surrogates (os.fsdecode); they are written
+        # as JSON's \\uDCxx escapes, which json.loads and os.fsencode turn back into its bytes
+        return _ENCODE(data).encode("utf-8", "backslashreplace") + b"\n"
 
     @classmethod
     def from_json(cls, raw: bytes) -> Record:

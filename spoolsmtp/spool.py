@@ -7,6 +7,7 @@ that a crash leaves every file in exactly one folder that says what to do next.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import random
@@ -18,9 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from spoolsmtp import crashpoint
+from spoolsmtp import crashpoint, intake
 from spoolsmtp.config import SpoolConfig
 from spoolsmtp.durable import write_file
+from spoolsmtp.intake import NotRegular as NotRegular  # noqa: PLC0414 - where it used to live
 from spoolsmtp.iobatch import IoBatch
 
 FOLDERS = (
@@ -45,13 +47,14 @@ _random = random.Random(secrets.randbits(64))
 
 def takeable(name: str) -> bool:
     """A file name in incoming/ the worker may take: not a dot-file, not ``*.tmp``, no
-    control characters or path separators, at most 200 characters."""
+    control characters or path separators, at most 255 bytes (any name the file system holds;
+    names are bytes, not text: see ``intake``)."""
     return (
         bool(name)
         and not name.startswith(".")
         and not name.endswith(".tmp")
-        and len(name) <= 200
         and not _UNSAFE.search(name)
+        and intake.size(name) <= intake.NAME_MAX
     )
 
 
@@ -66,10 +69,6 @@ def new_id() -> str:
     micro = int((now % 1) * 1_000_000)
     tail = (next(_counter) * 0x9E37 + _random.getrandbits(16)) % (1 << 24)
     return f"{stamp}-{micro:06d}-{tail:06x}"
-
-
-class NotRegular(Exception):
-    """The claimed file is not a regular file (a symlink, FIFO or device slipped in)."""
 
 
 class Spool:
@@ -111,11 +110,19 @@ class Spool:
 
     async def claim(self, name: str, envelope_id: str, suffix: str = SUFFIX) -> bool:
         """Take ``incoming/name`` into ``active/`` under ``envelope_id``, durably, after the
-        journal records appended so far; False if it is gone."""
+        journal records appended so far; False if it is gone. Raises ``intake.Busy`` while
+        some process has it open for writing; the read lease that says it has none is held
+        until the file is in active/ (see ``intake``)."""
+        try:
+            lease = intake.hold_still(self._file("incoming", name))
+        except FileNotFoundError:
+            return False
         try:
             await self.move_file("incoming", name, "active", f"{envelope_id}{suffix}")
         except FileNotFoundError:
             return False
+        finally:
+            intake.let_go(lease)
         return True
 
     def _adopt(self, name: str) -> str | None:
@@ -217,22 +224,40 @@ class Spool:
             if not stat.S_ISREG(info.st_mode):
                 raise NotRegular(envelope_id)
             if info.st_size <= whole:
-                return _read_all(fd, info.st_size)
+                return _read_all(fd, info)
         except BaseException:
             os.close(fd)
             raise
         return os.fdopen(fd, "rb")
 
-    async def write(self, folder: str, name: str, data: bytes) -> Path:
-        """Durably write a file into a folder (temp, fsync, rename, coalesced dir fsync)."""
-        path = self.dirs[folder] / name
+    async def make_own(self, envelope_id: str) -> None:
+        """Make ``active/ID.bsmtp`` a file only the worker can change: a file someone else
+        owns, or that has another link, is copied (``intake.copy_own``), in a thread: a large
+        copy must not hold up the I/O batch. The worker's own files are left as they are."""
+        path = self._file("active", f"{envelope_id}{SUFFIX}")
+        found = intake.to_copy(path)
+        if found is not None:
+            await asyncio.to_thread(intake.copy_own, *found, path)
 
-        def op() -> tuple[str]:
-            write_file(path, data, sync_dir=False)
-            return (self._dir[folder],)
+    async def write(self, folder: str, name: str, data: bytes, *, private: bool = False) -> Path:
+        """Durably write a file into a folder (temp, fsync, rename, coalesced dir fsync).
+        ``private``: written 0600 in active/ (which only the worker may write) and renamed
+        into ``folder``, for folders others may write (incoming/); when they are on different
+        file systems, in ``folder`` itself under its unpredictable O_EXCL temp name."""
+        path = self.dirs[folder] / name
+        via = self._dir["active"] if private and self._same_fs(folder, "active") else None
+        mode = 0o600 if private else 0o640
+        dirs = (self._dir[folder],) if via is None else (self._dir[folder], via)
+
+        def op() -> tuple[str, ...]:
+            write_file(path, data, sync_dir=False, mode=mode, temp_dir=via)
+            return dirs
 
         await self.batch.run(op)
         return path
+
+    def _same_fs(self, one: str, other: str) -> bool:
+        return os.stat(self._dir[one]).st_dev == os.stat(self._dir[other]).st_dev
 
     def write_quick(self, folder: str, name: str, data: bytes) -> Path:
         """Atomically (not durably) replace a small file that can be rebuilt after a crash; at
@@ -249,12 +274,14 @@ class Spool:
         return sorted(out)
 
 
-def _read_all(fd: int, size: int) -> bytes:
-    """The whole file (``size`` is what fstat said; whatever it holds is read) and close it."""
+def _read_all(fd: int, info: os.stat_result) -> bytes:
+    """The whole file (``info`` is what fstat said; whatever it holds is read) and close it;
+    ``intake.Changed`` if it changed meanwhile."""
     try:
-        parts = [os.read(fd, size + 1)]
+        parts = [os.read(fd, info.st_size + 1)]
         while parts[-1]:
             parts.append(os.read(fd, 1 << 16))
+        intake.check_unchanged(fd, info)
         return b"".join(parts)
     finally:
         os.close(fd)

@@ -16,6 +16,7 @@ class Stats:
     started: float = field(default_factory=time.time)
     files_taken: int = 0
     files_rejected: int = 0
+    files_refused: int = 0  # names in incoming/ never taken (bad name, not a regular file)
     delivered: int = 0
     failed: int = 0
     deferred: int = 0

@@ -34,6 +34,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, EventEmitter
 
+from spoolsmtp.intake import refusal
 from spoolsmtp.spool import takeable
 
 _NARROW: type[EventEmitter] | None = None
@@ -111,12 +112,14 @@ class IncomingWatcher:
         found: Callable[[str], None],
         clock: Callable[[], float] = time.time,
         known: Callable[[str], bool] = lambda name: False,
+        refused: Callable[[str, str], None] = lambda name, why: None,
     ) -> None:
         self.folder = folder
         self.settle = settle
         self.found = found
         self.clock = clock
         self.known = known
+        self.refused = refused
         self._loop: asyncio.AbstractEventLoop | None = None
         self._observer: Observer | None = None  # type: ignore[valid-type]
         self._lock = threading.Lock()
@@ -172,7 +175,12 @@ class IncomingWatcher:
     def look(self, name: str, moved: bool = False) -> None:
         """Decide about one name: take it now, later (settle), or never (or it is ``known``:
         already on its way, so a rescan during a burst costs no stat per waiting file)."""
-        if not takeable(name) or self.known(name):
+        if not takeable(name):
+            why = refusal(name)
+            if why is not None:
+                self.refused(name, why)  # the caller logs it once, not at every rescan
+            return
+        if self.known(name):
             return
         if moved or self.settle <= 0:
             self.found(name)

@@ -36,6 +36,7 @@ from spoolsmtp import (
     envfile,
     eventloop,
     exitcodes,
+    intake,
     journal,
     legacy,
     quarantine,
@@ -129,6 +130,9 @@ class Worker:
         self._names: asyncio.Queue[str] = asyncio.Queue()
         self._queued: set[str] = set()
         self._ignored: set[str] = set()
+        self._refused: set[str] = set()
+        self._unconvertible: dict[str, str] = {}
+        intake.quiet_lease_breaks()
         self._rescan_handle: asyncio.TimerHandle | None = None
         self._legacy = legacy.needed(cfg.spool)
         self._slots = asyncio.Semaphore(cfg.spool.max_active)
@@ -208,6 +212,7 @@ class Worker:
             self.cfg.spool.settle_seconds,
             self._found,
             known=self._known,
+            refused=self._refuse,
         )
         self._watcher.start()
         self._watcher.rescan()
@@ -301,6 +306,7 @@ class Worker:
             await asyncio.sleep(min(self.cfg.spool.rescan_interval, self.cfg.delivery.idle_timeout))
             if self._watcher is not None and not self.suspended:
                 self._ignored.clear()
+                self._refused = {n for n in self._refused if self._in_incoming(n)}
                 self._watcher.rescan()
             await self.deliverer.close_idle()
 
@@ -313,16 +319,21 @@ class Worker:
                 # committed by the same batch, before the rename: a restart knows the name
                 self.journal.append({"t": "claim", "id": envelope_id, "name": name})
                 suffix = ORIGINAL if self._legacy else SUFFIX
-                if not await self._claim(name, envelope_id, suffix):
+                try:
+                    claimed = await self._claim(name, envelope_id, suffix)
+                except intake.Busy:  # its writer's close (or a rescan) brings it back
+                    claimed = False
+                    log.debug("incoming/%s is open for writing; not taken", intake.shown(name))
+                if not claimed:
                     self._reads.forget(envelope_id)
                     self.journal.finished(envelope_id)
                     return
         finally:
             self._queued.discard(name)
         if envelope_id is None:
-            if os.path.lexists(self.spool.path("incoming", name)):
+            if self._in_incoming(name):
                 self._ignored.add(name)
-                log.warning("incoming/%s is not a regular file; left alone", name)
+                self._refuse(name, "it is not a regular file")
             return
         self.stats.files_taken += 1
         self._active[envelope_id] = name
@@ -356,16 +367,31 @@ class Worker:
             self._finished(envelope_id)
             raise
 
+    def _in_incoming(self, name: str) -> bool:
+        return os.path.lexists(self.spool.path("incoming", name))
+
+    def _refuse(self, name: str, why: str) -> None:
+        """A name in incoming/ that is never taken: logged and counted once (again only if
+        it leaves and comes back)."""
+        if name not in self._refused:
+            self._refused.add(name)
+            self.stats.files_refused += 1
+            log.warning("incoming/%s is left alone: %s", intake.shown(name), why)
+
     async def _convert(self, envelope_id: str, source: str) -> bool:
         """Legacy files (EBCDIC, padded records) become UTF-8 text once, right after the claim."""
         try:
             await self.spool.convert(
                 envelope_id, lambda src, dst: legacy.convert_file(src, dst, self.cfg.spool)
             )
-        except (UnicodeError, OSError) as exc:
+        except (UnicodeError, OSError, NotRegular) as exc:
             orig = f"{envelope_id}{ORIGINAL}"
             await self.spool.move_file("active", orig, "active", f"{envelope_id}{SUFFIX}")
-            await self._reject(envelope_id, source, f"{source}:1: cannot convert: {exc}")
+            reason = f"{source}:1: cannot convert: {exc}"
+            if self.journal is None:  # at start: rejected by the resume that follows
+                self._unconvertible[envelope_id] = reason
+                return False
+            await self._reject(envelope_id, source, reason)
             return False
         return True
 
@@ -377,30 +403,42 @@ class Worker:
         limits, hostname = self.cfg.limits, self.cfg.helo_name
         max_bytes = self.cfg.spool.max_file_bytes
         assert self._reads is not None
+        if envelope_id in self._unconvertible:
+            await self._reject(envelope_id, source, self._unconvertible.pop(envelope_id))
+            return None
         # the phase records around the read (quarantine.py); a journal failure there is not
         # the envelope's fault, so it is outside the try
         async with self._reads.reading(envelope_id):
             crashpoint.reach("reading")
             try:
+                await self.spool.make_own(envelope_id)  # what is read and sent is ours from here
                 opened = self.spool.open_envelope("active", envelope_id, whole=INLINE_READ_BYTES)
                 if isinstance(opened, bytes):
                     return envfile.read_bytes(opened, source, limits, hostname, max_bytes), opened
                 with opened:
                     env = await asyncio.to_thread(
-                        envfile.read_stream, opened, source, limits, hostname, max_bytes
+                        intake.checked,
+                        envfile.read_stream,
+                        opened,
+                        source,
+                        limits,
+                        hostname,
+                        max_bytes,
                     )
                     return env, None
             except (EnvelopeFault, NotRegular, OSError) as exc:
+                if diskfull.machine_fault(exc):
+                    raise  # a full disk is not the envelope's fault: it is put back
                 fault = exc
-        reason = str(fault) if isinstance(fault, EnvelopeFault) else f"{source}: not a regular file"
-        await self._reject(envelope_id, source, reason)
+        await self._reject(envelope_id, source, intake.why_not_read(source, fault))
         return None
 
     async def _reject(
         self, envelope_id: str, source: str, reason: str, record: Record | None = None
     ) -> None:
-        name = f"{envelope_id}.{source}"
-        await self.spool.write("rejected", f"{name}.reason", (reason + "\n").encode())
+        name = intake.rejected_name(envelope_id, source)
+        text = (reason + "\n").encode("utf-8", "surrogateescape")  # the name's own bytes
+        await self.spool.write("rejected", f"{name}.reason", text)
         now = utcnow()
         record = record or Record(envelope_id, source, State.REJECTED, iso(now), iso(now))
         record.state = State.REJECTED
@@ -934,7 +972,7 @@ class Worker:
             folder = "deadletter"
             self.stats.deadletters += 1
         crashpoint.reach("writing_bounce")
-        await self.spool.write(folder, name, data)
+        await self.spool.write(folder, name, data, private=folder == "incoming")
         self._spool_trace(f"{envelope_id}: report {tag} written to {folder}/{name}")
         assert self.journal is not None
         # the report first: a torn commit that kept only it makes a duplicate report, never
