@@ -582,6 +582,7 @@ def print_table(result: dict[str, Any]) -> None:
     for key in ("reported_more_than_once", "failed_though_expected_to_deliver"):
         print(f"{key.replace('_', ' '):32} {result[key]:7d}")
     print(f"worker exits: {dict(result['worker_exits'])}")
+    print(f"tracebacks in the worker's log: {result['worker_log_tracebacks']}")
     for cat, items in result["examples"].items():
         for item in items:
             print(f"  e.g. {cat}: {item}")
@@ -598,7 +599,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tmpfs-size", default="48m")
     ap.add_argument("--slow", type=float, default=0.1, help="share of dots answered slowly")
     ap.add_argument("--too-slow", type=float, default=0.03, help="... past the timeout")
-    ap.add_argument("--workdir", type=Path, default=None, help="kept afterwards (default: temp)")
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="kept afterwards (default: a temp folder, removed); with --disk-full the\n"
+        "spool is copied to WORKDIR/spool.saved before the tmpfs is unmounted",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
@@ -647,11 +654,14 @@ def main(argv: list[str] | None = None) -> int:
             messages_received=len(state.received),
             messages_unacked=sum(not r.acked for r in state.received),
             worker_exits=dict(worker.exits),
+            worker_log_tracebacks=worker.log.read_bytes().count(b"Traceback"),
             workdir=str(work) if args.workdir else None,
         )
     finally:
         sinks.stop()
         if mounted:
+            if args.workdir is not None:  # keep what the tmpfs held for a post-mortem
+                shutil.copytree(spool, work / "spool.saved", dirs_exist_ok=True)
             subprocess.run(["umount", "-l", str(spool)], check=False)
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import resource
@@ -411,13 +412,14 @@ def write_big(path: Path, kind: str) -> None:
 def read_big(path: Path) -> dict[str, Any]:
     """Read one file as the worker does (envfile.read); run in a child so RSS is its own."""
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     env = envfile.read(path, LIMITS, "mx.big", max_file_bytes=1 << 40)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {
         "file": path.name,
         "bytes": path.stat().st_size,
         "seconds": round(seconds, 2),
+        "cpu_seconds": round(cpu, 2),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "rss_before_mib": round(base / 1024, 1),
         "transactions": len(env.transactions),
@@ -452,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=None)
     ap.add_argument("--engine", choices=["atheris", "hypothesis"], default=None)
     ap.add_argument("--crash-dir", type=Path, default=Path("fuzz-crashes"))
+    ap.add_argument(
+        "--no-chunking", action="store_true", help="reader: skip the chunking invariant"
+    )
     ap.add_argument("--big", action="store_true")
     ap.add_argument("--read-big", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -472,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
             engine = "atheris"
         except ImportError:
             engine = "hypothesis"
+    if args.no_chunking:
+        TARGETS["reader"] = functools.partial(target_reader, chunks=False)
     run = run_atheris if engine == "atheris" else run_hypothesis
     return run(args.target, args.runs, args.seconds, args.crash_dir.resolve())
 
