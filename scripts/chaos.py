@@ -485,6 +485,18 @@ def report_failures(path: Path) -> tuple[str | None, set[str]]:
     return chaos_id, failed
 
 
+def _source_by_content(spool: Path, rec: dict[str, Any]) -> str | None:
+    """The name a record's envelope was dropped as, from the X-Chaos-Id in its file (for a
+    record whose ``source`` is not that name)."""
+    for folder in ("done", *QUEUE_FOLDERS):
+        path = spool / folder / f"{rec['id']}.bsmtp"
+        with contextlib.suppress(OSError):
+            m = CHAOS_ID.search(path.read_bytes())
+            if m:
+                return m.group(1).decode().rsplit("/", 1)[0]
+    return None
+
+
 def ledger(spool: Path, expected: dict[str, Expected], received: list[Received]) -> dict[str, Any]:
     got: Counter[tuple[str, str]] = Counter()
     for message in received:
@@ -495,6 +507,13 @@ def ledger(spool: Path, expected: dict[str, Expected], received: list[Received])
         with contextlib.suppress(ValueError, OSError):
             rec = json.loads(path.read_bytes())
             records[rec["source"]].append(rec)
+    sources = {e.source for e in expected.values()}
+    wrong_source = 0
+    for source in [s for s in records if s not in sources]:
+        for rec in records.pop(source):
+            real = _source_by_content(spool, rec)
+            wrong_source += real is not None
+            records[real or source].append(rec)
     by_id = {r["id"]: r for recs in records.values() for r in recs}
     reported: Counter[tuple[str, str]] = Counter()
     for folder in ("bounces", "deadletter"):
@@ -559,6 +578,7 @@ def ledger(spool: Path, expected: dict[str, Expected], received: list[Received])
         "reported_more_than_once": reported_twice,
         "failed_though_expected_to_deliver": unexpected_failures,
         "envelopes_with_two_records": claimed_twice,
+        "records_naming_another_source": wrong_source,
         "examples": {c: examples[c] for c in CATEGORIES if c not in ("delivered once",)},
     }
 
@@ -579,13 +599,28 @@ def print_table(result: dict[str, Any]) -> None:
     for cat, n in result["ledger"].items():
         mark = "  <-- broken promise" if cat in FATAL and n else ""
         print(f"{cat:32} {n:7d}{mark}")
-    for key in ("reported_more_than_once", "failed_though_expected_to_deliver"):
+    keys = ("reported_more_than_once", "failed_though_expected_to_deliver")
+    for key in (*keys, "records_naming_another_source", "envelopes_with_two_records"):
         print(f"{key.replace('_', ' '):32} {result[key]:7d}")
     print(f"worker exits: {dict(result['worker_exits'])}")
     print(f"tracebacks in the worker's log: {result['worker_log_tracebacks']}")
     for cat, items in result["examples"].items():
         for item in items:
             print(f"  e.g. {cat}: {item}")
+
+
+def ledger_only(work: Path, as_json: bool) -> int:
+    spool = work / "spool.saved" if (work / "spool.saved").is_dir() else work / "spool"
+    sent = {k: Expected(**v) for k, v in json.loads((work / "sent.json").read_text()).items()}
+    received = [Received(**r) for r in json.loads((work / "received.json").read_text())]
+    result = ledger(spool, sent, received)
+    if as_json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"{'outcome per recipient':32} {'count':>7}")
+        for cat, n in result["ledger"].items():
+            print(f"{cat:32} {n:7d}")
+    return 1 if any(result["ledger"][c] for c in FATAL) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -607,7 +642,15 @@ def main(argv: list[str] | None = None) -> int:
         "spool is copied to WORKDIR/spool.saved before the tmpfs is unmounted",
     )
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--ledger-only",
+        type=Path,
+        metavar="WORKDIR",
+        help="recompute the ledger of an earlier run kept with --workdir",
+    )
     args = ap.parse_args(argv)
+    if args.ledger_only:
+        return ledger_only(args.ledger_only, args.json)
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
     rng = random.Random(seed)
     if args.disk_full and os.geteuid() != 0:
@@ -643,6 +686,11 @@ def main(argv: list[str] | None = None) -> int:
             filler.halt.set()
             filler.join()
         emptied = final_phase(worker, spool, args.final_seconds)
+        if args.workdir is not None:  # what the ledger was computed from, for --ledger-only
+            (work / "sent.json").write_text(
+                json.dumps({k: vars(v) for k, v in producer.expected.items()})
+            )
+            (work / "received.json").write_text(json.dumps([vars(r) for r in state.received]))
         result = ledger(spool, producer.expected, state.received)
         result.update(
             seed=seed,
