@@ -141,6 +141,13 @@ def _ask(sock_path: Path, line: bytes) -> bytes:
         b"QUERY " + b"x" * 300,
         b"QUERY a\x00b",
     ],
+    ids=[
+        "query-dest-literal",
+        "flush-dest-literal",
+        "expire-literal",
+        "query-long-id",
+        "query-nul",
+    ],
 )
 @pytest.mark.xfail(strict=False, reason=CONTROL_BUGS)
 def test_a_malformed_argument_gets_an_error_answer_not_a_dropped_connection(
