@@ -12,8 +12,9 @@ killed with SIGKILL at random moments and restarted (``--kills`` times within ``
 ``--disk-full`` puts the spool on a small tmpfs (root only) and fills and empties it meanwhile.
 Then a last clean run goes on until nothing is queued (or ``--final-seconds``), and a ledger is
 computed per recipient from the sinks' records, results/*.json, bounces/, deadletter/ and
-rejected/. Exit status: 0 when nothing was lost, no duplicate went unflagged and every failed
-recipient has a report; 1 otherwise; 2 when the harness itself could not run.
+rejected/. Exit status: 0 when nothing was lost, no duplicate went unflagged, every failed
+recipient has a report and no envelope was quarantined (none here is poison); 1 otherwise;
+2 when the harness itself could not run.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ from spoolsmtp.errors import EnvelopeFault  # noqa: E402
 QUEUE_FOLDERS = ("incoming", "active", "deferred", "hold")
 TIMEOUT = 2.0  # every SMTP timeout of the worker, seconds
 CHAOS_ID = re.compile(rb"^X-Chaos-Id:[ \t]*(\S+)", re.M | re.I)
-FATAL = ("lost", "duplicated, not flagged", "failed, no report")
+# quarantine too: no envelope here is poison, so each one quarantined is a healthy envelope
+# neither delivered nor reported
+FATAL = ("lost", "duplicated, not flagged", "failed, no report", "quarantined")
 CATEGORIES = (
     "delivered once",
     "flagged, delivered once",
