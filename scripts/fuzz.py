@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import functools
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -246,6 +248,7 @@ def _control() -> tuple[FakeWorker, asyncio.AbstractEventLoop]:
     global _CONTROL
     if _CONTROL is None:
         root = Path(tempfile.mkdtemp(prefix="spoolsmtp-fuzz-"))
+        atexit.register(shutil.rmtree, root, True)
         _CONTROL = (FakeWorker(root), asyncio.new_event_loop())
     return _CONTROL
 
