@@ -34,7 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from spoolsmtp import commands, config, control, envfile  # noqa: E402
+from spoolsmtp import commands, config, control, diskfull, envfile  # noqa: E402
 from spoolsmtp.errors import EnvelopeFault  # noqa: E402
 from spoolsmtp.reader import Reader  # noqa: E402
 from spoolsmtp.record import State  # noqa: E402
@@ -203,6 +203,7 @@ class FakeWorker:
         self.suspended = False
         self.tracer = _Tracer()
         self.stats = Stats()
+        self.disk = diskfull.DiskWatch([root], 0, 0, self.stats)
         self.deliverer = _Holder(_SessionStats())
         self.resolver = _Holder(_ResolverStats())
 

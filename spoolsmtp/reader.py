@@ -522,38 +522,40 @@ class Reader:
         def at(index: int) -> int:
             return first_line + block.count(b"\n", 0, index)
 
+        # every kind of fault, by line; the first line's is reported (ties in this order), so
+        # that the verdict does not depend on how the file was cut into blocks
+        found: list[tuple[int, int, str]] = []
         nul = block.find(b"\x00")
         if nul >= 0:
-            return make(554, "5.6.0", f"NUL in message text at line {at(nul)}; refused")
+            found.append((at(nul), 0, "NUL in message text at line {}"))
         if crlf:
             pairs = block.count(b"\r\n")
             if pairs != block.count(b"\n"):
                 lone = re.search(rb"(?<!\r)\n", block)
-                index = lone.start() if lone else 0
-                return make(554, "5.6.0", f"bare LF in message text at line {at(index)}; refused")
+                found.append(
+                    (at(lone.start() if lone else 0), 1, "bare LF in message text at line {}")
+                )
             if pairs != block.count(b"\r"):
                 bare = re.search(rb"\r(?!\n)", block)
-                index = bare.start() if bare else 0
-                return make(554, "5.6.0", f"bare CR in message text at line {at(index)}; refused")
+                found.append(
+                    (at(bare.start() if bare else 0), 2, "bare CR in message text at line {}")
+                )
         elif b"\r" in block:
-            bare_line = at(block.find(b"\r"))
-            return make(554, "5.6.0", f"bare CR in message text at line {bare_line}; refused")
+            found.append((at(block.find(b"\r")), 2, "bare CR in message text at line {}"))
         longest = self.limits.text_line - (1 if crlf else 2)
-        if len(block) > longest:
+        if len(block) > longest and (not found or min(found)[0] > first_line):
             # RFC 5321 4.5.3.1.6: the dot added by dot-stuffing does not count toward the limit
             lines = block.split(b"\n")
             lengths = [len(x) - x.startswith(b".") for x in lines]
             if not line_start and lines[0].startswith(b"."):
                 lengths[0] += 1
-            worst = max(lengths)
-            if worst > longest:
-                index = lengths.index(worst)
-                return make(
-                    554,
-                    "5.6.0",
-                    f"message line {first_line + index} longer than "
-                    f"{self.limits.text_line} octets; refused",
-                )
+            over = next((i for i, n in enumerate(lengths) if n > longest), None)
+            if over is not None:
+                why = f"message line {{}} longer than {self.limits.text_line} octets"
+                found.append((first_line + over, 3, why))
+        if found:
+            line, _, what = min(found)
+            return make(554, "5.6.0", what.format(line) + "; refused")
         return None
 
     def _end_of_data(self, scan: _Scan, end: int) -> None:

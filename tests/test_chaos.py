@@ -35,13 +35,6 @@ def load_chaos() -> ModuleType:
     return module
 
 
-QUARANTINE_BUG = (
-    "the worker quarantines a healthy envelope that was merely in flight at 3 of our SIGKILLs "
-    "in a row (crashes are blamed on the envelope), and its record still says queued for "
-    "recipients already delivered"
-)
-
-
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict[str, Any]]:
     """One short chaos run (about 20 s of kills, then a clean run), shared by the tests below."""
@@ -69,7 +62,6 @@ def test_short_chaos_run_loses_nothing_and_duplicates_only_flagged(
     assert result["records_naming_another_source"] == 0, why
 
 
-@pytest.mark.xfail(strict=False, reason=QUARANTINE_BUG)
 @pytest.mark.timeout(110)
 def test_short_chaos_run_quarantines_nothing_and_finishes_everything(
     short_run: tuple[int, dict[str, Any]],
