@@ -330,7 +330,15 @@ def write_config(work: Path, spool: Path, ports: list[int]) -> Path:
     phases = ("connect", "greeting", "ehlo", "mail", "rcpt", "data", "data_block", "data_end")
     data: dict[str, Any] = {
         "hostname": "spoolsmtp.chaos.test",
-        "spool": {"path": str(spool), "settle_seconds": "300ms", "rescan_interval": "2s"},
+        # a reserve small beside the --disk-full tmpfs: the filler, not the default 64 MiB
+        # reserve, decides when the disk is full, and the final run can empty the queue
+        "spool": {
+            "path": str(spool),
+            "settle_seconds": "300ms",
+            "rescan_interval": "2s",
+            "min_free_space": "2MiB",
+            "min_free_inodes": 100,
+        },
         "delivery": {
             "timeouts": {**dict.fromkeys(phases, f"{TIMEOUT}s"), "quit": "1s"},
             "tls": "off",
