@@ -1,54 +1,71 @@
-"""One worker per spool: an exclusive flock(2) on ``worker.lock`` in the spool, holding the pid.
+"""One worker per spool: an exclusive flock(2) on each folder that holds mail in flight.
 
-The lock is taken before anything else in the spool is touched (journal replay included) and
-held for the life of the process. The kernel drops it when the process dies, however it dies,
-so a stale lock file left by kill -9 never blocks a restart: only a live holder does.
+The folders themselves are locked (``active/`` and ``journal/``), not a file beside them: a
+second worker whose config names another ``spool.path`` but shares these folders is refused
+too, and there is no lock file whose owner could stand in the way when the spool changes hands
+(root to a dedicated ``user``). The locks are taken before anything in the spool is touched
+(journal replay included) and held for the life of the process. The kernel drops them when the
+process dies, however it dies, so kill -9 never blocks a restart: only a live holder does,
+and it is named by its pid (from /proc/locks).
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Iterable
 from pathlib import Path
-
-LOCK_NAME = "worker.lock"
 
 
 class SpoolBusy(Exception):
-    """Another live process holds the spool's lock."""
+    """Another live process holds the lock of one of the spool's folders."""
 
     def __init__(self, path: Path, pid: str) -> None:
         self.path = path
         self.pid = pid
-        holder = f"pid {pid}" if pid else "another process (pid not yet written)"
+        holder = f"pid {pid}" if pid else "another process"
         super().__init__(f"{path}: spool already in use by {holder}; not starting a second worker")
 
 
 class SpoolLock:
-    """The held lock; ``release`` (or the process's death) lets the next worker in."""
+    """The held locks; ``release`` (or the process's death) lets the next worker in."""
 
-    def __init__(self, spool: Path) -> None:
-        self.path = spool / LOCK_NAME
-        self._fd = -1
+    def __init__(self, folders: Iterable[Path]) -> None:
+        self.folders = list(folders)
+        self._fds: list[int] = []
 
     def acquire(self) -> None:
-        """Take the lock and write our pid into the file; SpoolBusy if a live worker has it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        """Lock every folder (made if missing); SpoolBusy naming the holder if one is taken."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
-            os.close(fd)
-            raise SpoolBusy(self.path, pid) from None
+            for folder in self.folders:
+                folder.mkdir(parents=True, exist_ok=True)
+                fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                self._fds.append(fd)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise SpoolBusy(folder, holder(fd)) from None
         except BaseException:
-            os.close(fd)
+            self.release()
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
 
     def release(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+
+def holder(fd: int, locks: Path = Path("/proc/locks")) -> str:
+    """The pid holding a flock on the file open as ``fd``, or "" if it cannot be told."""
+    info = os.fstat(fd)
+    key = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    try:
+        lines = locks.read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        # "1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234567 0 EOF"
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == key:
+            return fields[4]
+    return ""

@@ -162,7 +162,7 @@ class Worker:
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT or ``stop``; return the exit code (75 if another worker
         holds the spool)."""
-        lock = SpoolLock(self.cfg.spool.path)
+        lock = SpoolLock([self.spool.dirs["active"], self.spool.dirs["journal"]])
         try:
             lock.acquire()
         except SpoolBusy as exc:

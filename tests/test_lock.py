@@ -3,32 +3,49 @@ processes; a lock left by a worker killed with SIGKILL does not block the next o
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from spoolsmtp import exitcodes
+from spoolsmtp.spool import FOLDERS
+from spoolsmtp.spoollock import holder
 from tests.helpers import draft
 from tests.smtpservers import Script, SmtpServer
 from tests.workerproc import WorkerProcess, wait_for
 
 
-def second(tmp_path: Path, first: WorkerProcess, settings: dict[str, Any]) -> WorkerProcess:
-    """A worker with its own folder, config and control socket, on the first one's spool."""
+def second(
+    tmp_path: Path, first: WorkerProcess, settings: dict[str, Any], *, own_path: bool = False
+) -> WorkerProcess:
+    """A worker with its own folder, config and control socket, on the first one's spool;
+    ``own_path``: a spool.path of its own, with every folder pointed at the first one's."""
     root = tmp_path / "second"
     root.mkdir(exist_ok=True)
+    spool: dict[str, Any] = {"path": str(first.spool), "settle_seconds": "300ms"}
+    if own_path:
+        spool["path"] = str(root / "spool")
+        spool.update({name: str(first.spool / name) for name in FOLDERS})
     return WorkerProcess(
         root,
-        {
-            **settings,
-            "spool": {"path": str(first.spool), "settle_seconds": "300ms"},
-            "control": {"socket": str(root / "control.sock")},
-        },
+        {**settings, "spool": spool, "control": {"socket": str(root / "control.sock")}},
     )
 
 
+def holder_of(folder: Path) -> str:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return holder(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("own_path", [False, True], ids=["same-config-path", "same-folders"])
 def test_a_second_worker_on_the_same_spool_is_refused_and_delivers_nothing(
-    tmp_path: Path,
+    tmp_path: Path, own_path: bool
 ) -> None:
     gate = threading.Event()
     srv = SmtpServer(Script(gate=gate))
@@ -37,7 +54,7 @@ def test_a_second_worker_on_the_same_spool_is_refused_and_delivers_nothing(
     try:
         first.drop_drafts("job.bsmtp", [draft("o@example.com", ["a@example.org"])])
         wait_for(lambda: first.files("active"), what="envelope in flight")
-        other = second(tmp_path, first, settings)
+        other = second(tmp_path, first, settings, own_path=own_path)
         try:
             assert other.start().wait_exit(timeout=10) == exitcodes.TEMPFAIL
         finally:
@@ -45,7 +62,7 @@ def test_a_second_worker_on_the_same_spool_is_refused_and_delivers_nothing(
         assert first.proc is not None
         lines = other.log.read_text().strip().splitlines()
         assert len(lines) == 1, lines
-        assert f"pid {first.proc.pid}" in lines[0] and "worker.lock" in lines[0]
+        assert f"pid {first.proc.pid}" in lines[0] and str(first.spool / "active") in lines[0]
         gate.set()
         rec = wait_for(lambda: first.final("job.bsmtp"), what="delivered by the first")
     finally:
@@ -62,15 +79,16 @@ def test_a_lock_left_by_a_killed_worker_does_not_block_a_restart(tmp_path: Path)
     try:
         first = WorkerProcess(tmp_path, settings).start()
         first.kill()
-        assert (first.spool / "worker.lock").exists()
         again = second(tmp_path, first, settings).start()
         try:
             first.drop_drafts("job.bsmtp", [draft("o@example.com", ["a@example.org"])])
             rec = wait_for(lambda: first.final("job.bsmtp"), what="delivered after restart")
+            assert again.proc is not None
+            assert holder_of(first.spool / "active") == str(again.proc.pid)
         finally:
             assert again.stop() == 0
     finally:
         srv.stop()
     assert rec["state"] == "done"
     assert again.proc is not None
-    assert (first.spool / "worker.lock").read_text().strip() == str(again.proc.pid)
+    assert holder_of(first.spool / "active") == ""  # released at the second one's exit
