@@ -15,6 +15,10 @@ from spoolsmtp.config import SpoolConfig
 from spoolsmtp.durable import replacing
 
 CHUNK = 1 << 20
+# trailing blanks of an open line are held back (strip_trailing_blanks may yet remove them) up
+# to this many; more are written out as they are: such a line is far over any SMTP limit, and
+# the reader refuses it, where holding them back let one hostile file take unbounded memory
+MAX_HELD_BLANKS = 64 * 1024
 _NEL = "\x85"
 
 
@@ -42,6 +46,7 @@ def transcode(src: BinaryIO, dst: BinaryIO, cfg: SpoolConfig) -> None:
     decoder = codecs.getincrementaldecoder(cfg.encoding)(errors=errors)
     pending = ""
     blanks: list[str] = []  # the trailing blanks of the open line, not yet written
+    held = 0  # their length
     while True:
         raw = src.read(CHUNK)
         final = not raw
@@ -58,9 +63,9 @@ def transcode(src: BinaryIO, dst: BinaryIO, cfg: SpoolConfig) -> None:
             cut = len(text) if final else text.rfind("\n") + 1
             block, rest = text[:cut], text[cut:]
             if blanks and (cut or final):  # the open line ends in this block
-                block, blanks = "".join(blanks) + block, []
+                block, blanks, held = "".join(blanks) + block, [], 0
             elif blanks and rest.strip(" \r"):  # it goes on: its blanks were inside it
-                rest, blanks = "".join(blanks) + rest, []
+                rest, blanks, held = "".join(blanks) + rest, [], 0
             lines = block.split("\n")
             last = lines.pop()
             out = "".join(_fix(line, cfg) + "\n" for line in lines)
@@ -70,6 +75,9 @@ def transcode(src: BinaryIO, dst: BinaryIO, cfg: SpoolConfig) -> None:
             out += head
             if len(head) < len(rest):
                 blanks.append(rest[len(head) :])
+                held += len(rest) - len(head)
+                if held > MAX_HELD_BLANKS:
+                    out, blanks, held = out + "".join(blanks), [], 0
         dst.write(out.encode("utf-8", errors))
         if final:
             return
