@@ -14,7 +14,7 @@ import os
 import pwd
 from dataclasses import dataclass
 
-from spoolsmtp import startup
+from spoolsmtp import capability, startup
 from spoolsmtp.config import Config
 from spoolsmtp.errors import ConfigError
 
@@ -52,10 +52,19 @@ def become(cfg: Config) -> None:
         startup.prepare(cfg, (user.uid, user.gid))
         os.setgroups(list(user.groups))
         os.setgid(user.gid)
+        lease = _keep_lease()
         os.setuid(user.uid)
         if os.geteuid() != user.uid or os.getuid() != user.uid:
             raise ConfigError(cfg.source, "user", f"could not become {user.name}")
-        log.info("running as %s (uid %d, gid %d)", user.name, user.uid, user.gid)
+        if lease:
+            lease = _only_lease()
+        log.info(
+            "running as %s (uid %d, gid %d)%s",
+            user.name,
+            user.uid,
+            user.gid,
+            ", keeping CAP_LEASE" if lease else "",
+        )
     else:
         if user is not None and user.uid != os.geteuid():
             log.warning(
@@ -65,3 +74,28 @@ def become(cfg: Config) -> None:
             )
         startup.prepare(cfg)
     startup.check(cfg)
+
+
+def _keep_lease() -> bool:
+    try:
+        capability.keep_across_setuid()
+    except OSError as exc:
+        log.warning("%s", exc)
+        return False
+    return True
+
+
+def _only_lease() -> bool:
+    """Keep CAP_LEASE alone; without it, files of other users that are still open for
+    writing are taken by the settle rule alone, and the log says so once. Whatever happens,
+    no other capability of root's survives the switch."""
+    try:
+        capability.only_lease()
+    except OSError as exc:
+        log.warning(
+            "%s: a file of another user still open for writing can be taken once it has settled",
+            exc,
+        )
+        capability.none()  # raises, and start-up stops, if even that cannot be done
+        return False
+    return True

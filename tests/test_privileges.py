@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import site
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -20,6 +21,7 @@ from tests.helpers import draft
 from tests.hostile import needs_root, nobody
 from tests.smtpservers import SmtpServer
 from tests.test_control import ask, ctl, sockdir  # noqa: F401 - fixture
+from tests.test_intake import BODY, WRITER
 from tests.workerproc import ROOT, WorkerProcess, wait_for
 
 # nobody cannot enter /root, where the test's own interpreter may live: the worker that drops
@@ -222,3 +224,69 @@ def test_a_peer_is_authorised_by_the_groups_the_kernel_reports(
     finally:
         w.kill()
     assert json.loads(done.stdout)["status"] == status, done.stderr
+
+
+@needs_root
+def test_a_worker_that_dropped_root_still_never_takes_a_file_open_for_writing(
+    open_root: Path,
+    sockdir: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Run as nobody, the worker keeps CAP_LEASE (and nothing else of root's), so a file of
+    another user whose writer pauses past settle_seconds is still not taken half written."""
+    uid, gid = nobody()
+    os.chown(sockdir, uid, gid)
+    srv = SmtpServer()
+    w = WorkerProcess(
+        open_root,
+        {
+            "user": "nobody",
+            "smarthost": f"127.0.0.1:{srv.port}",
+            "control": {"socket": str(sockdir / "control.sock")},
+            "spool": {"settle_seconds": "200ms", "rescan_interval": "100ms"},
+            "log_level": "debug",
+        },
+        env={"PYTHONPATH": PLAIN_PATH},
+    )
+    with monkeypatch.context() as patch:
+        patch.setattr(sys, "executable", PLAIN_PYTHON)
+        w.start()
+    first = BODY.decode()
+    second = "MAIL FROM:<o@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\ny\r\n.\r\n"
+    path = w.spool / "incoming" / "slow.bsmtp"  # written by root: not the worker's own file
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path), first, second],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert w.proc is not None
+        assert _capabilities(w.proc.pid) == 1 << 28  # CAP_LEASE, nothing else
+        assert writer.stdout is not None and writer.stdin is not None
+        assert writer.stdout.readline() == "paused\n"
+        wait_for(
+            lambda: not path.exists() or b"open for writing" in w.log.read_bytes(),
+            what="the worker to look at the open file",
+        )
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+        assert writer.wait(10) == 0
+        rec = wait_for(lambda: w.final("slow.bsmtp"))
+    finally:
+        writer.kill()
+        writer.communicate()
+        w.kill()
+        srv.stop()
+    assert [r["address"] for t in rec["transactions"] for r in t["recipients"]] == [
+        "a@example.org",
+        "b@example.org",
+    ]
+    assert sorted(m.rcpt_tos[0] for m in srv.messages) == ["a@example.org", "b@example.org"]
+
+
+def _capabilities(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return -1
