@@ -16,7 +16,9 @@ files in them, so the worker can read what an earlier root-run worker wrote).
 from __future__ import annotations
 
 import contextlib
+import grp
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -105,9 +107,66 @@ def prepare(cfg: Config, owner: tuple[int, int] | None = None) -> None:
         finally:
             os.close(fd)
     if owner is not None and owner[0] != 0:
-        for path, mode in ((cfg.control_socket.parent, 0o755), (cfg.operator_socket.parent, 0o700)):
-            if _make(path, mode):  # a socket folder root makes is the worker's own
-                os.chown(path, *owner, follow_symlinks=False)
+        if _make(cfg.control_socket.parent, 0o755):  # a socket folder root makes is the worker's
+            os.chown(cfg.control_socket.parent, *owner, follow_symlinks=False)
+        for sock in (cfg.control_socket, cfg.operator_socket):
+            _drop_dead_root_socket(sock)
+    _operators_folder(cfg, owner)
+
+
+def _operators_folder(cfg: Config, owner: tuple[int, int] | None) -> None:
+    """The operators' socket folder as the config asks for it, made or not: 0700, or 0710 to
+    ``control.operator_group``, owned by the worker's user (root hands over one it owns)."""
+    folder = cfg.operator_socket.parent
+    gid = _group(cfg)
+    mode = 0o700 if gid is None else 0o710
+    _make(folder, mode)
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(
+            cfg.source, "control.operator_socket", f"{folder}: {exc.strerror}"
+        ) from exc
+    try:
+        info = os.fstat(fd)
+        uid = owner[0] if owner is not None and info.st_uid == 0 else info.st_uid
+        if uid != os.geteuid() and not (owner is not None and uid == owner[0]):
+            return  # someone else's: the start-up check refuses it, naming it
+        want_gid = gid if gid is not None else (owner[1] if owner is not None else info.st_gid)
+        if (info.st_uid, info.st_gid) != (uid, want_gid):
+            os.fchown(fd, uid, want_gid)
+        if stat.S_IMODE(info.st_mode) != mode:
+            os.fchmod(fd, mode)
+    except OSError as exc:
+        raise ConfigError(
+            cfg.source, "control.operator_group", f"{folder}: cannot set group/mode: {exc.strerror}"
+        ) from exc
+    finally:
+        os.close(fd)
+
+
+def _group(cfg: Config) -> int | None:
+    group = cfg.control.operator_group
+    if not group:
+        return None
+    try:
+        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError as exc:
+        raise ConfigError(cfg.source, "control.operator_group", f"no group {group!r}") from exc
+
+
+def _drop_dead_root_socket(path: Path) -> None:
+    """Root, handing the spool over, removes a socket root's own worker left behind (dead,
+    owned by root): the worker, no longer root, could not, and would refuse to start."""
+    with contextlib.suppress(OSError):
+        info = os.lstat(path)
+        if stat.S_ISSOCK(info.st_mode) and info.st_uid == 0:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.settimeout(2.0)
+                try:
+                    probe.connect(str(path))
+                except ConnectionRefusedError:
+                    os.unlink(path)
 
 
 def _make(path: Path, mode: int) -> bool:

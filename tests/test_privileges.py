@@ -290,3 +290,42 @@ def _capabilities(pid: int) -> int:
         if line.startswith("CapEff:"):
             return int(line.split()[1], 16)
     return -1
+
+
+@needs_root
+def test_a_spool_run_by_root_can_be_handed_to_a_dedicated_user(
+    open_root: Path,
+    sockdir: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker that ran as root and was killed leaves root's dead socket and root's 0700
+    operators' folder; started next with ``user: nobody`` it hands both over and runs."""
+    uid, gid = nobody()
+    srv = SmtpServer()
+    settings = {
+        "smarthost": f"127.0.0.1:{srv.port}",
+        "control": {"socket": str(sockdir / "control.sock")},
+    }
+    try:
+        as_root = WorkerProcess(open_root, settings).start()
+        wait_for(lambda: (as_root.spool / "operator" / "control.sock").exists())
+        as_root.kill()
+        os.chown(sockdir, uid, gid)  # the public socket's folder, as the operator would
+        operators = as_root.spool / "operator"
+        assert (
+            operators.stat().st_uid == 0 and (as_root.spool / "operator" / "control.sock").exists()
+        )
+        w = WorkerProcess(open_root, {**settings, "user": "nobody"}, env={"PYTHONPATH": PLAIN_PATH})
+        with monkeypatch.context() as patch:
+            patch.setattr(sys, "executable", PLAIN_PYTHON)
+            w.start()
+        try:
+            w.drop_drafts("h.bsmtp", [draft("o@example.com", ["a@example.org"])])
+            rec = wait_for(lambda: w.final("h.bsmtp"))
+            assert operators.stat().st_uid == uid
+            assert ctl(w.config, "STATS").returncode == 0
+        finally:
+            w.kill()
+    finally:
+        srv.stop()
+    assert rec["transactions"][0]["recipients"][0]["status"] == "delivered"
