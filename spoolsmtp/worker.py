@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import json
 import logging
@@ -42,6 +43,7 @@ from spoolsmtp import (
     quarantine,
     response,
     retry,
+    spoolview,
     writer,
 )
 from spoolsmtp.config import Config
@@ -54,6 +56,7 @@ from spoolsmtp.errors import EnvelopeFault
 from spoolsmtp.journal import Journal, Replayed
 from spoolsmtp.mx import MxResolver
 from spoolsmtp.outcome import RecipientResult, Status
+from spoolsmtp.port import COUNTED, NoSuchEnvelope, Reloaded, Traffic
 from spoolsmtp.quarantine import QUARANTINE_AFTER, Reads
 from spoolsmtp.record import (
     QUEUED,
@@ -1194,12 +1197,36 @@ class Worker:
         self._resumed.set()
         self._wake.set()
 
-    def reload(self) -> str:
+    def reload(self) -> Reloaded:
         """Read the config file again; a bad one raises ConfigError and changes nothing."""
         new = config_load(self.cfg.source)
         self.cfg = new
         self.deliverer.reconfigure(new)
-        return f"{new.source} reloaded"
+        return Reloaded(new.source)
+
+    # -- what else the control port reads (port.py) ----------------------------------------
+
+    def destination_key(self, domain: str) -> str:
+        return self._destination(domain).key
+
+    def traffic(self) -> Traffic:
+        d, r = self.deliverer.stats, self.resolver.stats
+        return Traffic(
+            d.connections, d.reused, d.tls, d.bytes_sent, r.lookups, r.cache_hits, r.queries
+        )
+
+    async def folder_counts(self) -> dict[str, int]:
+        return await self._folder_counts.counts()
+
+    @functools.cached_property
+    def _folder_counts(self) -> spoolview.FolderCounts:
+        return spoolview.FolderCounts({name: self.spool.dirs[name] for name in COUNTED})
+
+    async def result(self, envelope_id: str) -> dict[str, Any]:
+        found = await spoolview.result(self.spool.path("results", f"{envelope_id}.json"))
+        if found is None:
+            raise NoSuchEnvelope(envelope_id)
+        return found
 
     def dead_destinations(self) -> dict[str, float]:
         now = time.time()
