@@ -41,6 +41,7 @@ from spoolsmtp import (
     journal,
     legacy,
     quarantine,
+    reconfig,
     response,
     retry,
     spoolview,
@@ -1198,11 +1199,19 @@ class Worker:
         self._wake.set()
 
     def reload(self) -> Reloaded:
-        """Read the config file again; a bad one raises ConfigError and changes nothing."""
-        new = config_load(self.cfg.source)
-        self.cfg = new
-        self.deliverer.reconfigure(new)
-        return Reloaded(new.source)
+        """Read the config file again and apply every key that can change while running; the
+        others keep their value until a restart, and the answer names them (reconfig.py). A
+        bad file raises ConfigError and changes nothing."""
+        plan = reconfig.plan(self.cfg, config_load(self.cfg.source))
+        if plan.renew_resolver:
+            resolver = reconfig.renewed_resolver(self.resolver, plan.config)
+            self.resolver = self.deliverer.resolver = resolver
+        self.cfg = plan.config
+        self.deliverer.reconfigure(plan.config)
+        self.disk.min_free_space = plan.config.spool.min_free_space
+        self.disk.min_free_inodes = plan.config.spool.min_free_inodes
+        log.info("%s", plan.done.summary)
+        return plan.done
 
     # -- what else the control port reads (port.py) ----------------------------------------
 

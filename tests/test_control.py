@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.dnsserver import Zone, serve
 from tests.helpers import draft
 from tests.smtpservers import Script, SmtpServer
 from tests.workerproc import ROOT, WorkerProcess, wait_for
@@ -225,6 +226,49 @@ def test_reload_takes_a_new_smarthost_at_once(
         new.stop()
     assert [m.rcpt_tos for m in old.messages] == [["a@example.org"]]
     assert [m.rcpt_tos for m in new.messages] == [["b@example.org"]]
+
+
+def test_reload_applies_dns_settings_and_names_the_keys_that_need_a_restart(
+    tmp_path: Path, sockdir: Path
+) -> None:
+    """A live key (dns.allow_loopback: the resolver is built again, its cache dropped) takes
+    effect for the next envelope; a key that needs a restart (control.max_line) is named in
+    the answer and keeps its old value meanwhile."""
+    zone = Zone()
+    zone.add("example.org", "MX", "10 mx.example.org.")
+    zone.add("mx.example.org", "A", "127.0.0.1")
+    srv = SmtpServer()
+    sock = sockdir / "control.sock"
+    with serve(zone) as dns_port:
+        w = WorkerProcess(
+            tmp_path,
+            {
+                "dns": {"nameservers": ["127.0.0.1"], "port": dns_port, "allow_loopback": False},
+                "delivery": {"port": srv.port},
+                "control": {"socket": str(sock)},
+            },
+        ).start()
+        try:
+            w.drop_drafts("before.bsmtp", [draft("o@example.com", ["a@example.org"])])
+            before = wait_for(lambda: w.final("before.bsmtp"))
+            assert before["transactions"][0]["recipients"][0]["reply"]["code"] == 554
+            text = w.config.read_text().replace("allow_loopback: false", "allow_loopback: true")
+            w.config.write_text(text.replace("control:\n", "control:\n  max_line: 100000\n"))
+            answer = ask(sock, "RELOAD")
+            assert answer["status"] == 200
+            assert answer["result"]["changed"] == ["control.max_line", "dns.allow_loopback"]
+            assert answer["result"]["restart_needed"] == ["control.max_line"]
+            said = request(sock, "RELOAD").splitlines()[0]
+            assert said.endswith("reloaded; needs a restart to take effect: control.max_line")
+            w.drop_drafts("after.bsmtp", [draft("o@example.com", ["b@example.org"])])
+            after = wait_for(lambda: w.final("after.bsmtp"))
+            assert after["transactions"][0]["recipients"][0]["status"] == "delivered"
+            long = request(sock, "QUERY " + "x" * 10000)
+            assert long.startswith("400 request line longer than 4096 octets")
+        finally:
+            w.kill()
+            srv.stop()
+    assert [m.rcpt_tos for m in srv.messages] == [["b@example.org"]]
 
 
 def test_shutdown_drains_and_exits_zero(world: tuple[WorkerProcess, SmtpServer, Path]) -> None:
