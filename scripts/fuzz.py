@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import functools
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -126,6 +124,13 @@ def target_reply(data: bytes) -> None:
 # -- control -----------------------------------------------------------------------------------
 
 
+_RECORD = (
+    '{"id": "ID1", "source": "job.bsmtp", "state": "deferred", "location": "deferred/ID1.bsmtp",'
+    ' "received_at": "2026-01-01T00:00:00Z", "transactions": [{"number": 1, "mail_from": "a@b",'
+    ' "recipients": [{"address": "c@d.test", "status": "deferred", "attempts": 1}]}]}'
+)
+
+
 @dataclass
 class _Summary:
     id: str
@@ -137,29 +142,11 @@ class _Summary:
 
 
 class FakeWorker:
-    """A small implementation of the control port (port.py), behaving as the worker does: the
-    look-ups of QUERY DEST, FLUSH DEST and EXPIRE go through route.destination_for, as the
-    worker's Router does, and the result record of ID1 is read from a file."""
+    """A small implementation of the control port (port.py), behaving as the worker does:
+    domains are routed by route.destination_for, as its Router does; ID1 has a result record."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self) -> None:
         self.cfg = config.Config()
-        self.root = root
-        record = {
-            "id": "ID1",
-            "source": "job.bsmtp",
-            "state": "deferred",
-            "location": "deferred/ID1.bsmtp",
-            "received_at": "2026-01-01T00:00:00.000Z",
-            "reason": None,
-            "transactions": [
-                {
-                    "number": 1,
-                    "mail_from": "a@b.test",
-                    "recipients": [{"address": "c@d.test", "status": "deferred", "attempts": 1}],
-                }
-            ],
-        }
-        (root / "ID1.json").write_text(json.dumps(record))
         self.index = {
             "ID1": _Summary("ID1", "job.bsmtp", State.DEFERRED, time.time(), None, {"d.test": 1}),
             "ID2": _Summary("ID2", "k.bsmtp", State.HELD, time.time(), None, {"[1.2.3.4]:25": 1}),
@@ -167,7 +154,7 @@ class FakeWorker:
         self.suspended = False
         self.tracer = Tracer()
         self.stats = Stats()
-        self.disk = diskfull.DiskWatch([root], 0, 0, self.stats)
+        self.disk = diskfull.DiskWatch([], 0, 0, self.stats)
 
     def traffic(self) -> Traffic:
         return Traffic()
@@ -176,10 +163,9 @@ class FakeWorker:
         return dict.fromkeys(COUNTED, 0)
 
     async def result(self, envelope_id: str) -> dict[str, Any]:
-        try:
-            record: dict[str, Any] = json.loads((self.root / f"{envelope_id}.json").read_bytes())
-        except FileNotFoundError:
-            raise NoSuchEnvelope(envelope_id) from None
+        if envelope_id != "ID1":
+            raise NoSuchEnvelope(envelope_id)
+        record: dict[str, Any] = json.loads(_RECORD)
         return record
 
     def destination_key(self, domain: str) -> str:
@@ -195,12 +181,10 @@ class FakeWorker:
         return f"{self.index[envelope_id].id} released"
 
     def flush(self, envelope_id: str | None = None, destination: str | None = None) -> int:
-        count = 0
-        if envelope_id is not None:  # a queued one, as the port promises: else a KeyError
-            count = int(self.index[envelope_id].state is State.DEFERRED)
         if destination is not None:
             self.destination_key(destination)
-        return count
+        # a queued id, as the port promises (else a KeyError)
+        return 0 if envelope_id is None else int(self.index[envelope_id].state is State.DEFERRED)
 
     def expire(self, domain: str) -> bool:
         self.destination_key(domain)
@@ -215,8 +199,7 @@ class FakeWorker:
     def reload(self) -> Reloaded:
         return Reloaded(self.cfg.source)
 
-    def stop(self) -> None:
-        pass
+    def stop(self) -> None: ...
 
 
 _CONTROL: tuple[FakeWorker, asyncio.AbstractEventLoop] | None = None
@@ -225,9 +208,7 @@ _CONTROL: tuple[FakeWorker, asyncio.AbstractEventLoop] | None = None
 def _control() -> tuple[FakeWorker, asyncio.AbstractEventLoop]:
     global _CONTROL
     if _CONTROL is None:
-        root = Path(tempfile.mkdtemp(prefix="spoolsmtp-fuzz-"))
-        atexit.register(shutil.rmtree, root, True)
-        _CONTROL = (FakeWorker(root), asyncio.new_event_loop())
+        _CONTROL = (FakeWorker(), asyncio.new_event_loop())
     return _CONTROL
 
 
