@@ -120,6 +120,10 @@ def test_errors_are_answers_not_crashes(world: tuple[WorkerProcess, SmtpServer, 
     w, _, sock = world
     assert ask(sock, "FROB")["status"] == 400
     assert ask(sock, "QUERY 20260101-000000-000000-abcdef")["status"] == 404
+    for verb in ("HOLD", "RELEASE", "FLUSH"):
+        unknown = ask(sock, f"{verb} 20260101-000000-000000-abcdef")
+        assert unknown["status"] == 404, unknown
+        assert unknown["error"] == "no queued envelope 20260101-000000-000000-abcdef"
     assert ask(sock, "QUERY no-such-id")["status"] == 400
     assert ask(sock, "TRACE SIDEWAYS")["status"] == 400
     assert ask(sock, "HOLD")["status"] == 400
@@ -194,6 +198,22 @@ def test_suspend_and_resume_taking_files(world: tuple[WorkerProcess, SmtpServer,
     assert [p.name for p in w.files("incoming")] == ["s.bsmtp"]
     assert ask(sock, "RESUME")["status"] == 200
     wait_for(lambda: w.final("s.bsmtp"))
+
+
+def test_query_counts_what_waits_in_the_folders_it_does_not_queue(
+    world: tuple[WorkerProcess, SmtpServer, Path],
+) -> None:
+    """A file that is no envelope is rejected (with its reason beside it: not counted), a
+    failure from a null sender is a dead letter, a failure a report to the sender."""
+    w, srv, sock = world
+    srv.script.rcpt["x@example.com"] = "550 5.1.1 no such user"
+    w.drop("bad.bsmtp", b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR")
+    w.drop_drafts("null.bsmtp", [draft("", ["x@example.com"])])
+    w.drop_drafts("fail.bsmtp", [draft("o@example.com", ["x@example.com"])])
+    wait_for(lambda: all(w.final(n) for n in ("bad.bsmtp", "null.bsmtp", "fail.bsmtp")))
+    states = ask(sock, "QUERY")["result"]["states"]
+    assert (states["rejected"], states["deadletter"], states["bounces"]) == (1, 1, 1)
+    assert states["incoming"] == 0
 
 
 def test_reload_keeps_a_bad_config_out(world: tuple[WorkerProcess, SmtpServer, Path]) -> None:
