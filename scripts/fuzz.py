@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import functools
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from spoolsmtp import commands, config, control, diskfull, envfile  # noqa: E402
 from spoolsmtp.errors import EnvelopeFault  # noqa: E402
+from spoolsmtp.port import COUNTED, NoSuchEnvelope, Reloaded, Traffic  # noqa: E402
 from spoolsmtp.reader import Reader  # noqa: E402
 from spoolsmtp.record import State  # noqa: E402
 from spoolsmtp.reply import sanitise  # noqa: E402
@@ -50,7 +49,7 @@ from spoolsmtp.smtpclient import (  # noqa: E402
     Verb,
 )
 from spoolsmtp.stats import Stats  # noqa: E402
-from spoolsmtp.tracer import Kind  # noqa: E402
+from spoolsmtp.tracer import Tracer  # noqa: E402
 
 CORPUS = ROOT / "tests" / "corpus"
 LIMITS = config.Config().limits
@@ -125,13 +124,11 @@ def target_reply(data: bytes) -> None:
 # -- control -----------------------------------------------------------------------------------
 
 
-@dataclass
-class _Spool:
-    root: Path
-    dirs: dict[str, Path] = field(default_factory=dict)
-
-    def path(self, folder: str, name: str) -> Path:
-        return self.dirs[folder] / name
+_RECORD = (
+    '{"id": "ID1", "source": "job.bsmtp", "state": "deferred", "location": "deferred/ID1.bsmtp",'
+    ' "received_at": "2026-01-01T00:00:00Z", "transactions": [{"number": 1, "mail_from": "a@b",'
+    ' "recipients": [{"address": "c@d.test", "status": "deferred", "attempts": 1}]}]}'
+)
 
 
 @dataclass
@@ -144,89 +141,53 @@ class _Summary:
     destinations: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass
-class _Tracer:
-    enabled: set[Kind] = field(default_factory=set)
-    dropped: int = 0
-
-
-@dataclass
-class _SessionStats:
-    connections: int = 0
-    reused: int = 0
-    tls: int = 0
-    bytes_sent: int = 0
-
-
-@dataclass
-class _ResolverStats:
-    lookups: int = 0
-    cache_hits: int = 0
-    queries: int = 0
-
-
-@dataclass
-class _Holder:
-    stats: Any
-
-
 class FakeWorker:
-    """What commands.execute touches of a Worker, behaving as worker.py does (the lookups of
-    FLUSH DEST and EXPIRE go through route.destination_for, as the worker's Router does)."""
+    """A small implementation of the control port (port.py), behaving as the worker does:
+    domains are routed by route.destination_for, as its Router does; ID1 has a result record."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self) -> None:
         self.cfg = config.Config()
-        self.spool = _Spool(root)
-        for name in ("incoming", "rejected", "bounces", "deadletter", "results"):
-            self.spool.dirs[name] = root / name
-            (root / name).mkdir(parents=True, exist_ok=True)
-        record = {
-            "id": "ID1",
-            "source": "job.bsmtp",
-            "state": "deferred",
-            "location": "deferred/ID1.bsmtp",
-            "received_at": "2026-01-01T00:00:00.000Z",
-            "reason": None,
-            "transactions": [
-                {
-                    "number": 1,
-                    "mail_from": "a@b.test",
-                    "recipients": [{"address": "c@d.test", "status": "deferred", "attempts": 1}],
-                }
-            ],
-        }
-        (root / "results" / "ID1.json").write_text(json.dumps(record))
         self.index = {
             "ID1": _Summary("ID1", "job.bsmtp", State.DEFERRED, time.time(), None, {"d.test": 1}),
             "ID2": _Summary("ID2", "k.bsmtp", State.HELD, time.time(), None, {"[1.2.3.4]:25": 1}),
         }
         self.suspended = False
-        self.tracer = _Tracer()
+        self.tracer = Tracer()
         self.stats = Stats()
-        self.disk = diskfull.DiskWatch([root], 0, 0, self.stats)
-        self.deliverer = _Holder(_SessionStats())
-        self.resolver = _Holder(_ResolverStats())
+        self.disk = diskfull.DiskWatch([], 0, 0, self.stats)
+
+    def traffic(self) -> Traffic:
+        return Traffic()
+
+    async def folder_counts(self) -> dict[str, int]:
+        return dict.fromkeys(COUNTED, 0)
+
+    async def result(self, envelope_id: str) -> dict[str, Any]:
+        if envelope_id != "ID1":
+            raise NoSuchEnvelope(envelope_id)
+        record: dict[str, Any] = json.loads(_RECORD)
+        return record
+
+    def destination_key(self, domain: str) -> str:
+        return destination_for(domain, self.cfg).key
 
     def dead_destinations(self) -> dict[str, float]:
         return {}
 
     async def hold(self, envelope_id: str) -> str:
-        if envelope_id not in self.index:
-            raise LookupError(f"no queued envelope {envelope_id}")
-        return f"{envelope_id} held"
+        return f"{self.index[envelope_id].id} held"
 
     async def release(self, envelope_id: str) -> str:
-        return await self.hold(envelope_id)
+        return f"{self.index[envelope_id].id} released"
 
     def flush(self, envelope_id: str | None = None, destination: str | None = None) -> int:
-        if envelope_id is not None and envelope_id not in self.index:
-            raise LookupError(f"no queued envelope {envelope_id}")
         if destination is not None:
-            destination_for(destination, self.cfg)
-        return 0
+            self.destination_key(destination)
+        # a queued id, as the port promises (else a KeyError)
+        return 0 if envelope_id is None else int(self.index[envelope_id].state is State.DEFERRED)
 
     def expire(self, domain: str) -> bool:
-        destination_for(domain, self.cfg)
+        self.destination_key(domain)
         return False
 
     def suspend(self) -> None:
@@ -235,11 +196,10 @@ class FakeWorker:
     def resume(self) -> None:
         self.suspended = False
 
-    def reload(self) -> str:
-        return "reloaded"
+    def reload(self) -> Reloaded:
+        return Reloaded(self.cfg.source)
 
-    def stop(self) -> None:
-        pass
+    def stop(self) -> None: ...
 
 
 _CONTROL: tuple[FakeWorker, asyncio.AbstractEventLoop] | None = None
@@ -248,9 +208,7 @@ _CONTROL: tuple[FakeWorker, asyncio.AbstractEventLoop] | None = None
 def _control() -> tuple[FakeWorker, asyncio.AbstractEventLoop]:
     global _CONTROL
     if _CONTROL is None:
-        root = Path(tempfile.mkdtemp(prefix="spoolsmtp-fuzz-"))
-        atexit.register(shutil.rmtree, root, True)
-        _CONTROL = (FakeWorker(root), asyncio.new_event_loop())
+        _CONTROL = (FakeWorker(), asyncio.new_event_loop())
     return _CONTROL
 
 
@@ -263,7 +221,7 @@ def target_control(data: bytes) -> None:
     verb, args = commands.parse(line)
     if not verb or verb in ("QUIT", "EXIT", "FOLLOW"):
         return
-    answer = loop.run_until_complete(commands.execute(worker, verb, args))  # type: ignore[arg-type]
+    answer = loop.run_until_complete(commands.execute(worker, verb, args))
     assert isinstance(answer, commands.Answer)
     json.loads(answer.as_json())
     control.frame_text(answer)

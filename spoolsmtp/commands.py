@@ -1,28 +1,27 @@
-"""Operator commands: parse a request line, run it against the worker, answer as data and text.
+"""Operator commands: parse a request line, run it against the control port, answer as data
+and text.
 
 Every answer is data (``Answer.data``, the JSON form) with a human rendering (``Answer.text``).
-Read commands (HELP, QUERY, STATS) only look at snapshots the worker keeps in memory and at
-small files, so they never wait on delivery, DNS or a remote server.
+Read commands (HELP, QUERY, STATS) only look at snapshots the port keeps in memory and at what
+it reads off the event loop, so they never wait on delivery, DNS or a remote server. Commands
+know the worker only as a ``ControlPort`` (port.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from spoolsmtp.address import check_domain
 from spoolsmtp.errors import ConfigError
+from spoolsmtp.port import COUNTED, ControlPort, NoSuchEnvelope
 from spoolsmtp.record import State
-from spoolsmtp.route import destination_for
 from spoolsmtp.spool import is_id
 from spoolsmtp.tracer import Kind
-
-if TYPE_CHECKING:
-    from spoolsmtp.worker import Worker
 
 OK, BAD, REFUSED, NOT_FOUND, FAILED = 200, 400, 403, 404, 500
 PUBLIC = frozenset({"HELP", "QUERY", "QUEUE", "STATS"})
@@ -128,58 +127,54 @@ def _when(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _count(folder: os.PathLike[str] | str, skip_suffix: str | None = None) -> int:
-    try:
-        with os.scandir(folder) as entries:
-            return sum(
-                1
-                for e in entries
-                if not e.name.startswith(".") and not (skip_suffix and e.name.endswith(skip_suffix))
-            )
-    except FileNotFoundError:
-        return 0
+def _queued(port: ControlPort, envelope_id: str) -> str:
+    """``envelope_id`` if the worker queues it, else ``NoSuchEnvelope``."""
+    if envelope_id not in port.index:
+        raise NoSuchEnvelope(envelope_id, "queued envelope")
+    return envelope_id
 
 
-async def execute(worker: Worker, verb: str, args: list[str]) -> Answer:
-    """Run one parsed command."""
+async def execute(port: ControlPort, verb: str, args: list[str]) -> Answer:
+    """Run one parsed command. An envelope the worker does not know is a 404 and a bad
+    configuration for RELOAD a 500; any other exception is the caller's (a bug: a 500)."""
     command = " ".join([verb, *args])
     handler = _HANDLERS.get(verb)
     if handler is None:
         return _bad(command, f"unknown command {verb!r}; HELP lists the commands")
     try:
-        return await handler(worker, command, args)
-    except LookupError as exc:
-        return Answer(NOT_FOUND, command, text=[str(exc).strip("'\"")])
+        return await handler(port, command, args)
+    except NoSuchEnvelope as exc:
+        return Answer(NOT_FOUND, command, text=[str(exc)])
     except ConfigError as exc:
         return Answer(FAILED, command, text=[f"config error, nothing changed: {exc}"])
 
 
-async def _help(worker: Worker, command: str, args: list[str]) -> Answer:
+async def _help(port: ControlPort, command: str, args: list[str]) -> Answer:
     width = max(len(c) for c, _, _ in HELP)
     text = [f"{c:{width}}  {who:10}  {what}" for c, who, what in HELP]
     data = {"commands": [{"command": c, "who": who, "what": what} for c, who, what in HELP]}
     return Answer(OK, command, data, ["commands:", *text])
 
 
-async def _query(worker: Worker, command: str, args: list[str]) -> Answer:
+async def _query(port: ControlPort, command: str, args: list[str]) -> Answer:
     if not args:
-        return _overview(worker, command)
+        return await _overview(port, command)
     if args[0].upper() == "DEST":
         if len(args) != 2:
             return _bad(command, "usage: QUERY DEST domain")
-        return _bad_domain(command, args[1]) or _destination(worker, command, args[1])
+        return _bad_domain(command, args[1]) or _destination(port, command, args[1])
     if len(args) != 1:
         return _bad(command, "usage: QUERY [ID | DEST domain]")
-    return _bad_id(command, args[0]) or _envelope(worker, command, args[0])
+    return _bad_id(command, args[0]) or await _envelope(port, command, args[0])
 
 
-def _overview(worker: Worker, command: str) -> Answer:
+async def _overview(port: ControlPort, command: str) -> Answer:
+    counted = await port.folder_counts()
     now = time.time()
-    dirs = worker.spool.dirs
     by_state: dict[str, int] = {s.value: 0 for s in (State.ACTIVE, State.DEFERRED, State.HELD)}
     oldest: dict[str, float] = {}
     dests: dict[str, dict[str, Any]] = {}
-    for summary in list(worker.index.values()):
+    for summary in list(port.index.values()):
         state = summary.state.value
         by_state[state] = by_state.get(state, 0) + 1
         oldest[state] = max(oldest.get(state, 0.0), now - summary.received)
@@ -190,33 +185,31 @@ def _overview(worker: Worker, command: str) -> Answer:
             if summary.state is State.DEFERRED and summary.next_attempt is not None:
                 current = entry["next_attempt"]
                 entry["next_attempt"] = min(current or summary.next_attempt, summary.next_attempt)
-    dead = worker.dead_destinations()
+    dead = port.dead_destinations()
     for key, entry in dests.items():
         entry["next_attempt"] = _when(entry["next_attempt"])
         entry["dead_until"] = _when(dead.get(key))
     states = {
-        "incoming": _count(dirs["incoming"]),
+        "incoming": counted["incoming"],
         "active": by_state["active"],
         "deferred": by_state["deferred"],
         "held": by_state["held"],
-        "rejected": _count(dirs["rejected"], ".reason"),
-        "bounces": _count(dirs["bounces"]),
-        "deadletter": _count(dirs["deadletter"]),
+        **{name: counted[name] for name in COUNTED if name != "incoming"},
     }
     data = {
         "states": states,
         "oldest_seconds": {k: round(v, 1) for k, v in oldest.items()},
         "destinations": dests,
-        "suspended": worker.suspended,
-        "disk_full": _when(worker.disk.since),
+        "suspended": port.suspended,
+        "disk_full": _when(port.disk.since),
     }
     text = [f"{'state':12} {'count':>8}  oldest"]
     for name, count in states.items():
         text.append(f"{name:12} {count:8d}  {_age(oldest.get(name))}")
-    if worker.suspended:
+    if port.suspended:
         text.append("taking files: SUSPENDED")
-    if worker.disk.since is not None:
-        text.append(f"disk_full: yes since {_when(worker.disk.since)} ({worker.disk.reason})")
+    if port.disk.since is not None:
+        text.append(f"disk_full: yes since {_when(port.disk.since)} ({port.disk.reason})")
     if dests:
         width = max(12, *(len(k) for k in dests))
         text.append("")
@@ -230,13 +223,9 @@ def _overview(worker: Worker, command: str) -> Answer:
     return Answer(OK, command, data, text)
 
 
-def _envelope(worker: Worker, command: str, envelope_id: str) -> Answer:
-    path = worker.spool.path("results", f"{envelope_id}.json")
-    try:
-        record = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise LookupError(f"no envelope {envelope_id}") from None
-    summary = worker.index.get(envelope_id)
+async def _envelope(port: ControlPort, command: str, envelope_id: str) -> Answer:
+    record = await port.result(envelope_id)
+    summary = port.index.get(envelope_id)
     if summary is not None:
         record["state"] = summary.state.value
     text = [
@@ -259,10 +248,10 @@ def _envelope(worker: Worker, command: str, envelope_id: str) -> Answer:
     return Answer(OK, command, record, text)
 
 
-def _destination(worker: Worker, command: str, domain: str) -> Answer:
-    key = destination_for(domain, worker.cfg).key
-    rows = [s for s in list(worker.index.values()) if key in s.destinations]
-    dead = worker.dead_destinations().get(key)
+def _destination(port: ControlPort, command: str, domain: str) -> Answer:
+    key = port.destination_key(domain)
+    rows = [s for s in list(port.index.values()) if key in s.destinations]
+    dead = port.dead_destinations().get(key)
     data = {
         "destination": key,
         "dead_until": _when(dead),
@@ -288,10 +277,9 @@ def _destination(worker: Worker, command: str, domain: str) -> Answer:
     return Answer(OK, command, data, text)
 
 
-async def _stats(worker: Worker, command: str, args: list[str]) -> Answer:
-    s = worker.stats
-    d = worker.deliverer.stats
-    r = worker.resolver.stats
+async def _stats(port: ControlPort, command: str, args: list[str]) -> Answer:
+    s = port.stats
+    t = port.traffic()
     p50, p99 = s.latency(0.5), s.latency(0.99)
     data: dict[str, Any] = {
         "uptime_seconds": round(time.time() - s.started, 1),
@@ -305,22 +293,22 @@ async def _stats(worker: Worker, command: str, args: list[str]) -> Answer:
         "deadletters_written": s.deadletters,
         "possible_duplicates": s.possible_duplicates,
         "quarantined": s.quarantined,
-        "disk_full": worker.disk.full,
+        "disk_full": port.disk.full,
         "disk_full_pauses": s.disk_full_pauses,
-        "connections_opened": d.connections,
-        "connections_reused": d.reused,
-        "tls_sessions": d.tls,
-        "bytes_sent": d.bytes_sent,
-        "dns_lookups": r.lookups,
-        "dns_cache_hits": r.cache_hits,
-        "dns_queries": r.queries,
+        "connections_opened": t.connections_opened,
+        "connections_reused": t.connections_reused,
+        "tls_sessions": t.tls_sessions,
+        "bytes_sent": t.bytes_sent,
+        "dns_lookups": t.dns_lookups,
+        "dns_cache_hits": t.dns_cache_hits,
+        "dns_queries": t.dns_queries,
         "envelopes_per_second_1m": round(s.rate(60.0), 2),
         "delivery_latency_p50_ms": None if p50 is None else round(p50 * 1000, 1),
         "delivery_latency_p99_ms": None if p99 is None else round(p99 * 1000, 1),
-        "queue_active": sum(1 for x in worker.index.values() if x.state is State.ACTIVE),
-        "queue_deferred": sum(1 for x in worker.index.values() if x.state is State.DEFERRED),
-        "queue_held": sum(1 for x in worker.index.values() if x.state is State.HELD),
-        "trace_dropped": worker.tracer.dropped,
+        "queue_active": sum(1 for x in port.index.values() if x.state is State.ACTIVE),
+        "queue_deferred": sum(1 for x in port.index.values() if x.state is State.DEFERRED),
+        "queue_held": sum(1 for x in port.index.values() if x.state is State.HELD),
+        "trace_dropped": port.tracer.dropped,
     }
     width = max(len(k) for k in data)
     text = [f"{k:{width}}  {'-' if v is None else v}" for k, v in data.items()]
@@ -339,99 +327,110 @@ def _kinds(args: list[str]) -> set[Kind] | None:
         return None
 
 
-async def _trace(worker: Worker, command: str, args: list[str]) -> Answer:
+async def _trace(port: ControlPort, command: str, args: list[str]) -> Answer:
     if not args:
-        on = sorted(k.value for k in worker.tracer.enabled)
+        on = sorted(k.value for k in port.tracer.enabled)
         return Answer(OK, command, {"tracing": on}, [f"tracing: {', '.join(on) or 'nothing'}"])
     kinds = _kinds(args)
     if kinds is None:
         return _bad(command, "usage: TRACE RESOLVER|SESSION|SPOOL|ALL")
-    worker.tracer.enabled |= kinds
-    on = sorted(k.value for k in worker.tracer.enabled)
+    port.tracer.enabled |= kinds
+    on = sorted(k.value for k in port.tracer.enabled)
     return Answer(OK, command, {"tracing": on}, [f"tracing: {', '.join(on)}"])
 
 
-async def _notrace(worker: Worker, command: str, args: list[str]) -> Answer:
+async def _notrace(port: ControlPort, command: str, args: list[str]) -> Answer:
     kinds = _kinds(args)
     if kinds is None:
         return _bad(command, "usage: NOTRACE RESOLVER|SESSION|SPOOL|ALL")
-    worker.tracer.enabled -= kinds
-    on = sorted(k.value for k in worker.tracer.enabled)
+    port.tracer.enabled -= kinds
+    on = sorted(k.value for k in port.tracer.enabled)
     return Answer(OK, command, {"tracing": on}, [f"tracing: {', '.join(on) or 'nothing'}"])
 
 
-async def _each(worker: Worker, command: str, args: list[str], action: str) -> Answer:
+async def _each(port: ControlPort, command: str, args: list[str], action: str) -> Answer:
     if len(args) != 1:
         return _bad(command, f"usage: {action} ID|ALL")
     if args[0].upper() == "ALL":
         wanted = State.DEFERRED if action == "HOLD" else State.HELD
-        ids = [s.id for s in list(worker.index.values()) if s.state is wanted]
+        ids = [s.id for s in list(port.index.values()) if s.state is wanted]
     else:
         bad = _bad_id(command, args[0])
         if bad:
             return bad
-        ids = [args[0]]
-    run = worker.hold if action == "HOLD" else worker.release
-    said = [await run(envelope_id) for envelope_id in ids]
+        ids = [_queued(port, args[0])]
+    run = port.hold if action == "HOLD" else port.release
+    done: list[str] = []
+    said: list[str] = []
+    for envelope_id in ids:
+        # with ALL, one that left the queue while an earlier one was moved is skipped
+        if envelope_id in port.index:
+            said.append(await run(envelope_id))
+            done.append(envelope_id)
     text = said or [f"nothing to {action.lower()}"]
-    return Answer(OK, command, {"envelopes": ids, "messages": said}, text)
+    return Answer(OK, command, {"envelopes": done, "messages": said}, text)
 
 
-async def _hold(worker: Worker, command: str, args: list[str]) -> Answer:
-    return await _each(worker, command, args, "HOLD")
+async def _hold(port: ControlPort, command: str, args: list[str]) -> Answer:
+    return await _each(port, command, args, "HOLD")
 
 
-async def _release(worker: Worker, command: str, args: list[str]) -> Answer:
-    return await _each(worker, command, args, "RELEASE")
+async def _release(port: ControlPort, command: str, args: list[str]) -> Answer:
+    return await _each(port, command, args, "RELEASE")
 
 
-async def _flush(worker: Worker, command: str, args: list[str]) -> Answer:
+async def _flush(port: ControlPort, command: str, args: list[str]) -> Answer:
     if not args:
-        count = worker.flush()
+        count = port.flush()
     elif args[0].upper() == "DEST" and len(args) == 2:
         bad = _bad_domain(command, args[1])
         if bad:
             return bad
-        count = worker.flush(destination=args[1])
+        count = port.flush(destination=args[1])
     elif len(args) == 1:
         bad = _bad_id(command, args[0])
         if bad:
             return bad
-        count = worker.flush(envelope_id=args[0])
+        count = port.flush(envelope_id=_queued(port, args[0]))
     else:
         return _bad(command, "usage: FLUSH [ID | DEST domain]")
     return Answer(OK, command, {"scheduled": count}, [f"{count} envelope(s) to be retried now"])
 
 
-async def _expire(worker: Worker, command: str, args: list[str]) -> Answer:
+async def _expire(port: ControlPort, command: str, args: list[str]) -> Answer:
     if len(args) != 1:
         return _bad(command, "usage: EXPIRE domain")
     bad = _bad_domain(command, args[0])
     if bad:
         return bad
-    forgot = worker.expire(args[0])
+    forgot = port.expire(args[0])
     text = f"forgot the DNS answers for {args[0]}" if forgot else f"nothing cached for {args[0]}"
     return Answer(OK, command, {"forgotten": forgot}, [text])
 
 
-async def _simple(worker: Worker, command: str, args: list[str]) -> Answer:
+async def _simple(port: ControlPort, command: str, args: list[str]) -> Answer:
     verb = command.split(maxsplit=1)[0]
     if args:
         return _bad(command, f"{verb} takes no argument")
     if verb == "SUSPEND":
-        worker.suspend()
+        port.suspend()
         return Answer(OK, command, {"suspended": True}, ["taking files and retries suspended"])
     if verb == "RESUME":
-        worker.resume()
+        port.resume()
         return Answer(OK, command, {"suspended": False}, ["taking files and retries resumed"])
     if verb == "RELOAD":
-        said = worker.reload()
-        return Answer(OK, command, {"reloaded": str(worker.cfg.source)}, [said])
-    worker.stop()
+        done = port.reload()
+        data = {
+            "reloaded": done.source,
+            "changed": list(done.changed),
+            "restart_needed": list(done.restart),
+        }
+        return Answer(OK, command, data, [done.summary])
+    port.stop()
     return Answer(OK, command, {"stopping": True}, ["shutting down: finishing work in flight"])
 
 
-_HANDLERS = {
+_HANDLERS: dict[str, Callable[[ControlPort, str, list[str]], Awaitable[Answer]]] = {
     "HELP": _help,
     "QUERY": _query,
     "STATS": _stats,

@@ -32,15 +32,12 @@ import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from spoolsmtp import commands, ctlsocket
 from spoolsmtp.config import ControlConfig
 from spoolsmtp.errors import ConfigError
 from spoolsmtp.peerlog import PeerLog
-
-if TYPE_CHECKING:
-    from spoolsmtp.worker import Worker
+from spoolsmtp.port import ControlPort
 
 log = logging.getLogger("spoolsmtp")
 
@@ -113,10 +110,11 @@ def frame_text(answer: commands.Answer) -> bytes:
 
 
 class ControlServer:
-    """Serves the worker's control sockets: the public one and the operators' own."""
+    """Serves the control sockets (the public one and the operators' own) for a worker, known
+    only as its ``ControlPort``."""
 
-    def __init__(self, worker: Worker, path: Path, operator_path: Path | None = None) -> None:
-        self.worker = worker
+    def __init__(self, port: ControlPort, path: Path, operator_path: Path | None = None) -> None:
+        self.port = port
         self.path = path
         self.operator_path = operator_path
         self._servers: list[asyncio.Server] = []
@@ -127,10 +125,10 @@ class ControlServer:
 
     @property
     def cfg(self) -> ControlConfig:
-        return self.worker.cfg.control
+        return self.port.cfg.control
 
     async def start(self) -> None:
-        source = self.worker.cfg.source
+        source = self.port.cfg.source
         # user and group names are looked up now (and after RELOAD), never per connection
         await asyncio.to_thread(_allowed_ids, self.cfg)
         public_gid = _gid(self.cfg.group, "control.group", source)
@@ -257,7 +255,7 @@ class ControlServer:
     async def _execute(self, peer: Peer, verb: str, args: list[str]) -> commands.Answer:
         """Run a command; a failure is a 500 answer and one (rate-limited) log line."""
         try:
-            answer = await commands.execute(self.worker, verb, args)
+            answer = await commands.execute(self.port, verb, args)
             if verb == "RELOAD":
                 await asyncio.to_thread(_allowed_ids, self.cfg)
             return answer
@@ -271,7 +269,8 @@ class ControlServer:
                 type(exc).__name__,
                 exc,
             )
-            return commands.Answer(commands.FAILED, verb, text=[f"{verb} failed: {exc}"])
+            said = f"{verb} failed: {type(exc).__name__}: {exc}"
+            return commands.Answer(commands.FAILED, verb, text=[said])
 
     def _refuse(self, peer: Peer, line: str) -> commands.Answer:
         verb = line.split(maxsplit=1)[0].upper() if line.split() else line
@@ -295,7 +294,7 @@ class ControlServer:
             await writer.drain()
 
     async def _follow(self, writer: asyncio.StreamWriter) -> None:
-        tracer = self.worker.tracer
+        tracer = self.port.tracer
         queue = tracer.follow()
         try:
             writer.write(b"200 following the trace; close the connection to stop\n")

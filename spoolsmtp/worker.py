@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import json
 import logging
@@ -40,8 +41,10 @@ from spoolsmtp import (
     journal,
     legacy,
     quarantine,
+    reconfig,
     response,
     retry,
+    spoolview,
     writer,
 )
 from spoolsmtp.config import Config
@@ -54,6 +57,7 @@ from spoolsmtp.errors import EnvelopeFault
 from spoolsmtp.journal import Journal, Replayed
 from spoolsmtp.mx import MxResolver
 from spoolsmtp.outcome import RecipientResult, Status
+from spoolsmtp.port import COUNTED, NoSuchEnvelope, Reloaded, Traffic
 from spoolsmtp.quarantine import QUARANTINE_AFTER, Reads
 from spoolsmtp.record import (
     QUEUED,
@@ -1194,12 +1198,44 @@ class Worker:
         self._resumed.set()
         self._wake.set()
 
-    def reload(self) -> str:
-        """Read the config file again; a bad one raises ConfigError and changes nothing."""
-        new = config_load(self.cfg.source)
-        self.cfg = new
-        self.deliverer.reconfigure(new)
-        return f"{new.source} reloaded"
+    def reload(self) -> Reloaded:
+        """Read the config file again and apply every key that can change while running; the
+        others keep their value until a restart, and the answer names them (reconfig.py). A
+        bad file raises ConfigError and changes nothing."""
+        plan = reconfig.plan(self.cfg, config_load(self.cfg.source))
+        if plan.renew_resolver:
+            resolver = reconfig.renewed_resolver(self.resolver, plan.config)
+            self.resolver = self.deliverer.resolver = resolver
+        self.cfg = plan.config
+        self.deliverer.reconfigure(plan.config)
+        self.disk.min_free_space = plan.config.spool.min_free_space
+        self.disk.min_free_inodes = plan.config.spool.min_free_inodes
+        log.info("%s", plan.done.summary)
+        return plan.done
+
+    # -- what else the control port reads (port.py) ----------------------------------------
+
+    def destination_key(self, domain: str) -> str:
+        return self._destination(domain).key
+
+    def traffic(self) -> Traffic:
+        d, r = self.deliverer.stats, self.resolver.stats
+        return Traffic(
+            d.connections, d.reused, d.tls, d.bytes_sent, r.lookups, r.cache_hits, r.queries
+        )
+
+    async def folder_counts(self) -> dict[str, int]:
+        return await self._folder_counts.counts()
+
+    @functools.cached_property
+    def _folder_counts(self) -> spoolview.FolderCounts:
+        return spoolview.FolderCounts({name: self.spool.dirs[name] for name in COUNTED})
+
+    async def result(self, envelope_id: str) -> dict[str, Any]:
+        found = await spoolview.result(self.spool.path("results", f"{envelope_id}.json"))
+        if found is None:
+            raise NoSuchEnvelope(envelope_id)
+        return found
 
     def dead_destinations(self) -> dict[str, float]:
         now = time.time()

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.dnsserver import Zone, serve
 from tests.helpers import draft
 from tests.smtpservers import Script, SmtpServer
 from tests.workerproc import ROOT, WorkerProcess, wait_for
@@ -119,6 +120,10 @@ def test_errors_are_answers_not_crashes(world: tuple[WorkerProcess, SmtpServer, 
     w, _, sock = world
     assert ask(sock, "FROB")["status"] == 400
     assert ask(sock, "QUERY 20260101-000000-000000-abcdef")["status"] == 404
+    for verb in ("HOLD", "RELEASE", "FLUSH"):
+        unknown = ask(sock, f"{verb} 20260101-000000-000000-abcdef")
+        assert unknown["status"] == 404, unknown
+        assert unknown["error"] == "no queued envelope 20260101-000000-000000-abcdef"
     assert ask(sock, "QUERY no-such-id")["status"] == 400
     assert ask(sock, "TRACE SIDEWAYS")["status"] == 400
     assert ask(sock, "HOLD")["status"] == 400
@@ -195,6 +200,22 @@ def test_suspend_and_resume_taking_files(world: tuple[WorkerProcess, SmtpServer,
     wait_for(lambda: w.final("s.bsmtp"))
 
 
+def test_query_counts_what_waits_in_the_folders_it_does_not_queue(
+    world: tuple[WorkerProcess, SmtpServer, Path],
+) -> None:
+    """A file that is no envelope is rejected (with its reason beside it: not counted), a
+    failure from a null sender is a dead letter, a failure a report to the sender."""
+    w, srv, sock = world
+    srv.script.rcpt["x@example.com"] = "550 5.1.1 no such user"
+    w.drop("bad.bsmtp", b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR")
+    w.drop_drafts("null.bsmtp", [draft("", ["x@example.com"])])
+    w.drop_drafts("fail.bsmtp", [draft("o@example.com", ["x@example.com"])])
+    wait_for(lambda: all(w.final(n) for n in ("bad.bsmtp", "null.bsmtp", "fail.bsmtp")))
+    states = ask(sock, "QUERY")["result"]["states"]
+    assert (states["rejected"], states["deadletter"], states["bounces"]) == (1, 1, 1)
+    assert states["incoming"] == 0
+
+
 def test_reload_keeps_a_bad_config_out(world: tuple[WorkerProcess, SmtpServer, Path]) -> None:
     w, _, sock = world
     good = w.config.read_text()
@@ -225,6 +246,49 @@ def test_reload_takes_a_new_smarthost_at_once(
         new.stop()
     assert [m.rcpt_tos for m in old.messages] == [["a@example.org"]]
     assert [m.rcpt_tos for m in new.messages] == [["b@example.org"]]
+
+
+def test_reload_applies_dns_settings_and_names_the_keys_that_need_a_restart(
+    tmp_path: Path, sockdir: Path
+) -> None:
+    """A live key (dns.allow_loopback: the resolver is built again, its cache dropped) takes
+    effect for the next envelope; a key that needs a restart (control.max_line) is named in
+    the answer and keeps its old value meanwhile."""
+    zone = Zone()
+    zone.add("example.org", "MX", "10 mx.example.org.")
+    zone.add("mx.example.org", "A", "127.0.0.1")
+    srv = SmtpServer()
+    sock = sockdir / "control.sock"
+    with serve(zone) as dns_port:
+        w = WorkerProcess(
+            tmp_path,
+            {
+                "dns": {"nameservers": ["127.0.0.1"], "port": dns_port, "allow_loopback": False},
+                "delivery": {"port": srv.port},
+                "control": {"socket": str(sock)},
+            },
+        ).start()
+        try:
+            w.drop_drafts("before.bsmtp", [draft("o@example.com", ["a@example.org"])])
+            before = wait_for(lambda: w.final("before.bsmtp"))
+            assert before["transactions"][0]["recipients"][0]["reply"]["code"] == 554
+            text = w.config.read_text().replace("allow_loopback: false", "allow_loopback: true")
+            w.config.write_text(text.replace("control:\n", "control:\n  max_line: 100000\n"))
+            answer = ask(sock, "RELOAD")
+            assert answer["status"] == 200
+            assert answer["result"]["changed"] == ["control.max_line", "dns.allow_loopback"]
+            assert answer["result"]["restart_needed"] == ["control.max_line"]
+            said = request(sock, "RELOAD").splitlines()[0]
+            assert said.endswith("reloaded; needs a restart to take effect: control.max_line")
+            w.drop_drafts("after.bsmtp", [draft("o@example.com", ["b@example.org"])])
+            after = wait_for(lambda: w.final("after.bsmtp"))
+            assert after["transactions"][0]["recipients"][0]["status"] == "delivered"
+            long = request(sock, "QUERY " + "x" * 10000)
+            assert long.startswith("400 request line longer than 4096 octets")
+        finally:
+            w.kill()
+            srv.stop()
+    assert [m.rcpt_tos for m in srv.messages] == [["b@example.org"]]
 
 
 def test_shutdown_drains_and_exits_zero(world: tuple[WorkerProcess, SmtpServer, Path]) -> None:
