@@ -308,7 +308,7 @@ def test_a_spool_run_by_root_can_be_handed_to_a_dedicated_user(
     }
     try:
         as_root = WorkerProcess(open_root, settings).start()
-        wait_for(lambda: (as_root.spool / "operator" / "control.sock").exists())
+        wait_for((as_root.spool / "operator" / "control.sock").exists)
         as_root.kill()
         os.chown(sockdir, uid, gid)  # the public socket's folder, as the operator would
         operators = as_root.spool / "operator"
