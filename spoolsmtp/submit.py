@@ -21,6 +21,7 @@ from typing import BinaryIO
 from spoolsmtp import exitcodes, writer
 from spoolsmtp.address import parse_path
 from spoolsmtp.compose import (
+    address_fault,
     check_phrase,
     complete_headers,
     qualify,
@@ -87,12 +88,13 @@ def _check_address(address: str, cfg: Config, *, sender: bool, flag: str | None 
         return
     what = f"{flag}: " if flag else ""
     role = "sender" if sender else "recipient"
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in address):
-        raise SubmitError(exitcodes.USAGE, f"{what}{role} address holds a control character")
+    fault = address_fault(address)
+    if fault:
+        raise SubmitError(exitcodes.USAGE, f"{what}{role} address {address!r} {fault}")
     utf8 = not address.isascii()
-    _, fault = parse_path(f"<{address}>", cfg.limits, sender=sender, utf8=utf8)
-    if fault is not None:
-        raise SubmitError(exitcodes.USAGE, f"{what}bad {role} address {address!r}: {fault.text}")
+    _, bad = parse_path(f"<{address}>", cfg.limits, sender=sender, utf8=utf8)
+    if bad is not None:
+        raise SubmitError(exitcodes.USAGE, f"{what}bad {role} address {address!r}: {bad.text}")
 
 
 def qualify_domain(cfg: Config) -> str:
@@ -108,15 +110,17 @@ def build(cfg: Config, sub: Submission, message: bytes) -> tuple[str, bytes]:
         if fault:
             raise SubmitError(exitcodes.USAGE, f"-F: the full name {fault}")
     recipients = [qualify(r, domain) for r in sub.recipients]
+    from_headers: list[str] = []
     if sub.from_headers:
         found, message = recipients_from_headers(message)
-        recipients += [q for q in (qualify(r, domain) for r in found) if q not in recipients]
+        from_headers = [q for q in (qualify(r, domain) for r in found) if q not in recipients]
+        recipients += from_headers
     if not recipients:
         raise SubmitError(exitcodes.USAGE, "no recipients (give some, or -t to read To/Cc/Bcc)")
     sender = qualify(default_sender(cfg) if sub.sender is None else sub.sender, domain)
     _check_address(sender, cfg, sender=True, flag=None if sub.sender is None else "-f")
     for rcpt in recipients:
-        _check_address(rcpt, cfg, sender=False)
+        _check_address(rcpt, cfg, sender=False, flag="-t" if rcpt in from_headers else None)
     message = complete_headers(message, sender, sub.full_name, cfg.helo_name, envelope_id, domain)
     utf8 = not (sender.isascii() and all(r.isascii() for r in recipients))
     params = MailParams(smtputf8=utf8, ret=sub.ret, envid=sub.envid)
