@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from spoolsmtp import exitcodes, writer
+from spoolsmtp import ctl, exitcodes, writer
 from spoolsmtp.address import parse_path
 from spoolsmtp.compose import (
     address_fault,
@@ -210,7 +210,10 @@ def submit(
         if not quiet:
             print(envelope_id)
         return exitcodes.OK
-    waited = wait(cfg.spool.folder("results"), cfg.control_socket, envelope_id, wait_seconds)
+    trusted = ctl.trusted_uids(worker_user=cfg.user, spool_folder=cfg.spool.folder("active"))
+    waited = wait(
+        cfg.spool.folder("results"), cfg.control_socket, envelope_id, wait_seconds, trusted=trusted
+    )
     record = waited.record
     if as_json:
         print(json.dumps(record if record is not None else {"id": envelope_id, "state": "queued"}))
