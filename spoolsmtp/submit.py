@@ -171,7 +171,7 @@ def _check_folder(info: os.stat_result, incoming: Path) -> None:
     if os.geteuid() == 0 and mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
         raise SubmitError(
             exitcodes.CANTCREAT,
-            f"spool {incoming} is writable by others (mode {mode:04o}) but not sticky;"
+            f"spool {incoming} is writable by group or others (mode {mode:04o}) but not sticky;"
             " root does not write there (make it 1733)",
         )
 
