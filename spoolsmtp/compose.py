@@ -23,6 +23,8 @@ ADDRESS_FIELDS = frozenset(
     | {"resent-from", "resent-sender", "resent-to", "resent-cc", "resent-bcc"}
 )
 _BAD_CATEGORIES = {"Cc", "Cs", "Zl", "Zp"}
+# and in an address, format characters too: bidi overrides, zero-width spaces (category Cf)
+_BAD_IN_ADDRESS = _BAD_CATEGORIES | {"Cf"}
 
 
 def _is_field(line: bytes) -> bool:
@@ -64,8 +66,10 @@ def recipients_from_headers(message: bytes) -> tuple[list[str], bytes]:
     values = []
     for name, raw in found:
         if name in ("to", "cc", "bcc"):
-            value = raw.split(b":", 1)[1].decode("utf-8", "replace")
-            values.append(" ".join(value.split()))
+            # unfolded on ASCII white space only: str.split() would turn U+0085 or U+2028 in
+            # an address into a space, and the address into another one
+            value = b" ".join(raw.split(b":", 1)[1].split())
+            values.append(value.decode("utf-8", "replace"))
     addresses = [addr for _, addr in getaddresses(values) if addr]
     kept = b"".join(raw for name, raw in found if name != "bcc")
     return list(dict.fromkeys(addresses)), kept + blank + body
@@ -77,6 +81,18 @@ def qualify(address: str, domain: str) -> str:
     if address == "" or ("@" in address and not address.endswith('"')):
         return address
     return f"{address}@{domain}"
+
+
+def address_fault(address: str) -> str | None:
+    """Why ``address`` cannot go into an envelope or a header, as far as its characters go:
+    a C0 or C1 control character, DEL, a line separator, or a format character such as the
+    bidi override U+202E (it makes an address display as another one). None: no such one."""
+    for ch in address:
+        category = unicodedata.category(ch)
+        if category in _BAD_IN_ADDRESS:
+            kind = "a format (bidi) character" if category == "Cf" else "a control character"
+            return f"holds {kind} (U+{ord(ch):04X})"
+    return None
 
 
 def check_phrase(name: str) -> str | None:

@@ -123,3 +123,69 @@ def write_file(
                 os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class NotDurable(Exception):
+    """The file is in place (renamed), but making the rename durable failed: ``cause``. Not an
+    OSError on purpose: a caller that reports OSError as "not written" must not catch it."""
+
+    def __init__(self, cause: OSError) -> None:
+        self.cause = cause
+        super().__init__(cause.strerror or str(cause))
+
+
+def open_folder(path: str | Path) -> int:
+    """A descriptor of the folder at ``path`` itself, never of what a symlink there points to
+    (ENOTDIR then). O_PATH: it needs no read permission, so it works for a 1733 drop box."""
+    return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def syncfs_fd(fd: int) -> None:
+    """syncfs(2) of the file system holding the open file ``fd`` (sync(2) where there is none)."""
+    if _syncfs is None:
+        os.sync()
+    elif _syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def sync_folder_at(dir_fd: int, file_fd: int) -> None:
+    """Make a rename in the folder ``dir_fd`` (an O_PATH descriptor) durable: fsync the folder
+    when we may open it, else, for a folder we may write but not read, syncfs through the
+    renamed file's own descriptor (the same file system)."""
+    try:
+        folder = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+    except PermissionError:
+        syncfs_fd(file_fd)
+        return
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def write_new_at(dir_fd: int, name: str, data: bytes, *, mode: int = 0o640) -> None:
+    """Write ``name`` in the folder ``dir_fd`` (from ``open_folder``) atomically and durably,
+    reading nothing of the folder: an unpredictable dot-named temp file made with O_EXCL and
+    O_NOFOLLOW, fsynced, renamed into place, the rename made durable. OSError: nothing was
+    placed (the temp file is gone). NotDurable: the file IS in place, only its sync failed."""
+    tmp = _temp(name)
+    fd = os.open(tmp, _CREATE | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+        try:
+            sync_folder_at(dir_fd, fd)
+        except OSError as exc:
+            raise NotDurable(exc) from exc
+    finally:
+        with contextlib.suppress(OSError):  # written and synced; a late close error means nothing
+            os.close(fd)

@@ -88,8 +88,11 @@ def getopt(argv: Sequence[str]) -> tuple[list[tuple[str, str | None]], list[str]
 
 
 def _no_controls(flag: str, value: str) -> None:
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
-        raise UsageError(f"-{flag}: the value holds a control character (CR, LF, NUL ...)")
+    """No C0 or C1 control character, nor DEL, in any value (addresses are checked further,
+    for format characters too, when the envelope is built)."""
+    for ch in value:
+        if ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F:
+            raise UsageError(f"-{flag}: the value holds a control character (U+{ord(ch):04X})")
 
 
 def _sender(flag: str, value: str) -> str:

@@ -1,7 +1,8 @@
 """``spoolsmtp submit``: wrap a message in a Batch SMTP envelope and drop it into incoming/.
 
 The SENDFILE/NOTE of the VM world. It only writes the spool (temp name, fsync, rename, fsync of
-the folder), so it works whether or not the worker runs. The envelope file is named
+the folder, or syncfs where the caller may write it but not read it), so it works whether or not
+the worker runs; it never writes through a symlink at incoming/. The envelope file is named
 ``ID.bsmtp``; the worker keeps that id, so ``--wait`` follows ``results/ID.json``.
 """
 
@@ -11,21 +12,23 @@ import errno
 import getpass
 import json
 import os
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from spoolsmtp import exitcodes, writer
+from spoolsmtp import ctl, exitcodes, writer
 from spoolsmtp.address import parse_path
 from spoolsmtp.compose import (
+    address_fault,
     check_phrase,
     complete_headers,
     qualify,
     recipients_from_headers,
 )
 from spoolsmtp.config import Config
-from spoolsmtp.durable import write_file
+from spoolsmtp.durable import NotDurable, open_folder, write_new_at
 from spoolsmtp.envelope import MailParams, Notify, Recipient, Ret
 from spoolsmtp.errors import SpoolsmtpError
 from spoolsmtp.spool import SUFFIX, new_id
@@ -85,12 +88,13 @@ def _check_address(address: str, cfg: Config, *, sender: bool, flag: str | None 
         return
     what = f"{flag}: " if flag else ""
     role = "sender" if sender else "recipient"
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in address):
-        raise SubmitError(exitcodes.USAGE, f"{what}{role} address holds a control character")
+    fault = address_fault(address)
+    if fault:
+        raise SubmitError(exitcodes.USAGE, f"{what}{role} address {address!r} {fault}")
     utf8 = not address.isascii()
-    _, fault = parse_path(f"<{address}>", cfg.limits, sender=sender, utf8=utf8)
-    if fault is not None:
-        raise SubmitError(exitcodes.USAGE, f"{what}bad {role} address {address!r}: {fault.text}")
+    _, bad = parse_path(f"<{address}>", cfg.limits, sender=sender, utf8=utf8)
+    if bad is not None:
+        raise SubmitError(exitcodes.USAGE, f"{what}bad {role} address {address!r}: {bad.text}")
 
 
 def qualify_domain(cfg: Config) -> str:
@@ -106,15 +110,17 @@ def build(cfg: Config, sub: Submission, message: bytes) -> tuple[str, bytes]:
         if fault:
             raise SubmitError(exitcodes.USAGE, f"-F: the full name {fault}")
     recipients = [qualify(r, domain) for r in sub.recipients]
+    from_headers: list[str] = []
     if sub.from_headers:
         found, message = recipients_from_headers(message)
-        recipients += [q for q in (qualify(r, domain) for r in found) if q not in recipients]
+        from_headers = [q for q in (qualify(r, domain) for r in found) if q not in recipients]
+        recipients += from_headers
     if not recipients:
         raise SubmitError(exitcodes.USAGE, "no recipients (give some, or -t to read To/Cc/Bcc)")
     sender = qualify(default_sender(cfg) if sub.sender is None else sub.sender, domain)
     _check_address(sender, cfg, sender=True, flag=None if sub.sender is None else "-f")
     for rcpt in recipients:
-        _check_address(rcpt, cfg, sender=False)
+        _check_address(rcpt, cfg, sender=False, flag="-t" if rcpt in from_headers else None)
     message = complete_headers(message, sender, sub.full_name, cfg.helo_name, envelope_id, domain)
     utf8 = not (sender.isascii() and all(r.isascii() for r in recipients))
     params = MailParams(smtputf8=utf8, ret=sub.ret, envid=sub.envid)
@@ -128,14 +134,46 @@ def build(cfg: Config, sub: Submission, message: bytes) -> tuple[str, bytes]:
     return envelope_id, data
 
 
-def drop(incoming: Path, envelope_id: str, data: bytes) -> Path:
-    """Write ``incoming/ID.bsmtp`` atomically and durably; no partial file is ever left."""
-    final = incoming / f"{envelope_id}{SUFFIX}"
+def drop(incoming: Path, envelope_id: str, data: bytes) -> str | None:
+    """Write ``incoming/ID.bsmtp`` atomically and durably; no partial file is ever left. The
+    folder is opened once without following a link and without needing to read it (a 1733
+    drop box); the file is made relative to that descriptor. SubmitError: nothing was queued.
+    A string: the file IS queued, but this is why it may not survive a crash."""
     try:
-        write_file(final, data)
+        folder = open_folder(incoming)
+    except OSError as exc:
+        raise _folder_error(exc, incoming) from exc
+    try:
+        _check_folder(os.fstat(folder), incoming)
+        write_new_at(folder, f"{envelope_id}{SUFFIX}", data)
+    except NotDurable as exc:
+        return f"making it durable failed ({exc}); it may be lost if the machine crashes now"
     except OSError as exc:
         raise _spool_error(exc, incoming) from exc
-    return final
+    finally:
+        os.close(folder)
+    return None
+
+
+def _folder_error(exc: OSError, incoming: Path) -> SubmitError:
+    if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+        what = "a symbolic link" if incoming.is_symlink() else "not a folder"
+        return SubmitError(
+            exitcodes.CANTCREAT, f"spool {incoming} is {what}; not writing through it"
+        )
+    return _spool_error(exc, incoming)
+
+
+def _check_folder(info: os.stat_result, incoming: Path) -> None:
+    """Root writes only into a folder where no one else can remove or swap its file: one
+    that others may write must be sticky (as /tmp, as the worker's own start-up check)."""
+    mode = stat.S_IMODE(info.st_mode)
+    if os.geteuid() == 0 and mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
+        raise SubmitError(
+            exitcodes.CANTCREAT,
+            f"spool {incoming} is writable by group or others (mode {mode:04o}) but not sticky;"
+            " root does not write there (make it 1733)",
+        )
 
 
 def _spool_error(exc: OSError, incoming: Path) -> SubmitError:
@@ -162,15 +200,20 @@ def submit(
     try:
         message = read_message(stream, dot_ends=sub.dot_ends)
         envelope_id, data = build(cfg, sub, message)
-        drop(cfg.spool.folder("incoming"), envelope_id, data)
+        unsure = drop(cfg.spool.folder("incoming"), envelope_id, data)
     except SubmitError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return exc.code
+    if unsure:  # queued all the same: a failure here would make a retrying job send it twice
+        print(f"{prog}: {envelope_id} is queued, but {unsure}", file=sys.stderr)
     if wait_seconds is None:
         if not quiet:
             print(envelope_id)
         return exitcodes.OK
-    waited = wait(cfg.spool.folder("results"), cfg.control_socket, envelope_id, wait_seconds)
+    trusted = ctl.trusted_uids(worker_user=cfg.user, spool_folder=cfg.spool.folder("active"))
+    waited = wait(
+        cfg.spool.folder("results"), cfg.control_socket, envelope_id, wait_seconds, trusted=trusted
+    )
     record = waited.record
     if as_json:
         print(json.dumps(record if record is not None else {"id": envelope_id, "state": "queued"}))

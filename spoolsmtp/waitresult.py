@@ -2,17 +2,22 @@
 
 The outcome comes from ``results/ID.json`` when the submitting user can read it, else from the
 worker's control socket (``JSON QUERY ID``, open to anyone), since records may belong to the
-worker's user and be unreadable to others. Nothing here ever claims delivery for a message that
-was not delivered, and nothing raises: a wait that cannot learn the outcome says so (exit 75;
-the mail is queued, and a job that retried on another code would send it twice).
+worker's user and be unreadable to others; the socket is believed only when the process behind
+it runs as root, as us or as the worker's user (SO_PEERCRED), as ``spoolsmtp ctl`` requires.
+Nothing here ever claims delivery for a message that was not delivered, and nothing raises: a
+wait that cannot learn the outcome says so (exit 75; the mail is queued, and a job that retried
+on another code would send it twice).
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import os
 import socket
+import struct
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,13 +74,24 @@ class _Unknown(Exception):
 
 
 def query(
-    sock_path: Path, envelope_id: str, timeout: float = _QUERY_TIMEOUT
+    sock_path: Path,
+    envelope_id: str,
+    timeout: float = _QUERY_TIMEOUT,
+    *,
+    trusted: Collection[int] | None = None,
 ) -> dict[str, Any] | None:
-    """The worker's record of ``envelope_id`` over the control socket; None if it has none yet."""
+    """The worker's record of ``envelope_id`` over the control socket; None if it has none yet.
+    The listener must run as one of the ``trusted`` uids (default: root or ourselves), as for
+    ``spoolsmtp ctl``: anyone else there is not the worker, and its answer is not believed."""
+    allowed = {0, os.geteuid()} if trusted is None else trusted
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(str(sock_path))
+            uid = peer_uid(sock)
+            if uid not in allowed:
+                text = f"{sock_path} is served by uid {uid}, not by the worker; not believing it"
+                raise _Unknown(text, final=True)
             sock.sendall(f"JSON QUERY {envelope_id}\n".encode())
             with sock.makefile("rb") as stream:
                 line = stream.readline(16 * 1024 * 1024)
@@ -96,7 +112,15 @@ def query(
     return result
 
 
-def _look(path: Path, sock_path: Path, envelope_id: str) -> tuple[dict[str, Any] | None, bool]:
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a connected unix socket (SO_PEERCRED)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])
+
+
+def _look(
+    path: Path, sock_path: Path, envelope_id: str, trusted: Collection[int] | None
+) -> tuple[dict[str, Any] | None, bool]:
     """The record as it is now (None: not written yet), and whether the worker was asked."""
     try:
         data = json.loads(path.read_bytes())
@@ -106,13 +130,21 @@ def _look(path: Path, sock_path: Path, envelope_id: str) -> tuple[dict[str, Any]
     except ValueError:
         return None, False  # being replaced; the next look sees the whole file
     except PermissionError:
-        return query(sock_path, envelope_id), True
+        return query(sock_path, envelope_id, trusted=trusted), True
     except OSError as exc:
         raise _Unknown(f"cannot read {path}: {exc.strerror or exc}", final=True) from exc
 
 
-def wait(results: Path, sock_path: Path, envelope_id: str, seconds: float) -> Waited:
-    """Follow the envelope until final or until ``seconds`` pass (0: no limit)."""
+def wait(
+    results: Path,
+    sock_path: Path,
+    envelope_id: str,
+    seconds: float,
+    *,
+    trusted: Collection[int] | None = None,
+) -> Waited:
+    """Follow the envelope until final or until ``seconds`` pass (0: no limit); a control
+    socket is believed only when served by one of the ``trusted`` uids (see ``query``)."""
     path = results / f"{envelope_id}.json"
     deadline = time.monotonic() + seconds if seconds > 0 else None
     record: dict[str, Any] | None = None
@@ -120,7 +152,7 @@ def wait(results: Path, sock_path: Path, envelope_id: str, seconds: float) -> Wa
     while True:
         interval = POLL
         try:
-            found, asked = _look(path, sock_path, envelope_id)
+            found, asked = _look(path, sock_path, envelope_id, trusted)
             problem = None
             interval = SOCKET_POLL if asked else POLL
             if found is not None:
