@@ -294,22 +294,27 @@ class Fate:
         delivered = failed = deferred = duplicates = 0
         for res in results:
             old = self.rcpt(tx.number, res.recipient.address)
+            # tried: a server was reached, or the recipient's fate is decided (not a deferral
+            # before any server answered, nor a dead destination's)
             tried = res.host is not None or res.status is not Status.DEFERRED
+            first, last = old.first_attempt_at, old.last_attempt_at
+            if tried:
+                first, last = first or stamp, stamp
             new = self._change(
-                replace(
-                    old,
-                    status=res.status.value,
-                    reply=res.reply,
-                    host=None if res.local else res.host or old.host,
-                    decided_locally=res.local,
-                    dsn_relayed=res.dsn_relayed,
-                    attempts=old.attempts + 1 if tried else old.attempts,
-                    first_attempt_at=(old.first_attempt_at or stamp)
-                    if tried
-                    else old.first_attempt_at,
-                    last_attempt_at=stamp if tried else old.last_attempt_at,
-                    possible_duplicate=old.possible_duplicate or res.after_dot,
-                    next_attempt_at=None,
+                Rcpt(  # not dataclasses.replace: this runs for every recipient
+                    old.tx,
+                    old.address,
+                    res.status.value,
+                    res.reply,
+                    None if res.local else res.host or old.host,
+                    old.attempts + tried,
+                    first,
+                    last,
+                    None,
+                    old.possible_duplicate or res.after_dot,
+                    old.reported,
+                    res.local,
+                    res.dsn_relayed,
                 )
             )
             changed.append(new)
@@ -330,8 +335,8 @@ class Fate:
         by_dest: dict[str, list[RecipientResult]] = {}
         for res in results:
             by_dest.setdefault(self.destination(res.recipient.domain), []).append(res)
-        until = at + timedelta(seconds=self.cfg.dead_destination)
-        return tuple(DeadMark(key, until) for key, group in by_dest.items() if unreachable(group))
+        span = timedelta(seconds=self.cfg.dead_destination)
+        return tuple(DeadMark(k, at + span) for k, group in by_dest.items() if unreachable(group))
 
     # -- the end of the attempt ------------------------------------------------------------
 
@@ -384,7 +389,6 @@ class Fate:
         for those not final. Each gets its own tag (dsn.report_tag). Asked once: alone (a
         quarantine, whose failures the record already holds) or through ``settle``."""
         warn = retry.warning_due(self.received, self.now, self.cfg, self.record.warned)
-        until = self.received + timedelta(seconds=self.cfg.max_age)
         out: list[Report] = []
         for tx in self.env.transactions:
             recs = {r.address: self.rcpt(tx.number, r.address) for r in tx.recipients}
@@ -405,11 +409,11 @@ class Fate:
             for kind, rcpts in ((Kind.FAILURE, failed), (Kind.SUCCESS, succeeded)):
                 if rcpts:
                     marks = tuple(replace(recs[r.address], reported=True) for r in rcpts)
-                    out.append(self._report(tx, kind, rcpts, recs, marks, until))
+                    out.append(self._report(tx, kind, rcpts, recs, marks))
                     for mark in marks:
                         recs[mark.address] = self._change(mark)
             if warn and delayed:
-                out.append(self._report(tx, Kind.DELAY, delayed, recs, (), until))
+                out.append(self._report(tx, Kind.DELAY, delayed, recs, ()))
         settled = [
             self._change(replace(current, reported=True))
             for current in self._all()
@@ -424,11 +428,11 @@ class Fate:
         rcpts: list[Recipient],
         recs: dict[str, Rcpt],
         marks: tuple[Rcpt, ...],
-        until: datetime,
     ) -> Report:
         tag = report_tag(tx.number, kind, self._written)
         self._written.append(tag)
         items = tuple(item(r, recs[r.address]) for r in rcpts)
+        until = self.received + timedelta(seconds=self.cfg.max_age)
         return Report(tx, kind, tag, items, marks, self.received, self.now, until)
 
     def _all(self) -> list[Rcpt]:
