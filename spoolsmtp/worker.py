@@ -23,11 +23,10 @@ import heapq
 import json
 import logging
 import os
-import random
 import signal
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from spoolsmtp import (
@@ -43,34 +42,29 @@ from spoolsmtp import (
     quarantine,
     reconfig,
     response,
-    retry,
     spoolview,
     writer,
 )
+from spoolsmtp.attempt import Attempts
 from spoolsmtp.config import Config
 from spoolsmtp.config import load as config_load
 from spoolsmtp.control import ControlServer
 from spoolsmtp.delivery import Deliverer
-from spoolsmtp.dsn import Item, Kind, batch_report, delivery_report, report_tag
-from spoolsmtp.envelope import Envelope, MailParams, Notify, Recipient, Ret, Transaction
+from spoolsmtp.dsn import batch_report
+from spoolsmtp.envelope import Envelope, MailParams, Recipient
 from spoolsmtp.errors import EnvelopeFault
 from spoolsmtp.journal import Journal, Replayed
 from spoolsmtp.mx import MxResolver
-from spoolsmtp.outcome import RecipientResult, Status
 from spoolsmtp.port import COUNTED, NoSuchEnvelope, Reloaded, Traffic
 from spoolsmtp.quarantine import QUARANTINE_AFTER, Reads
 from spoolsmtp.record import (
-    QUEUED,
     RcptRecord,
     Record,
     State,
     TxRecord,
     iso,
     parse_iso,
-    reply_dict,
-    reply_from,
 )
-from spoolsmtp.reply import make
 from spoolsmtp.route import Destination
 from spoolsmtp.spool import ORIGINAL, SUFFIX, NotRegular, Spool
 from spoolsmtp.spoollock import SpoolBusy, SpoolLock
@@ -148,7 +142,7 @@ class Worker:
         self._dead: dict[str, float] = {}
         self._active: dict[str, str] = {}
         self._watcher: IncomingWatcher | None = None
-        self._random = random.Random()
+        self._attempts = Attempts(self)
         self._announcing: dict[str, tuple[float, Record]] = {}
         self._announce_timer: asyncio.TimerHandle | None = None
         self._putbacks: dict[str, int] = {}
@@ -738,214 +732,17 @@ class Worker:
     async def _attempt(
         self, envelope_id: str, env: Envelope, record: Record, data: bytes | None
     ) -> None:
-        assert self.journal is not None
-        self._summarise(record, State.ACTIVE)
-        now = utcnow()
-        received = parse_iso(record.received_at)
-        path = self.spool.envelope("active", envelope_id)
-        last_delivery: float | None = None
-        for tx in env.transactions:
-            todo = [r for r in tx.recipients if not record.find(tx.number, r.address).final]
-            if not todo:
-                continue
-            alive, dead = self._split_dead(todo)
-            results: list[RecipientResult] = []
-            if alive:
-
-                async def journal_dot(rcpts: list[Recipient], tx: Transaction = tx) -> None:
-                    await self._journal(
-                        {
-                            "t": "dot",
-                            "id": envelope_id,
-                            "tx": tx.number,
-                            "rcpts": [r.address for r in rcpts],
-                        }
-                    )
-
-                results = await self.deliverer.deliver(
-                    path, tx, envelope_id, now, alive, before_dot=journal_dot, data=data
-                )
-            results += dead
-            for res in results:
-                rec = record.find(tx.number, res.recipient.address)
-                self._note(rec, res, now)
-                if rec.final:
-                    self.journal.append(
-                        {
-                            "t": "rcpt",
-                            "id": envelope_id,
-                            "tx": tx.number,
-                            "rcpt": rec.address,
-                            "result": _final_fields(rec),
-                        }
-                    )
-                if res.status is Status.DELIVERED:
-                    last_delivery = time.time()
-            await self.journal.commit()
-            self._mark_dead(tx, results)
-            crashpoint.reach("after_journal")
-        self._expire(env, record, received, now)
-        await self._reports(envelope_id, env, record, received, now)
-        await self._finish(envelope_id, record, received, now, last_delivery)
+        await self._attempts.run(envelope_id, env, record, data)
 
     def _destination(self, domain: str) -> Destination:
         return self.deliverer.router.destination(domain)
-
-    def _split_dead(self, todo: list[Recipient]) -> tuple[list[Recipient], list[RecipientResult]]:
-        now = time.time()
-        alive: list[Recipient] = []
-        dead: list[RecipientResult] = []
-        for r in todo:
-            dest = self._destination(r.domain)
-            until = self._dead.get(dest.key, 0.0)
-            if until > now:
-                reply = make(451, "4.4.1", f"destination {dest.key} not answering; not tried")
-                dead.append(RecipientResult(r, Status.DEFERRED, reply, local=True))
-            else:
-                alive.append(r)
-        return alive, dead
-
-    def _mark_dead(self, tx: Transaction, results: list[RecipientResult]) -> None:
-        """A destination none of whose hosts could be reached is backed off as a whole."""
-        if self.cfg.retry.dead_destination <= 0:
-            return
-        by_dest: dict[str, list[RecipientResult]] = {}
-        for res in results:
-            key = self._destination(res.recipient.domain).key
-            by_dest.setdefault(key, []).append(res)
-        for key, group in by_dest.items():
-            unreachable = all(
-                r.status is Status.DEFERRED and r.reply.enhanced == "4.4.1" and r.host is not None
-                for r in group
-            )
-            if unreachable:
-                self._dead[key] = time.time() + self.cfg.retry.dead_destination
-
-    def _note(self, rec: RcptRecord, res: RecipientResult, now: datetime) -> None:
-        rec.status = res.status.value
-        rec.reply = reply_dict(res.reply)
-        rec.host = None if res.local else res.host or rec.host
-        rec.decided_locally = res.local
-        rec.dsn_relayed = res.dsn_relayed
-        tried = res.host is not None or res.status is not Status.DEFERRED
-        if tried:
-            rec.attempts += 1
-            rec.first_attempt_at = rec.first_attempt_at or iso(now)
-            rec.last_attempt_at = iso(now)
-        if res.after_dot:
-            rec.possible_duplicate = True
-            self.stats.possible_duplicates += 1
-        if res.status is Status.DELIVERED:
-            self.stats.delivered += 1
-        elif res.status is Status.FAILED:
-            self.stats.failed += 1
-        else:
-            self.stats.deferred += 1
-        rec.next_attempt_at = None
-
-    def _expire(self, env: Envelope, record: Record, received: datetime, now: datetime) -> None:
-        if not retry.expired(received, now, self.cfg.retry):
-            return
-        for _, rec in record.recipients():
-            if not rec.final:
-                last = reply_from(rec.reply) if rec.reply else None
-                rec.status = "failed"
-                rec.reply = reply_dict(retry.expiry_reply(last, self.cfg.retry))
-                self.stats.failed += 1
 
     # -- reports ---------------------------------------------------------------------------
 
     async def _reports(
         self, envelope_id: str, env: Envelope, record: Record, received: datetime, now: datetime
     ) -> None:
-        warn = retry.warning_due(received, now, self.cfg.retry, record.warned)
-        for tx in env.transactions:
-            recs = {r.address: record.find(tx.number, r.address) for r in tx.recipients}
-            failed = [
-                r
-                for r in tx.recipients
-                if recs[r.address].status == "failed"
-                and not recs[r.address].reported
-                and _wants(r, Notify.FAILURE, default=True)
-            ]
-            delayed = [
-                r
-                for r in tx.recipients
-                if not recs[r.address].final and _wants(r, Notify.DELAY, default=True)
-            ]
-            succeeded = [
-                r
-                for r in tx.recipients
-                if recs[r.address].status == "delivered"
-                and not recs[r.address].reported
-                and not recs[r.address].dsn_relayed  # the next hop reports, not us
-                and _wants(r, Notify.SUCCESS, default=False)
-            ]
-            for kind, rcpts in ((Kind.FAILURE, failed), (Kind.SUCCESS, succeeded)):
-                if rcpts:
-                    await self._report(
-                        envelope_id, tx, kind, rcpts, recs, received, now, record.reports
-                    )
-                    for r in rcpts:
-                        recs[r.address].reported = True
-            if warn and delayed:
-                await self._report(
-                    envelope_id, tx, Kind.DELAY, delayed, recs, received, now, record.reports
-                )
-        for _, rec in record.recipients():
-            if rec.status == "failed" and not rec.reported:
-                rec.reported = True
-        if warn:
-            record.warned = True
-
-    async def _report(
-        self,
-        envelope_id: str,
-        tx: Transaction,
-        kind: Kind,
-        rcpts: list[Recipient],
-        recs: dict[str, RcptRecord],
-        received: datetime,
-        now: datetime,
-        written: list[str],
-    ) -> None:
-        """Write one report and add its tag to ``written``; a failure or success report also
-        marks its recipients reported in the journal, in the commit that records the report."""
-        tag = report_tag(tx.number, kind, written)
-        items = [_item(r, recs[r.address]) for r in rcpts]
-        full = tx.params.ret is Ret.FULL
-        original = await asyncio.to_thread(
-            _original, self.spool.envelope("active", envelope_id), tx, full
-        )
-        until = received + timedelta(seconds=self.cfg.retry.max_age)
-        message = delivery_report(
-            kind=kind,
-            hostname=self.cfg.helo_name,
-            envelope_id=f"{envelope_id}.{tx.number}",
-            sender=tx.mail_from,
-            items=items,
-            arrival=received,
-            now=now,
-            original=original,
-            full=full,
-            envid=tx.params.envid,
-            retry_until=until,
-            report_id=f"{envelope_id}.{tag}",
-            spool_id=envelope_id,
-        )
-        marks = [
-            {
-                "t": "rcpt",
-                "id": envelope_id,
-                "tx": tx.number,
-                "rcpt": r.address,
-                "result": {**_final_fields(recs[r.address]), "reported": True},
-            }
-            for r in rcpts
-            if kind is not Kind.DELAY
-        ]
-        await self._send_report(envelope_id, tag, tx.mail_from, message, then=marks)
-        written.append(tag)
+        await self._attempts.reports(envelope_id, env, record, now)
 
     async def _send_report(
         self,
@@ -985,56 +782,6 @@ class Worker:
         for rec in then or ():
             self.journal.append(rec)
         await self.journal.commit()
-
-    # -- finishing -------------------------------------------------------------------------
-
-    async def _finish(
-        self,
-        envelope_id: str,
-        record: Record,
-        received: datetime,
-        now: datetime,
-        last_delivery: float | None,
-    ) -> None:
-        pending = [rec for _, rec in record.recipients() if not rec.final]
-        record.updated_at = iso(utcnow())
-        record.crashes = 0
-        if pending:
-            for rec in pending:
-                when = retry.next_attempt(
-                    received, max(rec.attempts, 1), now, self.cfg.retry, self._random.random()
-                )
-                rec.next_attempt_at = iso(when)
-                if rec.status == QUEUED:
-                    rec.status = "deferred"
-            due = min(
-                parse_iso(r.next_attempt_at).timestamp() for r in pending if r.next_attempt_at
-            )
-            held = envelope_id in self._hold_after
-            self._hold_after.discard(envelope_id)
-            folder = "hold" if held else "deferred"
-            record.state = State.HELD if held else State.DEFERRED
-            record.location = f"{folder}/{envelope_id}{SUFFIX}"
-            # the journal redoes a lost move to deferred/ (a crash before the next checkpoint
-            # only brings the retry forward); an operator's hold is made durable at once
-            await self._write_record(record, folder, durable=held)
-            self._summarise(record, record.state, None if held else due)
-            if not held:
-                self.schedule(envelope_id, due)
-            if self.tracer.on(TraceKind.SPOOL):
-                self._spool_trace(
-                    f"{envelope_id}: deferred until {iso(datetime.fromtimestamp(due, UTC))}"
-                )
-        else:
-            record.state = State.DONE
-            record.location = f"done/{envelope_id}{SUFFIX}"
-            await self._write_record(record, "done")
-            self.index.pop(envelope_id, None)
-            self._hold_after.discard(envelope_id)
-            self._spool_trace(f"{envelope_id}: done")
-        taken = parse_iso(record.received_at).timestamp()
-        self.stats.envelope_finished(None if last_delivery is None else last_delivery - taken)
-        self._finished(envelope_id)
 
     def _finished(self, envelope_id: str) -> None:
         self._putbacks.pop(envelope_id, None)
@@ -1251,43 +998,3 @@ class Worker:
 
     def _spool_trace(self, text: str) -> None:
         self.tracer.emit(TraceKind.SPOOL, text)
-
-
-def _wants(rcpt: Recipient, what: Notify, *, default: bool) -> bool:
-    """Whether NOTIFY asks for this kind of report (no NOTIFY: failures and delays only)."""
-    if rcpt.notify is None:
-        return default
-    return what in rcpt.notify
-
-
-def _item(rcpt: Recipient, rec: RcptRecord) -> Item:
-    reply = reply_from(rec.reply) if rec.reply is not None else None
-    last = parse_iso(rec.last_attempt_at) if rec.last_attempt_at is not None else None
-    return Item(rcpt.address, reply, rec.host, rcpt.orcpt, last, rec.decided_locally)
-
-
-def _final_fields(rec: RcptRecord) -> dict[str, Any]:
-    return {
-        "status": rec.status,
-        "reply": rec.reply,
-        "host": rec.host,
-        "attempts": rec.attempts,
-        "first_attempt_at": rec.first_attempt_at,
-        "last_attempt_at": rec.last_attempt_at,
-        "possible_duplicate": rec.possible_duplicate,
-        "decided_locally": rec.decided_locally,
-        "dsn_relayed": rec.dsn_relayed,
-    }
-
-
-def _original(path: Any, tx: Transaction, full: bool) -> bytes:
-    """The message text to enclose in a report: whole (RET=FULL) or enough for its headers."""
-    with open(path, "rb") as fh:
-        if full:
-            return b"".join(envfile.text_chunks(fh, tx.message))
-        head = b""
-        for chunk in envfile.text_chunks(fh, tx.message, chunk=64 * 1024):
-            head += chunk
-            if b"\r\n\r\n" in head or len(head) > 256 * 1024:
-                break
-        return head

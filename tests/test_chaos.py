@@ -39,21 +39,22 @@ def load_chaos() -> ModuleType:
 def short_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict[str, Any]]:
     """One short chaos run (about 20 s of kills, then a clean run), shared by the tests below."""
     work = tmp_path_factory.mktemp("chaos") / "run"
-    argv = [sys.executable, str(SCRIPT), "--kills", "15", "--seconds", "20", "--seed", "20261201"]
+    # the run ends after 12 kills; the time limit is only a bound for a machine far too slow
+    argv = [sys.executable, str(SCRIPT), "--kills", "12", "--seconds", "150", "--seed", "20261201"]
     argv += ["--final-seconds", "45", "--json", "--workdir", str(work)]
-    run = subprocess.run(argv, capture_output=True, timeout=100, check=False)
+    run = subprocess.run(argv, capture_output=True, timeout=280, check=False)
     assert run.returncode in (0, 1), run.stderr.decode()[-2000:]
     return run.returncode, json.loads(run.stdout)
 
 
-@pytest.mark.timeout(110)
+@pytest.mark.timeout(300)
 def test_short_chaos_run_loses_nothing_and_duplicates_only_flagged(
     short_run: tuple[int, dict[str, Any]],
 ) -> None:
     _, result = short_run
     ledger = result["ledger"]
     why = json.dumps(result["examples"], indent=1)
-    assert result["kills"] >= 10, result["worker_exits"]
+    assert result["kills"] == 12, result["worker_exits"]
     assert result["messages_received"] > 0
     assert ledger["failed, reported"] > 0  # the sinks refuse fail-*: reports are found and read
     assert ledger["lost"] == 0, why
@@ -62,7 +63,7 @@ def test_short_chaos_run_loses_nothing_and_duplicates_only_flagged(
     assert result["records_naming_another_source"] == 0, why
 
 
-@pytest.mark.timeout(110)
+@pytest.mark.timeout(300)
 def test_short_chaos_run_quarantines_nothing_and_finishes_everything(
     short_run: tuple[int, dict[str, Any]],
 ) -> None:
