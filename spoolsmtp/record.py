@@ -9,6 +9,7 @@ status ``queued``.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from enum import Enum
@@ -147,6 +148,21 @@ class Record:
             for t in data["transactions"]
         ]
         return cls(**data)
+
+
+def load(path: str | os.PathLike[str]) -> Record | None:
+    """The result record in the file at ``path``: the one reader of result records. None if
+    there is none (yet), or it is not a whole record (being replaced; or not one at all); any
+    other ``OSError`` (``PermissionError``: the worker's file) is raised."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        return None
+    try:
+        return Record.from_json(raw)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 # built once: json.dumps with any option builds a new encoder per call, and fields() walks the
