@@ -28,8 +28,8 @@ LEGAL = [
 
 
 def test_the_folders_are_the_spool_folders_and_their_names_are_strings() -> None:
-    assert FOLDERS == tuple(Folder)
-    assert Folder.DEFERRED == "deferred" and f"{Folder.HOLD}/x" == "hold/x"
+    assert tuple(Folder) == FOLDERS
+    assert isinstance(Folder.HOLD, str) and f"{Folder.HOLD}/x" == "hold/x"
 
 
 @pytest.mark.parametrize(("source", "target"), LEGAL)
@@ -95,8 +95,8 @@ def test_spool_makes_a_legal_move(tmp_path: Path) -> None:
 
 
 def _record() -> Record:
-    rcpt = RcptRecord("bob@example.org")
-    return Record("ID", "src", State.DONE, "t0", "t1", "done/ID.bsmtp", [TxRecord(1, "a@x", [rcpt])])
+    tx = TxRecord(1, "a@x", [RcptRecord("bob@example.org")])
+    return Record("ID", "src", State.DONE, "t0", "t1", "done/ID.bsmtp", [tx])
 
 
 def test_restore_record_puts_back_the_file(tmp_path: Path) -> None:
