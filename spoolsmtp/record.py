@@ -118,7 +118,8 @@ class Record:
                 raise KeyError((tx, address))
         return found
 
-    def to_json(self) -> bytes:
+    def to_dict(self) -> dict[str, Any]:
+        """The record as its JSON document (what ``results/ID.json`` and QUERY hold)."""
         data = {name: getattr(self, name) for name in _RECORD_FIELDS}
         data["state"] = self.state.value
         data["transactions"] = [
@@ -131,9 +132,12 @@ class Record:
             }
             for t in self.transactions
         ]
+        return data
+
+    def to_json(self) -> bytes:
         # a source name that is not UTF-8 holds lone surrogates (os.fsdecode); they are written
         # as JSON's \\uDCxx escapes, which json.loads and os.fsencode turn back into its bytes
-        return _ENCODE(data).encode("utf-8", "backslashreplace") + b"\n"
+        return _ENCODE(self.to_dict()).encode("utf-8", "backslashreplace") + b"\n"
 
     @classmethod
     def from_json(cls, raw: bytes) -> Record:
