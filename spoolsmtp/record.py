@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any
 
 from spoolsmtp.reply import Reply
@@ -28,8 +29,17 @@ class State(Enum):
     HELD = "held"
 
 
-QUEUED = "queued"
-FINAL = ("delivered", "failed")
+class RcptStatus(StrEnum):
+    """A recipient's status in the record (a ``str``: the JSON holds the same words)."""
+
+    QUEUED = "queued"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    DEFERRED = "deferred"
+
+
+QUEUED = RcptStatus.QUEUED
+FINAL = (RcptStatus.DELIVERED, RcptStatus.FAILED)
 
 
 def iso(moment: datetime) -> str:
@@ -55,8 +65,8 @@ class RcptRecord:
     offered DSN and got its NOTIFY, so that server, not spoolsmtp, reports its success."""
 
     address: str
-    status: str = QUEUED
-    reply: dict[str, Any] | None = None
+    status: RcptStatus = QUEUED
+    reply: Reply | None = None
     host: str | None = None
     attempts: int = 0
     first_attempt_at: str | None = None
@@ -71,8 +81,33 @@ class RcptRecord:
     def final(self) -> bool:
         return self.status in FINAL
 
+    def to_dict(self) -> dict[str, Any]:
+        data = {name: getattr(self, name) for name in _RCPT_FIELDS}
+        if self.reply is not None:
+            data["reply"] = reply_dict(self.reply)
+        return data
 
-_RCPT_FIELDS = fields(RcptRecord)
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RcptRecord:
+        unknown = set(data) - set(_RCPT_FIELDS)
+        if unknown:
+            raise TypeError(f"no recipient field {sorted(unknown)[0]!r}")
+        rcpt = cls(data["address"])
+        rcpt.update(data)
+        return rcpt
+
+    def update(self, changes: Mapping[str, Any]) -> None:
+        """Set fields from their JSON form (a journaled result, a record read back)."""
+        for key, value in changes.items():
+            if key == "status":
+                setattr(self, key, RcptStatus(value))
+            elif key == "reply" and value is not None:
+                setattr(self, key, reply_from(value))
+            else:
+                setattr(self, key, value)
+
+
+_RCPT_FIELDS = tuple(f.name for f in fields(RcptRecord))
 
 
 @dataclass
@@ -126,9 +161,7 @@ class Record:
             {
                 "number": t.number,
                 "mail_from": t.mail_from,
-                "recipients": [
-                    {f.name: getattr(r, f.name) for f in _RCPT_FIELDS} for r in t.recipients
-                ],
+                "recipients": [r.to_dict() for r in t.recipients],
             }
             for t in self.transactions
         ]
@@ -148,7 +181,9 @@ class Record:
         data = dict(data)
         data["state"] = State(data["state"])
         data["transactions"] = [
-            TxRecord(t["number"], t["mail_from"], [RcptRecord(**r) for r in t["recipients"]])
+            TxRecord(
+                t["number"], t["mail_from"], [RcptRecord.from_dict(r) for r in t["recipients"]]
+            )
             for t in data["transactions"]
         ]
         return cls(**data)

@@ -117,9 +117,7 @@ class Recovery:
     def apply_journal(self, rec: Record, replayed: Replayed) -> None:
         for (tx, address), result in replayed.results.items():
             with contextlib.suppress(KeyError):
-                rcpt = rec.find(tx, address)
-                for key, value in result.items():
-                    setattr(rcpt, key, value)
+                rec.find(tx, address).update(result)
         for tx, address in replayed.dots:
             with contextlib.suppress(KeyError):
                 rcpt = rec.find(tx, address)

@@ -56,12 +56,12 @@ from spoolsmtp.quarantine import Reads
 from spoolsmtp.record import (
     QUEUED,
     RcptRecord,
+    RcptStatus,
     Record,
     State,
     iso,
     parse_iso,
     reply_dict,
-    reply_from,
 )
 from spoolsmtp.records import Records
 from spoolsmtp.recovery import Recovery
@@ -409,8 +409,8 @@ class Worker:
                 self._dead[key] = time.time() + self.cfg.retry.dead_destination
 
     def _note(self, rec: RcptRecord, res: RecipientResult, now: datetime) -> None:
-        rec.status = res.status.value
-        rec.reply = reply_dict(res.reply)
+        rec.status = RcptStatus(res.status.value)
+        rec.reply = res.reply
         rec.host = None if res.local else res.host or rec.host
         rec.decided_locally = res.local
         rec.dsn_relayed = res.dsn_relayed
@@ -435,9 +435,8 @@ class Worker:
             return
         for _, rec in record.recipients():
             if not rec.final:
-                last = reply_from(rec.reply) if rec.reply else None
-                rec.status = "failed"
-                rec.reply = reply_dict(retry.expiry_reply(last, self.cfg.retry))
+                rec.status = RcptStatus.FAILED
+                rec.reply = retry.expiry_reply(rec.reply, self.cfg.retry)
                 self.stats.failed += 1
 
     # -- reports ---------------------------------------------------------------------------
@@ -593,7 +592,7 @@ class Worker:
                 )
                 rec.next_attempt_at = iso(when)
                 if rec.status == QUEUED:
-                    rec.status = "deferred"
+                    rec.status = RcptStatus.DEFERRED
             due = min(
                 parse_iso(r.next_attempt_at).timestamp() for r in pending if r.next_attempt_at
             )
@@ -643,15 +642,14 @@ def _wants(rcpt: Recipient, what: Notify, *, default: bool) -> bool:
 
 
 def _item(rcpt: Recipient, rec: RcptRecord) -> Item:
-    reply = reply_from(rec.reply) if rec.reply is not None else None
     last = parse_iso(rec.last_attempt_at) if rec.last_attempt_at is not None else None
-    return Item(rcpt.address, reply, rec.host, rcpt.orcpt, last, rec.decided_locally)
+    return Item(rcpt.address, rec.reply, rec.host, rcpt.orcpt, last, rec.decided_locally)
 
 
 def _final_fields(rec: RcptRecord) -> dict[str, Any]:
     return {
         "status": rec.status,
-        "reply": rec.reply,
+        "reply": reply_dict(rec.reply) if rec.reply is not None else None,
         "host": rec.host,
         "attempts": rec.attempts,
         "first_attempt_at": rec.first_attempt_at,

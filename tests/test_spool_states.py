@@ -4,6 +4,7 @@ for every move), and the one reader of result records."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ import pytest
 from spoolsmtp import record
 from spoolsmtp.config import SpoolConfig
 from spoolsmtp.folders import TRANSITIONS, Folder, IllegalMove, check
-from spoolsmtp.record import RcptRecord, Record, State, TxRecord
+from spoolsmtp.record import RcptRecord, RcptStatus, Record, State, TxRecord
+from spoolsmtp.reply import Reply
 from spoolsmtp.spool import FOLDERS, Spool
 
 LEGAL = [
@@ -115,3 +117,28 @@ def test_the_reader_says_none_for_a_missing_or_partial_record(tmp_path: Path) ->
     assert record.load(path) is None
     path.write_bytes(_record().to_json())
     assert record.load(path) == _record()
+
+
+def test_a_recipient_holds_a_status_enum_and_a_reply_and_the_json_keeps_the_same_words() -> None:
+    rec = _record()
+    rcpt = rec.transactions[0].recipients[0]
+    rcpt.update(
+        {
+            "status": "failed",
+            "reply": {"code": 550, "enhanced": "5.1.1", "text": "no such user\nreally"},
+        }
+    )
+    assert rcpt.status is RcptStatus.FAILED and rcpt.final
+    assert rcpt.reply == Reply(550, "5.1.1", ("no such user", "really"))
+    written = json.loads(rec.to_json())["transactions"][0]["recipients"][0]
+    assert written["status"] == "failed"
+    assert written["reply"] == {"code": 550, "enhanced": "5.1.1", "text": "no such user\nreally"}
+    assert Record.from_json(rec.to_json()) == rec
+
+
+def test_a_record_with_a_field_no_recipient_has_is_not_read(tmp_path: Path) -> None:
+    data = json.loads(_record().to_json())
+    data["transactions"][0]["recipients"][0]["colour"] = "blue"
+    path = tmp_path / "ID.json"
+    path.write_text(json.dumps(data))
+    assert record.load(path) is None
