@@ -4,10 +4,10 @@ SUSPEND, RESUME, RELOAD), as Postfix's postsuper and postqueue do them."""
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from spoolsmtp.config import load as config_load
-from spoolsmtp.pickup import utcnow
 from spoolsmtp.record import State, iso
 from spoolsmtp.spool import SUFFIX
 
@@ -75,7 +75,7 @@ class Actions:
         if record is not None:
             record.state = state
             record.location = f"{folder}/{envelope_id}{SUFFIX}"
-            record.updated_at = iso(utcnow())
+            record.updated_at = iso(datetime.now(UTC))
             await self._records.write(record)
             self._records.finished(envelope_id)
 
