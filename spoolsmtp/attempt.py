@@ -23,7 +23,7 @@ from spoolsmtp.envelope import Envelope, Recipient, Transaction
 from spoolsmtp.fate import Counts, Fate, Plan, Report, Reporting
 from spoolsmtp.journal import Journal
 from spoolsmtp.outcome import RecipientResult
-from spoolsmtp.record import RcptRecord, Record, State, iso, parse_iso
+from spoolsmtp.record import RcptRecord, Record, State, iso, parse_iso, reply_dict
 from spoolsmtp.route import Destination
 from spoolsmtp.spool import SUFFIX, Spool
 from spoolsmtp.stats import Stats
@@ -245,7 +245,7 @@ def final_fields(rec: RcptRecord) -> dict[str, Any]:
     """A recipient's result as the journal holds it."""
     return {
         "status": rec.status,
-        "reply": rec.reply,
+        "reply": reply_dict(rec.reply) if rec.reply is not None else None,
         "host": rec.host,
         "attempts": rec.attempts,
         "first_attempt_at": rec.first_attempt_at,

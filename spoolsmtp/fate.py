@@ -28,12 +28,11 @@ from spoolsmtp.record import (
     FINAL,
     QUEUED,
     RcptRecord,
+    RcptStatus,
     Record,
     State,
     iso,
     parse_iso,
-    reply_dict,
-    reply_from,
 )
 from spoolsmtp.reply import Reply, make
 
@@ -48,7 +47,7 @@ class Rcpt:
 
     tx: int
     address: str
-    status: str
+    status: RcptStatus
     reply: Reply | None
     host: str | None
     attempts: int
@@ -66,12 +65,11 @@ class Rcpt:
 
     @classmethod
     def of(cls, tx: int, rec: RcptRecord) -> Rcpt:
-        reply = reply_from(rec.reply) if rec.reply is not None else None
         return cls(
             tx,
             rec.address,
             rec.status,
-            reply,
+            rec.reply,
             rec.host,
             rec.attempts,
             rec.first_attempt_at,
@@ -86,7 +84,7 @@ class Rcpt:
     def apply(self, rec: RcptRecord) -> None:
         """Write these fields into the recipient's record."""
         rec.status = self.status
-        rec.reply = reply_dict(self.reply) if self.reply is not None else None
+        rec.reply = self.reply
         rec.host = self.host
         rec.attempts = self.attempts
         rec.first_attempt_at = self.first_attempt_at
@@ -304,7 +302,7 @@ class Fate:
                 Rcpt(  # not dataclasses.replace: this runs for every recipient
                     old.tx,
                     old.address,
-                    res.status.value,
+                    RcptStatus(res.status.value),
                     res.reply,
                     None if res.local else res.host or old.host,
                     old.attempts + tried,
@@ -359,7 +357,7 @@ class Fate:
             if not current.final:
                 tries = max(current.attempts, 1)
                 when = retry.next_attempt(self.received, tries, self.now, self.cfg, rng.random())
-                status = "deferred" if current.status == QUEUED else current.status
+                status = RcptStatus.DEFERRED if current.status == QUEUED else current.status
                 retries.append(
                     self._change(replace(current, next_attempt_at=iso(when), status=status))
                 )
@@ -377,7 +375,7 @@ class Fate:
             return ()
         expire = retry.expiry_reply
         return tuple(
-            self._change(replace(c, status="failed", reply=expire(c.reply, self.cfg)))
+            self._change(replace(c, status=RcptStatus.FAILED, reply=expire(c.reply, self.cfg)))
             for c in self._all()
             if not c.final
         )

@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import Any
 
 from spoolsmtp.journal import Journal, Replayed
-from spoolsmtp.record import Record, reply_dict
+from spoolsmtp.record import RcptStatus, Record
 from spoolsmtp.reply import Reply, make
 
 log = logging.getLogger("spoolsmtp")
@@ -73,11 +73,11 @@ def reason(source: str, crashes: int, *, read: bool) -> str:
 
 def fail_unfinished(record: Record, crashes: int) -> int:
     """Fail every recipient not yet final (those delivered stay delivered); how many."""
-    failure = reply_dict(reply(crashes))
+    failure = reply(crashes)
     count = 0
     for _, rec in record.recipients():
         if not rec.final:
-            rec.status, rec.reply, rec.next_attempt_at = "failed", dict(failure), None
+            rec.status, rec.reply, rec.next_attempt_at = RcptStatus.FAILED, failure, None
             count += 1
     return count
 

@@ -9,9 +9,11 @@ status ``queued``.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any
 
 from spoolsmtp.reply import Reply
@@ -27,8 +29,17 @@ class State(Enum):
     HELD = "held"
 
 
-QUEUED = "queued"
-FINAL = ("delivered", "failed")
+class RcptStatus(StrEnum):
+    """A recipient's status in the record (a ``str``: the JSON holds the same words)."""
+
+    QUEUED = "queued"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    DEFERRED = "deferred"
+
+
+QUEUED = RcptStatus.QUEUED
+FINAL = (RcptStatus.DELIVERED, RcptStatus.FAILED)
 
 
 def iso(moment: datetime) -> str:
@@ -54,8 +65,8 @@ class RcptRecord:
     offered DSN and got its NOTIFY, so that server, not spoolsmtp, reports its success."""
 
     address: str
-    status: str = QUEUED
-    reply: dict[str, Any] | None = None
+    status: RcptStatus = QUEUED
+    reply: Reply | None = None
     host: str | None = None
     attempts: int = 0
     first_attempt_at: str | None = None
@@ -70,8 +81,33 @@ class RcptRecord:
     def final(self) -> bool:
         return self.status in FINAL
 
+    def to_dict(self) -> dict[str, Any]:
+        data = {name: getattr(self, name) for name in _RCPT_FIELDS}
+        if self.reply is not None:
+            data["reply"] = reply_dict(self.reply)
+        return data
 
-_RCPT_FIELDS = fields(RcptRecord)
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RcptRecord:
+        unknown = set(data) - set(_RCPT_FIELDS)
+        if unknown:
+            raise TypeError(f"no recipient field {sorted(unknown)[0]!r}")
+        rcpt = cls(data["address"])
+        rcpt.update(data)
+        return rcpt
+
+    def update(self, changes: Mapping[str, Any]) -> None:
+        """Set fields from their JSON form (a journaled result, a record read back)."""
+        for key, value in changes.items():
+            if key == "status":
+                setattr(self, key, RcptStatus(value))
+            elif key == "reply" and value is not None:
+                setattr(self, key, reply_from(value))
+            else:
+                setattr(self, key, value)
+
+
+_RCPT_FIELDS = tuple(f.name for f in fields(RcptRecord))
 
 
 @dataclass
@@ -117,22 +153,24 @@ class Record:
                 raise KeyError((tx, address))
         return found
 
-    def to_json(self) -> bytes:
+    def to_dict(self) -> dict[str, Any]:
+        """The record as its JSON document (what ``results/ID.json`` and QUERY hold)."""
         data = {name: getattr(self, name) for name in _RECORD_FIELDS}
         data["state"] = self.state.value
         data["transactions"] = [
             {
                 "number": t.number,
                 "mail_from": t.mail_from,
-                "recipients": [
-                    {f.name: getattr(r, f.name) for f in _RCPT_FIELDS} for r in t.recipients
-                ],
+                "recipients": [r.to_dict() for r in t.recipients],
             }
             for t in self.transactions
         ]
+        return data
+
+    def to_json(self) -> bytes:
         # a source name that is not UTF-8 holds lone surrogates (os.fsdecode); they are written
         # as JSON's \\uDCxx escapes, which json.loads and os.fsencode turn back into its bytes
-        return _ENCODE(data).encode("utf-8", "backslashreplace") + b"\n"
+        return _ENCODE(self.to_dict()).encode("utf-8", "backslashreplace") + b"\n"
 
     @classmethod
     def from_json(cls, raw: bytes) -> Record:
@@ -143,10 +181,27 @@ class Record:
         data = dict(data)
         data["state"] = State(data["state"])
         data["transactions"] = [
-            TxRecord(t["number"], t["mail_from"], [RcptRecord(**r) for r in t["recipients"]])
+            TxRecord(
+                t["number"], t["mail_from"], [RcptRecord.from_dict(r) for r in t["recipients"]]
+            )
             for t in data["transactions"]
         ]
         return cls(**data)
+
+
+def load(path: str | os.PathLike[str]) -> Record | None:
+    """The result record in the file at ``path``: the one reader of result records. None if
+    there is none (yet), or it is not a whole record (being replaced; or not one at all); any
+    other ``OSError`` (``PermissionError``: the worker's file) is raised."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        return None
+    try:
+        return Record.from_json(raw)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 # built once: json.dumps with any option builds a new encoder per call, and fields() walks the

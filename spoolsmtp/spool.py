@@ -21,22 +21,12 @@ from typing import BinaryIO
 
 from spoolsmtp import crashpoint, intake
 from spoolsmtp.config import SpoolConfig
-from spoolsmtp.durable import write_file
+from spoolsmtp.durable import fsync_dir, write_file
+from spoolsmtp.folders import Folder, check
 from spoolsmtp.intake import NotRegular as NotRegular  # noqa: PLC0414 - where it used to live
 from spoolsmtp.iobatch import IoBatch
 
-FOLDERS = (
-    "incoming",
-    "active",
-    "deferred",
-    "hold",
-    "done",
-    "results",
-    "bounces",
-    "rejected",
-    "deadletter",
-    "journal",
-)
+FOLDERS = tuple(Folder)
 SUFFIX = ".bsmtp"
 ORIGINAL = ".orig"
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
@@ -76,10 +66,11 @@ class Spool:
 
     def __init__(self, cfg: SpoolConfig, batch: IoBatch | None = None) -> None:
         self.cfg = cfg
-        self.dirs = {name: cfg.folder(name) for name in FOLDERS}
+        # keyed by name: a ``Folder`` is its name, and string call sites keep working
+        self.dirs: dict[str, Path] = {name: cfg.folder(name) for name in FOLDERS}
         # the same folders as strings, for the operations done per envelope: joining strings
         # costs a fraction of building a Path, and these run thousands of times a second
-        self._dir = {name: str(path) for name, path in self.dirs.items()}
+        self._dir: dict[str, str] = {name: str(path) for name, path in self.dirs.items()}
         self.batch = batch or IoBatch()
 
     def ensure(self) -> None:
@@ -139,6 +130,7 @@ class Spool:
 
     async def convert(self, envelope_id: str, convert: Callable[[Path, Path], None]) -> None:
         """Turn ``active/ID.orig`` into ``active/ID.bsmtp`` durably, then drop the original."""
+        check(Folder.ACTIVE, Folder.ACTIVE, f"{envelope_id}{ORIGINAL}")
         orig = self.dirs["active"] / f"{envelope_id}{ORIGINAL}"
         dest = self.envelope("active", envelope_id)
 
@@ -182,6 +174,8 @@ class Spool:
         """
         name = f"{envelope_id}{SUFFIX}"
         results = self._file("results", f"{envelope_id}.json")
+        if target is not None:
+            check(Folder.ACTIVE, target, name)
 
         def op() -> tuple[str, ...]:
             write_file(results, record, fsync=False, sync_dir=False)
@@ -199,7 +193,9 @@ class Spool:
         return [self.dirs[name] for name in ("active", "deferred", "done", "results")]
 
     async def move_file(self, source: str, name: str, target: str, new_name: str) -> None:
-        """Rename one file between (or within) folders, durably."""
+        """Rename one file between (or within) folders, durably: the one move every other
+        goes through, checked against the legal transitions (``folders.check``)."""
+        check(source, target, name)
         src, dest = self._file(source, name), self._file(target, new_name)
         dirs = (self._dir[source], self._dir[target])
 
@@ -208,6 +204,14 @@ class Spool:
             return dirs
 
         await self.batch.run(op)
+
+    def restore_record(self, envelope_id: str, record: bytes) -> None:
+        """Put back ``results/ID.json`` from the journal (at start, blocking; the folder is
+        synced by ``sync_results``)."""
+        write_file(self._file("results", f"{envelope_id}.json"), record, sync_dir=False)
+
+    def sync_results(self) -> None:
+        fsync_dir(self._dir["results"])
 
     # -- files -----------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from spoolsmtp import exitcodes
+from spoolsmtp.record import load as load_record
 
 POLL = 0.1
 SOCKET_POLL = 0.5  # asking the worker costs it a record read: not ten times a second
@@ -121,14 +122,11 @@ def peer_uid(sock: socket.socket) -> int:
 def _look(
     path: Path, sock_path: Path, envelope_id: str, trusted: Collection[int] | None
 ) -> tuple[dict[str, Any] | None, bool]:
-    """The record as it is now (None: not written yet), and whether the worker was asked."""
+    """The record as it is now (None: not written yet, or being replaced: the next look sees
+    the whole file), and whether the worker was asked."""
     try:
-        data = json.loads(path.read_bytes())
-        return (data if isinstance(data, dict) else None), False
-    except FileNotFoundError:
-        return None, False
-    except ValueError:
-        return None, False  # being replaced; the next look sees the whole file
+        found = load_record(path)
+        return (found.to_dict() if found is not None else None), False
     except PermissionError:
         return query(sock_path, envelope_id, trusted=trusted), True
     except OSError as exc:

@@ -14,7 +14,7 @@ from spoolsmtp.dsn import Kind
 from spoolsmtp.envelope import Envelope, MailParams, Message, Notify, Recipient, Transaction
 from spoolsmtp.fate import Fate, Plan
 from spoolsmtp.outcome import RecipientResult, Status, result
-from spoolsmtp.record import RcptRecord, Record, State, TxRecord, iso, parse_iso
+from spoolsmtp.record import RcptRecord, RcptStatus, Record, State, TxRecord, iso, parse_iso
 from spoolsmtp.reply import Reply, make
 
 T0 = datetime(2026, 1, 5, 12, 0, 0, tzinfo=UTC)
@@ -269,8 +269,8 @@ def test_a_later_failure_in_the_same_transaction_gets_a_report_tag_of_its_own() 
     env = envelope(tx(1, rcpt("a@x.test"), rcpt("b@y.test")), tx(2, rcpt("c@x.test")))
     record = record_of(env, reports=["1.ndr"])
     first = record.find(1, "a@x.test")
-    first.status, first.reported = "failed", True
-    first.reply = {"code": 550, "enhanced": "5.1.1", "text": "no"}
+    first.status, first.reported = RcptStatus.FAILED, True
+    first.reply = make(550, "5.1.1", "no")
     _, plan = attempt(env, record, {"b@y.test": NO_SUCH, "c@x.test": NO_SUCH})
     assert [(r.tag, [i.address for i in r.items]) for r in plan.reporting.reports] == [
         ("1.ndr.2", ["b@y.test"]),
@@ -367,7 +367,7 @@ def test_an_envelope_whose_recipients_are_all_final_is_done() -> None:
 def test_a_recipient_final_before_this_attempt_is_not_tried_again() -> None:
     env = envelope(tx(1, rcpt("a@x.test"), rcpt("b@y.test")))
     record = record_of(env)
-    record.find(1, "a@x.test").status = "delivered"
+    record.find(1, "a@x.test").status = RcptStatus.DELIVERED
     todo = Fate(record, env, T0, CFG, key).todo(env.transactions[0], {}, T0)
     assert [r.address for r in todo.alive] == ["b@y.test"]
     assert not Fate(record, env, T0, CFG, key).todo(tx(1), {}, T0)
