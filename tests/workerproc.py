@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -17,6 +19,49 @@ import yaml
 from spoolsmtp import writer
 
 ROOT = Path(__file__).parent.parent
+
+
+def connect(path: Path, timeout: float = 10.0) -> socket.socket:
+    """A client socket connected to the control socket at ``path``, through its folder's
+    descriptor (pytest's paths can be longer than the 108 octets of a socket address)."""
+    folder = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(f"/proc/self/fd/{folder}/{path.name}")
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.close(folder)
+    return sock
+
+
+def exchange(sock: socket.socket, line: bytes) -> bytes:
+    """Send one command line on a connected control socket; its whole answer (a JSON line for
+    ``JSON ...``, else text up to the lone dot), or what came before the worker closed."""
+    sock.sendall(line + b"\n")
+    as_json = line[:5].upper() == b"JSON "
+    data = b""
+    while not (data.endswith(b"\n") if as_json else data.endswith(b"\n.\n")):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def request(path: Path, line: str, timeout: float = 10.0) -> str:
+    """One command over the real control socket at ``path``, as any client sends it; the raw
+    answer."""
+    with connect(path, timeout) as sock:
+        return exchange(sock, line.encode()).decode()
+
+
+def ask(path: Path, line: str) -> dict[str, Any]:
+    """One command as ``JSON <line>``; the decoded answer."""
+    answer: dict[str, Any] = json.loads(request(path, f"JSON {line}"))
+    return answer
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
@@ -56,7 +101,6 @@ class WorkerProcess:
         environ = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
         if "SPOOLSMTP_CRASH_AT" not in self.env:
             environ.pop("SPOOLSMTP_CRASH_AT", None)
-        before = self.ready_count() if self.log.exists() else 0
         self._log_fh = open(self.log, "ab")  # noqa: SIM115 - closed in stop/wait
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "spoolsmtp", "run", "--config", str(self.config)],
@@ -66,14 +110,41 @@ class WorkerProcess:
             env=environ,
         )
         proc = self.proc
-        wait_for(
-            lambda: self.ready_count() > before or proc.poll() is not None,
-            what="worker ready",
-        )
+        wait_for(lambda: self.answers() or proc.poll() is not None, what="worker ready")
         return self
 
-    def ready_count(self) -> int:
-        return self.log.read_bytes().count(b" ready")
+    def _configured(self, key: str, default: str) -> Path:
+        data = yaml.safe_load(self.config.read_text())
+        spool = Path(data["spool"]["path"])
+        return Path(data.get("control", {}).get(key) or spool / default)
+
+    @property
+    def control_socket(self) -> Path:
+        """The public control socket, as the config names it."""
+        return self._configured("socket", "control.sock")
+
+    @property
+    def operator_socket(self) -> Path:
+        """The operator socket, as the config names it."""
+        return self._configured("operator_socket", "operator/control.sock")
+
+    def answers(self) -> bool:
+        """True once this worker (not another one on the same spool) answers STATS on its
+        operator socket: the last one it opens, after resuming the spool and just before it
+        watches incoming/. Its readiness, without reading its log."""
+        assert self.proc is not None
+        try:
+            with connect(self.operator_socket, timeout=5) as sock:
+                pid = struct.unpack(
+                    "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+                )[0]
+                return pid == self.proc.pid and exchange(sock, b"JSON STATS").endswith(b"\n")
+        except OSError:
+            return False
+
+    def ask(self, line: str) -> dict[str, Any]:
+        """One command on this worker's operator socket (every command is allowed there)."""
+        return ask(self.operator_socket, line)
 
     def stop(self, timeout: float = 30.0) -> int:
         assert self.proc is not None
