@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import site
 import sys
-import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,14 +15,11 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import draft
-from tests.hostile import needs_root, nobody
+from tests.hostile import PLAIN_PYTHON, needs_root, nobody
 from tests.smtpservers import SmtpServer
-from tests.test_control import ask, ctl, sockdir  # noqa: F401 - fixture
-from tests.workerproc import ROOT, WorkerProcess, wait_for
+from tests.workerproc import ROOT, WorkerProcess, ask, ctl, wait_for
 
-# nobody cannot enter /root, where the test's own interpreter may live: the worker that drops
-# to nobody runs on the system's python3 with this checkout's dependencies
-PLAIN_PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+# the worker that drops to nobody runs on the system's python3 with this checkout's dependencies
 PLAIN_PATH = f"{ROOT}:{site.getsitepackages()[0]}"
 
 
@@ -38,19 +33,9 @@ def _status(pid: int) -> dict[str, list[int]]:
 
 
 @pytest.fixture
-def open_root() -> Iterator[Path]:
-    """A folder nobody may enter, outside pytest's own (which pytest runs starting elsewhere
-    make 0700 again)."""
-    path = Path(tempfile.mkdtemp(prefix="spoolsmtp-priv-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
 def as_nobody(
-    open_root: Path,
-    sockdir: Path,  # noqa: F811
+    open_dir: Path,
+    sockdir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[tuple[WorkerProcess, SmtpServer, Path]]:
     uid, gid = nobody()
@@ -58,7 +43,7 @@ def as_nobody(
     srv = SmtpServer()
     sock = sockdir / "control.sock"
     w = WorkerProcess(
-        open_root,
+        open_dir,
         {
             "user": "nobody",
             "smarthost": f"127.0.0.1:{srv.port}",
@@ -123,7 +108,7 @@ def _refused(w: WorkerProcess) -> str:
 )
 def test_unsafe_folder_modes_are_refused_at_start(
     tmp_path: Path,
-    sockdir: Path,  # noqa: F811
+    sockdir: Path,
     folder: str,
     mode: int,
     refused: str | None,
@@ -146,7 +131,7 @@ def test_unsafe_folder_modes_are_refused_at_start(
 @needs_root
 def test_a_folder_owned_by_another_user_is_refused(
     tmp_path: Path,
-    sockdir: Path,  # noqa: F811
+    sockdir: Path,
 ) -> None:
     w = WorkerProcess(tmp_path, {"control": {"socket": str(sockdir / "control.sock")}})
     (w.spool / "deferred").mkdir(parents=True)
@@ -157,7 +142,7 @@ def test_a_folder_owned_by_another_user_is_refused(
 
 def test_files_the_worker_creates_are_private(
     tmp_path: Path,
-    sockdir: Path,  # noqa: F811
+    sockdir: Path,
 ) -> None:
     srv = SmtpServer()
     w = WorkerProcess(
@@ -199,7 +184,7 @@ def _with_groups(groups: list[int]) -> None:
 @pytest.mark.parametrize(("groups", "status"), [([4242], 200), ([4243], 403), ([], 403)])
 def test_a_peer_is_authorised_by_the_groups_the_kernel_reports(
     tmp_path: Path,
-    sockdir: Path,  # noqa: F811
+    sockdir: Path,
     groups: list[int],
     status: int,
 ) -> None:

@@ -17,6 +17,7 @@ import pytest
 
 from spoolsmtp import cli, config
 from spoolsmtp.submit import Submission, build, recipients_from_headers
+from tests.helpers import SENDMAIL
 from tests.smtpservers import Message, Script, SmtpServer
 from tests.workerproc import ROOT, WorkerProcess, wait_for
 
@@ -32,7 +33,6 @@ MESSAGE = (
     b"\r\n"
     b"end\r\n"
 )
-SENDMAIL = Path(sys.executable).with_name("spoolsmtp-sendmail")
 
 
 def run(

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from spoolsmtp import writer
+from tests.smtpservers import SmtpServer
 
 ROOT = Path(__file__).parent.parent
 
@@ -210,3 +211,23 @@ class WorkerProcess:
         return (
             sorted(p for p in path.iterdir() if not p.name.startswith(".")) if path.exists() else []
         )
+
+
+def ctl(config: Path, *words: str) -> subprocess.CompletedProcess[str]:
+    """``spoolsmtp ctl --config CONFIG WORDS...`` as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "spoolsmtp", "ctl", "--config", str(config), *words],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def start_worker(root: Path, server: SmtpServer | int, **settings: Any) -> WorkerProcess:
+    """A started worker on ``root/spool`` whose smarthost is ``server`` (or a port on
+    loopback) unless ``settings`` name another route."""
+    port = server if isinstance(server, int) else server.port
+    settings.setdefault("smarthost", f"127.0.0.1:{port}")
+    return WorkerProcess(root, settings).start()
