@@ -251,11 +251,13 @@ def test_claims_on_a_full_disk_are_one_episode_not_a_flood(tmp_path: Path) -> No
                 drop_burst(worker)
                 filler = fill(fs)
                 ctl(worker, "RESUME")
-                query = wait_for(
-                    lambda: (q := ctl(worker, "QUERY"))["disk_full"] and q,
-                    what="QUERY says disk full",
+                wait_for(
+                    lambda: (
+                        (q := ctl(worker, "QUERY"))["disk_full"]
+                        and q["states"]["incoming"] == ENVELOPES
+                    ),
+                    what="QUERY says disk full, every file waiting in incoming/",
                 )
-                assert query["states"]["incoming"] == ENVELOPES
                 stats = ctl(worker, "STATS")
                 assert stats["disk_full"] is True and stats["disk_full_pauses"] == 1
                 filler.unlink()
@@ -293,7 +295,10 @@ def test_under_the_reserve_intake_pauses_and_resumes_by_itself(tmp_path: Path) -
                 drop_burst(worker)
                 stats = ctl(worker, "STATS")
                 assert stats["disk_full"] is True and stats["disk_full_pauses"] == 1
-                assert ctl(worker, "QUERY")["states"]["incoming"] == ENVELOPES
+                wait_for(
+                    lambda: ctl(worker, "QUERY")["states"]["incoming"] == ENVELOPES,
+                    what="QUERY counts every file waiting in incoming/",
+                )
                 assert not worker.records(), "nothing taken while under the reserve"
                 filler.unlink()
                 sources = [f"job{n:02d}.bsmtp" for n in range(ENVELOPES)]

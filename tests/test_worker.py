@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email
+import signal
 import threading
 import time
 from functools import partial
@@ -66,10 +67,17 @@ def test_deferral_then_success(tmp_path: Path) -> None:
     w = start_worker(tmp_path, srv, retry={"interval": "300ms", "max_interval": "1s"})
     try:
         w.drop_drafts("j.bsmtp", [draft("o@example.com", ["slowbox@example.org"])])
-        deferred = wait_for(lambda: w.in_state("j.bsmtp", "deferred"))
+        # the record is replaced before the envelope is moved to where it says: wait for both
+        deferred = wait_for(
+            lambda: (
+                (r := w.in_state("j.bsmtp", "deferred"))
+                and (w.spool / r["location"]).exists()
+                and r
+            ),
+            what="a deferred record and the envelope where it says",
+        )
         assert deferred["transactions"][0]["recipients"][0]["reply"]["code"] == 450
         assert deferred["transactions"][0]["recipients"][0]["next_attempt_at"]
-        assert (w.spool / deferred["location"]).exists()
         rec = wait_for(lambda: w.final("j.bsmtp"))
     finally:
         w.stop()
@@ -391,13 +399,21 @@ def test_an_envelope_being_delivered_has_a_record_that_says_so(tmp_path: Path) -
 
 
 def test_sigterm_lets_work_in_flight_finish(tmp_path: Path) -> None:
-    srv = SmtpServer(Script(data_delay=1.0))
+    """SIGTERM arrives while the server holds its answer to the final dot: the worker waits
+    for it, records the delivery and exits 0."""
+    gate = threading.Event()
+    srv = SmtpServer(Script(gate=gate))
     w = start_worker(tmp_path, srv)
     try:
         w.drop_drafts("j.bsmtp", [draft("o@example.com", ["a@example.org"])])
-        wait_for(lambda: srv.connections >= 1 and w.files("active"))
+        wait_for(lambda: b"\r\n.\r\n" in srv.wire, what="the final dot sent")
+        assert w.proc is not None
+        w.proc.send_signal(signal.SIGTERM)
+        gate.set()
+        code = w.wait_exit()
     finally:
-        code = w.stop()
+        gate.set()
+        w.kill()
         srv.stop()
     assert code == 0
     rec = w.final("j.bsmtp")
