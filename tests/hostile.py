@@ -29,11 +29,16 @@ def nobody() -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
-def _drop_to_nobody() -> None:
+def become_nobody(groups: Sequence[int] = ()) -> None:
+    """Become ``nobody`` with only ``groups`` as supplementary groups (a ``preexec_fn``)."""
     uid, gid = nobody()
-    os.setgroups([])
+    os.setgroups(list(groups))
     os.setgid(gid)
     os.setuid(uid)
+
+
+def _drop_to_nobody() -> None:
+    become_nobody()
 
 
 def interpreter_reachable() -> None:

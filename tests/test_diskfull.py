@@ -133,6 +133,28 @@ def drop_burst(worker: WorkerProcess) -> None:
         worker.drop_drafts(f"job{n:02d}.bsmtp", [draft("oper@example.com", addresses(n))])
 
 
+def fill_at_the_gate(worker: WorkerProcess, sink: Sink, fs: Path) -> Path:
+    """Drop the burst; once every envelope is claimed and the sessions wait at DATA, fill the
+    disk and open the gate. The filler, to delete when space is to come back."""
+    drop_burst(worker)
+    wait_for(lambda: sink.at_gate == PER_DEST, what="sessions at DATA")
+    wait_for(lambda: len(worker.files("active")) == ENVELOPES, what="all claimed")
+    filler = fill(fs)
+    sink.open_gate()
+    return filler
+
+
+def once_or_flagged(records: list[dict[str, Any] | None], sink: Sink) -> None:
+    """Every recipient delivered, and sent once, or twice with ``possible_duplicate`` set."""
+    for rec in records:
+        assert rec is not None
+        for tx in rec["transactions"]:
+            for r in tx["recipients"]:
+                assert r["status"] == "delivered", r
+                got = sink.delivered[r["address"]]
+                assert got == 1 or (got == 2 and r["possible_duplicate"]), (r, got)
+
+
 @needs_root
 def test_disk_full_at_the_dot_then_kill_sends_nothing_twice_unflagged(tmp_path: Path) -> None:
     """The disk fills while envelopes wait for the server's 354; the dot records cannot be
@@ -145,11 +167,7 @@ def test_disk_full_at_the_dot_then_kill_sends_nothing_twice_unflagged(tmp_path: 
             cfg = settings(fs / "spool", sink)
             worker = on_tmpfs(tmp_path, fs, cfg).start()
             try:
-                drop_burst(worker)
-                wait_for(lambda: sink.at_gate == PER_DEST, what="sessions at DATA")
-                wait_for(lambda: len(worker.files("active")) == ENVELOPES, what="all claimed")
-                filler = fill(fs)
-                sink.open_gate()
+                filler = fill_at_the_gate(worker, sink, fs)
                 wait_for(lambda: sink.data_ended >= ENVELOPES, what="every first DATA over")
                 filler.unlink()
             finally:
@@ -163,13 +181,7 @@ def test_disk_full_at_the_dot_then_kill_sends_nothing_twice_unflagged(tmp_path: 
                 assert worker.stop() == 0
     finally:
         sink.stop()
-    for rec in records:
-        assert rec is not None
-        for tx in rec["transactions"]:
-            for r in tx["recipients"]:
-                assert r["status"] == "delivered", r
-                got = sink.delivered[r["address"]]
-                assert got == 1 or (got == 2 and r["possible_duplicate"]), (r, got)
+    once_or_flagged(records, sink)
     quiet(worker.log)
 
 
@@ -194,11 +206,7 @@ def test_after_a_full_disk_no_envelope_stays_in_active_and_no_connection_leaks(
             cfg = settings(fs / "spool", sink)
             worker = on_tmpfs(tmp_path, fs, cfg).start()
             try:
-                drop_burst(worker)
-                wait_for(lambda: sink.at_gate == PER_DEST, what="sessions at DATA")
-                wait_for(lambda: len(worker.files("active")) == ENVELOPES, what="all claimed")
-                filler = fill(fs)
-                sink.open_gate()
+                filler = fill_at_the_gate(worker, sink, fs)
                 wait_for(lambda: sink.data_ended >= PER_DEST, what="the first DATAs over")
                 filler.unlink()
                 sources = [f"job{n:02d}.bsmtp" for n in range(ENVELOPES)]
@@ -210,13 +218,7 @@ def test_after_a_full_disk_no_envelope_stays_in_active_and_no_connection_leaks(
                 assert worker.stop() == 0
     finally:
         sink.stop()
-    for rec in records:
-        assert rec is not None
-        for tx in rec["transactions"]:
-            for r in tx["recipients"]:
-                assert r["status"] == "delivered", r
-                got = sink.delivered[r["address"]]
-                assert got == 1 or (got == 2 and r["possible_duplicate"]), (r, got)
+    once_or_flagged(records, sink)
     quiet(worker.log)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import draft
-from tests.hostile import PLAIN_PYTHON, needs_root, nobody
+from tests.hostile import PLAIN_PYTHON, become_nobody, needs_root, nobody
 from tests.smtpservers import SmtpServer
 from tests.workerproc import ROOT, WorkerProcess, ask, ctl, wait_for
 
@@ -173,13 +173,6 @@ _ASK = textwrap.dedent(
 )
 
 
-def _with_groups(groups: list[int]) -> None:
-    uid, gid = nobody()
-    os.setgroups(groups)
-    os.setgid(gid)
-    os.setuid(uid)
-
-
 @needs_root
 @pytest.mark.parametrize(("groups", "status"), [([4242], 200), ([4243], 403), ([], 403)])
 def test_a_peer_is_authorised_by_the_groups_the_kernel_reports(
@@ -198,7 +191,7 @@ def test_a_peer_is_authorised_by_the_groups_the_kernel_reports(
     try:
         done = subprocess.run(
             [PLAIN_PYTHON, "-c", _ASK, str(sock)],
-            preexec_fn=lambda: _with_groups(groups),
+            preexec_fn=lambda: become_nobody(groups),
             capture_output=True,
             text=True,
             timeout=30,
