@@ -6,8 +6,6 @@ import os
 import pwd
 import resource
 import signal
-import subprocess
-import sys
 import tempfile
 import traceback
 from collections.abc import Iterator
@@ -19,7 +17,7 @@ from spoolsmtp import cli, config
 from spoolsmtp.submit import Submission, build, recipients_from_headers
 from tests.helpers import SENDMAIL
 from tests.smtpservers import Message, Script, SmtpServer
-from tests.workerproc import ROOT, WorkerProcess, wait_for
+from tests.workerproc import WorkerProcess, run, spoolsmtp, wait_for
 
 MESSAGE = (
     b"From: Nightly Job <oper@example.com>\r\n"
@@ -33,19 +31,6 @@ MESSAGE = (
     b"\r\n"
     b"end\r\n"
 )
-
-
-def run(
-    argv: list[str], cwd: Path, stdin: bytes, env: dict[str, str] | None = None, **kw: object
-) -> subprocess.CompletedProcess[bytes]:
-    environ = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run(  # type: ignore[call-overload,no-any-return]
-        argv, cwd=cwd, input=stdin, capture_output=True, check=False, timeout=120, env=environ, **kw
-    )
-
-
-def spoolsmtp(*args: str) -> list[str]:
-    return [sys.executable, "-m", "spoolsmtp", *args]
 
 
 def without_received(msg: Message) -> bytes:

@@ -13,8 +13,7 @@ import pytest
 from spoolsmtp.submit import outcome
 from tests.hostile import cli_as_nobody, needs_root
 from tests.smtpservers import Script, SmtpServer
-from tests.test_submit import run, spoolsmtp
-from tests.workerproc import WorkerProcess
+from tests.workerproc import WorkerProcess, run, spoolsmtp
 
 
 @pytest.fixture

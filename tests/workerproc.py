@@ -231,3 +231,18 @@ def start_worker(root: Path, server: SmtpServer | int, **settings: Any) -> Worke
     port = server if isinstance(server, int) else server.port
     settings.setdefault("smarthost", f"127.0.0.1:{port}")
     return WorkerProcess(root, settings).start()
+
+
+def spoolsmtp(*args: str) -> list[str]:
+    """The argv of ``spoolsmtp ARGS...`` run by this interpreter."""
+    return [sys.executable, "-m", "spoolsmtp", *args]
+
+
+def run(
+    argv: list[str], cwd: Path, stdin: bytes, env: dict[str, str] | None = None, **kw: object
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a command of this checkout with ``stdin`` as its input; its output captured."""
+    environ = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(  # type: ignore[call-overload,no-any-return]
+        argv, cwd=cwd, input=stdin, capture_output=True, check=False, timeout=120, env=environ, **kw
+    )
