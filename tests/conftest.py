@@ -1,4 +1,5 @@
-"""Fixtures shared by the test files: a plain SMTP server, and folders other users can reach."""
+"""Fixtures shared by the test files: a plain SMTP server, folders other users can reach, and
+no worker left running after a test."""
 
 from __future__ import annotations
 
@@ -10,6 +11,17 @@ from pathlib import Path
 import pytest
 
 from tests.smtpservers import SmtpServer
+from tests.workerproc import WorkerProcess
+
+
+@pytest.fixture(autouse=True)
+def no_worker_left() -> Iterator[None]:
+    """A test that fails half-way leaves no worker running into the next test (a worker of a
+    module-scoped fixture, started before the test, is that fixture's to stop)."""
+    before = len(WorkerProcess.started)
+    yield
+    while len(WorkerProcess.started) > before:
+        WorkerProcess.started.pop().kill()
 
 
 @pytest.fixture

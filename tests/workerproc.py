@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -80,6 +80,9 @@ def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = ""
 class WorkerProcess:
     """``spoolsmtp run`` on ``root/spool`` with the given config sections."""
 
+    # every worker started, so that one a failing test left running is killed (conftest.py)
+    started: ClassVar[list[WorkerProcess]] = []
+
     def __init__(self, root: Path, settings: dict[str, Any], env: dict[str, str] | None = None):
         self.root = root
         self.spool = root / "spool"
@@ -110,6 +113,7 @@ class WorkerProcess:
             stderr=subprocess.STDOUT,
             env=environ,
         )
+        WorkerProcess.started.append(self)
         proc = self.proc
         wait_for(lambda: self.answers() or proc.poll() is not None, what="worker ready")
         return self
@@ -170,6 +174,7 @@ class WorkerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        if self.proc is not None:
             self._log_fh.close()
 
     # -- spool helpers ---------------------------------------------------------------------
