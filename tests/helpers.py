@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import email
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
+from flufl.bounce import all_failures
 
 from spoolsmtp import config, envfile, writer
 from spoolsmtp.envelope import Envelope, MailParams, Recipient
 from spoolsmtp.errors import EnvelopeFault
 from spoolsmtp.reader import Reader
+
+SENDMAIL = Path(sys.executable).with_name("spoolsmtp-sendmail")
 
 FAST_TIMEOUTS = {
     "connect": "2s",
@@ -66,3 +71,17 @@ def read_in_steps(
         return reader.finish()
     except EnvelopeFault as exc:
         return str(exc)
+
+
+def report_failures(path: Path) -> tuple[set[str], set[str]]:
+    """Read a report envelope as a bounce processor would: (delayed, failed) addresses."""
+    cfg = config.Config()
+    env = envfile.read(path, cfg.limits, "x")
+    message = email.message_from_bytes(envfile.message_bytes(path, env.transactions[0].message))
+    temporary, permanent = all_failures(message)
+    return {a.decode() for a in temporary}, {a.decode() for a in permanent}
+
+
+def statuses(rec: dict[str, Any]) -> dict[str, str]:
+    """Each recipient's status in a result record, by address."""
+    return {r["address"]: r["status"] for t in rec["transactions"] for r in t["recipients"]}

@@ -9,6 +9,7 @@ import os
 import pwd
 import subprocess
 import sys
+import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ import pytest
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (CI runs as root)")
+# nobody cannot enter /root, where the test's own interpreter may live: what runs as nobody
+# runs on the system's python3 where there is one
+PLAIN_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
 
 
 def nobody() -> tuple[int, int]:
@@ -25,11 +29,16 @@ def nobody() -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
-def _drop_to_nobody() -> None:
+def become_nobody(groups: Sequence[int] = ()) -> None:
+    """Become ``nobody`` with only ``groups`` as supplementary groups (a ``preexec_fn``)."""
     uid, gid = nobody()
-    os.setgroups([])
+    os.setgroups(list(groups))
     os.setgid(gid)
     os.setuid(uid)
+
+
+def _drop_to_nobody() -> None:
+    become_nobody()
 
 
 def interpreter_reachable() -> None:
@@ -90,3 +99,38 @@ def fill(path: Path, name: str = "filler") -> Path:
             with open(filler, "ab") as fh:
                 fh.write(b"\0" * 512)
     return filler
+
+
+def cli_as_nobody(argv: list[str], base: Path, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
+    """``spoolsmtp ARGV`` in a forked child that has become ``nobody``: its exit code, output
+    and errors. The fork has this interpreter loaded, which ``nobody`` may not be able to start
+    anew (it can sit under root's 0700 home); stdin, stdout and stderr are files in ``base``."""
+    from spoolsmtp import cli
+
+    files = {name: base / f"nobody.{name}" for name in ("in", "out", "err")}
+    files["in"].write_bytes(stdin)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: drop to nobody, run, report its exit code
+        code = 70
+        try:
+            writing = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+            for fd, name, mode in (
+                (0, "in", os.O_RDONLY),
+                (1, "out", writing),
+                (2, "err", writing),
+            ):
+                os.dup2(os.open(files[name], mode, 0o600), fd)
+            # not pytest's stand-ins, which the fork inherited
+            sys.stdin = open(0, closefd=False)  # noqa: SIM115
+            sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+            _drop_to_nobody()
+            code = cli.main(argv)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), files["out"].read_bytes(), files["err"].read_bytes()

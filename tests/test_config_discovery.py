@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from spoolsmtp import configpath
+from tests.helpers import SENDMAIL
 from tests.hostile import needs_root, nobody
 from tests.workerproc import ROOT
 
-SENDMAIL = Path(sys.executable).with_name("spoolsmtp-sendmail")
 pytestmark = pytest.mark.skipif(
     configpath.SYSTEM_CONFIG.exists(), reason="a system config is installed on this machine"
 )

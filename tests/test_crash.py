@@ -7,30 +7,20 @@ sent), where a duplicate is possible and must be marked ``possible_duplicate``.
 
 from __future__ import annotations
 
-import email
 import signal
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from flufl.bounce import all_failures
 
-from spoolsmtp import config, envfile
 from spoolsmtp.crashpoint import PHASES
-from tests.helpers import draft
+from tests.helpers import draft, report_failures
 from tests.smtpservers import Script, SmtpServer
 from tests.workerproc import WorkerProcess, wait_for
 
 GOOD = ["a@example.org", "b@example.net"]
 BAD = "gone@example.org"
 WINDOW = {"after_dot", "after_250"}
-
-
-def failed_in(path: Path) -> set[str]:
-    cfg = config.Config()
-    env = envfile.read(path, cfg.limits, "x")
-    msg = email.message_from_bytes(envfile.message_bytes(path, env.transactions[0].message))
-    return {a.decode() for a in all_failures(msg)[1]}
 
 
 @pytest.mark.parametrize("phase", PHASES)
@@ -61,7 +51,7 @@ def test_kill_at_each_phase_loses_nothing_and_duplicates_nothing(
     assert recipients[BAD]["status"] == "failed"
     reports = worker.files("bounces")
     assert len(reports) == 1, (phase, reports)
-    assert failed_in(reports[0]) == {BAD}
+    assert report_failures(reports[0])[1] == {BAD}
     assert worker.files("active") == [] and worker.files("incoming") == []
     assert rec["crashes"] == 0
 

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 from collections import Counter
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 from spoolsmtp.diskfull import DiskWatch
 from spoolsmtp.stats import Stats
 from tests.helpers import draft
-from tests.hostile import fill, needs_root, nobody, reachable_by_others, small_tmpfs
+from tests.hostile import cli_as_nobody, fill, needs_root, reachable_by_others, small_tmpfs
 from tests.smtpservers import _LoopThread
 from tests.workerproc import ROOT, WorkerProcess, wait_for
 
@@ -134,6 +133,28 @@ def drop_burst(worker: WorkerProcess) -> None:
         worker.drop_drafts(f"job{n:02d}.bsmtp", [draft("oper@example.com", addresses(n))])
 
 
+def fill_at_the_gate(worker: WorkerProcess, sink: Sink, fs: Path) -> Path:
+    """Drop the burst; once every envelope is claimed and the sessions wait at DATA, fill the
+    disk and open the gate. The filler, to delete when space is to come back."""
+    drop_burst(worker)
+    wait_for(lambda: sink.at_gate == PER_DEST, what="sessions at DATA")
+    wait_for(lambda: len(worker.files("active")) == ENVELOPES, what="all claimed")
+    filler = fill(fs)
+    sink.open_gate()
+    return filler
+
+
+def once_or_flagged(records: list[dict[str, Any] | None], sink: Sink) -> None:
+    """Every recipient delivered, and sent once, or twice with ``possible_duplicate`` set."""
+    for rec in records:
+        assert rec is not None
+        for tx in rec["transactions"]:
+            for r in tx["recipients"]:
+                assert r["status"] == "delivered", r
+                got = sink.delivered[r["address"]]
+                assert got == 1 or (got == 2 and r["possible_duplicate"]), (r, got)
+
+
 @needs_root
 def test_disk_full_at_the_dot_then_kill_sends_nothing_twice_unflagged(tmp_path: Path) -> None:
     """The disk fills while envelopes wait for the server's 354; the dot records cannot be
@@ -146,11 +167,7 @@ def test_disk_full_at_the_dot_then_kill_sends_nothing_twice_unflagged(tmp_path: 
             cfg = settings(fs / "spool", sink)
             worker = on_tmpfs(tmp_path, fs, cfg).start()
             try:
-                drop_burst(worker)
-                wait_for(lambda: sink.at_gate == PER_DEST, what="sessions at DATA")
-                wait_for(lambda: len(worker.files("active")) == ENVELOPES, what="all claimed")
-                filler = fill(fs)
-                sink.open_gate()
+                filler = fill_at_the_gate(worker, sink, fs)
                 wait_for(lambda: sink.data_ended >= ENVELOPES, what="every first DATA over")
                 filler.unlink()
             finally:
@@ -164,13 +181,7 @@ def test_disk_full_at_the_dot_then_kill_sends_nothing_twice_unflagged(tmp_path: 
                 assert worker.stop() == 0
     finally:
         sink.stop()
-    for rec in records:
-        assert rec is not None
-        for tx in rec["transactions"]:
-            for r in tx["recipients"]:
-                assert r["status"] == "delivered", r
-                got = sink.delivered[r["address"]]
-                assert got == 1 or (got == 2 and r["possible_duplicate"]), (r, got)
+    once_or_flagged(records, sink)
     quiet(worker.log)
 
 
@@ -195,11 +206,7 @@ def test_after_a_full_disk_no_envelope_stays_in_active_and_no_connection_leaks(
             cfg = settings(fs / "spool", sink)
             worker = on_tmpfs(tmp_path, fs, cfg).start()
             try:
-                drop_burst(worker)
-                wait_for(lambda: sink.at_gate == PER_DEST, what="sessions at DATA")
-                wait_for(lambda: len(worker.files("active")) == ENVELOPES, what="all claimed")
-                filler = fill(fs)
-                sink.open_gate()
+                filler = fill_at_the_gate(worker, sink, fs)
                 wait_for(lambda: sink.data_ended >= PER_DEST, what="the first DATAs over")
                 filler.unlink()
                 sources = [f"job{n:02d}.bsmtp" for n in range(ENVELOPES)]
@@ -211,28 +218,13 @@ def test_after_a_full_disk_no_envelope_stays_in_active_and_no_connection_leaks(
                 assert worker.stop() == 0
     finally:
         sink.stop()
-    for rec in records:
-        assert rec is not None
-        for tx in rec["transactions"]:
-            for r in tx["recipients"]:
-                assert r["status"] == "delivered", r
-                got = sink.delivered[r["address"]]
-                assert got == 1 or (got == 2 and r["possible_duplicate"]), (r, got)
+    once_or_flagged(records, sink)
     quiet(worker.log)
 
 
-def ctl(config: Path, *words: str) -> dict[str, Any]:
+def ctl(worker: WorkerProcess, *words: str) -> dict[str, Any]:
     """One command over the worker's real control socket; its JSON result."""
-    done = subprocess.run(
-        [sys.executable, "-m", "spoolsmtp", "ctl", "--json", "--config", str(config), *words],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert done.returncode == 0, done.stderr
-    result: dict[str, Any] = json.loads(done.stdout)["result"]
+    result: dict[str, Any] = worker.ask(" ".join(words))["result"]
     return result
 
 
@@ -252,36 +244,33 @@ def test_claims_on_a_full_disk_are_one_episode_not_a_flood(tmp_path: Path) -> No
     full (though it rescans incoming/ every 50 ms), and once space is freed takes them all and
     says so once more: a handful of log lines, no traceback."""
     sink = Sink()
-    sock = Path(tempfile.mkdtemp(prefix="iof-")) / "control.sock"
     try:
         with small_tmpfs(tmp_path / "fs", size="4m") as fs:
             cfg = settings(fs / "spool", sink, rescan_interval="50ms")
-            cfg["control"] = {"socket": str(sock)}
             worker = on_tmpfs(tmp_path, fs, cfg).start()
             try:
-                ctl(worker.config, "SUSPEND")
+                ctl(worker, "SUSPEND")
                 drop_burst(worker)
                 filler = fill(fs)
-                ctl(worker.config, "RESUME")
-                query = wait_for(
-                    lambda: (q := ctl(worker.config, "QUERY"))["disk_full"] and q,
-                    what="QUERY says disk full",
+                ctl(worker, "RESUME")
+                wait_for(
+                    lambda: (
+                        (q := ctl(worker, "QUERY"))["disk_full"]
+                        and q["states"]["incoming"] == ENVELOPES
+                    ),
+                    what="QUERY says disk full, every file waiting in incoming/",
                 )
-                assert query["states"]["incoming"] == ENVELOPES
-                stats = ctl(worker.config, "STATS")
+                stats = ctl(worker, "STATS")
                 assert stats["disk_full"] is True and stats["disk_full_pauses"] == 1
                 filler.unlink()
-                wait_for(
-                    lambda: not ctl(worker.config, "QUERY")["disk_full"], what="disk full over"
-                )
+                wait_for(lambda: not ctl(worker, "QUERY")["disk_full"], what="disk full over")
                 sources = [f"job{n:02d}.bsmtp" for n in range(ENVELOPES)]
                 wait_for(lambda: all(worker.final(s) for s in sources), 60, what="all final")
-                assert ctl(worker.config, "STATS")["disk_full_pauses"] == 1
+                assert ctl(worker, "STATS")["disk_full_pauses"] == 1
             finally:
                 assert worker.stop() == 0
     finally:
         sink.stop()
-        sock.parent.rmdir()
     lines = problems(worker.log)
     assert len(lines) <= 3, lines
     assert any("disk full" in line for line in lines), lines
@@ -294,33 +283,33 @@ def test_under_the_reserve_intake_pauses_and_resumes_by_itself(tmp_path: Path) -
     """Free space falls under ``spool.min_free_space`` (files can still be written): new files
     wait in incoming/, QUERY and STATS say so; space comes back and they are delivered."""
     sink = Sink()
-    sock = Path(tempfile.mkdtemp(prefix="iof-")) / "control.sock"
     try:
         with small_tmpfs(tmp_path / "fs", size="8m") as fs:
             cfg = settings(fs / "spool", sink, min_free_space="2MiB")
-            cfg["control"] = {"socket": str(sock)}
             worker = on_tmpfs(tmp_path, fs, cfg).start()
             try:
                 filler = fill(fs)
                 os.truncate(filler, filler.stat().st_size - 1024 * 1024)  # 1 MiB left
                 query = wait_for(
-                    lambda: (q := ctl(worker.config, "QUERY"))["disk_full"] and q,
+                    lambda: (q := ctl(worker, "QUERY"))["disk_full"] and q,
                     what="QUERY says disk full",
                 )
                 drop_burst(worker)
-                stats = ctl(worker.config, "STATS")
+                stats = ctl(worker, "STATS")
                 assert stats["disk_full"] is True and stats["disk_full_pauses"] == 1
-                assert ctl(worker.config, "QUERY")["states"]["incoming"] == ENVELOPES
+                wait_for(
+                    lambda: ctl(worker, "QUERY")["states"]["incoming"] == ENVELOPES,
+                    what="QUERY counts every file waiting in incoming/",
+                )
                 assert not worker.records(), "nothing taken while under the reserve"
                 filler.unlink()
                 sources = [f"job{n:02d}.bsmtp" for n in range(ENVELOPES)]
                 wait_for(lambda: all(worker.final(s) for s in sources), 60, what="all final")
-                assert not ctl(worker.config, "QUERY")["disk_full"]
+                assert not ctl(worker, "QUERY")["disk_full"]
             finally:
                 assert worker.stop() == 0
     finally:
         sink.stop()
-        sock.parent.rmdir()
     assert query["disk_full"]
     lines = problems(worker.log)
     assert len(lines) == 2, lines
@@ -330,34 +319,6 @@ def run_worker(config: Path) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "spoolsmtp", "run", "--config", str(config)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, check=False)
-
-
-def run_as_nobody_forked(argv: list[str], stderr: Path) -> int:
-    """``spoolsmtp ARGV`` in a forked child that has become ``nobody``: this interpreter is
-    reachable only by root, so ``nobody`` cannot start it anew; the fork has it loaded."""
-    from spoolsmtp import cli
-
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 99
-        try:
-            fd = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-            os.dup2(fd, 2)
-            sys.stderr = os.fdopen(fd, "w")  # not pytest's capture, which the fork inherited
-            uid, gid = nobody()
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-            code = cli.main(argv)
-        except BaseException:
-            import traceback
-
-            traceback.print_exc()
-        finally:
-            sys.stderr.flush()
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
 
 
 @needs_root
@@ -382,10 +343,9 @@ def test_run_on_a_spool_of_another_user_stops_with_one_line_and_73(tmp_path: Pat
     config = tmp_path / "conf.yaml"
     config.write_text(json.dumps({"spool": {"path": str(spool)}}))
     config.chmod(0o644)
-    stderr = tmp_path / "stderr"
-    code = run_as_nobody_forked(["run", "--config", str(config)], stderr)
-    assert code == 73, stderr.read_text()
-    lines = stderr.read_text().splitlines()
+    code, _, err = cli_as_nobody(["run", "--config", str(config)], tmp_path)
+    assert code == 73, err
+    lines = err.decode().splitlines()
     assert len(lines) == 1, lines
     assert str(spool) in lines[0] and "Traceback" not in lines[0]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,21 +15,9 @@ from spoolsmtp import envfile, writer
 from spoolsmtp.config import Limits
 from tests.helpers import draft
 from tests.smtpservers import Script, SmtpServer
-from tests.workerproc import ROOT, WorkerProcess, wait_for
+from tests.workerproc import ROOT, start_worker, wait_for
 
 MB = 1024 * 1024
-
-
-@pytest.fixture
-def server() -> Iterator[SmtpServer]:
-    srv = SmtpServer()
-    yield srv
-    srv.stop()
-
-
-def start(tmp_path: Path, srv: SmtpServer, **settings: Any) -> WorkerProcess:
-    settings.setdefault("smarthost", f"127.0.0.1:{srv.port}")
-    return WorkerProcess(tmp_path, settings).start()
 
 
 def lines(*text: str) -> bytes:
@@ -41,7 +28,7 @@ def test_a_full_length_line_starting_with_a_dot_is_delivered_intact(
     tmp_path: Path, server: SmtpServer
 ) -> None:
     text = b"Subject: dots\r\n\r\n." + b"x" * 997 + b"\r\n"
-    w = start(tmp_path, server)
+    w = start_worker(tmp_path, server)
     try:
         w.drop_drafts("dots.bsmtp", [draft("o@example.com", ["a@example.org"], text)])
         rec = wait_for(lambda: w.final("dots.bsmtp"))
@@ -65,7 +52,7 @@ def test_helo_in_a_transaction_drops_its_recipients(tmp_path: Path, server: Smtp
         ".",
         "QUIT",
     )
-    w = start(tmp_path, server)
+    w = start_worker(tmp_path, server)
     try:
         w.drop("helo.bsmtp", data)
         rec = wait_for(lambda: w.final("helo.bsmtp"))
@@ -83,7 +70,7 @@ def test_local_parts_differing_in_case_each_get_their_copy(
     tmp_path: Path, server: SmtpServer
 ) -> None:
     rcpts = ["Dup@example.org", "dup@example.org", "dup@EXAMPLE.org"]
-    w = start(tmp_path, server)
+    w = start_worker(tmp_path, server)
     try:
         w.drop_drafts("case.bsmtp", [draft("o@example.com", rcpts)])
         rec = wait_for(lambda: w.final("case.bsmtp"))
@@ -98,7 +85,7 @@ def test_postmaster_without_a_domain_is_our_postmaster(tmp_path: Path, server: S
     data = lines(
         "HELO batch.test", "MAIL FROM:<o@example.com>", "RCPT TO:<postmaster>", "DATA", "hi", "."
     )
-    w = start(tmp_path, server)
+    w = start_worker(tmp_path, server)
     try:
         w.drop("pm.bsmtp", data)
         rec = wait_for(lambda: w.final("pm.bsmtp"))
@@ -135,7 +122,7 @@ def test_each_sender_gets_the_refusals_of_its_own_transactions(
         "y",
         ".",
     )
-    w = start(tmp_path, server)
+    w = start_worker(tmp_path, server)
     try:
         w.drop("two.bsmtp", data)
         rec = wait_for(lambda: w.final("two.bsmtp"))
@@ -221,7 +208,7 @@ def test_a_huge_envelope_is_refused_by_a_named_limit_in_bounded_memory(
 def test_a_huge_envelope_beside_a_normal_one_does_not_stop_its_delivery(
     tmp_path: Path, server: SmtpServer
 ) -> None:
-    w = start(tmp_path, server)
+    w = start_worker(tmp_path, server)
     try:
         w.drop("huge.bsmtp", a_hundred_thousand_transactions())
         w.drop_drafts("normal.bsmtp", [draft("o@example.com", ["n@example.org"])])
@@ -261,7 +248,7 @@ def test_control_bytes_in_envelope_fields_reach_neither_the_wire_nor_a_report(
         "hi",
         ".",
     )
-    w = start(tmp_path, srv)
+    w = start_worker(tmp_path, srv)
     try:
         w.drop("ctl.bsmtp", data)
         rec = wait_for(lambda: w.final("ctl.bsmtp"))

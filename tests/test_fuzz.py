@@ -11,7 +11,6 @@ control lines sent to a real worker's socket below.
 from __future__ import annotations
 
 import importlib.util
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from types import ModuleType
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from tests.workerproc import WorkerProcess
+from tests.workerproc import WorkerProcess, connect, exchange
 
 ROOT = Path(__file__).parent.parent
 CORPUS = Path(__file__).parent / "corpus"
@@ -96,14 +95,8 @@ def dns_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Worke
 
 
 def _ask(sock_path: Path, line: bytes) -> bytes:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        sock.connect(str(sock_path))
-        sock.sendall(line + b"\n")
-        data = b""
-        while not data.endswith(b"\n.\n") and (chunk := sock.recv(65536)):
-            data += chunk
-        return data
+    with connect(sock_path) as sock:
+        return exchange(sock, line)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 import textwrap
 import threading
 from pathlib import Path
@@ -16,13 +15,19 @@ from pathlib import Path
 from spoolsmtp import writer
 from spoolsmtp.spool import new_id
 from tests.helpers import draft
-from tests.hostile import needs_root, nobody, popen_as_nobody, reachable_by_others, run_as_nobody
+from tests.hostile import (
+    PLAIN_PYTHON,
+    needs_root,
+    nobody,
+    popen_as_nobody,
+    reachable_by_others,
+    run_as_nobody,
+)
 from tests.smtpservers import Message, RawServer, Script, SmtpServer
 from tests.workerproc import WorkerProcess, wait_for
 
 SECRET = b"root-only secret 7f3a9c"
 # a Python nobody may run (this test's own may live under a folder only root may enter)
-PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
 LEGACY = {"strip_trailing_blanks": True}
 
 
@@ -135,7 +140,7 @@ def test_a_planted_temp_file_or_symlink_in_incoming_gets_no_requeued_report(
         for kind, tx in (("file", 1), ("link", 2)):
             name = f".{envelope_id}.{tx}.ndr.bsmtp.{w.proc.pid}.tmp"
             proc = popen_as_nobody(
-                [PYTHON, "-c", PLANT, str(w.spool / "incoming" / name), kind],
+                [PLAIN_PYTHON, "-c", PLANT, str(w.spool / "incoming" / name), kind],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
@@ -219,7 +224,7 @@ def test_a_submitter_cannot_change_what_is_sent_after_the_claim(tmp_path: Path) 
         assert connected.wait(15)
         path = w.spool / "active" / f"{envelope_id}.bsmtp"
         done = run_as_nobody(
-            [PYTHON, "-c", REWRITE, str(path), evil.hex(), str(where)],
+            [PLAIN_PYTHON, "-c", REWRITE, str(path), evil.hex(), str(where)],
             capture_output=True,
             text=True,
             timeout=30,

@@ -4,36 +4,20 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import pytest
 
 from spoolsmtp import intake, legacy
 from tests.smtpservers import SmtpServer
-from tests.test_control import ask
-from tests.workerproc import WorkerProcess, wait_for
+from tests.workerproc import WorkerProcess, start_worker, wait_for
 
 BODY = b"HELO h\r\nMAIL FROM:<o@example.com>\r\nRCPT TO:<a@example.org>\r\nDATA\r\nx\r\n.\r\n"
-
-
-@pytest.fixture
-def server() -> Iterator[SmtpServer]:
-    srv = SmtpServer()
-    yield srv
-    srv.stop()
-
-
-def start(tmp_path: Path, srv: SmtpServer, **settings: Any) -> WorkerProcess:
-    settings.setdefault("smarthost", f"127.0.0.1:{srv.port}")
-    return WorkerProcess(tmp_path, settings).start()
 
 
 def drop_bytes_name(w: WorkerProcess, name: bytes, data: bytes) -> None:
@@ -60,7 +44,7 @@ def test_any_name_the_file_system_allows_is_finished_and_stays_finished(
     assert len(name) <= 255
     source = os.fsdecode(name)
     data = BODY if content == "envelope" else b"\x89PNG\r\n\x1a\n\x00\x00"
-    w = start(tmp_path, server)
+    w = start_worker(tmp_path, server)
     try:
         drop_bytes_name(w, name, data)
         rec = wait_for(lambda: w.final(source), what="final record")
@@ -90,9 +74,7 @@ def test_any_name_the_file_system_allows_is_finished_and_stays_finished(
 def test_a_name_never_taken_is_logged_once_and_counted_however_often_it_is_rescanned(
     tmp_path: Path, server: SmtpServer
 ) -> None:
-    sockdir = Path(tempfile.mkdtemp(prefix="spoolsmtp-intake-"))
-    sock = sockdir / "control.sock"
-    w = start(tmp_path, server, spool={"rescan_interval": "50ms"}, control={"socket": str(sock)})
+    w = start_worker(tmp_path, server, spool={"rescan_interval": "50ms"})
     try:
         (w.spool / "incoming" / "tab\there.bsmtp").write_bytes(BODY)
         os.mkfifo(w.spool / "incoming" / "pipe.bsmtp")
@@ -102,10 +84,9 @@ def test_a_name_never_taken_is_logged_once_and_counted_however_often_it_is_resca
             (tmp_path / f"probe{n}").write_bytes(BODY)
             os.link(tmp_path / f"probe{n}", w.spool / "incoming" / f"probe{n}.bsmtp")
             wait_for(partial(w.final, f"probe{n}.bsmtp"), what=f"probe {n}")
-        stats = ask(sock, "STATS")["result"]
+        stats = w.ask("STATS")["result"]
     finally:
         assert w.stop() == 0
-        shutil.rmtree(sockdir)
     log = w.log.read_bytes()
     assert log.count(b"tab\\there.bsmtp") == 1, log.decode()
     assert log.count(b"pipe.bsmtp") == 1, log.decode()
@@ -129,7 +110,7 @@ WRITER = textwrap.dedent(
 def test_a_file_still_open_for_writing_is_not_taken_however_long_its_writer_pauses(
     tmp_path: Path, server: SmtpServer
 ) -> None:
-    w = start(
+    w = start_worker(
         tmp_path,
         server,
         spool={"settle_seconds": "200ms", "rescan_interval": "100ms"},

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import site
 import subprocess
 import sys
-import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,15 +16,12 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import draft
-from tests.hostile import needs_root, nobody
+from tests.hostile import PLAIN_PYTHON, become_nobody, needs_root, nobody
 from tests.smtpservers import SmtpServer
-from tests.test_control import ask, ctl, sockdir  # noqa: F401 - fixture
 from tests.test_intake import BODY, WRITER
-from tests.workerproc import ROOT, WorkerProcess, wait_for
+from tests.workerproc import ROOT, WorkerProcess, ask, ctl, wait_for
 
-# nobody cannot enter /root, where the test's own interpreter may live: the worker that drops
-# to nobody runs on the system's python3 with this checkout's dependencies
-PLAIN_PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+# the worker that drops to nobody runs on the system's python3 with this checkout's dependencies
 PLAIN_PATH = f"{ROOT}:{site.getsitepackages()[0]}"
 
 
@@ -40,19 +35,9 @@ def _status(pid: int) -> dict[str, list[int]]:
 
 
 @pytest.fixture
-def open_root() -> Iterator[Path]:
-    """A folder nobody may enter, outside pytest's own (which pytest runs starting elsewhere
-    make 0700 again)."""
-    path = Path(tempfile.mkdtemp(prefix="spoolsmtp-priv-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
 def as_nobody(
-    open_root: Path,
-    sockdir: Path,  # noqa: F811
+    open_dir: Path,
+    sockdir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[tuple[WorkerProcess, SmtpServer, Path]]:
     uid, gid = nobody()
@@ -60,7 +45,7 @@ def as_nobody(
     srv = SmtpServer()
     sock = sockdir / "control.sock"
     w = WorkerProcess(
-        open_root,
+        open_dir,
         {
             "user": "nobody",
             "smarthost": f"127.0.0.1:{srv.port}",
@@ -125,7 +110,7 @@ def _refused(w: WorkerProcess) -> str:
 )
 def test_unsafe_folder_modes_are_refused_at_start(
     tmp_path: Path,
-    sockdir: Path,  # noqa: F811
+    sockdir: Path,
     folder: str,
     mode: int,
     refused: str | None,
@@ -148,7 +133,7 @@ def test_unsafe_folder_modes_are_refused_at_start(
 @needs_root
 def test_a_folder_owned_by_another_user_is_refused(
     tmp_path: Path,
-    sockdir: Path,  # noqa: F811
+    sockdir: Path,
 ) -> None:
     w = WorkerProcess(tmp_path, {"control": {"socket": str(sockdir / "control.sock")}})
     (w.spool / "deferred").mkdir(parents=True)
@@ -159,7 +144,7 @@ def test_a_folder_owned_by_another_user_is_refused(
 
 def test_files_the_worker_creates_are_private(
     tmp_path: Path,
-    sockdir: Path,  # noqa: F811
+    sockdir: Path,
 ) -> None:
     srv = SmtpServer()
     w = WorkerProcess(
@@ -190,18 +175,11 @@ _ASK = textwrap.dedent(
 )
 
 
-def _with_groups(groups: list[int]) -> None:
-    uid, gid = nobody()
-    os.setgroups(groups)
-    os.setgid(gid)
-    os.setuid(uid)
-
-
 @needs_root
 @pytest.mark.parametrize(("groups", "status"), [([4242], 200), ([4243], 403), ([], 403)])
 def test_a_peer_is_authorised_by_the_groups_the_kernel_reports(
     tmp_path: Path,
-    sockdir: Path,  # noqa: F811
+    sockdir: Path,
     groups: list[int],
     status: int,
 ) -> None:
@@ -215,7 +193,7 @@ def test_a_peer_is_authorised_by_the_groups_the_kernel_reports(
     try:
         done = subprocess.run(
             [PLAIN_PYTHON, "-c", _ASK, str(sock)],
-            preexec_fn=lambda: _with_groups(groups),
+            preexec_fn=lambda: become_nobody(groups),
             capture_output=True,
             text=True,
             timeout=30,
@@ -228,8 +206,8 @@ def test_a_peer_is_authorised_by_the_groups_the_kernel_reports(
 
 @needs_root
 def test_a_worker_that_dropped_root_still_never_takes_a_file_open_for_writing(
-    open_root: Path,
-    sockdir: Path,  # noqa: F811
+    open_dir: Path,
+    sockdir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Run as nobody, the worker keeps CAP_LEASE (and nothing else of root's), so a file of
@@ -238,7 +216,7 @@ def test_a_worker_that_dropped_root_still_never_takes_a_file_open_for_writing(
     os.chown(sockdir, uid, gid)
     srv = SmtpServer()
     w = WorkerProcess(
-        open_root,
+        open_dir,
         {
             "user": "nobody",
             "smarthost": f"127.0.0.1:{srv.port}",
@@ -294,8 +272,8 @@ def _capabilities(pid: int) -> int:
 
 @needs_root
 def test_a_spool_run_by_root_can_be_handed_to_a_dedicated_user(
-    open_root: Path,
-    sockdir: Path,  # noqa: F811
+    open_dir: Path,
+    sockdir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A worker that ran as root and was killed leaves root's dead socket and root's 0700
@@ -307,7 +285,7 @@ def test_a_spool_run_by_root_can_be_handed_to_a_dedicated_user(
         "control": {"socket": str(sockdir / "control.sock")},
     }
     try:
-        as_root = WorkerProcess(open_root, settings).start()
+        as_root = WorkerProcess(open_dir, settings).start()
         wait_for((as_root.spool / "operator" / "control.sock").exists)
         as_root.kill()
         os.chown(sockdir, uid, gid)  # the public socket's folder, as the operator would
@@ -315,7 +293,7 @@ def test_a_spool_run_by_root_can_be_handed_to_a_dedicated_user(
         assert (
             operators.stat().st_uid == 0 and (as_root.spool / "operator" / "control.sock").exists()
         )
-        w = WorkerProcess(open_root, {**settings, "user": "nobody"}, env={"PYTHONPATH": PLAIN_PATH})
+        w = WorkerProcess(open_dir, {**settings, "user": "nobody"}, env={"PYTHONPATH": PLAIN_PATH})
         with monkeypatch.context() as patch:
             patch.setattr(sys, "executable", PLAIN_PYTHON)
             w.start()

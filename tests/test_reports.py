@@ -6,13 +6,10 @@ from __future__ import annotations
 import asyncio
 import email
 import signal
-from collections.abc import Iterator
 from email.message import Message
 from email.parser import HeaderParser
 from pathlib import Path
-from typing import Any
 
-import pytest
 from flufl.bounce import all_failures
 
 from spoolsmtp import config, envfile
@@ -21,21 +18,9 @@ from spoolsmtp.envelope import MailParams, Notify, Recipient
 from spoolsmtp.writer import Draft
 from tests.helpers import draft
 from tests.smtpservers import RawServer, Script, SmtpServer, read_line
-from tests.workerproc import WorkerProcess, wait_for
+from tests.workerproc import WorkerProcess, start_worker, wait_for
 
 FAST_RETRY = {"interval": "200ms", "max_interval": "300ms", "max_age": "1s", "warning_age": "0s"}
-
-
-@pytest.fixture
-def server() -> Iterator[SmtpServer]:
-    srv = SmtpServer()
-    yield srv
-    srv.stop()
-
-
-def start(tmp_path: Path, port: int, **settings: Any) -> WorkerProcess:
-    settings.setdefault("smarthost", f"127.0.0.1:{port}")
-    return WorkerProcess(tmp_path, settings).start()
 
 
 def report_of(path: Path) -> Message:
@@ -71,7 +56,7 @@ def test_a_later_failure_of_the_same_transaction_gets_a_report_of_its_own(
             }
         )
     )
-    w = start(tmp_path, srv.port, retry=FAST_RETRY)
+    w = start_worker(tmp_path, srv.port, retry=FAST_RETRY)
     try:
         w.drop_drafts(
             "j.bsmtp", [draft("o@example.com", ["gone@example.org", "later@example.org"])]
@@ -97,7 +82,7 @@ def test_requeued_reports_of_one_transaction_are_all_delivered(tmp_path: Path) -
             }
         )
     )
-    w = start(tmp_path, srv.port, retry=FAST_RETRY, bounces={"requeue": True})
+    w = start_worker(tmp_path, srv.port, retry=FAST_RETRY, bounces={"requeue": True})
     try:
         w.drop_drafts(
             "j.bsmtp", [draft("o@example.com", ["gone@example.org", "later@example.org"])]
@@ -124,7 +109,7 @@ def test_a_report_names_the_failed_recipients_the_original_and_our_envelope(
     tmp_path: Path,
 ) -> None:
     srv = SmtpServer(Script(rcpt={"gone@example.org": "550 5.1.1 no such user"}))
-    w = start(tmp_path, srv.port)
+    w = start_worker(tmp_path, srv.port)
     original = b"Subject: hello\r\nMessage-ID:\r\n <orig.1@batch.test>\r\n\r\nhi\r\n"
     try:
         w.drop_drafts(
@@ -154,7 +139,7 @@ def test_a_report_names_the_failed_recipients_the_original_and_our_envelope(
 
 def test_a_refusal_decided_here_is_not_dressed_as_the_servers(tmp_path: Path) -> None:
     srv = SmtpServer(size_limit=500)
-    w = start(tmp_path, srv.port)
+    w = start_worker(tmp_path, srv.port)
     try:
         w.drop_drafts("j.bsmtp", [draft("o@example.com", ["big@example.org"], b"x\r\n" * 300)])
         rec = wait_for(lambda: w.final("j.bsmtp"))
@@ -211,7 +196,7 @@ def success_draft(address: str) -> Draft:
 
 def test_success_relayed_to_a_dsn_server_is_reported_by_it_not_by_us(tmp_path: Path) -> None:
     srv, received = dsn_server()
-    w = start(tmp_path, srv.port)
+    w = start_worker(tmp_path, srv.port)
     try:
         w.drop_drafts("j.bsmtp", [success_draft("ok@example.org")])
         rec = wait_for(lambda: w.final("j.bsmtp"))
@@ -227,7 +212,7 @@ def test_success_relayed_to_a_dsn_server_is_reported_by_it_not_by_us(tmp_path: P
 def test_success_relayed_to_a_server_without_dsn_is_reported_as_relayed(
     tmp_path: Path, server: SmtpServer
 ) -> None:
-    w = start(tmp_path, server.port)
+    w = start_worker(tmp_path, server.port)
     try:
         w.drop_drafts("j.bsmtp", [success_draft("ok@example.org")])
         rec = wait_for(lambda: w.final("j.bsmtp"))
@@ -278,7 +263,7 @@ def test_a_failed_utf8_recipient_gets_an_rfc6533_report_a_bounce_parser_reads(
     tmp_path: Path,
 ) -> None:
     srv = SmtpServer(Script(rcpt={"j\u00f6rg@example.org": "550 5.1.1 no such user"}))
-    w = start(tmp_path, srv.port)
+    w = start_worker(tmp_path, srv.port)
     try:
         w.drop_drafts(
             "j.bsmtp",
@@ -314,7 +299,7 @@ def test_a_failed_utf8_recipient_gets_an_rfc6533_report_a_bounce_parser_reads(
 
 def test_an_ascii_report_stays_ascii(tmp_path: Path) -> None:
     srv = SmtpServer(Script(rcpt={"gone@example.org": "550 5.1.1 no such user"}))
-    w = start(tmp_path, srv.port)
+    w = start_worker(tmp_path, srv.port)
     try:
         w.drop_drafts("j.bsmtp", [draft("o@example.com", ["gone@example.org"])])
         wait_for(lambda: w.final("j.bsmtp"))
@@ -334,7 +319,7 @@ def test_an_ascii_report_stays_ascii(tmp_path: Path) -> None:
 
 def test_a_report_to_a_utf8_sender_is_written_so_that_it_can_be_sent(tmp_path: Path) -> None:
     srv = SmtpServer(Script(rcpt={"gone@example.org": "550 5.1.1 no such user"}))
-    w = start(tmp_path, srv.port, bounces={"requeue": True})
+    w = start_worker(tmp_path, srv.port, bounces={"requeue": True})
     try:
         w.drop_drafts(
             "j.bsmtp",

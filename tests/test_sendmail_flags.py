@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 
 from spoolsmtp.compose import qualify_field
+from tests.helpers import SENDMAIL
 from tests.workerproc import ROOT
-
-SENDMAIL = Path(sys.executable).with_name("spoolsmtp-sendmail")
 
 
 class Spool:

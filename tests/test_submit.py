@@ -6,8 +6,6 @@ import os
 import pwd
 import resource
 import signal
-import subprocess
-import sys
 import tempfile
 import traceback
 from collections.abc import Iterator
@@ -17,8 +15,9 @@ import pytest
 
 from spoolsmtp import cli, config
 from spoolsmtp.submit import Submission, build, recipients_from_headers
+from tests.helpers import SENDMAIL
 from tests.smtpservers import Message, Script, SmtpServer
-from tests.workerproc import ROOT, WorkerProcess, wait_for
+from tests.workerproc import WorkerProcess, run, spoolsmtp, wait_for
 
 MESSAGE = (
     b"From: Nightly Job <oper@example.com>\r\n"
@@ -32,20 +31,6 @@ MESSAGE = (
     b"\r\n"
     b"end\r\n"
 )
-SENDMAIL = Path(sys.executable).with_name("spoolsmtp-sendmail")
-
-
-def run(
-    argv: list[str], cwd: Path, stdin: bytes, env: dict[str, str] | None = None, **kw: object
-) -> subprocess.CompletedProcess[bytes]:
-    environ = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run(  # type: ignore[call-overload,no-any-return]
-        argv, cwd=cwd, input=stdin, capture_output=True, check=False, timeout=120, env=environ, **kw
-    )
-
-
-def spoolsmtp(*args: str) -> list[str]:
-    return [sys.executable, "-m", "spoolsmtp", *args]
 
 
 def without_received(msg: Message) -> bytes:

@@ -4,22 +4,16 @@ cannot read the worker's result records."""
 from __future__ import annotations
 
 import json
-import os
-import sys
-import tempfile
-import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from spoolsmtp import cli
 from spoolsmtp.submit import outcome
-from tests.hostile import needs_root, nobody, reachable_by_others
+from tests.hostile import cli_as_nobody, needs_root
 from tests.smtpservers import Script, SmtpServer
-from tests.test_submit import run, spoolsmtp
-from tests.workerproc import WorkerProcess
+from tests.workerproc import WorkerProcess, run, spoolsmtp
 
 
 @pytest.fixture
@@ -91,62 +85,22 @@ def test_what_a_final_record_means(record: dict[str, Any], code: int | None) -> 
     assert outcome(record) == code
 
 
-def _as_nobody(argv: list[str], stdin: bytes, base: Path) -> tuple[int, bytes, bytes]:
-    """``spoolsmtp ARGV`` in a child process running as uid nobody: exit code, out, err."""
-    files = {name: base / f"nobody.{name}" for name in ("in", "out", "err")}
-    files["in"].write_bytes(stdin)
-    pid = os.fork()
-    if pid == 0:  # the child: drop to nobody, run the command, report its exit code
-        code = 70
-        try:
-            for fd, name, mode in ((0, "in", os.O_RDONLY), (1, "out", os.O_WRONLY | os.O_CREAT)):
-                os.dup2(os.open(files[name], mode, 0o600), fd)
-            os.dup2(os.open(files["err"], os.O_WRONLY | os.O_CREAT, 0o600), 2)
-            sys.stdin = open(0, closefd=False)  # noqa: SIM115 - pytest's stand-ins, replaced
-            sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
-            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
-            uid, gid = nobody()
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-            code = cli.main(argv)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), files["out"].read_bytes(), files["err"].read_bytes()
-
-
-@pytest.fixture
-def open_base() -> Iterator[Path]:
-    """A folder outside pytest's 0700 tmp tree, so that nobody can reach what it is meant to."""
-    base = Path(tempfile.mkdtemp(prefix="spoolsmtp-wait-"))
-    reachable_by_others(base)
-    yield base
-    for path in sorted(base.rglob("*"), reverse=True):
-        path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
-    base.rmdir()
-
-
 @needs_root
 @pytest.mark.parametrize(
     ("rcpt", "code", "status"), [("alice", 0, "delivered"), ("gone", 67, "failed")]
 )
 def test_wait_as_another_user_learns_the_outcome_from_the_control_socket(
-    open_base: Path, server: SmtpServer, rcpt: str, code: int, status: str
+    open_dir: Path, server: SmtpServer, rcpt: str, code: int, status: str
 ) -> None:
-    w = WorkerProcess(open_base, {"smarthost": f"127.0.0.1:{server.port}"}).start()
+    w = WorkerProcess(open_dir, {"smarthost": f"127.0.0.1:{server.port}"}).start()
     try:
         (w.spool / "incoming").chmod(0o1777)
-        open_base.chmod(0o755)
+        open_dir.chmod(0o755)
         w.config.chmod(0o644)
-        out_code, out, err = _as_nobody(
+        out_code, out, err = cli_as_nobody(
             ["submit", "--config", str(w.config), "--wait=30", "--json", f"{rcpt}@example.org"],
+            open_dir,
             b"Subject: s\n\nx\n",
-            open_base,
         )
         records = list((w.spool / "results").glob("*.json"))
         assert records and all(p.stat().st_mode & 0o004 == 0 for p in records)
@@ -158,17 +112,17 @@ def test_wait_as_another_user_learns_the_outcome_from_the_control_socket(
 
 
 @needs_root
-def test_wait_that_cannot_learn_the_outcome_says_so_and_exits_75(open_base: Path) -> None:
-    spool = open_base / "spool"
+def test_wait_that_cannot_learn_the_outcome_says_so_and_exits_75(open_dir: Path) -> None:
+    spool = open_dir / "spool"
     (spool / "incoming").mkdir(parents=True)
     (spool / "incoming").chmod(0o1777)
     (spool / "results").mkdir(mode=0o700)
-    conf = open_base / "conf.yaml"
+    conf = open_dir / "conf.yaml"
     conf.write_text(f"hostname: h.test\nspool:\n  path: {spool}\n")
     conf.chmod(0o644)
-    open_base.chmod(0o755)
-    code, out, err = _as_nobody(
-        ["submit", "--config", str(conf), "--wait=1", "a@example.org"], b"x\n", open_base
+    open_dir.chmod(0o755)
+    code, out, err = cli_as_nobody(
+        ["submit", "--config", str(conf), "--wait=1", "a@example.org"], open_dir, b"x\n"
     )
     assert code == 75, err
     (queued,) = list((spool / "incoming").iterdir())

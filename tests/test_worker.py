@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import email
+import signal
 import threading
 import time
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 from flufl.bounce import all_failures
@@ -16,38 +15,13 @@ from flufl.bounce import all_failures
 from spoolsmtp import config, envfile, response, writer
 from spoolsmtp.envelope import MailParams, Notify, Recipient, Ret
 from spoolsmtp.writer import Draft
-from tests.helpers import draft
+from tests.helpers import draft, report_failures, statuses
 from tests.smtpservers import Script, SmtpServer
-from tests.workerproc import WorkerProcess, wait_for
-
-
-@pytest.fixture
-def server() -> Iterator[SmtpServer]:
-    srv = SmtpServer()
-    yield srv
-    srv.stop()
-
-
-def start(tmp_path: Path, srv: SmtpServer, **settings: Any) -> WorkerProcess:
-    settings.setdefault("smarthost", f"127.0.0.1:{srv.port}")
-    return WorkerProcess(tmp_path, settings).start()
-
-
-def report_failures(path: Path) -> tuple[set[str], set[str]]:
-    """Read a report envelope as a bounce processor would: (delayed, failed) addresses."""
-    cfg = config.Config()
-    env = envfile.read(path, cfg.limits, "x")
-    message = email.message_from_bytes(envfile.message_bytes(path, env.transactions[0].message))
-    temporary, permanent = all_failures(message)
-    return {a.decode() for a in temporary}, {a.decode() for a in permanent}
-
-
-def statuses(rec: dict[str, Any]) -> dict[str, str]:
-    return {r["address"]: r["status"] for t in rec["transactions"] for r in t["recipients"]}
+from tests.workerproc import WorkerProcess, start_worker, wait_for
 
 
 def test_delivers_and_records_every_recipient(tmp_path: Path, server: SmtpServer) -> None:
-    w = start(tmp_path, server)
+    w = start_worker(tmp_path, server)
     try:
         w.drop_drafts("job1.bsmtp", [draft("oper@example.com", ["a@example.org", "b@example.net"])])
         rec = wait_for(lambda: w.final("job1.bsmtp"), what="job1 done")
@@ -67,7 +41,7 @@ def test_partial_failure_writes_a_report_a_bounce_parser_understands(tmp_path: P
     srv = SmtpServer(
         Script(rcpt={"gone@example.org": "550 5.1.1 <gone@example.org>: no such user"})
     )
-    w = start(tmp_path, srv)
+    w = start_worker(tmp_path, srv)
     try:
         w.drop_drafts(
             "j.bsmtp", [draft("oper@example.com", ["ok@example.org", "gone@example.org"])]
@@ -90,13 +64,20 @@ def test_partial_failure_writes_a_report_a_bounce_parser_understands(tmp_path: P
 
 def test_deferral_then_success(tmp_path: Path) -> None:
     srv = SmtpServer(Script(defer_first={"slowbox@example.org": 1}))
-    w = start(tmp_path, srv, retry={"interval": "300ms", "max_interval": "1s"})
+    w = start_worker(tmp_path, srv, retry={"interval": "300ms", "max_interval": "1s"})
     try:
         w.drop_drafts("j.bsmtp", [draft("o@example.com", ["slowbox@example.org"])])
-        deferred = wait_for(lambda: w.in_state("j.bsmtp", "deferred"))
+        # the record is replaced before the envelope is moved to where it says: wait for both
+        deferred = wait_for(
+            lambda: (
+                (r := w.in_state("j.bsmtp", "deferred"))
+                and (w.spool / r["location"]).exists()
+                and r
+            ),
+            what="a deferred record and the envelope where it says",
+        )
         assert deferred["transactions"][0]["recipients"][0]["reply"]["code"] == 450
         assert deferred["transactions"][0]["recipients"][0]["next_attempt_at"]
-        assert (w.spool / deferred["location"]).exists()
         rec = wait_for(lambda: w.final("j.bsmtp"))
     finally:
         w.stop()
@@ -109,7 +90,7 @@ def test_deferral_then_success(tmp_path: Path) -> None:
 
 def test_expiry_fails_with_a_report(tmp_path: Path) -> None:
     srv = SmtpServer(Script(rcpt={"never@example.org": "451 4.3.0 come back later"}))
-    w = start(
+    w = start_worker(
         tmp_path,
         srv,
         retry={"interval": "200ms", "max_interval": "300ms", "max_age": "1s", "warning_age": "0s"},
@@ -131,7 +112,7 @@ def test_expiry_fails_with_a_report(tmp_path: Path) -> None:
 
 def test_delay_warning_is_sent_once(tmp_path: Path) -> None:
     srv = SmtpServer(Script(rcpt={"later@example.org": "451 4.3.0 later"}))
-    w = start(
+    w = start_worker(
         tmp_path,
         srv,
         retry={
@@ -161,7 +142,7 @@ def test_delay_warning_is_sent_once(tmp_path: Path) -> None:
 
 def test_null_sender_reports_go_to_deadletter(tmp_path: Path) -> None:
     srv = SmtpServer(Script(rcpt={"gone@example.org": "550 5.1.1 no"}))
-    w = start(tmp_path, srv)
+    w = start_worker(tmp_path, srv)
     try:
         w.drop_drafts("j.bsmtp", [draft("", ["gone@example.org"])])
         wait_for(lambda: w.final("j.bsmtp"))
@@ -175,7 +156,7 @@ def test_null_sender_reports_go_to_deadletter(tmp_path: Path) -> None:
 
 def test_notify_never_and_success(tmp_path: Path) -> None:
     srv = SmtpServer(Script(rcpt={"gone@example.org": "550 5.1.1 no"}))
-    w = start(tmp_path, srv)
+    w = start_worker(tmp_path, srv)
     try:
         w.drop_drafts(
             "j.bsmtp",
@@ -201,7 +182,7 @@ def test_notify_never_and_success(tmp_path: Path) -> None:
 
 
 def test_verb_on_keeps_the_batch_response(tmp_path: Path, server: SmtpServer) -> None:
-    w = start(tmp_path, server)
+    w = start_worker(tmp_path, server)
     data = (
         b"HELO batch.test\r\nVERB ON\r\nTICK 7\r\nMAIL FROM:<o@example.com>\r\n"
         b"RCPT TO:<a@example.org>\r\nRCPT TO:<bad>\r\nDATA\r\nhi\r\n.\r\nQUIT\r\n"
@@ -227,7 +208,7 @@ def test_verb_on_keeps_the_batch_response(tmp_path: Path, server: SmtpServer) ->
 def test_not_an_envelope_goes_to_rejected_with_its_reason(
     tmp_path: Path, server: SmtpServer
 ) -> None:
-    w = start(tmp_path, server)
+    w = start_worker(tmp_path, server)
     try:
         w.drop("picture.png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR")
         rec = wait_for(lambda: w.final("picture.png"))
@@ -241,7 +222,7 @@ def test_not_an_envelope_goes_to_rejected_with_its_reason(
 
 
 def test_dot_files_and_tmp_files_are_never_taken(tmp_path: Path, server: SmtpServer) -> None:
-    w = start(tmp_path, server)
+    w = start_worker(tmp_path, server)
     body = b"HELO h\r\nMAIL FROM:<o@example.com>\r\nRCPT TO:<a@example.org>\r\nDATA\r\nx\r\n.\r\n"
     try:
         (w.spool / "incoming" / ".hidden").write_bytes(body)
@@ -258,7 +239,7 @@ def test_dot_files_and_tmp_files_are_never_taken(tmp_path: Path, server: SmtpSer
 def test_a_file_written_in_place_is_taken_only_when_settled(
     tmp_path: Path, server: SmtpServer
 ) -> None:
-    w = start(tmp_path, server, spool={"settle_seconds": "400ms"})
+    w = start_worker(tmp_path, server, spool={"settle_seconds": "400ms"})
     lines = [b"HELO h", b"MAIL FROM:<o@example.com>", b"RCPT TO:<a@example.org>", b"DATA"]
     lines += [b"line %d" % i for i in range(12)] + [b".", b"QUIT"]
     try:
@@ -280,7 +261,7 @@ def test_a_file_moved_in_whole_is_taken_without_settling(
     """A rename into incoming/ (from a dot-name, or from another folder of the same file
     system) puts a whole file there: it is taken at once, however long the settle time for
     files written in place (test_a_file_written_in_place_is_taken_only_when_settled)."""
-    w = start(tmp_path, server, spool={"settle_seconds": "1h"})
+    w = start_worker(tmp_path, server, spool={"settle_seconds": "1h"})
     outside = tmp_path / "outside"
     outside.mkdir()
     message = writer.render([draft("o@example.com", ["b@example.org"])], "batch.test")
@@ -307,7 +288,7 @@ def test_files_present_at_start_are_taken(tmp_path: Path, server: SmtpServer) ->
 
 
 def test_a_thousand_files_dropped_at_once(tmp_path: Path, server: SmtpServer) -> None:
-    w = start(tmp_path, server)
+    w = start_worker(tmp_path, server)
     try:
         for i in range(1000):
             w.drop_drafts(f"bulk{i:04d}.bsmtp", [draft("o@example.com", [f"r{i}@example.org"])])
@@ -329,7 +310,7 @@ def test_small_and_large_files_reach_every_destination_whole(tmp_path: Path) -> 
     large = b"Subject: large\r\n\r\n" + b"\r\n".join(lines) + b"\r\n"
     assert len(large) > 300 * 1024
     one, two = SmtpServer(), SmtpServer()
-    w = start(
+    w = start_worker(
         tmp_path,
         one,
         routes={"one.example": f"127.0.0.1:{one.port}", "two.example": f"127.0.0.1:{two.port}"},
@@ -355,7 +336,7 @@ def test_the_worker_runs_on_either_event_loop(
     tmp_path: Path, server: SmtpServer, loop: str
 ) -> None:
     """uvloop is the default where installed; asyncio's own loop stays a supported choice."""
-    w = start(tmp_path, server, event_loop=loop)
+    w = start_worker(tmp_path, server, event_loop=loop)
     try:
         w.drop_drafts("j.bsmtp", [draft("o@example.com", ["a@example.org"])])
         rec = wait_for(lambda: w.final("j.bsmtp"), what="j done")
@@ -366,14 +347,17 @@ def test_the_worker_runs_on_either_event_loop(
 
 
 def test_a_slow_destination_does_not_delay_a_fast_one(tmp_path: Path) -> None:
-    slow = SmtpServer(Script(data_delay=2.0))
+    """The slow server holds its reply to every final dot until the fast destination has all
+    of its own: nothing sent to the slow one waits in front of the fast ones."""
+    gate = threading.Event()
+    slow = SmtpServer(Script(gate=gate))
     fast = SmtpServer()
-    w = start(
+    w = start_worker(
         tmp_path,
         fast,
         routes={"slow.example": f"127.0.0.1:{slow.port}", "fast.example": f"127.0.0.1:{fast.port}"},
         smarthost=None,
-        delivery={"max_per_destination": 2, "timeouts": {"data_end": "10s"}},
+        delivery={"max_per_destination": 2, "timeouts": {"data_end": "30s"}},
     )
     try:
         for i in range(6):
@@ -382,12 +366,14 @@ def test_a_slow_destination_does_not_delay_a_fast_one(tmp_path: Path) -> None:
             w.drop_drafts(f"fast{i}.bsmtp", [draft("o@example.com", [f"f{i}@fast.example"])])
         wait_for(lambda: all(w.final(f"fast{i}.bsmtp") for i in range(6)), timeout=30)
         slow_done = sum(1 for i in range(6) if w.final(f"slow{i}.bsmtp"))
+        gate.set()
         wait_for(lambda: all(w.final(f"slow{i}.bsmtp") for i in range(6)), timeout=60)
     finally:
+        gate.set()
         w.stop()
         slow.stop()
         fast.stop()
-    assert slow_done < 6
+    assert slow_done == 0
     assert len(fast.messages) == 6 and len(slow.messages) == 6
 
 
@@ -397,7 +383,7 @@ def test_an_envelope_being_delivered_has_a_record_that_says_so(tmp_path: Path) -
     the final one)."""
     gate = threading.Event()
     srv = SmtpServer(Script(gate=gate))
-    w = start(tmp_path, srv)
+    w = start_worker(tmp_path, srv)
     try:
         w.drop_drafts("j.bsmtp", [draft("o@example.com", ["a@example.org"])])
         during = wait_for(lambda: w.in_state("j.bsmtp", "active"), what="record while active")
@@ -413,13 +399,21 @@ def test_an_envelope_being_delivered_has_a_record_that_says_so(tmp_path: Path) -
 
 
 def test_sigterm_lets_work_in_flight_finish(tmp_path: Path) -> None:
-    srv = SmtpServer(Script(data_delay=1.0))
-    w = start(tmp_path, srv)
+    """SIGTERM arrives while the server holds its answer to the final dot: the worker waits
+    for it, records the delivery and exits 0."""
+    gate = threading.Event()
+    srv = SmtpServer(Script(gate=gate))
+    w = start_worker(tmp_path, srv)
     try:
         w.drop_drafts("j.bsmtp", [draft("o@example.com", ["a@example.org"])])
-        wait_for(lambda: srv.connections >= 1 and w.files("active"))
+        wait_for(lambda: b"\r\n.\r\n" in srv.wire, what="the final dot sent")
+        assert w.proc is not None
+        w.proc.send_signal(signal.SIGTERM)
+        gate.set()
+        code = w.wait_exit()
     finally:
-        code = w.stop()
+        gate.set()
+        w.kill()
         srv.stop()
     assert code == 0
     rec = w.final("j.bsmtp")
@@ -428,7 +422,7 @@ def test_sigterm_lets_work_in_flight_finish(tmp_path: Path) -> None:
 
 def test_requeued_reports_are_delivered_by_spoolsmtp_itself(tmp_path: Path) -> None:
     srv = SmtpServer(Script(rcpt={"gone@example.org": "550 5.1.1 no such user"}))
-    w = start(tmp_path, srv, bounces={"requeue": True})
+    w = start_worker(tmp_path, srv, bounces={"requeue": True})
     try:
         w.drop_drafts("j.bsmtp", [draft("oper@example.com", ["gone@example.org"])])
         wait_for(lambda: w.final("j.bsmtp"))

@@ -5,18 +5,64 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from spoolsmtp import writer
+from tests.smtpservers import SmtpServer
 
 ROOT = Path(__file__).parent.parent
+
+
+def connect(path: Path, timeout: float = 10.0) -> socket.socket:
+    """A client socket connected to the control socket at ``path``, through its folder's
+    descriptor (pytest's paths can be longer than the 108 octets of a socket address)."""
+    folder = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(f"/proc/self/fd/{folder}/{path.name}")
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.close(folder)
+    return sock
+
+
+def exchange(sock: socket.socket, line: bytes) -> bytes:
+    """Send one command line on a connected control socket; its whole answer (a JSON line for
+    ``JSON ...``, else text up to the lone dot), or what came before the worker closed."""
+    sock.sendall(line + b"\n")
+    as_json = line[:5].upper() == b"JSON "
+    data = b""
+    while not (data.endswith(b"\n") if as_json else data.endswith(b"\n.\n")):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def request(path: Path, line: str, timeout: float = 10.0) -> str:
+    """One command over the real control socket at ``path``, as any client sends it; the raw
+    answer."""
+    with connect(path, timeout) as sock:
+        return exchange(sock, line.encode()).decode()
+
+
+def ask(path: Path, line: str) -> dict[str, Any]:
+    """One command as ``JSON <line>``; the decoded answer."""
+    answer: dict[str, Any] = json.loads(request(path, f"JSON {line}"))
+    return answer
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
@@ -33,6 +79,9 @@ def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = ""
 
 class WorkerProcess:
     """``spoolsmtp run`` on ``root/spool`` with the given config sections."""
+
+    # every worker started, so that one a failing test left running is killed (conftest.py)
+    started: ClassVar[list[WorkerProcess]] = []
 
     def __init__(self, root: Path, settings: dict[str, Any], env: dict[str, str] | None = None):
         self.root = root
@@ -56,7 +105,6 @@ class WorkerProcess:
         environ = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
         if "SPOOLSMTP_CRASH_AT" not in self.env:
             environ.pop("SPOOLSMTP_CRASH_AT", None)
-        before = self.ready_count() if self.log.exists() else 0
         self._log_fh = open(self.log, "ab")  # noqa: SIM115 - closed in stop/wait
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "spoolsmtp", "run", "--config", str(self.config)],
@@ -65,15 +113,43 @@ class WorkerProcess:
             stderr=subprocess.STDOUT,
             env=environ,
         )
+        WorkerProcess.started.append(self)
         proc = self.proc
-        wait_for(
-            lambda: self.ready_count() > before or proc.poll() is not None,
-            what="worker ready",
-        )
+        wait_for(lambda: self.answers() or proc.poll() is not None, what="worker ready")
         return self
 
-    def ready_count(self) -> int:
-        return self.log.read_bytes().count(b" ready")
+    def _configured(self, key: str, default: str) -> Path:
+        data = yaml.safe_load(self.config.read_text())
+        spool = Path(data["spool"]["path"])
+        return Path(data.get("control", {}).get(key) or spool / default)
+
+    @property
+    def control_socket(self) -> Path:
+        """The public control socket, as the config names it."""
+        return self._configured("socket", "control.sock")
+
+    @property
+    def operator_socket(self) -> Path:
+        """The operator socket, as the config names it."""
+        return self._configured("operator_socket", "operator/control.sock")
+
+    def answers(self) -> bool:
+        """True once this worker (not another one on the same spool) answers STATS on its
+        operator socket: the last one it opens, after resuming the spool and just before it
+        watches incoming/. Its readiness, without reading its log."""
+        assert self.proc is not None
+        try:
+            with connect(self.operator_socket, timeout=5) as sock:
+                pid = struct.unpack(
+                    "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+                )[0]
+                return pid == self.proc.pid and exchange(sock, b"JSON STATS").endswith(b"\n")
+        except OSError:
+            return False
+
+    def ask(self, line: str) -> dict[str, Any]:
+        """One command on this worker's operator socket (every command is allowed there)."""
+        return ask(self.operator_socket, line)
 
     def stop(self, timeout: float = 30.0) -> int:
         assert self.proc is not None
@@ -98,6 +174,7 @@ class WorkerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        if self.proc is not None:
             self._log_fh.close()
 
     # -- spool helpers ---------------------------------------------------------------------
@@ -139,3 +216,38 @@ class WorkerProcess:
         return (
             sorted(p for p in path.iterdir() if not p.name.startswith(".")) if path.exists() else []
         )
+
+
+def ctl(config: Path, *words: str) -> subprocess.CompletedProcess[str]:
+    """``spoolsmtp ctl --config CONFIG WORDS...`` as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "spoolsmtp", "ctl", "--config", str(config), *words],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def start_worker(root: Path, server: SmtpServer | int, **settings: Any) -> WorkerProcess:
+    """A started worker on ``root/spool`` whose smarthost is ``server`` (or a port on
+    loopback) unless ``settings`` name another route."""
+    port = server if isinstance(server, int) else server.port
+    settings.setdefault("smarthost", f"127.0.0.1:{port}")
+    return WorkerProcess(root, settings).start()
+
+
+def spoolsmtp(*args: str) -> list[str]:
+    """The argv of ``spoolsmtp ARGS...`` run by this interpreter."""
+    return [sys.executable, "-m", "spoolsmtp", *args]
+
+
+def run(
+    argv: list[str], cwd: Path, stdin: bytes, env: dict[str, str] | None = None, **kw: object
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a command of this checkout with ``stdin`` as its input; its output captured."""
+    environ = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(  # type: ignore[call-overload,no-any-return]
+        argv, cwd=cwd, input=stdin, capture_output=True, check=False, timeout=120, env=environ, **kw
+    )
