@@ -28,7 +28,7 @@ def second(
     spool: dict[str, Any] = {"path": str(first.spool), "settle_seconds": "300ms"}
     if own_path:
         spool["path"] = str(root / "spool")
-        spool.update({name: str(first.spool / name) for name in FOLDERS})
+        spool.update({str(name): str(first.spool / name) for name in FOLDERS})
     return WorkerProcess(
         root,
         {**settings, "spool": spool, "control": {"socket": str(root / "control.sock")}},
