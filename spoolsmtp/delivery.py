@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from email.utils import format_datetime
 from pathlib import Path
@@ -24,7 +24,7 @@ from spoolsmtp.envelope import Recipient, Transaction
 from spoolsmtp.mx import Hop, MxResolver
 from spoolsmtp.outcome import RecipientResult, Status, decided_here, result
 from spoolsmtp.reply import Reply, make
-from spoolsmtp.session import DotHook, Session, SessionStats, StaleSession, fold_received
+from spoolsmtp.session import DotHook, Session, SessionStats, StaleSession
 from spoolsmtp.tracer import always
 
 Trace = Callable[[str], None]
@@ -37,6 +37,20 @@ class _NextHost(Exception):
     def __init__(self, reply: Reply) -> None:
         self.reply = reply
         super().__init__(str(reply))
+
+
+def fold_received(parts: Iterator[str] | list[str]) -> bytes:
+    """A Received header folded at 78 columns, CRLF-terminated."""
+    lines: list[str] = []
+    current = "Received:"
+    for part in parts:
+        if len(current) + 1 + len(part) > 78 and current.strip() != "Received:":
+            lines.append(current)
+            current = "\t" + part
+        else:
+            current += " " + part
+    lines.append(current)
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
 
 def received_header(
