@@ -1,16 +1,18 @@
 """One delivery attempt of a transaction: route, resolve, try each host in order, send.
 
 The ``Deliverer`` owns the connection pool and the concurrency limits (overall and per
-destination). Within one attempt every hop of a destination is tried in order (tenacity drives
-these short retries) before a recipient counts as deferred; retries over hours are the spool's
-business, not this module's.
+destination; a destination's limit is kept only while it is in use). Within one attempt every
+hop of a destination is tried in order (tenacity drives these short retries) before a recipient
+counts as deferred; retries over hours are the spool's business, not this module's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
 from pathlib import Path
@@ -29,6 +31,40 @@ from spoolsmtp.tracer import always
 
 Trace = Callable[[str], None]
 _PoolKey = tuple[str, int, str, TlsPolicy]
+
+
+@dataclass
+class _Limit:
+    semaphore: asyncio.Semaphore
+    users: int = 0  # holders and waiters
+
+
+class DestinationLimits:
+    """At most ``limit`` deliveries at once to each destination. A destination's semaphore
+    exists only while someone holds or waits for it: the table does not grow with every
+    destination ever seen."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._limits: dict[str, _Limit] = {}
+
+    def __len__(self) -> int:
+        """The destinations in use now."""
+        return len(self._limits)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        entry = self._limits.get(key)
+        if entry is None:
+            entry = self._limits[key] = _Limit(asyncio.Semaphore(self.limit))
+        entry.users += 1
+        try:
+            async with entry.semaphore:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._limits[key]
 
 
 class _NextHost(Exception):
@@ -84,7 +120,7 @@ class Deliverer:
         self.stats = SessionStats()
         self.router = route.Router(cfg)
         self._overall = asyncio.Semaphore(cfg.delivery.max_connections)
-        self._per_destination: dict[str, asyncio.Semaphore] = {}
+        self._per_destination = DestinationLimits(cfg.delivery.max_per_destination)
         self._idle: dict[_PoolKey, list[Session]] = {}
 
     def reconfigure(self, cfg: Config) -> None:
@@ -139,10 +175,7 @@ class Deliverer:
         data: bytes | None = None,
     ) -> list[RecipientResult]:
         """One attempt for recipients that share a destination."""
-        limit = self._per_destination.setdefault(
-            dest.key, asyncio.Semaphore(self.cfg.delivery.max_per_destination)
-        )
-        async with limit, self._overall:
+        async with self._per_destination.hold(dest.key), self._overall:
             resolution = await self.resolver.hops(dest)
             if resolution.failure is not None:
                 return [decided_here(r, resolution.failure) for r in rcpts]
