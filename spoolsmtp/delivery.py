@@ -2,8 +2,8 @@
 
 The ``Deliverer`` owns the connection pool and the concurrency limits (overall and per
 destination; a destination's limit is kept only while it is in use). Within one attempt every
-hop of a destination is tried in order (tenacity drives these short retries) before a recipient
-counts as deferred; retries over hours are the spool's business, not this module's.
+hop of a destination is tried in order, a plain loop, before a recipient counts as deferred;
+retries over hours are the spool's business, not this module's.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from email.utils import format_datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_none
-
 from spoolsmtp import envfile, route
 from spoolsmtp.config import Config, TlsPolicy
 from spoolsmtp.envelope import Recipient, Transaction
@@ -31,6 +29,7 @@ from spoolsmtp.tracer import always
 
 Trace = Callable[[str], None]
 _PoolKey = tuple[str, int, str, TlsPolicy]
+_NO_HOST = make(451, "4.4.0", "no host tried")
 
 
 @dataclass
@@ -65,14 +64,6 @@ class DestinationLimits:
             entry.users -= 1
             if entry.users == 0:
                 del self._limits[key]
-
-
-class _NextHost(Exception):
-    """This hop did not settle every recipient; try the next one."""
-
-    def __init__(self, reply: Reply) -> None:
-        self.reply = reply
-        super().__init__(str(reply))
 
 
 def fold_received(parts: Iterator[str] | list[str]) -> bytes:
@@ -184,39 +175,15 @@ class Deliverer:
             done: dict[Recipient, RecipientResult] = {}
             latest: dict[Recipient, RecipientResult] = {}
             pending = list(rcpts)
-            last = make(451, "4.4.0", "no host tried")
             with envfile.open_text(path, data) as fh:
-                if len(hops) == 1:
+                for hop in hops:
                     pending = await self._try_hop(
-                        hops[0], dest.tls, tx, pending, fh, received, done, latest, before_dot
+                        hop, dest.tls, tx, pending, fh, received, done, latest, before_dot
                     )
-                else:
-                    try:
-                        async for attempt in AsyncRetrying(
-                            stop=stop_after_attempt(len(hops)),
-                            retry=retry_if_exception_type(_NextHost),
-                            wait=wait_none(),
-                            reraise=True,
-                        ):
-                            with attempt:
-                                hop = hops[attempt.retry_state.attempt_number - 1]
-                                pending = await self._try_hop(
-                                    hop,
-                                    dest.tls,
-                                    tx,
-                                    pending,
-                                    fh,
-                                    received,
-                                    done,
-                                    latest,
-                                    before_dot,
-                                )
-                                if pending:
-                                    raise _NextHost(latest[pending[0]].reply)
-                    except _NextHost as exc:
-                        last = exc.reply
+                    if not pending:
+                        break
             for r in pending:
-                done[r] = latest.get(r) or result(r, last)
+                done[r] = latest.get(r) or result(r, _NO_HOST)
             return [done[r] for r in rcpts]
 
     async def _try_hop(
