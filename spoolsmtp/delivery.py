@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from email.utils import format_datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from spoolsmtp import envfile, route
+from spoolsmtp import crashpoint, envfile, route
 from spoolsmtp.config import Config, TlsPolicy
 from spoolsmtp.envelope import Recipient, Transaction
 from spoolsmtp.mx import Hop, MxResolver
@@ -205,11 +206,12 @@ class Deliverer:
             for r in pending:
                 latest[r] = result(r, failure, hop.host, hop.address)
             return pending
+        text = functools.partial(envfile.wire_chunks, fh, tx.message)
         todo = pending
         left: list[Recipient] = []
         while todo:
             try:
-                results, again = await session.send(tx, todo, fh, received, before_dot)
+                results, again = await session.send(tx, todo, text, received, before_dot)
             except StaleSession:
                 session, failure = await self._session(hop, tls, reuse=False)
                 if session is None:
@@ -261,6 +263,7 @@ class Deliverer:
             tracing=self.tracing,
             stats=self.stats,
             ca_file=str(self.cfg.delivery.tls_ca_file) if self.cfg.delivery.tls_ca_file else None,
+            reach=crashpoint.reach,
         )
         failure = await session.open()
         if failure is not None:

@@ -17,9 +17,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import BinaryIO
 
-from spoolsmtp import crashpoint, envfile
 from spoolsmtp.config import DeliveryConfig, Timeouts, TlsPolicy
 from spoolsmtp.envelope import Recipient, Transaction
 from spoolsmtp.mx import Hop
@@ -40,6 +38,8 @@ from spoolsmtp.transport import Wire, tls_context
 
 Trace = Callable[[str], None]
 DotHook = Callable[[list[Recipient]], Awaitable[None]]
+CrashPoint = Callable[[str], None]
+MessageText = Callable[[], Iterable[bytes]]
 BODY_WRITE = 64 * 1024
 
 
@@ -76,6 +76,10 @@ def _timeout_for(verb: Verb, t: Timeouts) -> float:
     return value
 
 
+def _nowhere(phase: str) -> None:
+    """The default crash point: none (the deliverer passes ``crashpoint.reach``)."""
+
+
 @dataclass
 class SessionStats:
     """Counters a session adds to; shared by all sessions of a deliverer."""
@@ -98,6 +102,7 @@ class Session:
     tracing: Callable[[], bool] = always
     stats: SessionStats = field(default_factory=SessionStats)
     ca_file: str | None = None
+    reach: CrashPoint = _nowhere
     proto: ClientProtocol = field(default_factory=ClientProtocol)
     encrypted: bool = False
     last_used: float = field(default_factory=time.monotonic)
@@ -233,7 +238,7 @@ class Session:
         self,
         tx: Transaction,
         recipients: list[Recipient],
-        fh: BinaryIO,
+        message: MessageText,
         received: bytes,
         before_dot: DotHook | None = None,
     ) -> tuple[list[RecipientResult], list[Recipient]]:
@@ -241,6 +246,7 @@ class Session:
         452 while others were accepted, to be sent again in a new transaction. The rules are
         ``MailTransaction``'s; this drives it over the connection.
 
+        ``message`` gives the text as DATA sends it (CRLF, dot-stuffed), afresh at each call.
         ``before_dot`` is awaited with the accepted recipients just before the final dot, so the
         caller can journal that a duplicate is possible from here on.
         """
@@ -261,11 +267,11 @@ class Session:
                     mt.receive(await self._command(command))
                     if mt.mail_refused:
                         break
-            crashpoint.reach("after_rcpt")
+            self.reach("after_rcpt")
             if mt.envelope_answered() is Stage.AFTER_RCPT:
                 mt.receive(await self._command(DATA))
             if mt.stage is Stage.DURING_DATA:
-                await self._message(mt, envfile.wire_chunks(fh, tx.message), received, before_dot)
+                await self._message(mt, message(), received, before_dot)
             elif mt.drop_connection:
                 self.abort()
         except SessionBroken as exc:
@@ -296,10 +302,10 @@ class Session:
         mt.dot_sent()
         await self._write(tail + self.proto.send_end_of_data())
         self._trace("> .")
-        crashpoint.reach("after_dot")
+        self.reach("after_dot")
         end = await self._next()
         if end.reply.code < 300:
-            crashpoint.reach("after_250")
+            self.reach("after_250")
         self.dirty = False
         mt.receive(end)
 
@@ -331,7 +337,7 @@ class Session:
             if size >= BODY_WRITE:
                 await self._write(b"".join(pending))
                 pending, size = [], 0
-        crashpoint.reach("mid_data")
+        self.reach("mid_data")
         return b"".join(pending)
 
     async def close(self) -> None:
