@@ -1,42 +1,84 @@
 """One delivery attempt of a transaction: route, resolve, try each host in order, send.
 
 The ``Deliverer`` owns the connection pool and the concurrency limits (overall and per
-destination). Within one attempt every hop of a destination is tried in order (tenacity drives
-these short retries) before a recipient counts as deferred; retries over hours are the spool's
-business, not this module's.
+destination; a destination's limit is kept only while it is in use). Within one attempt every
+hop of a destination is tried in order, a plain loop, before a recipient counts as deferred;
+retries over hours are the spool's business, not this module's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_none
-
-from spoolsmtp import envfile, route
+from spoolsmtp import crashpoint, envfile, route
 from spoolsmtp.config import Config, TlsPolicy
 from spoolsmtp.envelope import Recipient, Transaction
 from spoolsmtp.mx import Hop, MxResolver
 from spoolsmtp.outcome import RecipientResult, Status, decided_here, result
 from spoolsmtp.reply import Reply, make
-from spoolsmtp.session import DotHook, Session, SessionStats, StaleSession, fold_received
+from spoolsmtp.session import DotHook, Session, SessionStats, StaleSession
 from spoolsmtp.tracer import always
 
 Trace = Callable[[str], None]
 _PoolKey = tuple[str, int, str, TlsPolicy]
+_NO_HOST = make(451, "4.4.0", "no host tried")
 
 
-class _NextHost(Exception):
-    """This hop did not settle every recipient; try the next one."""
+@dataclass
+class _Limit:
+    semaphore: asyncio.Semaphore
+    users: int = 0  # holders and waiters
 
-    def __init__(self, reply: Reply) -> None:
-        self.reply = reply
-        super().__init__(str(reply))
+
+class DestinationLimits:
+    """At most ``limit`` deliveries at once to each destination. A destination's semaphore
+    exists only while someone holds or waits for it: the table does not grow with every
+    destination ever seen."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._limits: dict[str, _Limit] = {}
+
+    def __len__(self) -> int:
+        """The destinations in use now."""
+        return len(self._limits)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        entry = self._limits.get(key)
+        if entry is None:
+            entry = self._limits[key] = _Limit(asyncio.Semaphore(self.limit))
+        entry.users += 1
+        try:
+            async with entry.semaphore:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._limits[key]
+
+
+def fold_received(parts: Iterator[str] | list[str]) -> bytes:
+    """A Received header folded at 78 columns, CRLF-terminated."""
+    lines: list[str] = []
+    current = "Received:"
+    for part in parts:
+        if len(current) + 1 + len(part) > 78 and current.strip() != "Received:":
+            lines.append(current)
+            current = "\t" + part
+        else:
+            current += " " + part
+    lines.append(current)
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
 
 def received_header(
@@ -70,7 +112,7 @@ class Deliverer:
         self.stats = SessionStats()
         self.router = route.Router(cfg)
         self._overall = asyncio.Semaphore(cfg.delivery.max_connections)
-        self._per_destination: dict[str, asyncio.Semaphore] = {}
+        self._per_destination = DestinationLimits(cfg.delivery.max_per_destination)
         self._idle: dict[_PoolKey, list[Session]] = {}
 
     def reconfigure(self, cfg: Config) -> None:
@@ -125,10 +167,7 @@ class Deliverer:
         data: bytes | None = None,
     ) -> list[RecipientResult]:
         """One attempt for recipients that share a destination."""
-        limit = self._per_destination.setdefault(
-            dest.key, asyncio.Semaphore(self.cfg.delivery.max_per_destination)
-        )
-        async with limit, self._overall:
+        async with self._per_destination.hold(dest.key), self._overall:
             resolution = await self.resolver.hops(dest)
             if resolution.failure is not None:
                 return [decided_here(r, resolution.failure) for r in rcpts]
@@ -137,39 +176,15 @@ class Deliverer:
             done: dict[Recipient, RecipientResult] = {}
             latest: dict[Recipient, RecipientResult] = {}
             pending = list(rcpts)
-            last = make(451, "4.4.0", "no host tried")
             with envfile.open_text(path, data) as fh:
-                if len(hops) == 1:
+                for hop in hops:
                     pending = await self._try_hop(
-                        hops[0], dest.tls, tx, pending, fh, received, done, latest, before_dot
+                        hop, dest.tls, tx, pending, fh, received, done, latest, before_dot
                     )
-                else:
-                    try:
-                        async for attempt in AsyncRetrying(
-                            stop=stop_after_attempt(len(hops)),
-                            retry=retry_if_exception_type(_NextHost),
-                            wait=wait_none(),
-                            reraise=True,
-                        ):
-                            with attempt:
-                                hop = hops[attempt.retry_state.attempt_number - 1]
-                                pending = await self._try_hop(
-                                    hop,
-                                    dest.tls,
-                                    tx,
-                                    pending,
-                                    fh,
-                                    received,
-                                    done,
-                                    latest,
-                                    before_dot,
-                                )
-                                if pending:
-                                    raise _NextHost(latest[pending[0]].reply)
-                    except _NextHost as exc:
-                        last = exc.reply
+                    if not pending:
+                        break
             for r in pending:
-                done[r] = latest.get(r) or result(r, last)
+                done[r] = latest.get(r) or result(r, _NO_HOST)
             return [done[r] for r in rcpts]
 
     async def _try_hop(
@@ -191,11 +206,12 @@ class Deliverer:
             for r in pending:
                 latest[r] = result(r, failure, hop.host, hop.address)
             return pending
+        text = functools.partial(envfile.wire_chunks, fh, tx.message)
         todo = pending
         left: list[Recipient] = []
         while todo:
             try:
-                results, again = await session.send(tx, todo, fh, received, before_dot)
+                results, again = await session.send(tx, todo, text, received, before_dot)
             except StaleSession:
                 session, failure = await self._session(hop, tls, reuse=False)
                 if session is None:
@@ -247,6 +263,7 @@ class Deliverer:
             tracing=self.tracing,
             stats=self.stats,
             ca_file=str(self.cfg.delivery.tls_ca_file) if self.cfg.delivery.tls_ca_file else None,
+            reach=crashpoint.reach,
         )
         failure = await session.open()
         if failure is not None:

@@ -1,10 +1,12 @@
-"""One SMTP connection to one remote address: the asyncio driver around ``ClientProtocol``.
+"""One SMTP connection to one remote address: the asyncio driver of ``ClientProtocol`` (the
+protocol) and ``MailTransaction`` (the rules of a transaction).
 
-The session owns the transport; the protocol object owns the rules. Every wait has the
-RFC 5321 section 4.5.3.2 timeout of the command it waits for. A failure to open (refused,
-greeting or EHLO refused, TLS refused under a policy that needs it) is returned as a reply so
-the caller can try the next host; anything that breaks an open session (421, a lost
-connection, a timeout, garbage) leaves every recipient not yet final deferred.
+The session owns the socket, the timeouts, TLS and the writes (a pipelined flight or one
+command at a time); it decides nothing about a recipient. Every wait has the RFC 5321 section
+4.5.3.2 timeout of the command it waits for. A failure to open (refused, greeting or EHLO
+refused, TLS refused under a policy that needs it) is returned as a reply so the caller can try
+the next host; anything that breaks an open session (421, a lost connection, a timeout,
+garbage) is handed to the transaction, which defers every recipient not yet final.
 """
 
 from __future__ import annotations
@@ -13,16 +15,13 @@ import asyncio
 import contextlib
 import ssl
 import time
-import warnings
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import BinaryIO
 
-from spoolsmtp import crashpoint, envfile
-from spoolsmtp.config import DeliveryConfig, Timeouts, TlsPolicy, TlsVersion
-from spoolsmtp.envelope import BodyType, Recipient, Transaction
+from spoolsmtp.config import DeliveryConfig, Timeouts, TlsPolicy
+from spoolsmtp.envelope import Recipient, Transaction
 from spoolsmtp.mx import Hop
-from spoolsmtp.outcome import RecipientResult, connection_lost, decided_here, result, timed_out
+from spoolsmtp.outcome import RecipientResult, connection_lost, timed_out
 from spoolsmtp.reply import Reply, make
 from spoolsmtp.smtpclient import (
     NEED_DATA,
@@ -34,16 +33,14 @@ from spoolsmtp.smtpclient import (
     Verb,
 )
 from spoolsmtp.tracer import always
+from spoolsmtp.transaction import DATA, MailTransaction, Stage
+from spoolsmtp.transport import Wire, tls_context
 
 Trace = Callable[[str], None]
 DotHook = Callable[[list[Recipient]], Awaitable[None]]
+CrashPoint = Callable[[str], None]
+MessageText = Callable[[], Iterable[bytes]]
 BODY_WRITE = 64 * 1024
-_TLS_VERSIONS = {
-    TlsVersion.TLSV1: ssl.TLSVersion.TLSv1,
-    TlsVersion.TLSV1_1: ssl.TLSVersion.TLSv1_1,
-    TlsVersion.TLSV1_2: ssl.TLSVersion.TLSv1_2,
-    TlsVersion.TLSV1_3: ssl.TLSVersion.TLSv1_3,
-}
 
 
 class SessionBroken(Exception):
@@ -56,64 +53,6 @@ class SessionBroken(Exception):
 
 class StaleSession(Exception):
     """A reused connection was found closed before it answered anything: open a new one."""
-
-
-class _Wire(asyncio.Protocol):
-    """Bytes in from the transport, kept until the session takes them; write flow control."""
-
-    def __init__(self) -> None:
-        self.buffer = bytearray()
-        self.closed = False
-        self._arrived = asyncio.Event()
-        self._writable = asyncio.Event()
-        self._writable.set()
-        self._lost = asyncio.Event()
-        self.transport: asyncio.BaseTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        self._arrived.set()
-
-    def eof_received(self) -> bool | None:
-        self.closed = True
-        self._arrived.set()
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._arrived.set()
-        self._writable.set()
-        self._lost.set()
-
-    async def lost(self) -> None:
-        """Until the transport is really gone (a TLS close first exchanges close_notify)."""
-        await self._lost.wait()
-
-    def pause_writing(self) -> None:
-        self._writable.clear()
-
-    def resume_writing(self) -> None:
-        self._writable.set()
-
-    def take(self) -> bytes:
-        data = bytes(self.buffer)
-        self.buffer.clear()
-        self._arrived.clear()
-        return data
-
-    async def wait_data(self) -> None:
-        if not self.buffer and not self.closed:
-            await self._arrived.wait()
-
-    @property
-    def writable(self) -> bool:
-        return self._writable.is_set()
-
-    async def drained(self) -> None:
-        await self._writable.wait()
 
 
 # which of ``Timeouts`` bounds the wait for the reply to each command
@@ -135,6 +74,10 @@ _TIMEOUT_FIELD = {
 def _timeout_for(verb: Verb, t: Timeouts) -> float:
     value: float = getattr(t, _TIMEOUT_FIELD[verb])
     return value
+
+
+def _nowhere(phase: str) -> None:
+    """The default crash point: none (the deliverer passes ``crashpoint.reach``)."""
 
 
 @dataclass
@@ -159,11 +102,12 @@ class Session:
     tracing: Callable[[], bool] = always
     stats: SessionStats = field(default_factory=SessionStats)
     ca_file: str | None = None
+    reach: CrashPoint = _nowhere
     proto: ClientProtocol = field(default_factory=ClientProtocol)
     encrypted: bool = False
     last_used: float = field(default_factory=time.monotonic)
     transactions: int = 0
-    _wire: _Wire | None = None
+    _wire: Wire | None = None
     _transport: asyncio.Transport | None = None
     dirty: bool = False
 
@@ -207,7 +151,7 @@ class Session:
         try:
             async with asyncio.timeout(t.connect):
                 transport, wire = await loop.create_connection(
-                    _Wire, self.hop.address, self.hop.port
+                    Wire, self.hop.address, self.hop.port
                 )
         except TimeoutError:
             return make(451, "4.4.1", f"connect to {self._where()} timed out")
@@ -260,7 +204,7 @@ class Session:
         injected = self.proto.tls_started() + self._wire.take()
         if injected:
             self._trace(f"discarded {len(injected)} bytes sent before the TLS handshake")
-        context = self._tls_context(tls)
+        context = tls_context(tls, self.config.tls_min_version, self.ca_file)
         try:
             async with asyncio.timeout(self.config.timeouts.starttls):
                 transport = await asyncio.get_running_loop().start_tls(
@@ -278,26 +222,6 @@ class Session:
         self._trace("TLS established")
         return await self._hello()
 
-    def _tls_context(self, tls: TlsPolicy) -> ssl.SSLContext:
-        if tls is TlsPolicy.VERIFY:
-            context = ssl.create_default_context(cafile=self.ca_file)
-            context.check_hostname = True
-        else:
-            context = ssl.create_default_context()
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        minimum = _TLS_VERSIONS[self.config.tls_min_version]
-        if minimum < ssl.TLSVersion.TLSv1_2:
-            # the operator allowed TLS 1.0/1.1 on purpose: Python's deprecation warning is not
-            # news to them, and OpenSSL 3 needs its security level lowered to speak them
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                context.minimum_version = minimum
-            context.set_ciphers("DEFAULT:@SECLEVEL=0")
-        else:
-            context.minimum_version = minimum
-        return context
-
     # -- transactions ----------------------------------------------------------------------
 
     async def reset(self) -> bool:
@@ -314,127 +238,89 @@ class Session:
         self,
         tx: Transaction,
         recipients: list[Recipient],
-        fh: BinaryIO,
+        message: MessageText,
         received: bytes,
         before_dot: DotHook | None = None,
     ) -> tuple[list[RecipientResult], list[Recipient]]:
         """One transaction for ``recipients``: a result for each, and the recipients that got
-        452 while others were accepted, to be sent again in a new transaction.
+        452 while others were accepted, to be sent again in a new transaction. The rules are
+        ``MailTransaction``'s; this drives it over the connection.
 
+        ``message`` gives the text as DATA sends it (CRLF, dot-stuffed), afresh at each call.
         ``before_dot`` is awaited with the accepted recipients just before the final dot, so the
         caller can journal that a duplicate is possible from here on.
         """
         self.last_used = time.monotonic()
         self.transactions += 1
-        ext = self.extensions
-        refusal = _refusal(tx, recipients, ext, len(received), self._where())
-        if refusal is not None:
-            return [decided_here(r, refusal) for r in recipients], []
-        dsn = "DSN" in ext
-        commands = [
-            Command(Verb.MAIL, f"MAIL FROM:<{tx.mail_from}>{_mail_args(tx, ext, len(received))}")
-        ]
-        commands += [
-            Command(Verb.RCPT, f"RCPT TO:<{r.address}>{_rcpt_args(r) if dsn else ''}", i)
-            for i, r in enumerate(recipients)
-        ]
-        final: dict[int, RecipientResult] = {}
-        accepted: list[int] = []
-        events: list[Event] = []
-        stage = "after MAIL"
+        hop = self.hop
+        mt = MailTransaction(
+            tx, recipients, self.extensions, len(received), hop.host, hop.address, self._where()
+        )
+        if mt.stage is Stage.DONE:
+            return mt.results(), []
         self.dirty = True
         try:
             if self.proto.pipelining:
-                await self._flight([*commands, Command(Verb.DATA, "DATA")], events)
+                await self._flight([*mt.commands(), DATA], mt.receive)
             else:
-                for command in commands:
-                    events.append(await self._command(command))
-                    if command.verb is Verb.MAIL and not events[-1].reply.ok:
+                for command in mt.commands():
+                    mt.receive(await self._command(command))
+                    if mt.mail_refused:
                         break
-            self._apply(events, recipients, final, accepted)
-            again = [recipients[i] for i in sorted(final) if final[i].reply.code == 452]
-            crashpoint.reach("after_rcpt")
-            data_event = next((e for e in events if e.command.verb is Verb.DATA), None)
-            if len(final) == len(recipients):
-                if data_event is not None and data_event.reply.code == 354:
-                    self.abort()
-                return [final[i] for i in range(len(recipients))], []
-            stage = "after RCPT"
-            if data_event is None:
-                data_event = await self._command(Command(Verb.DATA, "DATA"))
-            if data_event.reply.code != 354:
-                for i in accepted:
-                    final[i] = self._result(recipients[i], data_event.reply)
-                return [final[i] for i in range(len(recipients))], []
-            stage = "during DATA"
-            tail = await self._body(received, envfile.wire_chunks(fh, tx.message))
-            if before_dot is not None:
-                try:
-                    await before_dot([recipients[i] for i in accepted])
-                except BaseException:
-                    # the dot record could not be written (a full disk): the server waits
-                    # for a dot that must not come, so the connection cannot be used again
-                    self.abort()
-                    raise
-            self._check_open()
-            stage = "after the final dot"
-            await self._write(tail + self.proto.send_end_of_data())
-            self._trace("> .")
-            crashpoint.reach("after_dot")
-            end = await self._next()
-            if end.reply.code < 300:
-                crashpoint.reach("after_250")
-            self.dirty = False
-            for i in accepted:
-                final[i] = self._result(recipients[i], end.reply, dsn_relayed=dsn)
+            self.reach("after_rcpt")
+            if mt.envelope_answered() is Stage.AFTER_RCPT:
+                mt.receive(await self._command(DATA))
+            if mt.stage is Stage.DURING_DATA:
+                await self._message(mt, message(), received, before_dot)
+            elif mt.drop_connection:
+                self.abort()
         except SessionBroken as exc:
             self.abort()
-            if stage == "after MAIL" and not events and self.transactions > 1:
+            if mt.stale(reused=self.transactions > 1):
                 raise StaleSession(str(exc.reply)) from exc
-            if stage == "after MAIL":
-                self._apply(events, recipients, final, accepted)
-            reply = exc.reply
-            if reply.code != 421:
-                reply = make(reply.code, reply.enhanced, f"{reply.text} {stage}".strip())
-            after_dot = stage == "after the final dot"
-            for i, r in enumerate(recipients):
-                if i not in final:
-                    final[i] = self._result(r, reply, after_dot=after_dot)
-            return [final[i] for i in range(len(recipients))], []
-        return [final[i] for i in range(len(recipients))], again
+            mt.broken(exc.reply)
+        return mt.results(), mt.again
 
-    def _apply(
+    async def _message(
         self,
-        events: list[Event],
-        recipients: list[Recipient],
-        final: dict[int, RecipientResult],
-        accepted: list[int],
+        mt: MailTransaction,
+        chunks: Iterable[bytes],
+        received: bytes,
+        before_dot: DotHook | None,
     ) -> None:
-        """Record the replies to MAIL and RCPT received so far."""
-        if events and not events[0].reply.ok:
-            for i, r in enumerate(recipients):
-                final[i] = self._result(r, events[0].reply)
-            return
-        for event in events:
-            if event.command.verb is not Verb.RCPT:
-                continue
-            i = event.command.tag
-            if event.reply.ok:
-                accepted.append(i)
-            else:
-                final[i] = self._result(recipients[i], event.reply)
+        """After the 354: the message text, the final dot, and the reply to it."""
+        tail = await self._body(received, chunks)
+        if before_dot is not None:
+            try:
+                await before_dot(mt.accepted)
+            except BaseException:
+                # the dot record could not be written (a full disk): the server waits
+                # for a dot that must not come, so the connection cannot be used again
+                self.abort()
+                raise
+        self._check_open()
+        mt.dot_sent()
+        await self._write(tail + self.proto.send_end_of_data())
+        self._trace("> .")
+        self.reach("after_dot")
+        end = await self._next()
+        if end.reply.code < 300:
+            self.reach("after_250")
+        self.dirty = False
+        mt.receive(end)
 
-    async def _flight(self, commands: list[Command], events: list[Event]) -> None:
-        """Send commands in one write (PIPELINING) and collect their replies in order."""
+    async def _flight(self, commands: list[Command], receive: Callable[[Event], None]) -> None:
+        """Send commands in one write (PIPELINING) and hand over their replies in order."""
         data = b"".join(self.proto.send(c) for c in commands)
         if self._traced():
             for c in commands:
                 self._trace(f"> {c.text}")
         await self._write(data)
         for _ in commands:
-            events.append(await self._next())
+            event = await self._next()
             if self.proto.closed:
-                raise SessionBroken(events.pop().reply)
+                raise SessionBroken(event.reply)
+            receive(event)
 
     async def _body(self, received: bytes, chunks: Iterable[bytes]) -> bytes:
         """Send our Received header and the message text in writes of ``BODY_WRITE`` bytes or
@@ -451,7 +337,7 @@ class Session:
             if size >= BODY_WRITE:
                 await self._write(b"".join(pending))
                 pending, size = [], 0
-        crashpoint.reach("mid_data")
+        self.reach("mid_data")
         return b"".join(pending)
 
     async def close(self) -> None:
@@ -541,18 +427,6 @@ class Session:
                 raise SessionBroken(timed_out(f"waiting for the reply to {verb.name}")) from None
             self.proto.receive_data(wire.take())
 
-    def _result(
-        self, rcpt: Recipient, reply: Reply, *, after_dot: bool = False, dsn_relayed: bool = False
-    ) -> RecipientResult:
-        return result(
-            rcpt,
-            reply,
-            self.hop.host,
-            self.hop.address,
-            after_dot=after_dot,
-            dsn_relayed=dsn_relayed,
-        )
-
     def _where(self) -> str:
         return f"{self.hop.host}[{self.hop.address}]:{self.hop.port}"
 
@@ -566,62 +440,3 @@ class Session:
 
 def _prefixed(reply: Reply, context: str) -> Reply:
     return Reply(reply.code, reply.enhanced, (f"{context}: {reply.lines[0]}", *reply.lines[1:]))
-
-
-def _needs_utf8(tx: Transaction, recipients: list[Recipient]) -> bool:
-    return tx.params.smtputf8 and not (
-        tx.mail_from.isascii() and all(r.address.isascii() for r in recipients)
-    )
-
-
-def _refusal(
-    tx: Transaction, recipients: list[Recipient], ext: Extensions, extra: int, server: str
-) -> Reply | None:
-    """A reason to fail the transaction on this server without sending it (decided here: the
-    text names the server whose limit or lack it was)."""
-    size = tx.message.size + extra
-    if ext.size is not None and size > ext.size:
-        return make(
-            552, "5.3.4", f"message of {size} octets exceeds the limit {ext.size} of {server}"
-        )
-    eight_bit = tx.message.eight_bit or tx.params.body is BodyType.EIGHT_BIT
-    if eight_bit and "8BITMIME" not in ext:
-        return make(554, "5.6.3", f"8-bit message but {server} does not offer 8BITMIME")
-    if _needs_utf8(tx, recipients) and "SMTPUTF8" not in ext:
-        return make(554, "5.6.7", f"non-ASCII address but {server} does not offer SMTPUTF8")
-    return None
-
-
-def _mail_args(tx: Transaction, ext: Extensions, extra: int) -> str:
-    args: list[str] = []
-    if "SIZE" in ext:
-        args.append(f"SIZE={tx.message.size + extra}")
-    if (tx.message.eight_bit or tx.params.body is BodyType.EIGHT_BIT) and "8BITMIME" in ext:
-        args.append("BODY=8BITMIME")
-    if tx.params.smtputf8 and "SMTPUTF8" in ext:
-        args.append("SMTPUTF8")
-    if "DSN" in ext:
-        if tx.params.ret is not None:
-            args.append(f"RET={tx.params.ret.value}")
-        if tx.params.envid is not None:
-            args.append(f"ENVID={tx.params.envid}")
-    return "".join(" " + a for a in args)
-
-
-def _rcpt_args(rcpt: Recipient) -> str:
-    rendered = rcpt.render()
-    return rendered[len(f"<{rcpt.address}>") :]
-
-
-def fold_received(parts: Iterator[str] | list[str]) -> bytes:
-    """A Received header folded at 78 columns, CRLF-terminated."""
-    lines: list[str] = []
-    current = "Received:"
-    for part in parts:
-        if len(current) + 1 + len(part) > 78 and current.strip() != "Received:":
-            lines.append(current)
-            current = "\t" + part
-        else:
-            current += " " + part
-    lines.append(current)
-    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
