@@ -82,7 +82,9 @@ def parse(line: str) -> tuple[str, list[str]]:
 
 
 def needs_authority(verb: str) -> bool:
-    return verb not in PUBLIC
+    """Whether only root and the authorised may run ``verb`` (an unknown verb needs no
+    authority: it gets its own 400, not a 403 that says a command exists)."""
+    return verb in _HANDLERS and verb not in PUBLIC
 
 
 def _bad(command: str, text: str) -> Answer:

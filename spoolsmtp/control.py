@@ -237,6 +237,10 @@ class ControlServer:
                 line = line[4:].strip()
             verb, args = commands.parse(line)
             if not verb:
+                if as_json:  # "JSON" and nothing else: a command is missing, say so
+                    await self._send(
+                        writer, commands.Answer(400, "JSON", text=["no command"]), True
+                    )
                 continue
             if verb in ("QUIT", "EXIT"):
                 return

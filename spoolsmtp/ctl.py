@@ -37,9 +37,16 @@ _JSON_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # json.dumps leaves DEL and 
 _BUSY = (errno.EAGAIN, errno.EWOULDBLOCK)
 
 
+# the invisible format characters that reorder or hide text on a terminal (bidi overrides,
+# zero-width characters, line and paragraph separators, the byte-order mark)
+_FORMAT = re.compile("[\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+
+
 def shown(text: str) -> str:
-    """Text for the terminal: control characters other than newline as ``\\xNN``."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    """Text for the terminal: control characters other than newline as ``\\xNN``, invisible
+    format characters as ``\\uNNNN``."""
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return _FORMAT.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def _shown_json(text: str) -> str:

@@ -177,6 +177,8 @@ class Pickup:
                 envelope_id, lambda src, dst: legacy.convert_file(src, dst, w.cfg.spool)
             )
         except (UnicodeError, OSError, NotRegular) as exc:
+            if diskfull.machine_fault(exc):
+                raise  # a full disk is not the file's fault: it stays .orig, put back
             orig = f"{envelope_id}{ORIGINAL}"
             await w.spool.move_file("active", orig, "active", f"{envelope_id}{SUFFIX}")
             reason = f"{source}:1: cannot convert: {exc}"

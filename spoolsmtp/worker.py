@@ -160,6 +160,10 @@ class Worker:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        # the sockets first: a socket the worker cannot open stops it (78) before any mail is
+        # touched, so such a stop is never taken for a crash while an envelope was read
+        self._control = ControlServer(self, self.cfg.control_socket, self.cfg.operator_socket)
+        await self._control.start()
         for envelope_id in self.spool.unconverted():
             if self._legacy:
                 source = replayed.get(envelope_id, Replayed()).source or envelope_id
@@ -186,8 +190,6 @@ class Worker:
             await self._slots.acquire()
             self._spawn(self.recovery.resume(envelope_id, replayed.get(envelope_id, Replayed())))
         self.recovery.load_deferred()
-        self._control = ControlServer(self, self.cfg.control_socket, self.cfg.operator_socket)
-        await self._control.start()
         watcher = IncomingWatcher(
             self.spool.dirs["incoming"],
             self.cfg.spool.settle_seconds,

@@ -161,3 +161,37 @@ def test_the_lines_one_uid_causes_are_capped_and_the_rest_counted(
         "control: suppressed 3 more line(s) caused by uid 65534 in the last 60s",
         "refused again",
     ]
+
+
+_ASK_ONCE = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+s.connect(sys.argv[1])
+s.sendall(sys.argv[2].encode() + b"\\n")
+print(s.recv(65536).decode().splitlines()[0])
+"""
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("line", "status"), [("JSON", 400), ("FROB", 400), ("JSON JSON QUERY", 400)]
+)
+def test_a_line_that_is_no_command_gets_400_from_anyone(
+    worker: tuple[WorkerProcess, Path], line: str, status: int
+) -> None:
+    """Not silence (the client waited out its timeout on "JSON" alone), and not 403 for a
+    verb that does not exist (which told a local user it needed root)."""
+    _, sock = worker
+    done = run_as_nobody(
+        [PLAIN_PYTHON, "-c", _ASK_ONCE, str(sock), line], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"{status} ") or f'"status": {status}' in done.stdout, done.stdout
+
+
+def test_ctl_shows_invisible_format_characters_escaped() -> None:
+    """Bidi overrides and zero-width characters reorder or hide what an operator reads."""
+    from spoolsmtp.ctl import shown
+
+    assert shown("x\u202ey\u200bz\u2066") == "x\\u202ey\\u200bz\\u2066"

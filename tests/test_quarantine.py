@@ -178,3 +178,36 @@ def test_a_crash_while_several_were_read_blames_none_until_one_is_read_alone() -
     assert assess(again, ["a", "b"]) == {"a": Verdict(1, alone=True), "b": Verdict(1, True)}
     stopped = {"a": Replayed(phase="stopped", crashes=2), "b": Replayed(phase="read")}
     assert assess(stopped, ["a", "b"]) == {"a": Verdict(2, alone=True)}
+
+
+def test_a_start_stopped_by_its_config_is_never_a_crash(tmp_path: Path) -> None:
+    """An envelope left in active/ (its worker killed after the claim) and a worker that
+    cannot start, four times over, because something that is not a socket sits at its
+    control socket's path (exit 78): the stops are the config's, never the envelope's. Once
+    the path is free the envelope is delivered, not quarantined."""
+    srv = SmtpServer()
+    settings = {"smarthost": f"127.0.0.1:{srv.port}"}
+    try:
+        claimed = WorkerProcess(tmp_path, settings, env={"SPOOLSMTP_CRASH_AT": "after_claim"})
+        claimed.start()
+        # large enough to be read in a thread: a start that resumed before opening its
+        # sockets was still reading it when the socket error stopped it
+        big = b"Subject: big\r\n\r\n" + b"x" * 998 + b"\r\n"
+        claimed.drop_drafts("left.bsmtp", [draft("o@example.com", ["a@example.org"], big * 20_000)])
+        assert claimed.wait_exit() == -signal.SIGKILL
+        squatter = tmp_path / "spool" / "control.sock"
+        squatter.unlink()  # the killed worker's socket
+        squatter.write_text("not a socket\n")
+        for _ in range(4):
+            refused = WorkerProcess(tmp_path, settings).start()
+            assert refused.wait_exit() == 78
+        squatter.unlink()
+        last = WorkerProcess(tmp_path, settings).start()
+        try:
+            rec = wait_for(lambda: last.final("left.bsmtp"), what="delivered")
+        finally:
+            assert last.stop() == 0
+    finally:
+        srv.stop()
+    assert rec["state"] == "done", rec
+    assert [m.rcpt_tos for m in srv.messages] == [["a@example.org"]]
