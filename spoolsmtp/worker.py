@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import secrets
 import signal
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -383,6 +384,10 @@ class Worker:
             )
             folder = "deadletter"
             self.stats.deadletters += 1
+        if folder == "incoming":
+            # others may write incoming/: a name they can foresee is a name they can block (a
+            # folder made there first left the report, and its envelope, retried for ever)
+            name = f"{envelope_id}.{tag}.{secrets.token_hex(6)}{SUFFIX}"
         crashpoint.reach("writing_bounce")
         await self.spool.write(folder, name, data, private=folder == "incoming")
         self._spool_trace(f"{envelope_id}: report {tag} written to {folder}/{name}")

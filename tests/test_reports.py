@@ -341,3 +341,21 @@ def test_a_report_to_a_utf8_sender_is_written_so_that_it_can_be_sent(tmp_path: P
     assert msg.mail_from in ("", "<>") and "SMTPUTF8" in msg.mail_options
     _, failed = failures(email.message_from_bytes(msg.content))
     assert failed == {"gone@example.org"}
+
+
+def test_a_requeued_report_cannot_be_blocked_by_a_name_taken_before_it(tmp_path: Path) -> None:
+    """incoming/ is open to others: a folder made there under the report's foreseeable name
+    (the envelope's id is the submitted file's) left the report unwritten and the envelope
+    retried for ever. Reports dropped into incoming/ get a name no one can foresee."""
+    srv = SmtpServer(Script(rcpt={"gone@example.org": "550 5.1.1 no such user"}))
+    w = start_worker(tmp_path, srv.port, bounces={"requeue": True})
+    envelope_id = "20261201-000000-000000-abcdef"
+    try:
+        (w.spool / "incoming" / f"{envelope_id}.1.ndr.bsmtp").mkdir()
+        w.drop_drafts(f"{envelope_id}.bsmtp", [draft("o@example.com", ["gone@example.org"])])
+        rec = wait_for(lambda: w.final(f"{envelope_id}.bsmtp"))
+        wait_for(lambda: [m for m in srv.messages if m.rcpt_tos == ["o@example.com"]])
+    finally:
+        w.stop()
+        srv.stop()
+    assert rec["id"] == envelope_id and rec["state"] == "done"
