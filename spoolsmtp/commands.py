@@ -29,7 +29,7 @@ HELP = [
     ("HELP", "anyone", "this list"),
     ("QUERY | QUEUE", "anyone", "counts per state, oldest age, destinations, next retry"),
     ("QUERY ID", "anyone", "one envelope's state and recipients"),
-    ("QUERY DEST domain", "anyone", "the queue of one destination"),
+    ("QUERY DEST domain", "authorised", "the queue of one destination"),
     ("STATS", "anyone", "counters and gauges since start"),
     ("TRACE RESOLVER|SESSION|SPOOL|ALL", "authorised", "trace to the log (ctl --follow: here)"),
     ("NOTRACE RESOLVER|SESSION|SPOOL|ALL", "authorised", "stop tracing"),
@@ -81,9 +81,13 @@ def parse(line: str) -> tuple[str, list[str]]:
     return verb, args
 
 
-def needs_authority(verb: str) -> bool:
+def needs_authority(verb: str, args: list[str] | None = None) -> bool:
     """Whether only root and the authorised may run ``verb`` (an unknown verb needs no
-    authority: it gets its own 400, not a 403 that says a command exists)."""
+    authority: it gets its own 400, not a 403 that says a command exists). QUERY DEST lists
+    other people's envelopes (ids and file names), so it is the operators'; QUERY ID stays
+    open: it needs the id, which only the submitter (and the operators) know."""
+    if verb == "QUERY" and args and args[0].upper() == "DEST":
+        return True
     return verb in _HANDLERS and verb not in PUBLIC
 
 

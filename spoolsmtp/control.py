@@ -250,7 +250,7 @@ class ControlServer:
                     continue
                 await self._follow(writer)
                 return
-            if commands.needs_authority(verb) and not authorised(peer, self.cfg):
+            if commands.needs_authority(verb, args) and not authorised(peer, self.cfg):
                 answer = self._refuse(peer, line)
             else:
                 answer = await self._execute(peer, verb, args)

@@ -195,3 +195,21 @@ def test_ctl_shows_invisible_format_characters_escaped() -> None:
     from spoolsmtp.ctl import shown
 
     assert shown("x\u202ey\u200bz\u2066") == "x\\u202ey\\u200bz\\u2066"
+
+
+@needs_root
+def test_other_peoples_envelopes_are_not_listed_to_a_local_user(
+    worker: tuple[WorkerProcess, Path],
+) -> None:
+    """QUERY DEST names the envelopes queued for a destination (ids, file names): the
+    operators'. QUERY and STATS stay open; QUERY ID needs an id only its submitter knows."""
+    _, sock = worker
+    for line, status in (("QUERY DEST example.org", 403), ("QUERY", 200), ("STATS", 200)):
+        done = run_as_nobody(
+            [PLAIN_PYTHON, "-c", _ASK_ONCE, str(sock), line],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.stdout.startswith(f"{status} "), (line, done.stdout, done.stderr)
+    assert ask(sock, "QUERY DEST example.org")["status"] == 200  # root: an operator
