@@ -97,6 +97,25 @@ def _read_lines(out: dict[str, Replayed], lines: Iterable[bytes]) -> None:
             entry.alone = rec.get("alone", False)
 
 
+def _adopted(paths: Iterable[Path]) -> dict[str, _Lines]:
+    """The lines of every envelope in ``paths`` (oldest first; its newest record only)."""
+    out: dict[str, _Lines] = {}
+    for path in paths:
+        with open(path, "rb") as fh:
+            for raw in fh:
+                try:
+                    rec = json.loads(raw)
+                except ValueError:
+                    continue  # a torn last line
+                lines = out.setdefault(rec["id"], _Lines())
+                line = raw if raw.endswith(b"\n") else raw + b"\n"
+                if rec["t"] == "record":
+                    lines.record = line
+                else:
+                    lines.other.append(line)
+    return out
+
+
 @dataclass
 class _Lines:
     """What an active envelope has journaled, to copy forward when a segment is closed."""
@@ -218,8 +237,20 @@ class Journal:
             self._torn = False
 
     def adopt(self, ids: set[str]) -> None:
-        """The segments found at start stay until the envelopes resumed from them finish."""
+        """The segments found at start stay until the envelopes resumed from them finish.
+
+        What those envelopes wrote before the restart (claim, dots, results, their newest
+        record) is taken into memory as if written since: ``known`` then tells a put-back
+        retry of it, and a new segment copies it forward before the old ones may go."""
+        carry = _adopted(self._path(n) for n in self._old) if ids else {}
         with self._lock:
+            for envelope_id in ids:
+                old = carry.get(envelope_id)
+                if old is not None:
+                    new = self._carry.get(envelope_id, _Lines())
+                    old.other.extend(new.other)
+                    old.record = new.record or old.record
+                    self._carry[envelope_id] = old
             for number in self._old:
                 if ids:
                     self._live[number] = set(ids)
