@@ -144,6 +144,7 @@ class Journal:
         self._lock = threading.Lock()
         self._io_lock = threading.Lock()
         self._buffer: list[bytes] = []
+        self._buffer_ids: list[str] = []  # whose line each one in _buffer is
         self._fd = -1
         self._size = 0
         self._torn = False
@@ -271,6 +272,7 @@ class Journal:
     def _add(self, envelope_id: str, line: bytes, record: bool = False) -> None:
         with self._lock:
             self._buffer.append(line)
+            self._buffer_ids.append(envelope_id)
             self._live.setdefault(self._segment, set()).add(envelope_id)
             carry = self._carry.setdefault(envelope_id, _Lines())
             if record:
@@ -300,7 +302,13 @@ class Journal:
             # once they are), so no caller hears "durable" of a record that is not
             self._write(data)
             with self._lock:
+                # the segment they went into holds them, whichever was current when they
+                # were appended (a new one may have been begun since): it stays while their
+                # envelopes are active
+                written = set(self._buffer_ids[:taken]).intersection(self._carry)
+                self._live.setdefault(self._segment, set()).update(written)
                 del self._buffer[:taken]
+                del self._buffer_ids[:taken]
             if self._size - self._carried > SEGMENT_BYTES:
                 # the records are durable whatever happens here; a new segment that cannot
                 # be begun (no inode left) is tried again after the next commit

@@ -10,6 +10,7 @@ import pytest
 from spoolsmtp import journal
 from spoolsmtp.iobatch import IoBatch
 from spoolsmtp.journal import Journal
+from tests.hostile import fill, needs_root, small_tmpfs
 
 RECORD = b'{"id":"A","source":"job.bsmtp","state":"active"}'
 
@@ -71,3 +72,53 @@ def test_a_new_segment_after_a_restart_does_not_drop_the_dot_written_before_it(
     assert entry.dots == {(1, "a@x.org")}
     assert entry.source == "job.bsmtp"
     assert entry.record is not None and entry.record["source"] == "job.bsmtp"
+
+
+class RacingJournal(Journal):
+    """A real journal in which, once, another lane appends A's dot at the moment a new
+    segment is begun, and the disk fills right then (so copying forward fails)."""
+
+    race: Path | None = None
+    filler: Path | None = None
+
+    def _open_segment(self, number: int) -> None:
+        if self.race is not None:
+            fs, self.race = self.race, None
+            self.append({"t": "dot", "id": "A", "tx": 1, "rcpts": ["a@x.org"]})
+            self.filler = fill(fs)
+        super()._open_segment(number)
+
+
+@needs_root
+def test_a_dot_written_into_the_next_segment_keeps_that_segment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A's dot is appended while segment 1 is current but written into segment 2 (segment 1
+    was closed between the append and the write): segment 2 must stay while A is active,
+    even when the checkpoint's new segment cannot be written and another envelope finishes."""
+    with small_tmpfs(tmp_path / "fs", size="1m") as fs:
+        folder = fs / "journal"
+
+        async def main() -> None:
+            j = RacingJournal(folder, IoBatch())
+            j.append({"t": "claim", "id": "A", "name": "a"})
+            j.append({"t": "claim", "id": "B", "name": "b"})
+            await j.commit()
+            monkeypatch.setattr(journal, "SEGMENT_BYTES", 0)
+            j.race = fs
+            j.append({"t": "phase", "id": "B", "phase": "read"})
+            await j.commit()  # written; the new segment 2 begun, copying forward failed
+            monkeypatch.undo()
+            assert j.filler is not None
+            j.filler.unlink()
+            await j.commit()  # A's dot, into segment 2
+            filler = fill(fs)
+            j.checkpoint([fs])  # a new segment 3 cannot be copied into
+            filler.unlink()
+            j.finished("B")
+            j.checkpoint([fs])
+            j.close()  # killed: the next start replays what is left
+
+        asyncio.run(main())
+        entry = journal.replay(folder)["A"]
+        assert entry.dots == {(1, "a@x.org")}
