@@ -97,6 +97,25 @@ def _read_lines(out: dict[str, Replayed], lines: Iterable[bytes]) -> None:
             entry.alone = rec.get("alone", False)
 
 
+def _adopted(paths: Iterable[Path]) -> dict[str, _Lines]:
+    """The lines of every envelope in ``paths`` (oldest first; its newest record only)."""
+    out: dict[str, _Lines] = {}
+    for path in paths:
+        with open(path, "rb") as fh:
+            for raw in fh:
+                try:
+                    rec = json.loads(raw)
+                except ValueError:
+                    continue  # a torn last line
+                lines = out.setdefault(rec["id"], _Lines())
+                line = raw if raw.endswith(b"\n") else raw + b"\n"
+                if rec["t"] == "record":
+                    lines.record = line
+                else:
+                    lines.other.append(line)
+    return out
+
+
 @dataclass
 class _Lines:
     """What an active envelope has journaled, to copy forward when a segment is closed."""
@@ -125,6 +144,7 @@ class Journal:
         self._lock = threading.Lock()
         self._io_lock = threading.Lock()
         self._buffer: list[bytes] = []
+        self._buffer_ids: list[str] = []  # whose line each one in _buffer is
         self._fd = -1
         self._size = 0
         self._torn = False
@@ -218,8 +238,20 @@ class Journal:
             self._torn = False
 
     def adopt(self, ids: set[str]) -> None:
-        """The segments found at start stay until the envelopes resumed from them finish."""
+        """The segments found at start stay until the envelopes resumed from them finish.
+
+        What those envelopes wrote before the restart (claim, dots, results, their newest
+        record) is taken into memory as if written since: ``known`` then tells a put-back
+        retry of it, and a new segment copies it forward before the old ones may go."""
+        carry = _adopted(self._path(n) for n in self._old) if ids else {}
         with self._lock:
+            for envelope_id in ids:
+                old = carry.get(envelope_id)
+                if old is not None:
+                    new = self._carry.get(envelope_id, _Lines())
+                    old.other.extend(new.other)
+                    old.record = new.record or old.record
+                    self._carry[envelope_id] = old
             for number in self._old:
                 if ids:
                     self._live[number] = set(ids)
@@ -240,6 +272,7 @@ class Journal:
     def _add(self, envelope_id: str, line: bytes, record: bool = False) -> None:
         with self._lock:
             self._buffer.append(line)
+            self._buffer_ids.append(envelope_id)
             self._live.setdefault(self._segment, set()).add(envelope_id)
             carry = self._carry.setdefault(envelope_id, _Lines())
             if record:
@@ -269,7 +302,13 @@ class Journal:
             # once they are), so no caller hears "durable" of a record that is not
             self._write(data)
             with self._lock:
+                # the segment they went into holds them, whichever was current when they
+                # were appended (a new one may have been begun since): it stays while their
+                # envelopes are active
+                written = set(self._buffer_ids[:taken]).intersection(self._carry)
+                self._live.setdefault(self._segment, set()).update(written)
                 del self._buffer[:taken]
+                del self._buffer_ids[:taken]
             if self._size - self._carried > SEGMENT_BYTES:
                 # the records are durable whatever happens here; a new segment that cannot
                 # be begun (no inode left) is tried again after the next commit
