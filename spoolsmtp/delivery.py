@@ -22,11 +22,11 @@ from typing import BinaryIO
 from spoolsmtp import crashpoint, envfile, route
 from spoolsmtp.config import Config, TlsPolicy
 from spoolsmtp.envelope import Recipient, Transaction
-from spoolsmtp.mx import Hop, MxResolver
+from spoolsmtp.hop import Hop, always
+from spoolsmtp.mx import MxResolver
 from spoolsmtp.outcome import RecipientResult, Status, decided_here, result
 from spoolsmtp.reply import Reply, make
 from spoolsmtp.session import DotHook, Session, SessionStats, StaleSession
-from spoolsmtp.tracer import always
 
 Trace = Callable[[str], None]
 _PoolKey = tuple[str, int, str, TlsPolicy]

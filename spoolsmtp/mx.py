@@ -41,21 +41,12 @@ from tenacity import (
 
 from spoolsmtp.config import DnsConfig
 from spoolsmtp.errors import ConfigError
+from spoolsmtp.hop import Hop, always
 from spoolsmtp.reply import Reply, make
 from spoolsmtp.route import Destination
-from spoolsmtp.tracer import always
 
 NEGATIVE_TTL = 60.0
 Trace = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class Hop:
-    """One address to try: the MX (or route) host name, its address, and the port."""
-
-    host: str
-    address: str
-    port: int = 25
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from spoolsmtp.config import DeliveryConfig, Timeouts, TlsPolicy
 from spoolsmtp.envelope import Recipient, Transaction
-from spoolsmtp.mx import Hop
+from spoolsmtp.hop import Hop, always
 from spoolsmtp.outcome import RecipientResult, connection_lost, timed_out
 from spoolsmtp.reply import Reply, make
 from spoolsmtp.smtpclient import (
@@ -32,7 +32,6 @@ from spoolsmtp.smtpclient import (
     RemoteProtocolError,
     Verb,
 )
-from spoolsmtp.tracer import always
 from spoolsmtp.transaction import DATA, MailTransaction, Stage
 from spoolsmtp.transport import Wire, tls_context
 

@@ -15,12 +15,6 @@ log = logging.getLogger("spoolsmtp")
 FOLLOWER_QUEUE = 1000
 
 
-def always() -> bool:
-    """The default ``tracing`` predicate of the resolver and of sessions: whoever gave them a
-    trace function wants every line (the worker passes one that asks its ``Tracer``)."""
-    return True
-
-
 class Kind(Enum):
     """What can be traced."""
 
