@@ -27,8 +27,8 @@ from pathlib import Path
 
 import yaml
 
-from spoolsmtp import writer
-from spoolsmtp.envelope import Recipient
+from spoolsmtp.bsmtp import writer
+from spoolsmtp.model.envelope import Recipient
 
 BODY = b"Subject: bench\r\n\r\n" + (b"x" * 76 + b"\r\n") * 26
 ROOT = Path(__file__).resolve().parent.parent

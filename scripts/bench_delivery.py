@@ -20,11 +20,13 @@ from pathlib import Path
 
 import yaml
 
-from spoolsmtp import config, envfile, writer
-from spoolsmtp.delivery import Deliverer
-from spoolsmtp.envelope import Recipient
-from spoolsmtp.mx import MxResolver
-from spoolsmtp.outcome import Status
+from spoolsmtp.bsmtp import writer
+from spoolsmtp.delivery.deliverer import Deliverer
+from spoolsmtp.delivery.mx import MxResolver
+from spoolsmtp.model import config
+from spoolsmtp.model.envelope import Recipient
+from spoolsmtp.model.outcome import Status
+from spoolsmtp.spool import envfile
 
 BODY = b"Subject: bench\r\n\r\n" + (b"x" * 76 + b"\r\n") * 26
 

@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from spoolsmtp import envfile
-from spoolsmtp.config import Limits
+from spoolsmtp.model.config import Limits
+from spoolsmtp.spool import envfile
 
 HEAD = (
     b"HELO bench.example\r\nMAIL FROM:<bench@example.com>\r\nRCPT TO:<sink@example.org>\r\nDATA\r\n"

@@ -46,9 +46,11 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from spoolsmtp import config, envfile, writer  # noqa: E402
-from spoolsmtp.envelope import Recipient  # noqa: E402
-from spoolsmtp.errors import EnvelopeFault  # noqa: E402
+from spoolsmtp.bsmtp import writer
+from spoolsmtp.model import config
+from spoolsmtp.model.envelope import Recipient
+from spoolsmtp.model.errors import EnvelopeFault
+from spoolsmtp.spool import envfile
 
 QUEUE_FOLDERS = ("incoming", "active", "deferred", "hold")
 TIMEOUT = 2.0  # every SMTP timeout of the worker, seconds

@@ -32,14 +32,18 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from spoolsmtp import commands, config, control, diskfull, envfile  # noqa: E402
-from spoolsmtp.errors import EnvelopeFault  # noqa: E402
-from spoolsmtp.port import COUNTED, NoSuchEnvelope, Reloaded, Traffic  # noqa: E402
-from spoolsmtp.reader import Reader  # noqa: E402
-from spoolsmtp.record import State  # noqa: E402
-from spoolsmtp.reply import sanitise  # noqa: E402
-from spoolsmtp.route import destination_for  # noqa: E402
-from spoolsmtp.smtpclient import (  # noqa: E402
+from spoolsmtp.bsmtp.reader import Reader
+from spoolsmtp.control import commands
+from spoolsmtp.control import server as control
+from spoolsmtp.control.port import COUNTED, NoSuchEnvelope, Reloaded, Traffic
+from spoolsmtp.control.tracer import Tracer
+from spoolsmtp.delivery.route import destination_for
+from spoolsmtp.model import config
+from spoolsmtp.model.errors import EnvelopeFault
+from spoolsmtp.model.record import State
+from spoolsmtp.model.reply import sanitise
+from spoolsmtp.model.stats import Stats
+from spoolsmtp.smtp.protocol import (
     ClientProtocol,
     Command,
     Event,
@@ -48,8 +52,10 @@ from spoolsmtp.smtpclient import (  # noqa: E402
     ReplyParser,
     Verb,
 )
-from spoolsmtp.stats import Stats  # noqa: E402
-from spoolsmtp.tracer import Tracer  # noqa: E402
+from spoolsmtp.spool import (
+    diskfull,
+    envfile,
+)
 
 CORPUS = ROOT / "tests" / "corpus"
 LIMITS = config.Config().limits

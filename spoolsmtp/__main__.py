@@ -2,6 +2,6 @@
 
 import sys
 
-from spoolsmtp.cli import main
+from spoolsmtp.app.cli import main
 
 sys.exit(main())

@@ -10,10 +10,12 @@ from typing import Any
 import yaml
 from flufl.bounce import all_failures
 
-from spoolsmtp import config, envfile, writer
-from spoolsmtp.envelope import Envelope, MailParams, Recipient
-from spoolsmtp.errors import EnvelopeFault
-from spoolsmtp.reader import Reader
+from spoolsmtp.bsmtp import writer
+from spoolsmtp.bsmtp.reader import Reader
+from spoolsmtp.model import config
+from spoolsmtp.model.envelope import Envelope, MailParams, Recipient
+from spoolsmtp.model.errors import EnvelopeFault
+from spoolsmtp.spool import envfile
 
 SENDMAIL = Path(sys.executable).with_name("spoolsmtp-sendmail")
 

@@ -105,7 +105,7 @@ def cli_as_nobody(argv: list[str], base: Path, stdin: bytes = b"") -> tuple[int,
     """``spoolsmtp ARGV`` in a forked child that has become ``nobody``: its exit code, output
     and errors. The fork has this interpreter loaded, which ``nobody`` may not be able to start
     anew (it can sit under root's 0700 home); stdin, stdout and stderr are files in ``base``."""
-    from spoolsmtp import cli
+    from spoolsmtp.app import cli
 
     files = {name: base / f"nobody.{name}" for name in ("in", "out", "err")}
     files["in"].write_bytes(stdin)

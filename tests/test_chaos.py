@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from spoolsmtp import writer
-from spoolsmtp.envelope import Recipient
+from spoolsmtp.bsmtp import writer
+from spoolsmtp.model.envelope import Recipient
 
 ROOT = Path(__file__).parent.parent
 SCRIPT = ROOT / "scripts" / "chaos.py"

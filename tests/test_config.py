@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from spoolsmtp import cli, config, eventloop
-from spoolsmtp.config import TlsPolicy
-from spoolsmtp.errors import ConfigError
-from spoolsmtp.units import format_duration, parse_duration, parse_size
+from spoolsmtp.app import cli, eventloop
+from spoolsmtp.model import config
+from spoolsmtp.model.config import TlsPolicy
+from spoolsmtp.model.errors import ConfigError
+from spoolsmtp.model.units import format_duration, parse_duration, parse_size
 
 ROOT = Path(__file__).parent.parent
 

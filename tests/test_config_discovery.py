@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from spoolsmtp import configpath
+from spoolsmtp.app import configpath
 from tests.helpers import SENDMAIL
 from tests.hostile import needs_root, nobody
 from tests.workerproc import ROOT

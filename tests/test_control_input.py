@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from spoolsmtp.peerlog import PeerLog
+from spoolsmtp.control.peerlog import PeerLog
 from tests.helpers import draft
 from tests.hostile import needs_root, run_as_nobody
 from tests.smtpservers import RawServer, SmtpServer, read_line
@@ -192,7 +192,7 @@ def test_a_line_that_is_no_command_gets_400_from_anyone(
 
 def test_ctl_shows_invisible_format_characters_escaped() -> None:
     """Bidi overrides and zero-width characters reorder or hide what an operator reads."""
-    from spoolsmtp.ctl import shown
+    from spoolsmtp.control.client import shown
 
     assert shown("x\u202ey\u200bz\u2066") == "x\\u202ey\\u200bz\\u2066"
 

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from spoolsmtp.config import Config
-from spoolsmtp.control import ControlServer
-from spoolsmtp.port import COUNTED, NoSuchEnvelope, Reloaded, Traffic
-from spoolsmtp.record import State
-from spoolsmtp.stats import Stats
-from spoolsmtp.tracer import Tracer
+from spoolsmtp.control.port import COUNTED, NoSuchEnvelope, Reloaded, Traffic
+from spoolsmtp.control.server import ControlServer
+from spoolsmtp.control.tracer import Tracer
+from spoolsmtp.model.config import Config
+from spoolsmtp.model.record import State
+from spoolsmtp.model.stats import Stats
 from tests.test_control import sockdir  # noqa: F401 - fixture
 
 ID = "20260101-000000-000000-abcdef"

@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from spoolsmtp import cli, config, envfile, response
+from spoolsmtp.app import cli
+from spoolsmtp.bsmtp import response
+from spoolsmtp.model import config
+from spoolsmtp.spool import envfile
 from tests.helpers import read_in_steps
 
 CORPUS = Path(__file__).parent / "corpus"

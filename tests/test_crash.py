@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from spoolsmtp.crashpoint import PHASES
+from spoolsmtp.spool.crashpoint import PHASES
 from tests.helpers import draft, report_failures
 from tests.smtpservers import Script, SmtpServer
 from tests.workerproc import WorkerProcess, wait_for

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import trustme
 
-from spoolsmtp.config import Config
-from spoolsmtp.delivery import Deliverer
-from spoolsmtp.envelope import MailParams
-from spoolsmtp.mx import MxResolver
-from spoolsmtp.outcome import RecipientResult, Status
+from spoolsmtp.delivery.deliverer import Deliverer
+from spoolsmtp.delivery.mx import MxResolver
+from spoolsmtp.model.config import Config
+from spoolsmtp.model.envelope import MailParams
+from spoolsmtp.model.outcome import RecipientResult, Status
 from tests.helpers import draft, make_config, write_envelope
 from tests.smtpservers import Script, SmtpServer
 
@@ -43,7 +43,7 @@ def deliver(
     cfg: Config, path: Path, number: int = 1, *, repeat: int = 1
 ) -> tuple[list[RecipientResult], Deliverer, list[str]]:
     """Deliver transaction ``number`` of the envelope ``repeat`` times on one Deliverer."""
-    from spoolsmtp import envfile
+    from spoolsmtp.spool import envfile
 
     env = envfile.read(path, cfg.limits, cfg.helo_name)
     tx = env.transactions[number - 1]

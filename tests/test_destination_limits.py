@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from spoolsmtp import envfile
-from spoolsmtp.delivery import Deliverer, DestinationLimits
-from spoolsmtp.mx import MxResolver
-from spoolsmtp.outcome import Status
+from spoolsmtp.delivery.deliverer import Deliverer, DestinationLimits
+from spoolsmtp.delivery.mx import MxResolver
+from spoolsmtp.model.outcome import Status
+from spoolsmtp.spool import envfile
 from tests.dnsserver import Zone, serve
 from tests.helpers import draft, make_config, write_envelope
 from tests.smtpservers import SmtpServer

@@ -13,8 +13,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from spoolsmtp.diskfull import DiskWatch
-from spoolsmtp.stats import Stats
+from spoolsmtp.model.stats import Stats
+from spoolsmtp.spool.diskfull import DiskWatch
 from tests.helpers import draft
 from tests.hostile import cli_as_nobody, fill, needs_root, reachable_by_others, small_tmpfs
 from tests.smtpservers import _LoopThread

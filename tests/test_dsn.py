@@ -10,8 +10,8 @@ from email.message import EmailMessage, Message
 
 import pytest
 
-from spoolsmtp.dsn import Item, Kind, batch_report, delivery_report
-from spoolsmtp.reply import make
+from spoolsmtp.model.reply import make
+from spoolsmtp.policy.dsn import Item, Kind, batch_report, delivery_report
 
 ARRIVAL = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)

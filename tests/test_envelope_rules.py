@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from spoolsmtp import envfile, writer
-from spoolsmtp.config import Limits
+from spoolsmtp.bsmtp import writer
+from spoolsmtp.model.config import Limits
+from spoolsmtp.spool import envfile
 from tests.helpers import draft
 from tests.smtpservers import Script, SmtpServer
 from tests.workerproc import ROOT, start_worker, wait_for

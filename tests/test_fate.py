@@ -9,13 +9,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from spoolsmtp.config import RetryConfig
-from spoolsmtp.dsn import Kind
-from spoolsmtp.envelope import Envelope, MailParams, Message, Notify, Recipient, Transaction
-from spoolsmtp.fate import Fate, Plan
-from spoolsmtp.outcome import RecipientResult, Status, result
-from spoolsmtp.record import RcptRecord, RcptStatus, Record, State, TxRecord, iso, parse_iso
-from spoolsmtp.reply import Reply, make
+from spoolsmtp.model.config import RetryConfig
+from spoolsmtp.model.envelope import Envelope, MailParams, Message, Notify, Recipient, Transaction
+from spoolsmtp.model.outcome import RecipientResult, Status, result
+from spoolsmtp.model.record import RcptRecord, RcptStatus, Record, State, TxRecord, iso, parse_iso
+from spoolsmtp.model.reply import Reply, make
+from spoolsmtp.policy.dsn import Kind
+from spoolsmtp.policy.fate import Fate, Plan
 
 T0 = datetime(2026, 1, 5, 12, 0, 0, tzinfo=UTC)
 CFG = RetryConfig(

@@ -12,8 +12,8 @@ import textwrap
 import threading
 from pathlib import Path
 
-from spoolsmtp import writer
-from spoolsmtp.spool import new_id
+from spoolsmtp.bsmtp import writer
+from spoolsmtp.spool.folders import new_id
 from tests.helpers import draft
 from tests.hostile import (
     PLAIN_PYTHON,

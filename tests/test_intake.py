@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 import pytest
 
-from spoolsmtp import intake, legacy
+from spoolsmtp.spool import intake, legacy
 from tests.smtpservers import SmtpServer
 from tests.workerproc import WorkerProcess, start_worker, wait_for
 

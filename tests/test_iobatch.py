@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from spoolsmtp.iobatch import IoBatch
+from spoolsmtp.spool.iobatch import IoBatch
 
 
 class RecordingLog:

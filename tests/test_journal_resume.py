@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from spoolsmtp import journal
-from spoolsmtp.iobatch import IoBatch
-from spoolsmtp.journal import Journal
+from spoolsmtp.spool import journal
+from spoolsmtp.spool.iobatch import IoBatch
+from spoolsmtp.spool.journal import Journal
 from tests.hostile import fill, needs_root, small_tmpfs
 
 RECORD = b'{"id":"A","source":"job.bsmtp","state":"active"}'

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from spoolsmtp import exitcodes
-from spoolsmtp.spool import FOLDERS
-from spoolsmtp.spoollock import holder
+from spoolsmtp.model import exitcodes
+from spoolsmtp.spool.folders import FOLDERS
+from spoolsmtp.spool.lock import holder
 from tests.helpers import draft
 from tests.smtpservers import Script, SmtpServer
 from tests.workerproc import WorkerProcess, wait_for

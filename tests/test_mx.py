@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 
-from spoolsmtp import envfile, route
-from spoolsmtp.config import Config, DnsConfig, Route, TlsPolicy
-from spoolsmtp.delivery import Deliverer
-from spoolsmtp.mx import MxResolver, Resolution
-from spoolsmtp.outcome import Status
+from spoolsmtp.delivery import route
+from spoolsmtp.delivery.deliverer import Deliverer
+from spoolsmtp.delivery.mx import MxResolver, Resolution
+from spoolsmtp.model.config import Config, DnsConfig, Route, TlsPolicy
+from spoolsmtp.model.outcome import Status
+from spoolsmtp.spool import envfile
 from tests.dnsserver import NXDOMAIN, SERVFAIL, SILENT, TRUNCATE, Zone, serve
 from tests.helpers import draft, make_config, write_envelope
 from tests.smtpservers import SmtpServer

@@ -7,11 +7,12 @@ import io
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spoolsmtp import envfile, writer
-from spoolsmtp.config import Limits
-from spoolsmtp.envelope import Recipient
-from spoolsmtp.errors import EnvelopeFault
-from spoolsmtp.reader import Reader
+from spoolsmtp.bsmtp import writer
+from spoolsmtp.bsmtp.reader import Reader
+from spoolsmtp.model.config import Limits
+from spoolsmtp.model.envelope import Recipient
+from spoolsmtp.model.errors import EnvelopeFault
+from spoolsmtp.spool import envfile
 from tests.helpers import read_in_steps
 
 LIMITS = Limits(max_message_bytes=10**7)

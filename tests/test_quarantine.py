@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from spoolsmtp.journal import Replayed
-from spoolsmtp.quarantine import Verdict, assess
+from spoolsmtp.spool.journal import Replayed
+from spoolsmtp.spool.quarantine import Verdict, assess
 from tests.helpers import draft, report_failures, statuses
 from tests.smtpservers import Script, SmtpServer
 from tests.workerproc import WorkerProcess, wait_for

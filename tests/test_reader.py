@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from spoolsmtp import envfile, writer
-from spoolsmtp.config import Limits
-from spoolsmtp.envelope import Envelope, MailParams, Notify, Recipient, Ret
-from spoolsmtp.errors import EnvelopeFault
-from spoolsmtp.reader import Reader
+from spoolsmtp.bsmtp import writer
+from spoolsmtp.bsmtp.reader import Reader
+from spoolsmtp.model.config import Limits
+from spoolsmtp.model.envelope import Envelope, MailParams, Notify, Recipient, Ret
+from spoolsmtp.model.errors import EnvelopeFault
+from spoolsmtp.spool import envfile
 
 LIMITS = Limits()
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from spoolsmtp.config import Config, parse
-from spoolsmtp.mx import MxResolver
-from spoolsmtp.reconfig import RESTART, flatten, plan, renewed_resolver
+from spoolsmtp.app.reconfig import RESTART, flatten, plan, renewed_resolver
+from spoolsmtp.delivery.mx import MxResolver
+from spoolsmtp.model.config import Config, parse
 
 OLD = parse(
     "spool: {path: /var/spool/s, max_active: 10}\n"

@@ -12,10 +12,11 @@ from pathlib import Path
 
 from flufl.bounce import all_failures
 
-from spoolsmtp import config, envfile
-from spoolsmtp.dsn import utf8_addr_decode
-from spoolsmtp.envelope import MailParams, Notify, Recipient
-from spoolsmtp.writer import Draft
+from spoolsmtp.bsmtp.writer import Draft
+from spoolsmtp.model import config
+from spoolsmtp.model.envelope import MailParams, Notify, Recipient
+from spoolsmtp.policy.dsn import utf8_addr_decode
+from spoolsmtp.spool import envfile
 from tests.helpers import draft
 from tests.smtpservers import RawServer, Script, SmtpServer, read_line
 from tests.workerproc import WorkerProcess, start_worker, wait_for

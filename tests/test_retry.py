@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from spoolsmtp.config import RetryConfig
-from spoolsmtp.reply import make
-from spoolsmtp.retry import JITTER, backoff, expired, expiry_reply, next_attempt, warning_due
+from spoolsmtp.model.config import RetryConfig
+from spoolsmtp.model.reply import make
+from spoolsmtp.policy.retry import JITTER, backoff, expired, expiry_reply, next_attempt, warning_due
 
 RECEIVED = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 CFG = RetryConfig(interval=600, max_interval=4 * 3600, max_age=86400, warning_age=4 * 3600)

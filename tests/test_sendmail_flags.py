@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from spoolsmtp.compose import qualify_field
+from spoolsmtp.bsmtp.compose import qualify_field
 from tests.helpers import SENDMAIL
 from tests.workerproc import ROOT
 

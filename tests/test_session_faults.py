@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 import trustme
 
-from spoolsmtp import config, envfile
-from spoolsmtp.delivery import Deliverer
-from spoolsmtp.mx import MxResolver
-from spoolsmtp.outcome import RecipientResult, Status
+from spoolsmtp.delivery.deliverer import Deliverer
+from spoolsmtp.delivery.mx import MxResolver
+from spoolsmtp.model import config
+from spoolsmtp.model.outcome import RecipientResult, Status
+from spoolsmtp.spool import envfile
 from tests.helpers import FAST_TIMEOUTS, draft, make_config, write_envelope
 from tests.smtpservers import RawServer, SmtpServer, read_line, standard_dialogue
 
@@ -276,8 +277,8 @@ def test_deliver_command_exit_codes(tmp_path: Path, reply: str, code: int) -> No
 
 def test_every_reply_is_waited_for_under_its_own_configured_timeout() -> None:
     """Each command's reply is bounded by the timeout RFC 5321 gives it, as configured."""
-    from spoolsmtp.session import _timeout_for
-    from spoolsmtp.smtpclient import Verb
+    from spoolsmtp.smtp.protocol import Verb
+    from spoolsmtp.smtp.session import _timeout_for
 
     t = config.Timeouts(greeting=1, ehlo=2, starttls=3, mail=4, rcpt=5, data=6, data_end=7, quit=8)
     expected = {

@@ -6,9 +6,9 @@ import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 
-from spoolsmtp.delivery import Deliverer
-from spoolsmtp.mx import MxResolver
-from spoolsmtp.outcome import Status
+from spoolsmtp.delivery.deliverer import Deliverer
+from spoolsmtp.delivery.mx import MxResolver
+from spoolsmtp.model.outcome import Status
 from tests.helpers import draft, make_config, write_envelope
 from tests.smtpservers import RawServer, read_line, standard_dialogue
 

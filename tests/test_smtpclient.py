@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from spoolsmtp.reply import Reply, make
-from spoolsmtp.smtpclient import (
+from spoolsmtp.model.reply import Reply, make
+from spoolsmtp.smtp.protocol import (
     MAX_REPLY_LINE,
     MAX_REPLY_LINES,
     NEED_DATA,

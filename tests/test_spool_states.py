@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from spoolsmtp import record
-from spoolsmtp.config import SpoolConfig
-from spoolsmtp.folders import TRANSITIONS, Folder, IllegalMove, check
-from spoolsmtp.record import RcptRecord, RcptStatus, Record, State, TxRecord
-from spoolsmtp.reply import Reply
-from spoolsmtp.spool import FOLDERS, Spool
+from spoolsmtp.model import record
+from spoolsmtp.model.config import SpoolConfig
+from spoolsmtp.model.record import RcptRecord, RcptStatus, Record, State, TxRecord
+from spoolsmtp.model.reply import Reply
+from spoolsmtp.spool.folders import FOLDERS, Spool
+from spoolsmtp.spool.states import TRANSITIONS, Folder, IllegalMove, check
 
 LEGAL = [
     ("incoming", "active"),

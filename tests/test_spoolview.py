@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-from spoolsmtp.spoolview import FolderCounts, result
+from spoolsmtp.spool.spoolview import FolderCounts, result
 
 
 class Gated(FolderCounts):

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from spoolsmtp import cli, config
-from spoolsmtp.submit import Submission, build, recipients_from_headers
+from spoolsmtp.app import cli
+from spoolsmtp.app.submit import Submission, build, recipients_from_headers
+from spoolsmtp.model import config
 from tests.helpers import SENDMAIL
 from tests.smtpservers import Message, Script, SmtpServer
 from tests.workerproc import WorkerProcess, run, spoolsmtp, wait_for

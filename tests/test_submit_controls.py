@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from spoolsmtp import cli, sendmail
+from spoolsmtp.app import cli, sendmail
 from tests.forked import Main, as_user
 
 RLO = "\u202e"  # right-to-left override: "moc.elpmaxe@nimda" shows as admin@example.com

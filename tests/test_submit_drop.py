@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from spoolsmtp import cli, sendmail
+from spoolsmtp.app import cli, sendmail
 from tests.forked import Main, as_user, open_base
 from tests.hostile import needs_root
 from tests.smtpservers import SmtpServer

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from spoolsmtp import cli
+from spoolsmtp.app import cli
 from tests.forked import as_user, open_base
 from tests.hostile import needs_root, nobody
 from tests.workerproc import wait_for

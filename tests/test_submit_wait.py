@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from spoolsmtp.submit import outcome
+from spoolsmtp.app.submit import outcome
 from tests.hostile import cli_as_nobody, needs_root
 from tests.smtpservers import Script, SmtpServer
 from tests.workerproc import WorkerProcess, run, spoolsmtp

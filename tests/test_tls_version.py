@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import trustme
 
-from spoolsmtp import envfile
-from spoolsmtp.config import Config
-from spoolsmtp.delivery import Deliverer
-from spoolsmtp.errors import ConfigError
-from spoolsmtp.mx import MxResolver
-from spoolsmtp.outcome import RecipientResult, Status
+from spoolsmtp.delivery.deliverer import Deliverer
+from spoolsmtp.delivery.mx import MxResolver
+from spoolsmtp.model.config import Config
+from spoolsmtp.model.errors import ConfigError
+from spoolsmtp.model.outcome import RecipientResult, Status
+from spoolsmtp.spool import envfile
 from tests.helpers import draft, make_config, write_envelope
 from tests.smtpservers import SmtpServer
 

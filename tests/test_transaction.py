@@ -7,10 +7,18 @@ from __future__ import annotations
 
 import pytest
 
-from spoolsmtp.envelope import BodyType, MailParams, Message, Notify, Recipient, Ret, Transaction
-from spoolsmtp.outcome import Status
-from spoolsmtp.reply import Reply, make
-from spoolsmtp.smtpclient import (
+from spoolsmtp.model.envelope import (
+    BodyType,
+    MailParams,
+    Message,
+    Notify,
+    Recipient,
+    Ret,
+    Transaction,
+)
+from spoolsmtp.model.outcome import Status
+from spoolsmtp.model.reply import Reply, make
+from spoolsmtp.smtp.protocol import (
     NEED_DATA,
     ClientProtocol,
     Command,
@@ -19,7 +27,7 @@ from spoolsmtp.smtpclient import (
     LocalProtocolError,
     Verb,
 )
-from spoolsmtp.transaction import DATA, MailTransaction, Stage
+from spoolsmtp.smtp.transaction import DATA, MailTransaction, Stage
 
 EXTRA = 40  # the size of our Received header
 OK = make(250, "2.1.5", "ok")

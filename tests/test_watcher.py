@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from spoolsmtp import watcher as watcher_module
-from spoolsmtp.watcher import IncomingWatcher
+from spoolsmtp.spool import watcher as watcher_module
+from spoolsmtp.spool.watcher import IncomingWatcher
 
 
 async def until(found: list[str], name: str, deadline: float = 10.0) -> None:

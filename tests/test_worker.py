@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 from flufl.bounce import all_failures
 
-from spoolsmtp import config, envfile, response, writer
-from spoolsmtp.envelope import MailParams, Notify, Recipient, Ret
-from spoolsmtp.writer import Draft
+from spoolsmtp.bsmtp import response, writer
+from spoolsmtp.bsmtp.writer import Draft
+from spoolsmtp.model import config
+from spoolsmtp.model.envelope import MailParams, Notify, Recipient, Ret
+from spoolsmtp.spool import envfile
 from tests.helpers import draft, report_failures, statuses
 from tests.smtpservers import Script, SmtpServer
 from tests.workerproc import WorkerProcess, start_worker, wait_for

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import yaml
 
-from spoolsmtp import writer
+from spoolsmtp.bsmtp import writer
 from tests.smtpservers import SmtpServer
 
 ROOT = Path(__file__).parent.parent

@@ -1,0 +1,145 @@
+"""The operator's actions on the queue (the control channel's HOLD, RELEASE, FLUSH, EXPIRE,
+SUSPEND, RESUME, RELOAD), as Postfix's postsuper and postqueue do them."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from spoolsmtp.app import reconfig
+from spoolsmtp.control.port import Reloaded
+from spoolsmtp.model.config import load as config_load
+from spoolsmtp.model.record import State, iso
+from spoolsmtp.spool.folders import SUFFIX
+
+if TYPE_CHECKING:
+    from spoolsmtp.app.records import Records
+    from spoolsmtp.app.recovery import Recovery
+    from spoolsmtp.app.scheduler import Scheduler
+    from spoolsmtp.app.worker import Summary, Worker
+
+log = logging.getLogger("spoolsmtp")
+
+
+class Actions:
+    """What the operator may do; ``worker``: the assembly, for its index, its hold and
+    dead-destination marks, its suspension and its config."""
+
+    def __init__(
+        self, worker: Worker, records: Records, recovery: Recovery, scheduler: Scheduler
+    ) -> None:
+        self._w = worker
+        self._records = records
+        self._recovery = recovery
+        self._scheduler = scheduler
+
+    async def hold(self, envelope_id: str) -> str:
+        """Move a deferred envelope to hold/ (an active one goes there after its attempt)."""
+        w = self._w
+        summary = w.index.get(envelope_id)
+        if summary is None:
+            raise LookupError(f"no queued envelope {envelope_id}")
+        if summary.state is State.HELD:
+            return f"{envelope_id} is already held"
+        if summary.state is State.ACTIVE:
+            w._hold_after.add(envelope_id)
+            return f"{envelope_id} is being delivered; it will be held after this attempt"
+        self._scheduler.unschedule(envelope_id)
+        try:
+            await w.spool.move(envelope_id, "deferred", "hold")
+        except FileNotFoundError:
+            w._hold_after.add(envelope_id)
+            return f"{envelope_id} is being delivered; it will be held after this attempt"
+        await self._restate(envelope_id, State.HELD, "hold")
+        summary.state, summary.next_attempt = State.HELD, None
+        w._spool_trace(f"{envelope_id}: held by operator")
+        return f"{envelope_id} held"
+
+    async def release(self, envelope_id: str) -> str:
+        """Move a held envelope back to deferred/ and try it at once."""
+        w = self._w
+        summary = w.index.get(envelope_id)
+        if summary is None:
+            raise LookupError(f"no queued envelope {envelope_id}")
+        if envelope_id in w._hold_after:
+            w._hold_after.discard(envelope_id)
+            return f"{envelope_id} will not be held after all"
+        if summary.state is not State.HELD:
+            return f"{envelope_id} is not held ({summary.state.value})"
+        await w.spool.move(envelope_id, "hold", "deferred")
+        await self._restate(envelope_id, State.DEFERRED, "deferred")
+        summary.state = State.DEFERRED
+        self._scheduler.schedule(envelope_id, time.time())
+        w._spool_trace(f"{envelope_id}: released by operator")
+        return f"{envelope_id} released"
+
+    async def _restate(self, envelope_id: str, state: State, folder: str) -> None:
+        record = self._recovery.load_record(envelope_id)
+        if record is not None:
+            record.state = state
+            record.location = f"{folder}/{envelope_id}{SUFFIX}"
+            record.updated_at = iso(datetime.now(UTC))
+            await self._records.write(record)
+            self._records.finished(envelope_id)
+
+    def flush(self, envelope_id: str | None = None, destination: str | None = None) -> int:
+        """Retry deferred envelopes now: one, those for a destination, or all."""
+        w = self._w
+        if envelope_id is not None and envelope_id not in w.index:
+            raise LookupError(f"no queued envelope {envelope_id}")
+        now = time.time()
+        count = 0
+        for summary in list(w.index.values()):
+            if summary.state is not State.DEFERRED:
+                continue
+            if envelope_id is not None and summary.id != envelope_id:
+                continue
+            if destination is not None and not self._matches(summary, destination):
+                continue
+            self._scheduler.schedule(summary.id, now)
+            count += 1
+        if destination is not None:
+            w._dead.pop(w._destination(destination).key, None)
+        elif envelope_id is None:
+            w._dead.clear()
+        return count
+
+    def _matches(self, summary: Summary, destination: str) -> bool:
+        return self._w._destination(destination).key in summary.destinations
+
+    def expire(self, domain: str) -> bool:
+        """Forget cached DNS answers (and the dead-destination mark) for a domain."""
+        w = self._w
+        w._dead.pop(w._destination(domain).key, None)
+        return w.resolver.expire(domain)
+
+    def suspend(self) -> None:
+        self._w.suspended = True
+        self._w._resumed.clear()
+
+    def resume(self) -> None:
+        self._w.suspended = False
+        self._w._resumed.set()
+        self._scheduler.wake()
+
+    def reload(self) -> Reloaded:
+        """Read the config file again and apply every key that can change while running; the
+        others keep their value until a restart, and the answer names them (reconfig.py). A
+        bad file raises ConfigError and changes nothing."""
+        w = self._w
+        plan = reconfig.plan(w.cfg, config_load(w.cfg.source))
+        if plan.renew_resolver:
+            resolver = reconfig.renewed_resolver(w.resolver, plan.config)
+            w.resolver = w.deliverer.resolver = resolver
+        w.cfg = plan.config
+        w.deliverer.reconfigure(plan.config)
+        w.disk.min_free_space = plan.config.spool.min_free_space
+        w.disk.min_free_inodes = plan.config.spool.min_free_inodes
+        log.info("%s", plan.done.summary)
+        return plan.done
+
+    def dead_destinations(self) -> dict[str, float]:
+        now = time.time()
+        return {k: v for k, v in self._w._dead.items() if v > now}

@@ -1,0 +1,4 @@
+"""bsmtp/: the envelope language, pure.
+
+Reading, parameters, addresses, writing, the batch response.
+"""

@@ -1,0 +1,70 @@
+"""The batch reader's fixed answers, and how its response echoes a command line.
+
+Pure text: the replies that depend on nothing the reader holds (NOOP, TICK, HELP, commands not
+offered in a batch, unknown verbs), the HELO/EHLO greeting, and the replies to a command line
+that is too long or whose line ending differs from the file's.
+"""
+
+from __future__ import annotations
+
+import re
+
+from spoolsmtp.model.config import Limits
+from spoolsmtp.model.reply import Reply, make
+
+_TICK = re.compile(r"^[\x21-\x7e]{1,64}$")
+_NOT_IN_BATCH = {"STARTTLS", "AUTH", "VRFY", "EXPN", "ETRN", "TURN", "ATRN", "BDAT"}
+_ESCAPED = re.compile("[\x00-\x08\x0a-\x1f]")
+
+
+def stateless(verb: str, arg: str) -> Reply:
+    """The answer to a command that changes nothing in the reader: NOOP, TICK, HELP, a command
+    not available in a batch, or an unknown verb."""
+    if verb == "NOOP":
+        return make(250, "2.0.0", "OK")
+    if verb == "TICK":
+        if not _TICK.match(arg):
+            return make(501, "5.5.4", "TICK needs an id of 1 to 64 printable characters")
+        return make(250, "2.0.0", f"TICK {arg}")
+    if verb == "HELP":
+        return make(
+            214,
+            "2.0.0",
+            "commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VERB TICK HELP",
+        )
+    if verb in _NOT_IN_BATCH:
+        return make(502, "5.5.1", f"{verb} is not available in a batch envelope")
+    return make(500, "5.5.2", f"command unrecognized: {echo(verb.encode(), 40)}")
+
+
+def greeting(verb: str, arg: str, hostname: str, limits: Limits) -> Reply:
+    """The 250 to an accepted HELO (one line) or EHLO (with the extensions we offer)."""
+    if verb == "HELO":
+        return Reply(250, None, (f"{hostname} hello {arg}",))
+    return Reply(
+        250,
+        None,
+        (
+            f"{hostname} hello {arg}",
+            f"SIZE {limits.max_message_bytes}",
+            "8BITMIME",
+            "SMTPUTF8",
+            "DSN",
+            "ENHANCEDSTATUSCODES",
+        ),
+    )
+
+
+def too_long(limit: int) -> Reply:
+    return make(500, "5.5.2", f"command line longer than {limit} octets")
+
+
+def mixed(crlf: bool | None) -> Reply:
+    expected = "CRLF" if crlf else "LF"
+    return make(500, "5.5.2", f"line ending differs from the file's ({expected}): bare LF or CR")
+
+
+def echo(content: bytes, limit: int) -> str:
+    """A command as the batch response echoes it: control characters but tab as ``\\xNN``."""
+    text = content[:limit].decode("utf-8", "backslashreplace")
+    return _ESCAPED.sub(lambda m: f"\\x{ord(m.group()):02x}", text)

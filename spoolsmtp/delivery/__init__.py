@@ -1,0 +1,1 @@
+"""delivery/: routing and DNS, and the deliverer that tries a destination's hosts."""

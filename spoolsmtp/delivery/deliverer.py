@@ -1,0 +1,302 @@
+"""One delivery attempt of a transaction: route, resolve, try each host in order, send.
+
+The ``Deliverer`` owns the connection pool and the concurrency limits (overall and per
+destination; a destination's limit is kept only while it is in use). Within one attempt every
+hop of a destination is tried in order, a plain loop, before a recipient counts as deferred;
+retries over hours are the spool's business, not this module's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from email.utils import format_datetime
+from pathlib import Path
+from typing import BinaryIO
+
+from spoolsmtp.delivery import route
+from spoolsmtp.delivery.mx import MxResolver
+from spoolsmtp.model.config import Config, TlsPolicy
+from spoolsmtp.model.envelope import Recipient, Transaction
+from spoolsmtp.model.hop import Hop, always
+from spoolsmtp.model.outcome import RecipientResult, Status, decided_here, result
+from spoolsmtp.model.reply import Reply, make
+from spoolsmtp.smtp.session import DotHook, Session, SessionStats, StaleSession
+from spoolsmtp.spool import crashpoint, envfile
+
+Trace = Callable[[str], None]
+_PoolKey = tuple[str, int, str, TlsPolicy]
+_NO_HOST = make(451, "4.4.0", "no host tried")
+
+
+@dataclass
+class _Limit:
+    semaphore: asyncio.Semaphore
+    users: int = 0  # holders and waiters
+
+
+class DestinationLimits:
+    """At most ``limit`` deliveries at once to each destination. A destination's semaphore
+    exists only while someone holds or waits for it: the table does not grow with every
+    destination ever seen."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._limits: dict[str, _Limit] = {}
+
+    def __len__(self) -> int:
+        """The destinations in use now."""
+        return len(self._limits)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        entry = self._limits.get(key)
+        if entry is None:
+            entry = self._limits[key] = _Limit(asyncio.Semaphore(self.limit))
+        entry.users += 1
+        try:
+            async with entry.semaphore:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._limits[key]
+
+
+def fold_received(parts: Iterator[str] | list[str]) -> bytes:
+    """A Received header folded at 78 columns, CRLF-terminated."""
+    lines: list[str] = []
+    current = "Received:"
+    for part in parts:
+        if len(current) + 1 + len(part) > 78 and current.strip() != "Received:":
+            lines.append(current)
+            current = "\t" + part
+        else:
+            current += " " + part
+    lines.append(current)
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+def received_header(
+    tx: Transaction, envelope_id: str, hostname: str, now: datetime, recipients: list[Recipient]
+) -> bytes:
+    """The one header we add: where the message came from and when we took it."""
+    parts = [f"from {tx.helo or 'unknown'}", f"by {hostname}", "(spoolsmtp)", "with BSMTP"]
+    parts.append(f"id {envelope_id}.{tx.number}")
+    if len(recipients) == 1:
+        parts.append(f"for <{recipients[0].address}>;")
+    else:
+        parts[-1] += ";"
+    parts.append(format_datetime(now))
+    return fold_received(parts)
+
+
+class Deliverer:
+    """Sends transactions to their destinations; one per worker, shared by all envelopes."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        resolver: MxResolver,
+        trace: Trace | None = None,
+        tracing: Callable[[], bool] = always,
+    ) -> None:
+        self.cfg = cfg
+        self.resolver = resolver
+        self.trace = trace
+        self.tracing = tracing
+        self.stats = SessionStats()
+        self.router = route.Router(cfg)
+        self._overall = asyncio.Semaphore(cfg.delivery.max_connections)
+        self._per_destination = DestinationLimits(cfg.delivery.max_per_destination)
+        self._idle: dict[_PoolKey, list[Session]] = {}
+
+    def reconfigure(self, cfg: Config) -> None:
+        """A reloaded configuration: routes and timeouts apply to the next delivery (the
+        remembered routes are those of the old one, so they go too)."""
+        self.cfg = cfg
+        self.router = route.Router(cfg)
+
+    async def deliver(
+        self,
+        path: Path,
+        tx: Transaction,
+        envelope_id: str,
+        now: datetime,
+        recipients: list[Recipient] | None = None,
+        before_dot: DotHook | None = None,
+        data: bytes | None = None,
+    ) -> list[RecipientResult]:
+        """One attempt for ``recipients`` (default: all of the transaction's); a result each.
+
+        ``data``, when given, is the whole envelope file already read: the message is sent
+        from it instead of from ``path``."""
+        rcpts = list(tx.recipients if recipients is None else recipients)
+        if tx.message.received + 1 > self.cfg.limits.max_hops:
+            loop = make(554, "5.4.6", f"mail loop: more than {self.cfg.limits.max_hops} hops")
+            return [decided_here(r, loop) for r in rcpts]
+        groups = self.router.group(rcpts)
+        if len(groups) == 1:
+            ((dest, group),) = groups.items()
+            outcomes = [
+                await self.deliver_to(dest, group, path, tx, envelope_id, now, before_dot, data)
+            ]
+        else:
+            outcomes = await asyncio.gather(
+                *(
+                    self.deliver_to(dest, group, path, tx, envelope_id, now, before_dot, data)
+                    for dest, group in groups.items()
+                )
+            )
+        by_rcpt = {r.recipient: r for results in outcomes for r in results}
+        return [by_rcpt[r] for r in rcpts]
+
+    async def deliver_to(
+        self,
+        dest: route.Destination,
+        rcpts: list[Recipient],
+        path: Path,
+        tx: Transaction,
+        envelope_id: str,
+        now: datetime,
+        before_dot: DotHook | None = None,
+        data: bytes | None = None,
+    ) -> list[RecipientResult]:
+        """One attempt for recipients that share a destination."""
+        async with self._per_destination.hold(dest.key), self._overall:
+            resolution = await self.resolver.hops(dest)
+            if resolution.failure is not None:
+                return [decided_here(r, resolution.failure) for r in rcpts]
+            hops = resolution.hops
+            received = received_header(tx, envelope_id, self.cfg.helo_name, now, rcpts)
+            done: dict[Recipient, RecipientResult] = {}
+            latest: dict[Recipient, RecipientResult] = {}
+            pending = list(rcpts)
+            with envfile.open_text(path, data) as fh:
+                for hop in hops:
+                    pending = await self._try_hop(
+                        hop, dest.tls, tx, pending, fh, received, done, latest, before_dot
+                    )
+                    if not pending:
+                        break
+            for r in pending:
+                done[r] = latest.get(r) or result(r, _NO_HOST)
+            return [done[r] for r in rcpts]
+
+    async def _try_hop(
+        self,
+        hop: Hop,
+        tls: TlsPolicy,
+        tx: Transaction,
+        pending: list[Recipient],
+        fh: BinaryIO,
+        received: bytes,
+        done: dict[Recipient, RecipientResult],
+        latest: dict[Recipient, RecipientResult],
+        before_dot: DotHook | None,
+    ) -> list[Recipient]:
+        """Send to one hop; record final results; return the recipients still to try."""
+        session, failure = await self._session(hop, tls)
+        if session is None:
+            assert failure is not None
+            for r in pending:
+                latest[r] = result(r, failure, hop.host, hop.address)
+            return pending
+        text = functools.partial(envfile.wire_chunks, fh, tx.message)
+        todo = pending
+        left: list[Recipient] = []
+        while todo:
+            try:
+                results, again = await session.send(tx, todo, text, received, before_dot)
+            except StaleSession:
+                session, failure = await self._session(hop, tls, reuse=False)
+                if session is None:
+                    assert failure is not None
+                    for r in todo:
+                        latest[r] = result(r, failure, hop.host, hop.address)
+                    return [*left, *todo]
+                continue
+            except BaseException:
+                # anything else (the journal could not be written, a cancellation): the
+                # session is in an unknown state; it is closed, never left open and unpooled
+                session.abort()
+                raise
+            for res in results:
+                latest[res.recipient] = res
+                final = res.status is not Status.DEFERRED or res.after_dot
+                if final and res.recipient not in again:
+                    done[res.recipient] = res
+                elif res.recipient not in again:
+                    left.append(res.recipient)
+            progress = len(again) < len(todo)
+            todo = again if again and session.alive and progress else []
+            if again and not todo:
+                left.extend(again)
+        self._release(session)
+        return left
+
+    async def _session(
+        self, hop: Hop, tls: TlsPolicy, *, reuse: bool = True
+    ) -> tuple[Session | None, Reply | None]:
+        """A ready session to ``hop``: an idle pooled one (RSET only if a transaction was left
+        incomplete; after a final reply to the dot the server is ready again) or a new one."""
+        key: _PoolKey = (hop.address, hop.port, hop.host, tls)
+        idle = self._idle.get(key, []) if reuse else []
+        now = time.monotonic()
+        while idle:
+            session = idle.pop()
+            fresh = now - session.last_used < self.cfg.delivery.idle_timeout
+            if session.alive and fresh and (not session.dirty or await session.reset()):
+                self.stats.reused += 1
+                return session, None
+            await session.close()
+        session = Session(
+            hop,
+            self.cfg.delivery,
+            self.cfg.helo_name,
+            tls,
+            trace=self._trace_session,
+            tracing=self.tracing,
+            stats=self.stats,
+            ca_file=str(self.cfg.delivery.tls_ca_file) if self.cfg.delivery.tls_ca_file else None,
+            reach=crashpoint.reach,
+        )
+        failure = await session.open()
+        if failure is not None:
+            return None, failure
+        return session, None
+
+    def _release(self, session: Session) -> None:
+        if self.cfg.delivery.reuse_connections and session.alive:
+            key: _PoolKey = (session.hop.address, session.hop.port, session.hop.host, session.tls)
+            self._idle.setdefault(key, []).append(session)
+        else:
+            session.abort()
+
+    async def close_idle(self, older_than: float | None = None) -> int:
+        """Close pooled connections idle longer than ``older_than`` (default: the idle timeout)."""
+        limit = self.cfg.delivery.idle_timeout if older_than is None else older_than
+        now = time.monotonic()
+        closed = 0
+        for key, sessions in list(self._idle.items()):
+            keep = []
+            for session in sessions:
+                if now - session.last_used >= limit or not session.alive:
+                    await session.close()
+                    closed += 1
+                else:
+                    keep.append(session)
+            self._idle[key] = keep
+        return closed
+
+    async def close_all(self) -> None:
+        await self.close_idle(older_than=-1.0)
+
+    def _trace_session(self, text: str) -> None:
+        if self.trace is not None:
+            self.trace(text)

@@ -1,0 +1,301 @@
+"""Mail exchanger resolution with dnspython: MX order, implicit MX, null MX, caching, EXPIRE.
+
+``MxResolver.hops`` turns a destination into an ordered list of (host, address, port) to try,
+or a reply that says why there is none: NXDOMAIN and null MX are permanent (550 5.1.2,
+556 5.1.10), SERVFAIL and timeouts temporary (451 4.4.3). MX records are ordered by
+``Rdataset.processing_order()`` (preference, equal preferences shuffled). Answers are cached
+for their TTL; ``expire`` forgets one domain.
+
+DNS answers are not trusted as given: only the ``dns.max_mx`` most preferred MX records are
+used, a look-up sends at most ``dns.max_queries`` queries, TTLs are capped at ``dns.max_ttl``
+and the cache holds at most ``dns.cache_size`` look-ups (expired ones dropped first). Addresses
+found through DNS that point back at this host or at a link-local service (loopback unless
+``dns.allow_loopback``, link-local, unspecified, multicast; private ones unless
+``dns.allow_private``) are refused: an MX host with nothing else fails with 554 5.4.4, like
+Postfix's "mail for X loops back to myself". Routes, the smarthost and address literals are the
+operator's choice and are not filtered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.rdatatype
+import dns.resolver
+from dns.rdtypes.ANY.MX import MX
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    retry_if_not_exception_type,
+    stop_after_attempt,
+    wait_fixed,
+)
+
+from spoolsmtp.delivery.route import Destination
+from spoolsmtp.model.config import DnsConfig
+from spoolsmtp.model.errors import ConfigError
+from spoolsmtp.model.hop import Hop, always
+from spoolsmtp.model.reply import Reply, make
+
+NEGATIVE_TTL = 60.0
+Trace = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The hops for a destination in the order to try them, or the reply that says why none."""
+
+    hops: tuple[Hop, ...] = ()
+    failure: Reply | None = None
+    ttl: float = 0.0
+
+
+class _Temporary(Exception):
+    """A DNS failure worth one more try (timeout, SERVFAIL)."""
+
+
+class _OverBudget(_Temporary):
+    """The look-up has sent ``dns.max_queries`` queries: not worth another try."""
+
+
+@dataclass
+class _Budget:
+    """Queries one look-up may still send."""
+
+    left: int
+
+
+@dataclass
+class DnsStats:
+    lookups: int = 0
+    cache_hits: int = 0
+    queries: int = 0
+
+
+@dataclass
+class MxResolver:
+    """Resolves destinations to hops; owns the cache. One instance per worker."""
+
+    config: DnsConfig
+    max_addresses: int = 5
+    port: int = 25
+    trace: Trace | None = None
+    # asked before a line is built: a worker with tracing off formats nothing
+    tracing: Callable[[], bool] = always
+    clock: Callable[[], float] = time.monotonic
+    stats: DnsStats = field(default_factory=DnsStats)
+    _cache: dict[str, tuple[float, Resolution]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        try:
+            self._resolver = dns.asyncresolver.Resolver(configure=not self.config.nameservers)
+        except dns.resolver.NoResolverConfiguration as exc:
+            raise ConfigError(
+                "(system)", "dns.nameservers", "no system resolver configuration; set it"
+            ) from exc
+        if self.config.nameservers:
+            self._resolver.nameservers = list(self.config.nameservers)
+            self._resolver.port = self.config.port
+        self._resolver.timeout = self.config.timeout
+        self._resolver.lifetime = self.config.lifetime
+
+    def expire(self, name: str) -> bool:
+        """Forget the cached answer for a domain (the EXPIRE command); True if one was cached."""
+        return self._cache.pop(name.lower().rstrip("."), None) is not None
+
+    def cached(self) -> list[str]:
+        return sorted(self._cache)
+
+    async def hops(self, dest: Destination) -> Resolution:
+        """The hops to try for a destination (cached for the answers' TTL)."""
+        key = dest.domain if dest.domain is not None else dest.key
+        self.stats.lookups += 1
+        now = self.clock()
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > now:
+            self.stats.cache_hits += 1
+            if self._traced():
+                self._trace(f"{key}: cached, {_describe(hit[1])}")
+            return hit[1]
+        if hit is not None:
+            del self._cache[key]
+        budget = _Budget(self.config.max_queries)
+        if dest.route is not None:
+            result = await self._route_hops(dest.route.host, dest.route.port, budget)
+        else:
+            assert dest.domain is not None
+            result = await self._mx_hops(dest.domain, budget)
+        self._trace(f"{key}: {_describe(result)}")
+        if result.failure is None or result.failure.code >= 500:
+            ttl = result.ttl if result.failure is None else NEGATIVE_TTL
+            ttl = min(ttl, self.config.max_ttl)
+            if ttl > 0:
+                self._remember(key, now + ttl, result, now)
+        return result
+
+    def _remember(self, key: str, until: float, result: Resolution, now: float) -> None:
+        """Cache a look-up; when full, drop the expired ones, then the oldest."""
+        if len(self._cache) >= self.config.cache_size and key not in self._cache:
+            for old in [k for k, (t, _) in self._cache.items() if t <= now]:
+                del self._cache[old]
+            while len(self._cache) >= self.config.cache_size:
+                del self._cache[next(iter(self._cache))]
+        self._cache[key] = (until, result)
+
+    def _refused(self, address: str) -> str | None:
+        """Why an address found through DNS is not used, or None if it may be."""
+        ip = ipaddress.ip_address(address)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip.is_loopback:
+            return None if self.config.allow_loopback else "loopback (a loop back to this host)"
+        if ip.is_link_local:
+            return "link-local"
+        if ip.is_unspecified:
+            return "unspecified"
+        if ip.is_multicast:
+            return "multicast"
+        if ip.is_private and not self.config.allow_private:
+            return "private"
+        return None
+
+    def _usable(self, host: str, addresses: list[str], refused: list[str]) -> list[Hop]:
+        """The hops for the addresses of a host found through DNS; refused ones noted."""
+        hops: list[Hop] = []
+        for address in addresses:
+            why = self._refused(address)
+            if why is None:
+                hops.append(Hop(host, address, self.port))
+            else:
+                refused.append(f"{host}: {address} is {why}")
+        return hops
+
+    def _refusal(self, domain: str, refused: list[str]) -> Reply:
+        shown = "; ".join(refused[:3]) + ("; ..." if len(refused) > 3 else "")
+        return make(554, "5.4.4", f"{domain} has only refused addresses ({shown})")
+
+    async def _route_hops(self, host: str, port: int, budget: _Budget) -> Resolution:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            return Resolution((Hop(host, host, port),), ttl=float("inf"))
+        addresses, ttl, failure = await self._addresses(host, budget)
+        if not addresses:
+            return Resolution(failure=failure or make(451, "4.4.4", f"no address for {host}"))
+        hops = tuple(Hop(host, a, port) for a in addresses[: self.max_addresses])
+        return Resolution(hops, ttl=ttl)
+
+    async def _mx_hops(self, domain: str, budget: _Budget) -> Resolution:
+        try:
+            answer = await self._query(domain, "MX", budget)
+        except dns.resolver.NXDOMAIN:
+            return Resolution(failure=make(550, "5.1.2", f"domain {domain} does not exist"))
+        except dns.resolver.NoAnswer:
+            addresses, ttl, failure = await self._addresses(domain, budget)
+            if not addresses:
+                return Resolution(
+                    failure=failure or make(550, "5.4.4", f"{domain} has no MX and no address")
+                )
+            skipped: list[str] = []
+            usable = self._usable(domain, addresses, skipped)
+            if not usable:
+                return Resolution(failure=self._refusal(domain, skipped))
+            return Resolution(tuple(usable[: self.max_addresses]), ttl=ttl)
+        except _Temporary as exc:
+            return Resolution(failure=make(451, "4.4.3", f"DNS lookup of MX {domain}: {exc}"))
+        rrset = answer.rrset
+        assert rrset is not None
+        records = [typing.cast(MX, r) for r in rrset.processing_order()]
+        if any(r.exchange == dns.name.root for r in records):
+            return Resolution(
+                failure=make(556, "5.1.10", f"{domain} accepts no mail (null MX)"),
+                ttl=float(rrset.ttl),
+            )
+        ttl = float(rrset.ttl)
+        hosts = [r.exchange.to_text(omit_final_dot=True) for r in records[: self.config.max_mx]]
+        looked_up = await asyncio.gather(*(self._addresses(h, budget) for h in hosts))
+        found: list[Hop] = []
+        refused: list[str] = []
+        temporary: Reply | None = None
+        for host, (addresses, host_ttl, failure) in zip(hosts, looked_up, strict=True):
+            if failure is not None and failure.code < 500:
+                temporary = failure
+            if addresses:
+                ttl = min(ttl, host_ttl)
+            found.extend(self._usable(host, addresses, refused))
+        if not found:
+            if temporary is None and refused:
+                return Resolution(failure=self._refusal(domain, refused))
+            failure = temporary or make(550, "5.4.4", f"no MX host of {domain} has an address")
+            return Resolution(failure=failure)
+        return Resolution(tuple(found[: self.max_addresses]), ttl=ttl)
+
+    async def _addresses(self, host: str, budget: _Budget) -> tuple[list[str], float, Reply | None]:
+        """A then AAAA addresses of a host; a temporary failure only if neither answered."""
+        found: list[str] = []
+        ttl = float("inf")
+        temporary: Reply | None = None
+        for rdtype in ("A", "AAAA"):
+            try:
+                answer = await self._query(host, rdtype, budget)
+            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+                continue
+            except _Temporary as exc:
+                temporary = make(451, "4.4.3", f"DNS lookup of {rdtype} {host}: {exc}")
+                continue
+            rrset = answer.rrset
+            assert rrset is not None
+            ttl = min(ttl, float(rrset.ttl))
+            found.extend(r.to_text() for r in rrset)
+        if found:
+            return found, ttl, None
+        return [], 0.0, temporary
+
+    async def _query(self, name: str, rdtype: str, budget: _Budget) -> dns.resolver.Answer:
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(2),
+            wait=wait_fixed(0.05),
+            retry=retry_if_exception_type(_Temporary) & retry_if_not_exception_type(_OverBudget),
+            reraise=True,
+        ):
+            with attempt:
+                if budget.left <= 0:
+                    raise _OverBudget(f"more than {self.config.max_queries} queries")
+                budget.left -= 1
+                self.stats.queries += 1
+                try:
+                    answer = await self._resolver.resolve(
+                        name, rdtype, search=False, raise_on_no_answer=True
+                    )
+                except (dns.resolver.NoNameservers, dns.exception.Timeout) as exc:
+                    self._trace(f"query {rdtype} {name}: temporary failure: {type(exc).__name__}")
+                    raise _Temporary(type(exc).__name__) from exc
+                except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer) as exc:
+                    self._trace(f"query {rdtype} {name}: {type(exc).__name__}")
+                    raise
+                self._trace(f"query {rdtype} {name}: {answer.rrset}")
+                return answer
+        raise AssertionError("unreachable")
+
+    def _traced(self) -> bool:
+        return self.trace is not None and self.tracing()
+
+    def _trace(self, text: str) -> None:
+        if self.trace is not None and self.tracing():
+            self.trace(f"resolver: {text}")
+
+
+def _describe(result: Resolution) -> str:
+    if result.failure is not None:
+        return str(result.failure)
+    return ", ".join(f"{h.host}[{h.address}]:{h.port}" for h in result.hops)

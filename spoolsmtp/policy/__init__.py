@@ -1,0 +1,4 @@
+"""policy/: pure queue decisions, with now and randomness passed in.
+
+Retries, the fate of an envelope, reports.
+"""

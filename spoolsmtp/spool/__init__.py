@@ -1,0 +1,4 @@
+"""spool/: the file-system adapters, the only code that renames.
+
+Folders, journal, I/O batches, intake.
+"""
