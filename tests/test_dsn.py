@@ -1,4 +1,4 @@
-"""Reports to senders (``spoolsmtp.dsn``), pure, read back with the ``email`` package as a
+"""Reports to senders (``spoolsmtp.policy.dsn``), pure, read back with the ``email`` package as a
 sender's mail program would read them."""
 
 from __future__ import annotations

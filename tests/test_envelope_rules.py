@@ -166,7 +166,7 @@ def long_unknown_commands() -> bytes:
 
 CHECK_RSS = """
 import json, re, sys, time
-from spoolsmtp import cli
+from spoolsmtp.app import cli
 start = time.monotonic()
 code = cli.main(["check", "-q", sys.argv[1]])
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork and exec

@@ -152,8 +152,8 @@ def test_a_file_still_open_for_writing_is_not_taken_however_long_its_writer_paus
 CONVERT = textwrap.dedent(
     """
     import resource, sys
-    from spoolsmtp import legacy
-    from spoolsmtp.config import SpoolConfig
+    from spoolsmtp.spool import legacy
+    from spoolsmtp.model.config import SpoolConfig
     cfg = SpoolConfig(strip_trailing_blanks=True)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with open(sys.argv[1], "rb") as src, open(sys.argv[2], "wb") as dst:

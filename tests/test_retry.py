@@ -1,4 +1,4 @@
-"""Retry decisions (``spoolsmtp.retry``), pure: ``now`` and the random draw are given."""
+"""Retry decisions (``spoolsmtp.policy.retry``), pure: ``now`` and the random draw are given."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The SMTP client protocol (``spoolsmtp.smtpclient``), pure: bytes in, events out, no socket.
+"""The SMTP client protocol (``spoolsmtp.smtp.protocol``), pure: bytes in, events out, no socket.
 
 In h11's manner: each test plays the server's bytes into a ``ClientProtocol`` and reads the
 events, or tries a command and expects the protocol's verdict.

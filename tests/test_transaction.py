@@ -1,4 +1,4 @@
-"""The SMTP transaction rules (``spoolsmtp.transaction``), pure: no socket, no sleep.
+"""The SMTP transaction rules (``spoolsmtp.smtp.transaction``), pure: no socket, no sleep.
 
 Every test feeds replies as a server would send them and reads what each recipient is owed.
 """

@@ -15,10 +15,10 @@ from spoolsmtp.model.record import State, iso
 from spoolsmtp.spool.folders import SUFFIX
 
 if TYPE_CHECKING:
+    from spoolsmtp.app.host import Summary, WorkerHost
     from spoolsmtp.app.records import Records
     from spoolsmtp.app.recovery import Recovery
     from spoolsmtp.app.scheduler import Scheduler
-    from spoolsmtp.app.worker import Summary, Worker
 
 log = logging.getLogger("spoolsmtp")
 
@@ -28,7 +28,7 @@ class Actions:
     dead-destination marks, its suspension and its config."""
 
     def __init__(
-        self, worker: Worker, records: Records, recovery: Recovery, scheduler: Scheduler
+        self, worker: WorkerHost, records: Records, recovery: Recovery, scheduler: Scheduler
     ) -> None:
         self._w = worker
         self._records = records

@@ -26,7 +26,7 @@ from spoolsmtp.spool.journal import Replayed
 from spoolsmtp.spool.watcher import IncomingWatcher
 
 if TYPE_CHECKING:
-    from spoolsmtp.app.worker import Worker
+    from spoolsmtp.app.host import WorkerHost
 
 log = logging.getLogger("spoolsmtp")
 BURST_RESCAN = 0.25
@@ -43,7 +43,7 @@ class Pickup:
     ``worker``: the assembly, for what it shares (config, spool, stats, journal, slots) and
     for the attempt that follows a read."""
 
-    def __init__(self, worker: Worker, records: Records) -> None:
+    def __init__(self, worker: WorkerHost, records: Records) -> None:
         self._w = worker
         self._records = records
         self.watcher: IncomingWatcher | None = None

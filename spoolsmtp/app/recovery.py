@@ -26,7 +26,7 @@ from spoolsmtp.spool.journal import Replayed
 from spoolsmtp.spool.quarantine import QUARANTINE_AFTER
 
 if TYPE_CHECKING:
-    from spoolsmtp.app.worker import Worker
+    from spoolsmtp.app.host import WorkerHost
 
 log = logging.getLogger("spoolsmtp")
 
@@ -36,7 +36,7 @@ class Recovery:
 
     ``worker``: the assembly, for what it shares and for the attempt and reports."""
 
-    def __init__(self, worker: Worker, records: Records, pickup: Pickup) -> None:
+    def __init__(self, worker: WorkerHost, records: Records, pickup: Pickup) -> None:
         self._w = worker
         self._records = records
         self._pickup = pickup

@@ -19,10 +19,10 @@ from spoolsmtp.spool.folders import SUFFIX
 from spoolsmtp.spool.journal import Replayed
 
 if TYPE_CHECKING:
+    from spoolsmtp.app.host import WorkerHost
     from spoolsmtp.app.pickup import Pickup
     from spoolsmtp.app.records import Records
     from spoolsmtp.app.recovery import Recovery
-    from spoolsmtp.app.worker import Worker
 
 PUT_BACK_MAX = 300.0
 
@@ -33,7 +33,7 @@ class Scheduler:
 
     def __init__(
         self,
-        worker: Worker,
+        worker: WorkerHost,
         records: Records,
         recovery: Recovery,
         pickup: Pickup,

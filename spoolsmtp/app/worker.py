@@ -25,13 +25,13 @@ import functools
 import logging
 import secrets
 import signal
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from spoolsmtp.app import eventloop
 from spoolsmtp.app.actions import Actions
 from spoolsmtp.app.attempt import Attempts
+from spoolsmtp.app.host import Summary
 from spoolsmtp.app.pickup import Pickup
 from spoolsmtp.app.records import Records
 from spoolsmtp.app.recovery import Recovery
@@ -61,18 +61,6 @@ log = logging.getLogger("spoolsmtp")
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-@dataclass
-class Summary:
-    """What the operator sees of a queued envelope, kept in memory (QUERY reads only this)."""
-
-    id: str
-    source: str
-    state: State
-    received: float
-    next_attempt: float | None = None
-    destinations: dict[str, int] = field(default_factory=dict)
 
 
 class Worker:

@@ -82,10 +82,8 @@ def parse(line: str) -> tuple[str, list[str]]:
 
 
 def needs_authority(verb: str, args: list[str] | None = None) -> bool:
-    """Whether only root and the authorised may run ``verb`` (an unknown verb needs no
-    authority: it gets its own 400, not a 403 that says a command exists). QUERY DEST lists
-    other people's envelopes (ids and file names), so it is the operators'; QUERY ID stays
-    open: it needs the id, which only the submitter (and the operators) know."""
+    """Only root and the authorised may run it? Not an unknown verb (its own 400); QUERY DEST,
+    which lists other people's envelopes, yes (QUERY ID needs an id only its submitter knows)."""
     if verb == "QUERY" and args and args[0].upper() == "DEST":
         return True
     return verb in _HANDLERS and verb not in PUBLIC
