@@ -84,9 +84,8 @@ def parse(line: str) -> tuple[str, list[str]]:
 def needs_authority(verb: str, args: list[str] | None = None) -> bool:
     """Only root and the authorised may run it? Not an unknown verb (its own 400); QUERY DEST,
     which lists other people's envelopes, yes (QUERY ID needs an id only its submitter knows)."""
-    if verb == "QUERY" and args and args[0].upper() == "DEST":
-        return True
-    return verb in _HANDLERS and verb not in PUBLIC
+    dest = verb == "QUERY" and (args or [""])[0].upper() == "DEST"
+    return dest or (verb in _HANDLERS and verb not in PUBLIC)
 
 
 def _bad(command: str, text: str) -> Answer:
