@@ -9,7 +9,7 @@ import sys
 import textwrap
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pytest
 
@@ -107,15 +107,10 @@ WRITER = textwrap.dedent(
 )
 
 
-def test_a_file_still_open_for_writing_is_not_taken_however_long_its_writer_pauses(
-    tmp_path: Path, server: SmtpServer
-) -> None:
-    w = start_worker(
-        tmp_path,
-        server,
-        spool={"settle_seconds": "200ms", "rescan_interval": "100ms"},
-        log_level="debug",
-    )
+def write_with_a_pause(w: WorkerProcess) -> dict[str, Any]:
+    """Write ``slow.bsmtp`` into the worker's incoming/ in two parts, the file kept open in
+    between until the worker has looked at it past settle_seconds (taken it, or said it waits
+    for its writer); return the final record. Both transactions must be in it."""
     first = BODY.decode()
     second = "MAIL FROM:<o@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\ny\r\n.\r\n"
     path = w.spool / "incoming" / "slow.bsmtp"
@@ -128,7 +123,6 @@ def test_a_file_still_open_for_writing_is_not_taken_however_long_its_writer_paus
     try:
         assert writer.stdout is not None and writer.stdin is not None
         assert writer.stdout.readline() == "paused\n"
-        # past settle_seconds, until the worker has either taken the file or said it waits
         wait_for(
             lambda: not path.exists() or b"open for writing" in w.log.read_bytes(),
             what="the worker to look at the open file",
@@ -136,16 +130,31 @@ def test_a_file_still_open_for_writing_is_not_taken_however_long_its_writer_paus
         writer.stdin.write("go\n")
         writer.stdin.flush()
         assert writer.wait(10) == 0
-        rec = wait_for(lambda: w.final("slow.bsmtp"))
+        rec: dict[str, Any] = wait_for(lambda: w.final("slow.bsmtp"))
     finally:
         writer.kill()
         writer.communicate()
-        assert w.stop() == 0
-    assert rec["state"] == "done"
     assert [r["address"] for t in rec["transactions"] for r in t["recipients"]] == [
         "a@example.org",
         "b@example.org",
     ]
+    return rec
+
+
+def test_a_file_still_open_for_writing_is_not_taken_however_long_its_writer_pauses(
+    tmp_path: Path, server: SmtpServer
+) -> None:
+    w = start_worker(
+        tmp_path,
+        server,
+        spool={"settle_seconds": "200ms", "rescan_interval": "100ms"},
+        log_level="debug",
+    )
+    try:
+        rec = write_with_a_pause(w)
+    finally:
+        assert w.stop() == 0
+    assert rec["state"] == "done"
     assert sorted(m.rcpt_tos[0] for m in server.messages) == ["a@example.org", "b@example.org"]
 
 

@@ -18,7 +18,7 @@ import pytest
 from tests.helpers import draft
 from tests.hostile import PLAIN_PYTHON, become_nobody, needs_root, nobody
 from tests.smtpservers import SmtpServer
-from tests.test_intake import BODY, WRITER
+from tests.test_intake import write_with_a_pause
 from tests.workerproc import ROOT, WorkerProcess, ask, ctl, wait_for
 
 # the worker that drops to nobody runs on the system's python3 with this checkout's dependencies
@@ -183,7 +183,6 @@ def test_a_peer_is_authorised_by_the_groups_the_kernel_reports(
     groups: list[int],
     status: int,
 ) -> None:
-    import subprocess
 
     sock = sockdir / "control.sock"
     # gid 4242 is in no group file: only the peer's real groups can tell
@@ -229,37 +228,13 @@ def test_a_worker_that_dropped_root_still_never_takes_a_file_open_for_writing(
     with monkeypatch.context() as patch:
         patch.setattr(sys, "executable", PLAIN_PYTHON)
         w.start()
-    first = BODY.decode()
-    second = "MAIL FROM:<o@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\ny\r\n.\r\n"
-    path = w.spool / "incoming" / "slow.bsmtp"  # written by root: not the worker's own file
-    writer = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(path), first, second],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
     try:
         assert w.proc is not None
         assert _capabilities(w.proc.pid) == 1 << 28  # CAP_LEASE, nothing else
-        assert writer.stdout is not None and writer.stdin is not None
-        assert writer.stdout.readline() == "paused\n"
-        wait_for(
-            lambda: not path.exists() or b"open for writing" in w.log.read_bytes(),
-            what="the worker to look at the open file",
-        )
-        writer.stdin.write("go\n")
-        writer.stdin.flush()
-        assert writer.wait(10) == 0
-        rec = wait_for(lambda: w.final("slow.bsmtp"))
+        write_with_a_pause(w)  # written by root: not the worker's own file
     finally:
-        writer.kill()
-        writer.communicate()
         w.kill()
         srv.stop()
-    assert [r["address"] for t in rec["transactions"] for r in t["recipients"]] == [
-        "a@example.org",
-        "b@example.org",
-    ]
     assert sorted(m.rcpt_tos[0] for m in srv.messages) == ["a@example.org", "b@example.org"]
 
 
