@@ -13,13 +13,10 @@ import asyncio
 import random
 import time
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
+from spoolsmtp.app.host import WorkerHost
 from spoolsmtp.control.tracer import Kind as TraceKind
-from spoolsmtp.control.tracer import Tracer
-from spoolsmtp.delivery.deliverer import Deliverer
-from spoolsmtp.delivery.route import Destination
-from spoolsmtp.model.config import Config
 from spoolsmtp.model.envelope import Envelope, Recipient, Transaction
 from spoolsmtp.model.outcome import RecipientResult
 from spoolsmtp.model.record import RcptRecord, Record, State, iso, parse_iso, reply_dict
@@ -27,60 +24,17 @@ from spoolsmtp.model.stats import Stats
 from spoolsmtp.policy.dsn import delivery_report
 from spoolsmtp.policy.fate import Counts, Fate, Plan, Report, Reporting
 from spoolsmtp.spool import crashpoint, envfile
-from spoolsmtp.spool.folders import SUFFIX, Spool
-from spoolsmtp.spool.journal import Journal
+from spoolsmtp.spool.folders import SUFFIX
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class Host(Protocol):
-    """What an attempt needs of the worker that runs it."""
-
-    cfg: Config
-    spool: Spool
-    stats: Stats
-    tracer: Tracer
-    deliverer: Deliverer
-    journal: Journal | None
-    index: dict[str, Any]
-    _dead: dict[str, float]
-    _hold_after: set[str]
-
-    def _destination(self, domain: str) -> Destination: ...
-
-    def _summarise(
-        self, record: Record, state: State, next_attempt: float | None = None
-    ) -> None: ...
-
-    def schedule(self, envelope_id: str, when: float) -> None: ...
-
-    async def _journal(self, rec: dict[str, Any]) -> None: ...
-
-    async def _write_record(
-        self, record: Record, move_to: str | None = None, *, durable: bool = False
-    ) -> None: ...
-
-    def _finished(self, envelope_id: str) -> None: ...
-
-    def _spool_trace(self, text: str) -> None: ...
-
-    async def _send_report(
-        self,
-        envelope_id: str,
-        tag: str,
-        sender: str,
-        message: bytes,
-        *,
-        then: list[dict[str, Any]] | None = None,
-    ) -> None: ...
-
-
 class Attempts:
     """Runs attempts for the worker (``host``); ``random`` draws the spread of backoffs."""
 
-    def __init__(self, host: Host) -> None:
+    def __init__(self, host: WorkerHost) -> None:
         self.host = host
         self.random = random.Random()
 

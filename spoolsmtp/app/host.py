@@ -1,7 +1,7 @@
-"""What the worker's parts (pickup, recovery, scheduler, actions) may use of the Worker that
-holds them: a ``typing.Protocol`` the Worker satisfies, so that the parts import it, not the
-worker module, and the imports of ``app/`` run one way. ``Summary`` (the operator's view of a
-queued envelope) lives here for the same reason."""
+"""What the worker's parts (pickup, recovery, scheduler, actions, attempt) may use of the
+Worker that holds them: a ``typing.Protocol`` the Worker satisfies, so that the parts import
+it, not the worker module, and the imports of ``app/`` run one way. ``Summary`` (the
+operator's view of a queued envelope) lives here for the same reason."""
 
 from __future__ import annotations
 
@@ -69,6 +69,14 @@ class WorkerHost(Protocol):
     def scheduler(self) -> PutBack: ...
 
     def schedule(self, envelope_id: str, when: float) -> None: ...
+
+    async def _journal(self, rec: dict[str, Any]) -> None: ...
+
+    async def _write_record(
+        self, record: Record, move_to: str | None = None, *, durable: bool = False
+    ) -> None: ...
+
+    def _finished(self, envelope_id: str) -> None: ...
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
 
