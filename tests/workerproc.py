@@ -17,25 +17,17 @@ from typing import Any, ClassVar
 import yaml
 
 from spoolsmtp.bsmtp import writer
+from spoolsmtp.control import client
 from tests.smtpservers import SmtpServer
 
 ROOT = Path(__file__).parent.parent
 
 
 def connect(path: Path, timeout: float = 10.0) -> socket.socket:
-    """A client socket connected to the control socket at ``path``, through its folder's
-    descriptor (pytest's paths can be longer than the 108 octets of a socket address)."""
-    folder = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(timeout)
-        sock.connect(f"/proc/self/fd/{folder}/{path.name}")
-    except BaseException:
-        sock.close()
-        raise
-    finally:
-        os.close(folder)
-    return sock
+    """A client socket connected to the control socket at ``path``, as ``ctl`` connects:
+    through its folder's descriptor (pytest's paths can be longer than the 108 octets of a
+    socket address), once, without ``ctl``'s retries or its check of who answers."""
+    return client.connect_once(path, timeout)
 
 
 def exchange(sock: socket.socket, line: bytes) -> bytes:

@@ -67,7 +67,7 @@ def connect(paths: Sequence[Path], timeout: float, trusted: Iterable[int]) -> so
     for path in paths:
         while True:
             try:
-                sock = _connect_once(path, max(0.1, deadline - time.monotonic()))
+                sock = connect_once(path, max(0.1, deadline - time.monotonic()))
             except OSError as exc:
                 if exc.errno in _BUSY and time.monotonic() < deadline:
                     time.sleep(0.02)
@@ -84,7 +84,7 @@ def connect(paths: Sequence[Path], timeout: float, trusted: Iterable[int]) -> so
     raise Unreachable(why)
 
 
-def _connect_once(path: Path, timeout: float) -> socket.socket:
+def connect_once(path: Path, timeout: float) -> socket.socket:
     """Connect through the folder's descriptor, which also works for paths longer than the
     108 octets a socket address holds."""
     folder = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
