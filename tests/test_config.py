@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -64,6 +65,9 @@ def test_a_typo_is_caught_with_a_suggestion() -> None:
         ("dns:\n  nameservers: 127.0.0.1\n", "dns.nameservers", "list"),
         ("delivery:\n  reuse_connections: yes please\n", "delivery.reuse_connections", "true"),
         ("event_loop: tokio\n", "event_loop", "uvloop"),
+        ("worker:\n  processes: many\n", "worker.processes", "whole number"),
+        ("worker:\n  processes: 0\n", "worker.processes", "at least 1"),
+        ("worker:\n  host_id: a/b\n", "worker.host_id", "letters, digits"),
     ],
 )
 def test_wrong_values_name_the_key(text: str, key: str, problem: str) -> None:
@@ -76,6 +80,11 @@ def test_wrong_values_name_the_key(text: str, key: str, problem: str) -> None:
 def test_invalid_yaml_names_the_line() -> None:
     with pytest.raises(ConfigError, match="line 2"):
         config.parse("a: 1\n  b: : 2\n", "c.yaml")
+
+
+def test_processes_auto_is_the_number_of_cores() -> None:
+    assert config.parse("worker:\n  processes: auto\n").worker.processes == (os.cpu_count() or 1)
+    assert config.parse("worker:\n  processes: 2\n  host_id: mvs1\n").worker.host_id == "mvs1"
 
 
 def test_routes_and_smarthost_forms() -> None:

@@ -230,6 +230,17 @@ class SubmitConfig:
     qualify_domain: str = ""
 
 
+_HOST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """How the work is spread: processes on this host, and this host's name on a shared spool."""
+
+    processes: int = field(default=1, metadata={"min": 1, "max": 64, "auto": True})
+    host_id: str = field(default="", metadata={"name": True})
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration of one spoolsmtp instance."""
@@ -245,6 +256,7 @@ class Config:
     bounces: BouncesConfig = field(default_factory=BouncesConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     submit: SubmitConfig = field(default_factory=SubmitConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
     shutdown_timeout: float = _duration(30.0)
     user: str | None = None
     log_level: LogLevel = LogLevel.INFO
@@ -351,6 +363,8 @@ def _convert(tp: Any, meta: typing.Mapping[str, Any], value: object, name: str, 
             if not isinstance(value, bool):
                 raise ValueError(f"expected true or false, got {_show(value)}")
             result = value
+        elif tp is int and meta.get("auto") and value == "auto":
+            result = os.cpu_count() or 1
         elif tp is int:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"expected a whole number, got {_show(value)}")
@@ -360,6 +374,11 @@ def _convert(tp: Any, meta: typing.Mapping[str, Any], value: object, name: str, 
                 raise ValueError(f"expected a string, got {_show(value)}")
             if meta.get("octal") and not re.fullmatch(r"0?[0-7]{3,4}", value):
                 raise ValueError(f"expected an octal file mode such as '0660', got {value!r}")
+            if meta.get("name") and value and not _HOST_ID.fullmatch(value):
+                raise ValueError(
+                    "expected a name of letters, digits, '.', '_' or '-' (at most 64), "
+                    f"got {value!r}"
+                )
             result = value
         elif tp is Path:
             if not isinstance(value, str) or not value:
