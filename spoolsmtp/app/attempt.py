@@ -15,6 +15,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from spoolsmtp.app import mailevents
 from spoolsmtp.app.host import WorkerHost
 from spoolsmtp.control.tracer import Kind as TraceKind
 from spoolsmtp.model.envelope import Envelope, Recipient, Transaction
@@ -52,6 +53,7 @@ class Attempts:
         assert journal is not None
         host._summarise(record, State.ACTIVE)
         now = utcnow()
+        started = now.timestamp()
         fate = self._fate(record, env, now)
         path = host.spool.envelope("active", envelope_id)
         last_delivery: float | None = None
@@ -60,6 +62,7 @@ class Attempts:
             if not todo:
                 continue
             results: list[RecipientResult] = []
+            tx_started = time.time()
             if todo.alive:
 
                 async def journal_dot(rcpts: list[Recipient], tx: Transaction = tx) -> None:
@@ -76,7 +79,18 @@ class Attempts:
                     path, tx, envelope_id, now, list(todo.alive), before_dot=journal_dot, data=data
                 )
             results += todo.not_tried
-            tried = fate.tried(tx, results, utcnow())
+            tried = fate.tried(tx, results, at := utcnow())
+            mailevents.tried(
+                host,
+                envelope_id,
+                tx.number,
+                record,
+                results,
+                tried.recipients,
+                started,
+                tx_started,
+                at.timestamp(),
+            )
             for rcpt in tried.recipients:
                 rec = record.find(tx.number, rcpt.address)
                 rcpt.apply(rec)
@@ -100,9 +114,11 @@ class Attempts:
         settled = fate.settle()
         for rcpt in settled.expired:
             rcpt.apply(record.find(rcpt.tx, rcpt.address))
+        mailevents.expired(host, envelope_id, record, settled.expired, started, time.time())
         count(host.stats, settled.counts)
         await self._write_reports(envelope_id, record, settled.reporting)
         plan = fate.conclude(hold=envelope_id in host._hold_after, rng=self.random)
+        mailevents.concluded(envelope_id, plan)
         await self._finish(envelope_id, record, plan, last_delivery)
 
     async def reports(self, envelope_id: str, env: Envelope, record: Record, now: datetime) -> None:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from spoolsmtp.app import configpath, deliver_cmd, eventloop, privileges, submit
+from spoolsmtp.app import configpath, deliver_cmd, eventloop, logsetup, privileges, submit
 from spoolsmtp.app.worker import Worker
 from spoolsmtp.bsmtp import response
 from spoolsmtp.control import client as ctl
@@ -122,11 +121,7 @@ def _run(cfg: configmod.Config, args: argparse.Namespace) -> int:
         if args.check_config:
             print(f"{cfg.source}: configuration OK")
             return exitcodes.OK
-        logging.basicConfig(
-            level=cfg.log_level.value.upper(),
-            format="%(asctime)s spoolsmtp[%(process)d] %(levelname)s %(message)s",
-            stream=sys.stderr,
-        )
+        logsetup.configure(cfg.log_level, cfg.log_format)
         privileges.become(cfg)
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             return runner.run(Worker(cfg).run())

@@ -13,6 +13,7 @@ import os
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from spoolsmtp.app import mailevents
 from spoolsmtp.app.records import Records
 from spoolsmtp.bsmtp import response
 from spoolsmtp.control.tracer import Kind as TraceKind
@@ -119,6 +120,7 @@ class Pickup:
                     w._reads.forget(envelope_id)
                     w.journal.finished(envelope_id)
                     return
+                uid = mailevents.owner(w.spool.path("active", f"{envelope_id}{suffix}"))
         finally:
             self._queued.discard(name)
         if envelope_id is None:
@@ -139,6 +141,7 @@ class Pickup:
                 return
             env, data = loaded
             record = self.new_record(envelope_id, name, env)
+            mailevents.taken(envelope_id, name, env, record, uid)
             await self.batch_outputs(envelope_id, env, record, Replayed())
             self._records.announce(record)
             await w._attempt(envelope_id, env, record, data)
@@ -249,7 +252,7 @@ class Pickup:
         w.index.pop(envelope_id, None)
         w.stats.files_rejected += 1
         w._spool_trace(f"{source}: rejected ({reason})")
-        log.warning("%s rejected: %s", source, reason)
+        mailevents.rejected(envelope_id, source, reason)  # a warning, in the mail log's shape
         self._records.finished(envelope_id)
 
     def new_record(self, envelope_id: str, source: str, env: Envelope) -> Record:

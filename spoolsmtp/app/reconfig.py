@@ -63,6 +63,9 @@ RESTART = frozenset(
         # the process: its user, its log set-up, its event loop
         "user",
         "log_level",
+        "log_format",
+        # the metrics endpoint is bound at start
+        "metrics.listen",
         "event_loop",
     }
 )

@@ -28,7 +28,7 @@ import signal
 from datetime import UTC, datetime
 from typing import Any
 
-from spoolsmtp.app import eventloop
+from spoolsmtp.app import eventloop, mailevents
 from spoolsmtp.app.actions import Actions
 from spoolsmtp.app.attempt import Attempts
 from spoolsmtp.app.host import Summary
@@ -367,6 +367,7 @@ class Worker:
         crashpoint.reach("writing_bounce")
         await self.spool.write(folder, name, data, private=folder == "incoming")
         self._spool_trace(f"{envelope_id}: report {tag} written to {folder}/{name}")
+        mailevents.report(envelope_id, tag, folder, name)
         assert self.journal is not None
         # the report first: a torn commit that kept only it makes a duplicate report, never
         # a lost one (marks without their report would let the next one take its name)

@@ -37,6 +37,7 @@ from spoolsmtp.control import commands
 from spoolsmtp.control import sockets as ctlsocket
 from spoolsmtp.control.peerlog import PeerLog
 from spoolsmtp.control.port import ControlPort
+from spoolsmtp.model import maillog
 from spoolsmtp.model.config import ControlConfig
 from spoolsmtp.model.errors import ConfigError
 
@@ -261,6 +262,12 @@ class ControlServer:
         """Run a command; a failure is a 500 answer and one (rate-limited) log line."""
         try:
             answer = await commands.execute(self.port, verb, args)
+            if answer.status == commands.OK and verb != "QUERY" and commands.needs_authority(verb):
+                # an operator's action, by whom: the mail log's line(s)
+                said = answer.summary
+                maillog.emit_all(
+                    maillog.actions(answer.command, answer.data, peer.uid, peer.pid, said)
+                )
             if verb == "RELOAD":
                 await asyncio.to_thread(_allowed_ids, self.cfg)
             return answer

@@ -13,7 +13,7 @@ import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from email.utils import format_datetime
 from pathlib import Path
@@ -167,11 +167,14 @@ class Deliverer:
         before_dot: DotHook | None = None,
         data: bytes | None = None,
     ) -> list[RecipientResult]:
-        """One attempt for recipients that share a destination."""
+        """One attempt for recipients that share a destination; each result says how long
+        it took to set up and to transmit (``_timed``)."""
+        started = time.monotonic()
+        sending = [0.0]  # seconds inside session.send, added up by _try_hop
         async with self._per_destination.hold(dest.key), self._overall:
             resolution = await self.resolver.hops(dest)
             if resolution.failure is not None:
-                return [decided_here(r, resolution.failure) for r in rcpts]
+                return _timed([decided_here(r, resolution.failure) for r in rcpts], started, 0.0)
             hops = resolution.hops
             received = received_header(tx, envelope_id, self.cfg.helo_name, now, rcpts)
             done: dict[Recipient, RecipientResult] = {}
@@ -180,13 +183,13 @@ class Deliverer:
             with envfile.open_text(path, data) as fh:
                 for hop in hops:
                     pending = await self._try_hop(
-                        hop, dest.tls, tx, pending, fh, received, done, latest, before_dot
+                        hop, dest.tls, tx, pending, fh, received, done, latest, before_dot, sending
                     )
                     if not pending:
                         break
             for r in pending:
                 done[r] = latest.get(r) or result(r, _NO_HOST)
-            return [done[r] for r in rcpts]
+            return _timed([done[r] for r in rcpts], started, sending[0])
 
     async def _try_hop(
         self,
@@ -199,8 +202,10 @@ class Deliverer:
         done: dict[Recipient, RecipientResult],
         latest: dict[Recipient, RecipientResult],
         before_dot: DotHook | None,
+        sending: list[float],
     ) -> list[Recipient]:
-        """Send to one hop; record final results; return the recipients still to try."""
+        """Send to one hop; record final results; return the recipients still to try.
+        ``sending[0]``: the seconds spent in ``Session.send``, added to."""
         session, failure = await self._session(hop, tls)
         if session is None:
             assert failure is not None
@@ -211,6 +216,7 @@ class Deliverer:
         todo = pending
         left: list[Recipient] = []
         while todo:
+            sent_at = time.monotonic()
             try:
                 results, again = await session.send(tx, todo, text, received, before_dot)
             except StaleSession:
@@ -226,6 +232,8 @@ class Deliverer:
                 # session is in an unknown state; it is closed, never left open and unpooled
                 session.abort()
                 raise
+            finally:
+                sending[0] += time.monotonic() - sent_at
             for res in results:
                 latest[res.recipient] = res
                 final = res.status is not Status.DEFERRED or res.after_dot
@@ -300,3 +308,9 @@ class Deliverer:
     def _trace_session(self, text: str) -> None:
         if self.trace is not None:
             self.trace(text)
+
+
+def _timed(results: list[RecipientResult], started: float, sending: float) -> list[RecipientResult]:
+    """The results with the attempt's set-up time (all but the sending) and sending time."""
+    setup = max(0.0, time.monotonic() - started - sending)
+    return [replace(r, setup=setup, transfer=sending) for r in results]

@@ -77,6 +77,13 @@ class LogLevel(Enum):
     ERROR = "error"
 
 
+class LogFormat(Enum):
+    """How each log line is written: text, or one JSON object a line (same fields)."""
+
+    TEXT = "text"
+    JSON = "json"
+
+
 @dataclass(frozen=True)
 class SpoolConfig:
     """Where the spool lives and how files are taken from ``incoming/``."""
@@ -230,6 +237,13 @@ class SubmitConfig:
     qualify_domain: str = ""
 
 
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint: ``listen`` is ``host:port`` (null: none)."""
+
+    listen: str | None = field(default=None, metadata={"listen": True})
+
+
 _HOST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -257,9 +271,11 @@ class Config:
     control: ControlConfig = field(default_factory=ControlConfig)
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     shutdown_timeout: float = _duration(30.0)
     user: str | None = None
     log_level: LogLevel = LogLevel.INFO
+    log_format: LogFormat = LogFormat.TEXT
     event_loop: EventLoop = EventLoop.AUTO
     source: str = field(default="(defaults)", metadata={"internal": True})
 
@@ -379,6 +395,8 @@ def _convert(tp: Any, meta: typing.Mapping[str, Any], value: object, name: str, 
                     "expected a name of letters, digits, '.', '_' or '-' (at most 64), "
                     f"got {value!r}"
                 )
+            if meta.get("listen"):
+                listen_address(value, name, key)
             result = value
         elif tp is Path:
             if not isinstance(value, str) or not value:
@@ -449,6 +467,15 @@ def split_hostport(value: str, name: str = "<config>", key: str = "") -> tuple[s
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise ConfigError(name, key, f"port must be 1-65535, got {port_text!r}")
     return host, int(port_text)
+
+
+def listen_address(value: str, name: str = "<config>", key: str = "") -> tuple[str, int]:
+    """``host:port`` or ``[v6addr]:port`` to listen on, both given."""
+    text = value.strip()
+    bare_v6 = text.count(":") > 1 and not text.startswith("[")
+    if bare_v6 or not re.search(r"[^:]:\d+$", text):
+        raise ConfigError(name, key, f"expected host:port or [addr]:port, got {value!r}")
+    return split_hostport(text, name, key)
 
 
 def _show(value: object) -> str:

@@ -31,6 +31,9 @@ class RecipientResult:
     8BITMIME or SMTPUTF8, a DNS answer, a mail loop): no server said it, and ``host`` is None.
     ``dsn_relayed`` marks a recipient accepted by a server that offered DSN and was given the
     recipient's DSN parameters: from there on, that server reports (RFC 3461 section 6.2.1).
+    ``setup`` and ``transfer`` are the seconds the attempt spent setting up (a connection slot,
+    DNS, connect, greeting, EHLO, STARTTLS) and transmitting (MAIL FROM to the final reply): the
+    mail log's ``delays`` c and d (maillog.py).
     """
 
     recipient: Recipient
@@ -41,6 +44,8 @@ class RecipientResult:
     after_dot: bool = False
     local: bool = False
     dsn_relayed: bool = False
+    setup: float = 0.0
+    transfer: float = 0.0
 
 
 def status_of(reply: Reply) -> Status:
