@@ -37,6 +37,7 @@ from spoolsmtp.app.records import Records
 from spoolsmtp.app.recovery import Recovery
 from spoolsmtp.app.scheduler import Scheduler
 from spoolsmtp.bsmtp import writer
+from spoolsmtp.control import metricshttp
 from spoolsmtp.control.port import COUNTED, NoSuchEnvelope, Reloaded, Traffic
 from spoolsmtp.control.server import ControlServer
 from spoolsmtp.control.tracer import Kind as TraceKind
@@ -139,6 +140,7 @@ class Worker:
             loop.add_signal_handler(sig, self.stop)
         # the sockets first: a socket the worker cannot open stops it (78) before any mail is
         # touched, so such a stop is never taken for a crash while an envelope was read
+        self._metrics = await metricshttp.serve(self)  # a port it cannot bind stops it too
         self._control = ControlServer(self, self.cfg.control_socket, self.cfg.operator_socket)
         await self._control.start()
         for envelope_id in self.spool.unconverted():
@@ -189,6 +191,8 @@ class Worker:
         log.info("stopping: %d envelope(s) in flight", len(self._active))
         watcher.stop()
         await self._control.close()
+        if self._metrics is not None:
+            await self._metrics.close()
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from spoolsmtp.bsmtp.address import check_domain
+from spoolsmtp.control import metrics
 from spoolsmtp.control.port import COUNTED, ControlPort, NoSuchEnvelope
 from spoolsmtp.control.tracer import Kind
 from spoolsmtp.model.errors import ConfigError
@@ -24,13 +25,14 @@ from spoolsmtp.model.record import State
 from spoolsmtp.spool.folders import is_id
 
 OK, BAD, REFUSED, NOT_FOUND, FAILED = 200, 400, 403, 404, 500
-PUBLIC = frozenset({"HELP", "QUERY", "QUEUE", "STATS"})
+PUBLIC = frozenset({"HELP", "QUERY", "QUEUE", "STATS", "METRICS"})
 HELP = [
     ("HELP", "anyone", "this list"),
     ("QUERY | QUEUE", "anyone", "counts per state, oldest age, destinations, next retry"),
     ("QUERY ID", "anyone", "one envelope's state and recipients"),
     ("QUERY DEST domain", "authorised", "the queue of one destination"),
     ("STATS", "anyone", "counters and gauges since start"),
+    ("METRICS", "anyone", "the same as Prometheus metrics (text format 0.0.4)"),
     ("TRACE RESOLVER|SESSION|SPOOL|ALL", "authorised", "trace to the log (ctl --follow: here)"),
     ("NOTRACE RESOLVER|SESSION|SPOOL|ALL", "authorised", "stop tracing"),
     ("DEBUG | NODEBUG", "authorised", "TRACE SESSION | NOTRACE SESSION, as on VM"),
@@ -437,6 +439,7 @@ _HANDLERS: dict[str, Callable[[ControlPort, str, list[str]], Awaitable[Answer]]]
     "HELP": _help,
     "QUERY": _query,
     "STATS": _stats,
+    "METRICS": metrics.command,
     "TRACE": _trace,
     "NOTRACE": _notrace,
     "HOLD": _hold,

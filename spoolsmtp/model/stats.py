@@ -39,8 +39,14 @@ class Histogram:
     bound before; the last count: above every bound), with their sum."""
 
     bounds: tuple[float, ...] = LATENCY_BUCKETS
-    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    counts: list[int] = field(default_factory=list)  # none given: all 0
     total: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)
+        if len(self.counts) != len(self.bounds) + 1:
+            raise ValueError("a histogram has one count per bound and one above them all")
 
     def observe(self, value: float) -> None:
         for i, bound in enumerate(self.bounds):
