@@ -4,6 +4,7 @@ kills the worker while it is read is quarantined, its recipients fail and its se
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 from collections.abc import Callable
@@ -157,6 +158,11 @@ def test_an_envelope_that_kills_the_worker_while_read_is_quarantined_and_reporte
     b = rec["transactions"][0]["recipients"][1]
     assert (b["reply"]["code"], b["reply"]["enhanced"]) == (554, "5.3.0")
     assert [m.rcpt_tos for m in srv.messages] == [["a@example.org"]]
+    # the mail log says so too, once: b@ bounced by the quarantine (README, The mail log)
+    bounced = re.findall(
+        r"to=<b@example\.org>, relay=none, .*dsn=5\.3\.0, status=bounced", last.log.read_text()
+    )
+    assert len(bounced) == 1
     if crashes == 3:
         (report,) = last.files("bounces")
         assert report_failures(report)[1] == {"b@example.org"}

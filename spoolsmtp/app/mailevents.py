@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from spoolsmtp.model import maillog
 from spoolsmtp.model.envelope import Envelope
 from spoolsmtp.model.outcome import RecipientResult
-from spoolsmtp.model.record import Record, iso, parse_iso
+from spoolsmtp.model.record import RcptRecord, Record, iso, parse_iso
 
 if TYPE_CHECKING:
     from spoolsmtp.app.host import WorkerHost
@@ -98,6 +99,27 @@ def expired(
             (started - came, at - started, 0.0, 0.0),
         )
         host.stats.recipient("expired", fields["dsn"], at - came)
+        maillog.emit(fields)
+
+
+def failed_here(
+    host: WorkerHost, envelope_id: str, record: Record, rcpts: Sequence[tuple[int, RcptRecord]]
+) -> None:
+    """Recipients failed without an attempt (a quarantine): each with the reply it got."""
+    at = time.time()
+    came = arrival(record)
+    for tx, rcpt in rcpts:
+        assert rcpt.reply is not None
+        fields = maillog.recipient(
+            f"{envelope_id}.{tx}",
+            rcpt.address,
+            "bounced",
+            rcpt.reply,
+            "none",
+            at - came,
+            (at - came, 0.0, 0.0, 0.0),
+        )
+        host.stats.recipient("bounced", fields["dsn"], at - came)
         maillog.emit(fields)
 
 

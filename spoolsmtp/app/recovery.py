@@ -15,6 +15,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from spoolsmtp.app import mailevents
 from spoolsmtp.app.pickup import Pickup, utcnow
 from spoolsmtp.app.records import Records
 from spoolsmtp.model import record
@@ -106,7 +107,9 @@ class Recovery:
         w = self._w
         if rec is not None:
             rec.crashes = crashes
+            unfinished = [(t.number, r) for t, r in rec.recipients() if not r.final]
             w.stats.failed += quarantine.fail_unfinished(rec, crashes)
+            mailevents.failed_here(w, envelope_id, rec, unfinished)
             source = rec.source
         if rec is not None and env is not None:
             now = utcnow()
