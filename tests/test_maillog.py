@@ -127,6 +127,7 @@ def test_log_format_json_gives_the_same_fields_one_object_a_line(tmp_path: Path)
     assert all(o["level"] == "info" and len(o["delays"]) == 4 for o in recipients)
     (hold,) = [o for o in objects if o.get("event") == "action"]
     assert (hold["id"], hold["command"], hold["uid"]) == (envelope_id, "HOLD", 0)
+    assert hold["pid"] != hold["peer_pid"]  # the worker's line, about the ctl client's act
     assert any(o.get("event") == "take" and o["nrcpt"] == 3 for o in objects)
     assert any(o["message"] == "ready" for o in objects)  # every line, not only the mail log's
 

@@ -100,9 +100,11 @@ def test_ctl_metrics_and_the_endpoint_say_what_happened(tmp_path: Path) -> None:
             _check(_samples(answer.read().decode()))
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(urllib.request.Request(url, b"x", method="POST"), timeout=10)
+        refused.value.close()
         assert refused.value.code == 405
         with pytest.raises(urllib.error.HTTPError) as missing:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10)
+        missing.value.close()
         assert missing.value.code == 404
     finally:
         assert w.stop() == 0

@@ -31,7 +31,8 @@ class JsonFormatter(logging.Formatter):
         }
         fields = getattr(record, maillog.EXTRA, None)
         if isinstance(fields, dict):
-            out.update(fields)
+            for key, value in fields.items():
+                out.setdefault(key, value)  # never in place of the line's own time, level, pid
         out["message"] = record.getMessage()
         if record.exc_info:
             out["traceback"] = self.formatException(record.exc_info)

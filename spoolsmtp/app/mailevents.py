@@ -56,24 +56,27 @@ def tried(
     transaction's, ``at`` when its results came (seconds since the epoch)."""
     came = arrival(record)
     line_id = f"{envelope_id}.{tx}"
+    logging_on = maillog.enabled()  # else only the counters: no line is built
     for res, rcpt in zip(results, rcpts, strict=True):
         status = maillog.STATUS[rcpt.status.value]
+        dsn = maillog.dsn_of(res.reply)
+        host.stats.recipient(status, dsn, at - came if status in FINAL else None)
+        if not logging_on:
+            continue
         relay = (
             "none"
             if res.local or res.host is None
             else maillog.relay_of(res.host, res.address, _port(host, res.recipient.domain))
         )
-        reply = res.reply
         fields = maillog.recipient(
             line_id,
             rcpt.address,
             status,
-            reply,
+            res.reply,
             relay,
             at - came,
             (started - came, tx_started - started, res.setup, res.transfer),
         )
-        host.stats.recipient(status, fields["dsn"], at - came if status in FINAL else None)
         maillog.emit(fields)
 
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from spoolsmtp.control.commands import Answer
 
 USUAL = (("sent", "2"), ("deferred", "4"), ("bounced", "5"), ("expired", "5"))
-QUEUED = {State.ACTIVE: "active", State.DEFERRED: "deferred", State.HELD: "hold"}
+QUEUED = {State.ACTIVE: "active", State.DEFERRED: "deferred", State.HELD: "held"}  # as QUERY
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,7 @@ def action(command: str, envelope_id: str | None, uid: int, pid: int, said: str)
         "id": envelope_id,
         "command": command,
         "uid": uid,
-        "pid": pid,
+        "peer_pid": pid,
         "result": escape_controls(said),
     }
 
@@ -192,7 +192,7 @@ def _conclude_text(f: Fields) -> str:
 
 
 def _action_text(f: Fields) -> str:
-    who = f"by uid {f['uid']} (pid {f['pid']})"
+    who = f"by uid {f['uid']} (pid {f['peer_pid']})"
     if f["id"] is not None:
         return f"{f['id']}: {f['command'].lower()} {who}: {f['result']}"
     return f"control: {f['command']} {who}: {f['result']}"
@@ -212,6 +212,11 @@ _TEXT: dict[str, Callable[[Fields], str]] = {
 def text(fields: Fields) -> str:
     """The line as text, Postfix's shape."""
     return _TEXT[fields["event"]](fields)
+
+
+def enabled(level: int = logging.INFO) -> bool:
+    """Whether a line at ``level`` would be written (else building it is wasted work)."""
+    return log.isEnabledFor(level)
 
 
 def emit(fields: Fields, level: int = logging.INFO) -> None:
