@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -10,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from spoolsmtp.app import logsetup
 from spoolsmtp.bsmtp import writer
 from spoolsmtp.model import maillog
 from spoolsmtp.model.reply import make
@@ -186,3 +189,24 @@ def test_report_lines_say_which_report() -> None:
         "sender batch error notification"
     )
     assert maillog.report("A", "2.delay.3", "bounces", "n")["kind"] == "sender delay notification"
+
+
+def test_the_json_format_keeps_the_line_its_own_time_level_and_pid() -> None:
+    fields = maillog.action("HOLD", "A", 1000, 4242, "A held")
+    record = logging.LogRecord("spoolsmtp", logging.INFO, "f", 1, "%s", ("text",), None)
+    record.maillog = {**fields, "level": "forged", "time": "forged"}
+    out = json.loads(logsetup.JsonFormatter().format(record))
+    assert out["level"] == "info" and out["time"] != "forged" and out["pid"] == os.getpid()
+    assert (out["event"], out["uid"], out["peer_pid"], out["message"]) == (
+        "action",
+        1000,
+        4242,
+        "text",
+    )
+    plain = logging.LogRecord("spoolsmtp", logging.WARNING, "f", 1, "disk %s", ("full",), None)
+    assert json.loads(logsetup.JsonFormatter().format(plain)) == {
+        "time": json.loads(logsetup.JsonFormatter().format(plain))["time"],
+        "level": "warning",
+        "pid": os.getpid(),
+        "message": "disk full",
+    }

@@ -3,6 +3,7 @@ own parser; the format writer and the sum of two workers' counters, alone."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
@@ -17,11 +18,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from spoolsmtp.control import exposition as ex
 from spoolsmtp.control.metrics import Gauges, families
+from spoolsmtp.control.metricshttp import MetricsEndpoint
 from spoolsmtp.control.port import Traffic
 from spoolsmtp.model import config
 from spoolsmtp.model.errors import ConfigError
 from spoolsmtp.model.stats import Histogram, Stats, added
 from tests.helpers import draft
+from tests.hostile import IS_ROOT, cli_as_nobody, reachable_by_others
 from tests.smtpservers import Script, SmtpServer
 from tests.workerproc import ROOT, ctl, start_worker, wait_for
 
@@ -93,6 +96,13 @@ def test_ctl_metrics_and_the_endpoint_say_what_happened(tmp_path: Path) -> None:
         done = ctl(w.config, "METRICS")
         assert done.returncode == 0, done.stderr
         _check(_samples(done.stdout))
+        if IS_ROOT:  # open to everyone, as STATS: an ordinary user gets the same
+            reachable_by_others(w.spool)
+            code, out, err = cli_as_nobody(
+                ["ctl", "--socket", str(w.control_socket), "METRICS"], tmp_path
+            )
+            assert code == 0, err
+            _check(_samples(out.decode()))
         url = f"http://127.0.0.1:{port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as answer:
             assert answer.status == 200
@@ -197,3 +207,35 @@ def test_two_workers_stats_add_up() -> None:
     assert _sent(samples, "sent", "2") == 2
     assert samples["spoolsmtp_delivery_latency_seconds_count", ()] == 3
     assert samples["spoolsmtp_envelopes_taken_total", ()] == 7
+
+
+def test_the_endpoint_answers_only_get_and_head_of_metrics() -> None:
+    async def scenario() -> list[bytes]:
+        async def render() -> str:
+            return "x_total 1\n"
+
+        endpoint = MetricsEndpoint(render, f"127.0.0.1:{_free_port()}", "<test>")
+        await endpoint.start()
+        answers = []
+        try:
+            for request in (
+                b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n",
+                b"HEAD /metrics?x=1 HTTP/1.1\r\n\r\n",
+                b"\x16\x03\x01 not http at all\r\n\r\n",
+                b"GET /../etc/passwd HTTP/1.0\r\n\r\n",
+            ):
+                reader, writer = await asyncio.open_connection("127.0.0.1", endpoint.port)
+                writer.write(request)
+                answers.append(await reader.read())
+                writer.close()
+                await writer.wait_closed()
+        finally:
+            await endpoint.close()
+        return answers
+
+    get, head, garbage, elsewhere = asyncio.run(scenario())
+    assert get.startswith(b"HTTP/1.0 200 OK\r\n") and get.endswith(b"\r\n\r\nx_total 1\n")
+    assert b"Content-Length: 10\r\n" in get
+    assert head.startswith(b"HTTP/1.0 200 OK\r\n") and head.endswith(b"\r\n\r\n")
+    assert garbage.startswith(b"HTTP/1.0 400 ")
+    assert elsewhere.startswith(b"HTTP/1.0 404 ")
