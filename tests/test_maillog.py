@@ -135,6 +135,30 @@ def test_log_format_json_gives_the_same_fields_one_object_a_line(tmp_path: Path)
     assert any(o["message"] == "ready" for o in objects)  # every line, not only the mail log's
 
 
+def test_each_attempt_logs_a_deferral_and_the_last_the_expiry(tmp_path: Path) -> None:
+    srv = SmtpServer(Script(rcpt={"never@example.org": "451 4.3.0 come back later"}))
+    w = start_worker(
+        tmp_path,
+        srv,
+        retry={"interval": "200ms", "max_interval": "300ms", "max_age": "1s", "warning_age": "0s"},
+    )
+    try:
+        w.drop_drafts("j.bsmtp", [draft("o@example.com", ["never@example.org"])])
+        rec = wait_for(lambda: w.final("j.bsmtp"), what="expired")
+    finally:
+        assert w.stop() == 0
+        srv.stop()
+    found = [
+        m.groupdict() for line in w.log.read_text().splitlines() if (m := RECIPIENT.search(line))
+    ]
+    statuses = [f["status"] for f in found]
+    attempts = rec["transactions"][0]["recipients"][0]["attempts"]
+    assert statuses == ["deferred"] * attempts + ["expired"]
+    assert [f["dsn"] for f in found] == ["4.3.0"] * attempts + ["5.4.7"]
+    assert "last reply: 451 4.3.0 come back later" in found[-1]["reply"]
+    assert float(found[-1]["delay"]) >= 1.0  # max_age, from arrival
+
+
 # -- the pure parts ----------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ own parser; the format writer and the sum of two workers' counters, alone."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 import sys
@@ -23,6 +24,8 @@ from spoolsmtp.control.port import Traffic
 from spoolsmtp.model import config
 from spoolsmtp.model.errors import ConfigError
 from spoolsmtp.model.stats import Histogram, Stats, added
+from spoolsmtp.model.stats import from_dict as stats_from_dict
+from spoolsmtp.model.stats import to_dict as stats_to_dict
 from tests.helpers import draft
 from tests.hostile import IS_ROOT, cli_as_nobody, reachable_by_others
 from tests.smtpservers import Script, SmtpServer
@@ -239,3 +242,16 @@ def test_the_endpoint_answers_only_get_and_head_of_metrics() -> None:
     assert head.startswith(b"HTTP/1.0 200 OK\r\n") and head.endswith(b"\r\n\r\n")
     assert garbage.startswith(b"HTTP/1.0 400 ")
     assert elsewhere.startswith(b"HTTP/1.0 404 ")
+
+
+def test_a_snapshot_crosses_a_pipe_as_json_and_still_adds_up() -> None:
+    one = Stats(started=10.0)
+    one.files_taken = 2
+    one.recipient("sent", "2.0.0", 0.3)
+    one.recipient("deferred", "4.4.1")
+    one.envelope_finished(0.3, now=11.0)
+    back = stats_from_dict(json.loads(json.dumps(stats_to_dict(one))))
+    assert stats_to_dict(back) == stats_to_dict(one)
+    twice = added(back, one)
+    assert twice.recipients == {("sent", "2"): 2, ("deferred", "4"): 2}
+    assert twice.latency_histogram.count == 2 and twice.files_taken == 4

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 LATENCY_SAMPLES = 10_000
 # the delivery latency histogram's upper bounds, in seconds (arrival to final outcome)
@@ -147,3 +149,35 @@ def added(a: Stats, b: Stats) -> Stats:
         else:
             raise TypeError(f"Stats.{name}: no rule to add {type(x).__name__}")
     return out
+
+
+def to_dict(stats: Stats) -> dict[str, Any]:
+    """A snapshot as JSON data (a child's answer to its supervisor); ``from_dict`` reads it."""
+    out: dict[str, Any] = {}
+    for f in fields(Stats):
+        value = getattr(stats, f.name)
+        if isinstance(value, Histogram):
+            value = {"bounds": list(value.bounds), "counts": value.counts, "total": value.total}
+        elif isinstance(value, dict):
+            value = {"/".join(k): n for k, n in value.items()}
+        elif isinstance(value, deque):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def from_dict(data: Mapping[str, Any]) -> Stats:
+    """The snapshot ``to_dict`` wrote (keys it does not know are ignored: an older child)."""
+    stats = Stats()
+    for f in fields(Stats):
+        if f.name not in data:
+            continue
+        value, current = data[f.name], getattr(stats, f.name)
+        if isinstance(current, Histogram):
+            value = Histogram(tuple(value["bounds"]), list(value["counts"]), value["total"])
+        elif isinstance(current, dict):
+            value = {tuple(k.split("/", 1)): int(n) for k, n in value.items()}
+        elif isinstance(current, deque):
+            value = deque(value, maxlen=current.maxlen)
+        setattr(stats, f.name, value)
+    return stats
