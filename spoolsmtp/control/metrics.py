@@ -28,13 +28,15 @@ QUEUED = {State.ACTIVE: "active", State.DEFERRED: "deferred", State.HELD: "held"
 @dataclass(frozen=True)
 class Gauges:
     """What is true now: files per spool state, the oldest envelope's age per queue state,
-    dead destinations, whether the disk is full and taking is suspended."""
+    dead destinations, whether the disk is full and taking is suspended; and the trace lines
+    dropped so far (the tracer's counter, not in ``Stats``)."""
 
     queue: Mapping[str, int] = field(default_factory=dict)
     oldest: Mapping[str, float] = field(default_factory=dict)
     dead_destinations: int = 0
     disk_full: bool = False
     suspended: bool = False
+    trace_dropped: int = 0
 
 
 async def gauges(port: ControlPort) -> Gauges:
@@ -52,7 +54,7 @@ async def gauges(port: ControlPort) -> Gauges:
     for name in COUNTED:
         queue[name] = counted[name]
     dead = sum(1 for until in port.dead_destinations().values() if until > now)
-    return Gauges(queue, oldest, dead, port.disk.full, port.suspended)
+    return Gauges(queue, oldest, dead, port.disk.full, port.suspended, port.tracer.dropped)
 
 
 def families(stats: Stats, traffic: Traffic, now: Gauges) -> list[ex.Family]:
@@ -129,6 +131,11 @@ def families(stats: Stats, traffic: Traffic, now: Gauges) -> list[ex.Family]:
             traffic.dns_cache_hits,
         ),
         c("spoolsmtp_dns_queries_total", "DNS queries sent.", traffic.dns_queries),
+        c(
+            "spoolsmtp_trace_dropped_total",
+            "Trace lines dropped because a follower could not keep up.",
+            now.trace_dropped,
+        ),
         ex.labelled(
             "gauge",
             "spoolsmtp_queue_envelopes",
