@@ -6,6 +6,8 @@ standing in for a validating resolver (it sets AD for its signed names)."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import trustme
 from spoolsmtp.delivery.deliverer import Deliverer
 from spoolsmtp.delivery.mx import MxResolver
 from spoolsmtp.delivery.tlsplan import parse_tlsa
+from spoolsmtp.model import exitcodes
 from spoolsmtp.model.outcome import RecipientResult, Status
 from spoolsmtp.model.tlsdemand import Tlsa
 from spoolsmtp.smtp import dane
@@ -217,3 +220,21 @@ def test_a_route_with_tls_dane_checks_its_host_tlsa(tmp_path: Path, ca: trustme.
     finally:
         srv.stop()
     assert len(srv.messages) == 1
+
+
+def test_tls_dane_without_cryptography_stops_start_up_naming_the_key(tmp_path: Path) -> None:
+    conf = tmp_path / "c.yaml"
+    conf.write_text(
+        f"spool:\n  path: {tmp_path / 'spool'}\nroutes:\n  x.test: {{host: h, tls: dane}}\n"
+    )
+    code = (
+        "import sys; sys.modules['cryptography'] = None\n"
+        "from spoolsmtp.app.cli import main\n"
+        f"sys.exit(main(['run', '--config', {str(conf)!r}, '--check-config']))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == exitcodes.CONFIG
+    assert "routes.x.test.tls" in done.stderr and "spoolsmtp[dane]" in done.stderr
+    assert "Traceback" not in done.stderr
