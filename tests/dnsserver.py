@@ -36,6 +36,9 @@ class Zone:
     behaviour: dict[str, str] = field(default_factory=dict)
     ttl: int = 300
     queries: list[tuple[str, str, str]] = field(default_factory=list)
+    # names at or under these are "signed": answers to queries asking for AD or DO carry the
+    # AD bit, as a validating resolver's would (the test stands in for one)
+    signed: set[str] = field(default_factory=set)
 
     def add(self, name: str, rdtype: str, *rdatas: str) -> None:
         self.records.setdefault((_norm(name), rdtype.upper()), []).extend(rdatas)
@@ -47,6 +50,9 @@ class Zone:
         self.queries.append((transport, name, rdtype))
         response = dns.message.make_response(query)
         response.flags |= dns.flags.AA
+        wants_ad = query.flags & dns.flags.AD or query.ednsflags & dns.flags.DO
+        if wants_ad and any(name == z or name.endswith("." + z) for z in self.signed):
+            response.flags |= dns.flags.AD
         how = self.behaviour.get(name)
         if how == SILENT:
             return None

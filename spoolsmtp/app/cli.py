@@ -12,6 +12,7 @@ from spoolsmtp.app import configpath, deliver_cmd, eventloop, logsetup, privileg
 from spoolsmtp.app.worker import Worker
 from spoolsmtp.bsmtp import response
 from spoolsmtp.control import client as ctl
+from spoolsmtp.delivery import tlsplan
 from spoolsmtp.model import config as configmod
 from spoolsmtp.model import exitcodes
 from spoolsmtp.model.errors import ConfigError, EnvelopeFault
@@ -118,6 +119,7 @@ def _config(args: argparse.Namespace) -> configmod.Config:
 def _run(cfg: configmod.Config, args: argparse.Namespace) -> int:
     try:
         _, loop_factory = eventloop.factory(cfg)
+        tlsplan.require_dane_support(cfg)
         if args.check_config:
             print(f"{cfg.source}: configuration OK")
             return exitcodes.OK

@@ -86,6 +86,7 @@ class Worker:
             self.resolver,
             trace=self._session_trace,
             tracing=lambda: self.tracer.on(TraceKind.SESSION),
+            warn=log.warning,
         )
         self.journal: Journal | None = None
         self._reads: Reads | None = None

@@ -21,16 +21,18 @@ from typing import BinaryIO
 
 from spoolsmtp.delivery import route
 from spoolsmtp.delivery.mx import MxResolver
+from spoolsmtp.delivery.tlsplan import HopTls, TlsPlanner
 from spoolsmtp.model.config import Config, TlsPolicy
 from spoolsmtp.model.envelope import Recipient, Transaction
 from spoolsmtp.model.hop import Hop, always
 from spoolsmtp.model.outcome import RecipientResult, Status, decided_here, result
 from spoolsmtp.model.reply import Reply, make
+from spoolsmtp.model.tlsdemand import TlsDemand
 from spoolsmtp.smtp.session import DotHook, Session, SessionStats, StaleSession
 from spoolsmtp.spool import crashpoint, envfile
 
 Trace = Callable[[str], None]
-_PoolKey = tuple[str, int, str, TlsPolicy]
+_PoolKey = tuple[str, int, str, TlsPolicy, TlsDemand | None]
 _NO_HOST = make(451, "4.4.0", "no host tried")
 
 
@@ -105,9 +107,11 @@ class Deliverer:
         resolver: MxResolver,
         trace: Trace | None = None,
         tracing: Callable[[], bool] = always,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.resolver = resolver
+        self.tls = TlsPlanner(cfg, resolver, warn, self._trace_session)
         self.trace = trace
         self.tracing = tracing
         self.stats = SessionStats()
@@ -121,6 +125,7 @@ class Deliverer:
         remembered routes are those of the old one, so they go too)."""
         self.cfg = cfg
         self.router = route.Router(cfg)
+        self.tls.reconfigure(cfg)
 
     async def deliver(
         self,
@@ -176,14 +181,20 @@ class Deliverer:
             if resolution.failure is not None:
                 return _timed([decided_here(r, resolution.failure) for r in rcpts], started, 0.0)
             hops = resolution.hops
+            policy = await self.tls.policy(dest)
             received = received_header(tx, envelope_id, self.cfg.helo_name, now, rcpts)
             done: dict[Recipient, RecipientResult] = {}
             latest: dict[Recipient, RecipientResult] = {}
             pending = list(rcpts)
             with envfile.open_text(path, data) as fh:
                 for hop in hops:
+                    how = await self.tls.hop(dest, resolution.secure, policy, hop)
+                    if isinstance(how, Reply):
+                        for r in pending:
+                            latest[r] = result(r, how, hop.host, hop.address)
+                        continue
                     pending = await self._try_hop(
-                        hop, dest.tls, tx, pending, fh, received, done, latest, before_dot, sending
+                        hop, how, tx, pending, fh, received, done, latest, before_dot, sending
                     )
                     if not pending:
                         break
@@ -194,7 +205,7 @@ class Deliverer:
     async def _try_hop(
         self,
         hop: Hop,
-        tls: TlsPolicy,
+        tls: HopTls,
         tx: Transaction,
         pending: list[Recipient],
         fh: BinaryIO,
@@ -249,11 +260,11 @@ class Deliverer:
         return left
 
     async def _session(
-        self, hop: Hop, tls: TlsPolicy, *, reuse: bool = True
+        self, hop: Hop, tls: HopTls, *, reuse: bool = True
     ) -> tuple[Session | None, Reply | None]:
         """A ready session to ``hop``: an idle pooled one (RSET only if a transaction was left
         incomplete; after a final reply to the dot the server is ready again) or a new one."""
-        key: _PoolKey = (hop.address, hop.port, hop.host, tls)
+        key: _PoolKey = (hop.address, hop.port, hop.host, *tls)
         idle = self._idle.get(key, []) if reuse else []
         now = time.monotonic()
         while idle:
@@ -267,7 +278,8 @@ class Deliverer:
             hop,
             self.cfg.delivery,
             self.cfg.helo_name,
-            tls,
+            tls[0],
+            demand=tls[1],
             trace=self._trace_session,
             tracing=self.tracing,
             stats=self.stats,
@@ -281,7 +293,8 @@ class Deliverer:
 
     def _release(self, session: Session) -> None:
         if self.cfg.delivery.reuse_connections and session.alive:
-            key: _PoolKey = (session.hop.address, session.hop.port, session.hop.host, session.tls)
+            hop = session.hop
+            key: _PoolKey = (hop.address, hop.port, hop.host, session.tls, session.demand)
             self._idle.setdefault(key, []).append(session)
         else:
             session.abort()

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
+import dns.message
 import dns.name
 import dns.rdatatype
 import dns.resolver
@@ -56,6 +58,19 @@ class Resolution:
     hops: tuple[Hop, ...] = ()
     failure: Reply | None = None
     ttl: float = 0.0
+    # the MX (or implicit-MX address) answer was DNSSEC-authenticated (the resolver set AD)
+    secure: bool = False
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """One look-up of any type, for DANE and MTA-STS: the records' texts (empty when the name
+    or the type does not exist), whether the answer was authenticated (AD), and ``failure``
+    when no answer came (timeout, SERVFAIL): then nothing is known."""
+
+    records: tuple[str, ...] = ()
+    secure: bool = False
+    failure: str | None = None
 
 
 class _Temporary(Exception):
@@ -106,6 +121,30 @@ class MxResolver:
             self._resolver.port = self.config.port
         self._resolver.timeout = self.config.timeout
         self._resolver.lifetime = self.config.lifetime
+        # ask a validating resolver to say whether it authenticated the answer (RFC 6840 5.7)
+        self._resolver.flags = dns.flags.RD | dns.flags.AD
+
+    async def lookup(self, name: str, rdtype: str) -> Lookup:
+        """Records of one name and type, not cached here (their users cache what they derive),
+        within the query budget of one look-up."""
+        budget = _Budget(self.config.max_queries)
+        try:
+            answer = await self._query(name, rdtype, budget)
+        except dns.resolver.NXDOMAIN as exc:
+            responses = list(exc.kwargs.get("responses", {}).values())
+            return Lookup(secure=bool(responses) and all(map(_authenticated, responses)))
+        except dns.resolver.NoAnswer as exc:
+            return Lookup(secure=_authenticated(exc.kwargs.get("response")))
+        except _Temporary as exc:
+            return Lookup(failure=str(exc))
+        assert answer.rrset is not None
+        records = tuple(r.to_text() for r in answer.rrset)
+        return Lookup(records, _authenticated(answer.response))
+
+    async def addresses(self, host: str) -> list[str]:
+        """The A and AAAA addresses of a host (for the MTA-STS policy host); [] if none."""
+        found, _, _ = await self._addresses(host, _Budget(self.config.max_queries))
+        return found
 
     def expire(self, name: str) -> bool:
         """Forget the cached answer for a domain (the EXPIRE command); True if one was cached."""
@@ -210,6 +249,7 @@ class MxResolver:
             usable = self._usable(domain, addresses, skipped)
             if not usable:
                 return Resolution(failure=self._refusal(domain, skipped))
+            # DANE looks only behind a signed MX RRset: an implicit MX counts as not secure
             return Resolution(tuple(usable[: self.max_addresses]), ttl=ttl)
         except _Temporary as exc:
             return Resolution(failure=make(451, "4.4.3", f"DNS lookup of MX {domain}: {exc}"))
@@ -238,7 +278,8 @@ class MxResolver:
                 return Resolution(failure=self._refusal(domain, refused))
             failure = temporary or make(550, "5.4.4", f"no MX host of {domain} has an address")
             return Resolution(failure=failure)
-        return Resolution(tuple(found[: self.max_addresses]), ttl=ttl)
+        secure = _authenticated(answer.response)
+        return Resolution(tuple(found[: self.max_addresses]), ttl=ttl, secure=secure)
 
     async def _addresses(self, host: str, budget: _Budget) -> tuple[list[str], float, Reply | None]:
         """A then AAAA addresses of a host; a temporary failure only if neither answered."""
@@ -293,6 +334,10 @@ class MxResolver:
     def _trace(self, text: str) -> None:
         if self.trace is not None and self.tracing():
             self.trace(f"resolver: {text}")
+
+
+def _authenticated(response: dns.message.Message | None) -> bool:
+    return response is not None and bool(response.flags & dns.flags.AD)
 
 
 def _describe(result: Resolution) -> str:

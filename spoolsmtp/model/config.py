@@ -49,6 +49,7 @@ class TlsPolicy(Enum):
     OPPORTUNISTIC = "opportunistic"
     REQUIRED = "required"
     VERIFY = "verify"
+    DANE = "dane"
 
 
 class TlsVersion(Enum):
@@ -158,6 +159,16 @@ class Route:
 
 
 @dataclass(frozen=True)
+class MtaStsConfig:
+    """MTA-STS (RFC 8461): recipient domains' policies, fetched over HTTPS and cached."""
+
+    enabled: bool = False
+    timeout: float = _duration(10.0, 0.001)
+    max_policy_bytes: int = _size(64 * 1024, 256)
+    cache_size: int = _count(10_000)
+
+
+@dataclass(frozen=True)
 class DeliveryConfig:
     """How mail is sent to remote servers."""
 
@@ -172,6 +183,7 @@ class DeliveryConfig:
     tls_ca_file: Path | None = None
     tls_min_version: TlsVersion = TlsVersion.TLSV1_2
     timeouts: Timeouts = field(default_factory=Timeouts)
+    mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
 
 
 @dataclass(frozen=True)

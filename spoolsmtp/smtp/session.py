@@ -11,6 +11,7 @@ garbage) is handed to the transaction, which defers every recipient not yet fina
 
 from __future__ import annotations
 
+import _ssl
 import asyncio
 import contextlib
 import ssl
@@ -23,6 +24,8 @@ from spoolsmtp.model.envelope import Recipient, Transaction
 from spoolsmtp.model.hop import Hop, always
 from spoolsmtp.model.outcome import RecipientResult, connection_lost, timed_out
 from spoolsmtp.model.reply import Reply, make
+from spoolsmtp.model.tlsdemand import TlsDemand
+from spoolsmtp.smtp import dane
 from spoolsmtp.smtp.protocol import (
     NEED_DATA,
     ClientProtocol,
@@ -102,6 +105,7 @@ class Session:
     stats: SessionStats = field(default_factory=SessionStats)
     ca_file: str | None = None
     reach: CrashPoint = _nowhere
+    demand: TlsDemand | None = None
     proto: ClientProtocol = field(default_factory=ClientProtocol)
     encrypted: bool = False
     last_used: float = field(default_factory=time.monotonic)
@@ -216,6 +220,12 @@ class Session:
         if transport is None:
             return make(451, "4.7.5", f"TLS handshake with {self._where()} failed")
         self._transport = transport
+        if self.demand is not None and self.demand.tlsa:
+            why = dane.check(peer_chain(transport), self.demand.tlsa, self.demand.names)
+            if why is not None:
+                self.abort()
+                return make(451, "4.7.5", f"DANE: certificate of {self._where()}: {why}")
+            self._trace("TLS established; certificate matches the TLSA records (DANE)")
         self.encrypted = True
         self.stats.tls += 1
         self._trace("TLS established")
@@ -439,3 +449,19 @@ class Session:
 
 def _prefixed(reply: Reply, context: str) -> Reply:
     return Reply(reply.code, reply.enhanced, (f"{context}: {reply.lines[0]}", *reply.lines[1:]))
+
+
+def peer_chain(transport: asyncio.BaseTransport) -> list[bytes]:
+    """The certificates the server sent, leaf first, as DER (for DANE, which checks them
+    itself). Python 3.13 has ``get_unverified_chain``; before it, the same method exists on the
+    ``_ssl`` object underneath; without either, the leaf alone (DANE-EE still works)."""
+    obj = transport.get_extra_info("ssl_object")
+    if obj is None:
+        return []
+    for owner in (obj, getattr(obj, "_sslobj", None)):
+        method = getattr(owner, "get_unverified_chain", None)
+        if method is not None:
+            der = _ssl.ENCODING_DER
+            return [c if isinstance(c, bytes) else c.public_bytes(der) for c in method() or []]
+    leaf = obj.getpeercert(binary_form=True)
+    return [leaf] if leaf else []
