@@ -116,6 +116,7 @@ def test_the_shipped_config_states_exactly_the_defaults() -> None:
         "bounces",
         "control",
         "submit",
+        "netdata",
         "shutdown_timeout",
         "log_level",
         "event_loop",

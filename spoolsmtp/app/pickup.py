@@ -13,6 +13,7 @@ import os
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from spoolsmtp.app import inbound
 from spoolsmtp.app.records import Records
 from spoolsmtp.bsmtp import response
 from spoolsmtp.control.tracer import Kind as TraceKind
@@ -211,6 +212,7 @@ class Pickup:
             try:
                 await w.spool.make_own(envelope_id)  # what is read and sent is ours from here
                 opened = w.spool.open_envelope("active", envelope_id, whole=INLINE_READ_BYTES)
+                opened = await inbound.unwrapped(w, envelope_id, source, opened)
                 if isinstance(opened, bytes):
                     return envfile.read_bytes(opened, source, limits, hostname, max_bytes), opened
                 with opened:

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from spoolsmtp.model import codepages  # noqa: F401 - registers cp1047
 from spoolsmtp.model.errors import ConfigError
 from spoolsmtp.model.units import parse_duration, parse_size
 
@@ -230,6 +231,15 @@ class SubmitConfig:
     qualify_domain: str = ""
 
 
+@dataclass(frozen=True)
+class NetdataConfig:
+    """NETDATA files (TSO TRANSMIT, CMS SENDFILE/NOTE) in incoming/: their code page, and the
+    domain of each VM/RSCS node named in a note (``USER at NODE``)."""
+
+    codepage: str = "cp037"
+    nodes: dict[str, str] = field(default_factory=dict)
+
+
 _HOST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -257,6 +267,7 @@ class Config:
     control: ControlConfig = field(default_factory=ControlConfig)
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    netdata: NetdataConfig = field(default_factory=NetdataConfig)
     shutdown_timeout: float = _duration(30.0)
     user: str | None = None
     log_level: LogLevel = LogLevel.INFO
@@ -315,12 +326,14 @@ def parse(text: str, name: str = "<config>") -> Config:
     if data is None:
         data = {}
     config: Config = _build(Config, data, name, "")
-    try:
-        codecs.lookup(config.spool.encoding)
-    except LookupError:
-        raise ConfigError(
-            name, "spool.encoding", f"unknown encoding {config.spool.encoding!r}"
-        ) from None
+    for key, encoding in (
+        ("spool.encoding", config.spool.encoding),
+        ("netdata.codepage", config.netdata.codepage),
+    ):
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise ConfigError(name, key, f"unknown encoding {encoding!r}") from None
     return dataclasses.replace(config, source=name)
 
 
