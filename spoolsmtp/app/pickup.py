@@ -109,7 +109,8 @@ class Pickup:
             if envelope_id is not None:
                 w._reads.mark(envelope_id)
                 # committed by the same batch, before the rename: a restart knows the name
-                w.journal.append({"t": "claim", "id": envelope_id, "name": name})
+                claim = {"t": "claim", "id": envelope_id, "name": name}
+                w.journal.append(claim | inbound.claim_owner(w.spool.path("incoming", name)))
                 suffix = ORIGINAL if w._legacy else SUFFIX
                 try:
                     claimed = await self._claim(name, envelope_id, suffix)
@@ -193,8 +194,12 @@ class Pickup:
 
     # -- reading ---------------------------------------------------------------------------
 
-    async def read(self, envelope_id: str, source: str) -> tuple[Envelope, bytes | None] | None:
-        """Read an envelope in active/; a file that is not one goes to rejected/.
+    async def read(
+        self, envelope_id: str, source: str, owner: tuple[int, int] | None = None
+    ) -> tuple[Envelope, bytes | None] | None:
+        """Read an envelope in active/; a file that is not one, or whose owner may not submit,
+        goes to rejected/. ``owner``: who submitted it, when known from before (the record,
+        the journal); else the file's owner (inbound.py).
 
         A small file is read whole, on the loop, and its bytes are kept for delivery (one
         open, one read); a large one is streamed in a thread, and delivery reads the file."""
@@ -210,11 +215,13 @@ class Pickup:
         async with w._reads.reading(envelope_id):
             crashpoint.reach("reading")
             try:
+                who = inbound.submitter(w, envelope_id, source, owner)
                 await w.spool.make_own(envelope_id)  # what is read and sent is ours from here
                 opened = w.spool.open_envelope("active", envelope_id, whole=INLINE_READ_BYTES)
                 opened = await inbound.unwrapped(w, envelope_id, source, opened)
                 if isinstance(opened, bytes):
-                    return envfile.read_bytes(opened, source, limits, hostname, max_bytes), opened
+                    env = envfile.read_bytes(opened, source, limits, hostname, max_bytes)
+                    return inbound.screened(w, env, who), opened
                 with opened:
                     env = await asyncio.to_thread(
                         intake.checked,
@@ -225,7 +232,7 @@ class Pickup:
                         hostname,
                         max_bytes,
                     )
-                    return env, None
+                    return inbound.screened(w, env, who), None
             except (EnvelopeFault, NotRegular, OSError) as exc:
                 if diskfull.machine_fault(exc):
                     raise  # a full disk is not the envelope's fault: it is put back
@@ -260,6 +267,8 @@ class Pickup:
             envelope_id, source, State.ACTIVE, now, now, f"active/{envelope_id}{SUFFIX}"
         )
         record.batch_errors = response.error_lines(env)
+        if env.owner is not None:
+            record.owner_uid, record.owner_gid = env.owner
         for tx in env.transactions:
             record.transactions.append(
                 TxRecord(tx.number, tx.mail_from, [RcptRecord(r.address) for r in tx.recipients])

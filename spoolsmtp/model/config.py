@@ -223,12 +223,29 @@ class ControlConfig:
         return int(self.mode, 8)
 
 
+class SenderPolicy(Enum):
+    """Which MAIL FROM addresses a submitter may use (``submit.sender_policy``)."""
+
+    ANY = "any"
+    OWNER = "owner"
+
+
+_IDS = {"ids": True}  # list items that may be names or numbers
+
+
 @dataclass(frozen=True)
 class SubmitConfig:
-    """Defaults for ``spoolsmtp submit`` and the sendmail entry point."""
+    """Defaults for ``spoolsmtp submit`` and the sendmail entry point, and who may send what
+    (the owner of each envelope file, as the VM server's RESTRICT and Postfix's
+    authorized_submit_users and sender login maps)."""
 
     sender: str = ""
     qualify_domain: str = ""
+    allowed_users: tuple[str, ...] = field(default=(), metadata=_IDS)
+    allowed_groups: tuple[str, ...] = field(default=(), metadata=_IDS)
+    restrict: tuple[str, ...] = ()
+    sender_policy: SenderPolicy = SenderPolicy.ANY
+    senders: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -383,6 +400,8 @@ def _convert(tp: Any, meta: typing.Mapping[str, Any], value: object, name: str, 
                 raise ValueError(f"expected a whole number, got {_show(value)}")
             result = value
         elif tp is str:
+            if meta.get("id") and isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)  # a uid or gid given as a number
             if not isinstance(value, str):
                 raise ValueError(f"expected a string, got {_show(value)}")
             if meta.get("octal") and not re.fullmatch(r"0?[0-7]{3,4}", value):
@@ -405,8 +424,10 @@ def _convert(tp: Any, meta: typing.Mapping[str, Any], value: object, name: str, 
         elif origin is tuple:
             if not isinstance(value, list):
                 raise ValueError(f"expected a list, got {_show(value)}")
+            inner_meta = {"id": True} if meta.get("ids") else {}
             return tuple(
-                _convert(args[0], {}, item, name, f"{key}[{i}]") for i, item in enumerate(value)
+                _convert(args[0], inner_meta, item, name, f"{key}[{i}]")
+                for i, item in enumerate(value)
             )
         elif origin is dict:
             if not isinstance(value, dict):
