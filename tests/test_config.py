@@ -117,6 +117,7 @@ def test_the_shipped_config_states_exactly_the_defaults() -> None:
         "control",
         "submit",
         "netdata",
+        "rewrite",
         "shutdown_timeout",
         "log_level",
         "event_loop",

@@ -11,23 +11,30 @@ import asyncio
 import contextlib
 import functools
 import grp
+import io
+import logging
 import os
 import pwd
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from spoolsmtp.bsmtp import netdata
+from spoolsmtp.bsmtp import netdata, writer
+from spoolsmtp.bsmtp.rewrite import Rewriter
 from spoolsmtp.bsmtp.unwrap import unwrap
+from spoolsmtp.model.config import RewriteConfig
 from spoolsmtp.model.envelope import Envelope
 from spoolsmtp.model.errors import EnvelopeFault
 from spoolsmtp.policy import restrict
 from spoolsmtp.policy.restrict import Submitter
+from spoolsmtp.spool import envfile
 from spoolsmtp.spool.folders import SUFFIX
 
 if TYPE_CHECKING:
     from spoolsmtp.app.host import WorkerHost
+
+log = logging.getLogger("spoolsmtp")
 
 
 async def unwrapped(
@@ -124,3 +131,83 @@ def screened(w: WorkerHost, env: Envelope, who: Submitter) -> Envelope:
     env = restrict.screen(env, who, cfg.submit, mailbox)
     txs = tuple(replace(tx, owner_uid=who.uid) for tx in env.transactions)
     return replace(env, transactions=txs, owner=(who.uid, who.gid))
+
+
+# -- rewriting (bsmtp/rewrite.py) ---------------------------------------------------------------
+
+
+_REWRITERS: dict[int, tuple[RewriteConfig, Rewriter]] = {}
+
+
+def rewriter(cfg: RewriteConfig) -> Rewriter:
+    """The rewriter of a configuration, built once per configuration loaded (by identity:
+    the configuration holds dicts, it cannot be hashed)."""
+    found = _REWRITERS.get(id(cfg))
+    if found is None or found[0] is not cfg:
+        _REWRITERS.clear()  # a reload: the old one is done with
+        found = _REWRITERS[id(cfg)] = (
+            cfg,
+            Rewriter(cfg.qualify_domain, cfg.addresses, cfg.nicknames),
+        )
+    return found[1]
+
+
+def unqualified(w: WorkerHost) -> Callable[[str], str | None] | None:
+    """For the reader: what an address with no domain stands for (None: none is accepted)."""
+    rw = rewriter(w.cfg.rewrite)
+    return rw.unqualified if rw.active else None
+
+
+def _drafts(rw: Rewriter, env: Envelope, data: bytes, ours: bool) -> list[writer.Draft] | None:
+    """The transactions rewritten, or None when nothing changes. Our own reports (the
+    worker's file, null sender) are left as they are."""
+    changed = False
+    drafts = []
+    for tx in env.transactions:
+        with io.BytesIO(data) as fh:
+            message = b"".join(envfile.text_chunks(fh, tx.message))
+        recipients = tx.recipients
+        sender = tx.mail_from
+        if not (ours and not tx.mail_from):
+            sender = rw.address(tx.mail_from)
+            recipients = tuple(replace(r, address=rw.address(r.address)) for r in recipients)
+            new = rw.message(message)
+            changed = changed or new != message or sender != tx.mail_from
+            changed = changed or recipients != tx.recipients
+            message = new
+        drafts.append(writer.Draft(sender, recipients, message, tx.params))
+    return drafts if changed else None
+
+
+async def rewritten(
+    w: WorkerHost,
+    envelope_id: str,
+    source: str,
+    env: Envelope,
+    data: bytes | None,
+    who: Submitter,
+) -> tuple[Envelope, bytes | None]:
+    """The envelope with its addresses rewritten: if anything changes, the file in active/ is
+    replaced (durably) by the rewritten envelope and that is read; the refused commands of the
+    first read are kept for the batch report. Rewriting what was rewritten changes nothing,
+    so a retry or a restart reads the file as it is."""
+    rw = rewriter(w.cfg.rewrite)
+    if not rw.active or not env.transactions:
+        return env, data
+    path = w.spool.path("active", f"{envelope_id}{SUFFIX}")
+    raw = data if data is not None else await asyncio.to_thread(path.read_bytes)
+    drafts = await asyncio.to_thread(_drafts, rw, env, raw, who.worker)
+    if drafts is None:
+        return env, data
+    try:
+        new = writer.render(drafts, env.transactions[0].helo, verbose=env.verbose)
+    except writer.MessageError as exc:
+        log.warning("%s: not rewritten: %s", source, exc)
+        return env, data
+    cfg = w.cfg
+    again = envfile.read_bytes(
+        new, source, cfg.limits, cfg.helo_name, cfg.spool.max_file_bytes, rw.unqualified
+    )
+    await w.spool.write("active", f"{envelope_id}{SUFFIX}", new, private=True)
+    w._spool_trace(f"{source}: addresses rewritten")
+    return replace(again, response=env.response, errors=env.errors), new

@@ -219,20 +219,26 @@ class Pickup:
                 await w.spool.make_own(envelope_id)  # what is read and sent is ours from here
                 opened = w.spool.open_envelope("active", envelope_id, whole=INLINE_READ_BYTES)
                 opened = await inbound.unwrapped(w, envelope_id, source, opened)
+                local = inbound.unqualified(w)
+                data: bytes | None
                 if isinstance(opened, bytes):
-                    env = envfile.read_bytes(opened, source, limits, hostname, max_bytes)
-                    return inbound.screened(w, env, who), opened
-                with opened:
-                    env = await asyncio.to_thread(
-                        intake.checked,
-                        envfile.read_stream,
-                        opened,
-                        source,
-                        limits,
-                        hostname,
-                        max_bytes,
-                    )
-                    return inbound.screened(w, env, who), None
+                    env = envfile.read_bytes(opened, source, limits, hostname, max_bytes, local)
+                    data = opened
+                else:
+                    with opened:
+                        env = await asyncio.to_thread(
+                            intake.checked,
+                            envfile.read_stream,
+                            opened,
+                            source,
+                            limits,
+                            hostname,
+                            max_bytes,
+                            local,
+                        )
+                    data = None
+                env, data = await inbound.rewritten(w, envelope_id, source, env, data, who)
+                return inbound.screened(w, env, who), data
             except (EnvelopeFault, NotRegular, OSError) as exc:
                 if diskfull.machine_fault(exc):
                     raise  # a full disk is not the envelope's fault: it is put back

@@ -257,6 +257,16 @@ class NetdataConfig:
     nodes: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RewriteConfig:
+    """Address rewriting of what comes in, envelope and header (VM's REWRITE822HEADER; Postfix's
+    canonical, generic and masquerade): see bsmtp/rewrite.py."""
+
+    qualify_domain: str = ""
+    addresses: dict[str, str] = field(default_factory=dict)
+    nicknames: dict[str, str] = field(default_factory=dict)
+
+
 _HOST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -285,6 +295,7 @@ class Config:
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     netdata: NetdataConfig = field(default_factory=NetdataConfig)
+    rewrite: RewriteConfig = field(default_factory=RewriteConfig)
     shutdown_timeout: float = _duration(30.0)
     user: str | None = None
     log_level: LogLevel = LogLevel.INFO

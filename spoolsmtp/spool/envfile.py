@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -46,20 +46,30 @@ def converted(path: Path, spool: SpoolConfig) -> Iterator[Path]:
 
 
 def read_stream(
-    fh: BinaryIO, source: str, limits: Limits, hostname: str, max_file_bytes: int | None = None
+    fh: BinaryIO,
+    source: str,
+    limits: Limits,
+    hostname: str,
+    max_file_bytes: int | None = None,
+    unqualified: Callable[[str], str | None] | None = None,
 ) -> Envelope:
     """Read an envelope from an open binary stream (a file, or standard input)."""
-    reader = Reader(source, limits, hostname, max_file_bytes)
+    reader = Reader(source, limits, hostname, max_file_bytes, unqualified)
     while chunk := fh.read(CHUNK):
         reader.feed(chunk)
     return reader.finish()
 
 
 def read_bytes(
-    data: bytes, source: str, limits: Limits, hostname: str, max_file_bytes: int | None = None
+    data: bytes,
+    source: str,
+    limits: Limits,
+    hostname: str,
+    max_file_bytes: int | None = None,
+    unqualified: Callable[[str], str | None] | None = None,
 ) -> Envelope:
     """Read an envelope held in memory (a small file read whole, tests, reports)."""
-    reader = Reader(source, limits, hostname, max_file_bytes)
+    reader = Reader(source, limits, hostname, max_file_bytes, unqualified)
     reader.feed(data)
     return reader.finish()
 
