@@ -204,3 +204,17 @@ def test_the_code_page_is_checked_at_start_and_cp1047_is_known() -> None:
     assert config.parse("netdata: {codepage: cp1047}").netdata.codepage == "cp1047"
     with pytest.raises(ConfigError, match=r"netdata\.codepage"):
         config.parse("netdata: {codepage: cp9999}")
+
+
+def test_netdata_is_unwrapped_when_legacy_conversion_is_on(
+    tmp_path: Path, server: SmtpServer
+) -> None:
+    """spool.encoding (plain EBCDIC text files) must not transcode a NETDATA file's binary
+    records before it is unwrapped."""
+    w = start_worker(tmp_path, server, spool={"encoding": "cp037"}, netdata={"nodes": NODES})
+    try:
+        w.drop("payroll.xmit", nd.transmit(ENVELOPE))
+        rec = wait_for(lambda: w.final("payroll.xmit"), what="done")
+    finally:
+        assert w.stop() == 0
+    assert statuses(rec) == {"bob@example.org": "delivered"}

@@ -169,3 +169,22 @@ def test_an_allowed_user_is_recorded_and_named_in_received(
         if line.startswith("RCPT TO:")
     )
     assert to_lines == ["RCPT TO:<batch@example.com>", "RCPT TO:<nobody@spoolsmtp.test>"]
+
+
+@needs_root
+def test_the_owner_is_checked_when_a_legacy_file_is_converted_first(
+    tmp_path: Path, server: SmtpServer
+) -> None:
+    """With spool.encoding set, a file is converted into a worker-owned copy before it is
+    read: the owner checked must still be the submitter."""
+    w = start_worker(
+        tmp_path, server, spool={"encoding": "cp037"}, submit={"allowed_users": ["root"]}
+    )
+    try:
+        text = "HELO h\nMAIL FROM:<n@example.com>\nRCPT TO:<a@example.org>\nDATA\nhi\n.\nQUIT\n"
+        drop_as_nobody(w, "job.bsmtp", text.replace("\n", "\x15").encode("cp037"))
+        rec = wait_for(lambda: w.final("job.bsmtp"), what="rejected")
+    finally:
+        assert w.stop() == 0
+    assert rec["state"] == "rejected" and "(nobody) may not submit" in rec["reason"]
+    assert server.messages == []

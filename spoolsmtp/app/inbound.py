@@ -75,11 +75,17 @@ async def unwrapped(
 def claim_owner(path: Path) -> dict[str, int]:
     """``uid``/``gid`` of ``incoming/NAME`` for its claim record ({} if it cannot be seen): the
     owner survives a crash that leaves only the worker's copy in active/."""
+    owner = owner_of(path)
+    return {} if owner is None else {"uid": owner[0], "gid": owner[1]}
+
+
+def owner_of(path: Path) -> tuple[int, int] | None:
+    """The uid and gid of the file at ``path`` (not following a link); None if it is gone."""
     try:
         info = os.lstat(path)
     except OSError:
-        return {}
-    return {"uid": info.st_uid, "gid": info.st_gid}
+        return None
+    return info.st_uid, info.st_gid
 
 
 @functools.lru_cache(maxsize=1024)

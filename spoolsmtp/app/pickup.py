@@ -134,9 +134,14 @@ class Pickup:
             w._spool_trace(f"{name}: claimed as {envelope_id}")
         crashpoint.reach("after_claim")
         try:
+            # its owner, before a conversion or a copy makes it the worker's
+            claimed_file = w.spool.path(
+                "active", f"{envelope_id}{ORIGINAL if w._legacy else SUFFIX}"
+            )
+            owner = inbound.owner_of(claimed_file)
             if w._legacy and not await self.convert(envelope_id, name):
                 return
-            loaded = await self.read(envelope_id, name)
+            loaded = await self.read(envelope_id, name, owner)
             if loaded is None:
                 return
             env, data = loaded
