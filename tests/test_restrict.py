@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,30 @@ def test_the_owner_is_checked_when_a_legacy_file_is_converted_first(
         assert w.stop() == 0
     assert rec["state"] == "rejected" and "(nobody) may not submit" in rec["reason"]
     assert server.messages == []
+
+
+@needs_root
+def test_the_owner_survives_a_kill_after_the_file_became_the_workers(tmp_path: Path) -> None:
+    """Killed in the first attempt (the file in active/ is by then the worker's copy, and no
+    record was written): the restarted worker still knows who submitted it, from the claim."""
+    uid, _ = nobody()
+    srv = SmtpServer()
+    settings = {"smarthost": f"127.0.0.1:{srv.port}", "submit": {"allowed_users": ["nobody"]}}
+    try:
+        crashing = WorkerProcess(tmp_path, settings, env={"SPOOLSMTP_CRASH_AT": "after_rcpt"})
+        crashing.start()
+        body = writer.render([draft("n@example.com", ["a@example.org"])], "batch.test")
+        drop_as_nobody(crashing, "job.bsmtp", body)
+        assert crashing.wait_exit() == -signal.SIGKILL
+        (copy,) = crashing.files("active")
+        assert copy.stat().st_uid == os.geteuid()  # the worker's copy: its owner says nothing
+        worker = WorkerProcess(tmp_path, settings).start()
+        try:
+            rec = wait_for(lambda: worker.final("job.bsmtp"), what="done after the kill")
+        finally:
+            assert worker.stop() == 0
+    finally:
+        srv.stop()
+    assert rec["state"] == "done" and rec["owner_uid"] == uid
+    (got,) = srv.messages
+    assert f"(uid {uid})".encode() in got.content.split(b"\r\n\r\n")[0]
