@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import email
 import email.policy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from spoolsmtp.bsmtp import netdata
 from spoolsmtp.bsmtp.unwrap import unwrap
@@ -218,3 +221,21 @@ def test_netdata_is_unwrapped_when_legacy_conversion_is_on(
     finally:
         assert w.stop() == 0
     assert statuses(rec) == {"bob@example.org": "delivered"}
+
+
+def test_check_reads_a_netdata_file_as_the_worker_would(tmp_path: Path) -> None:
+    (tmp_path / "conf.yaml").write_text(yaml.safe_dump({"netdata": {"nodes": NODES}}))
+    (tmp_path / "note.xmit").write_bytes(nd.transmit(NOTE))
+    (tmp_path / "cut.xmit").write_bytes(truncated_cut(nd.transmit(ENVELOPE)))
+    argv = [sys.executable, "-m", "spoolsmtp", "check", "--config", "conf.yaml"]
+    ok = subprocess.run(
+        [*argv, "note.xmit"], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "050 RCPT TO:<carol@vm1.example.com>" in ok.stdout
+    assert ok.stdout.rstrip().endswith("OK, 1 transaction(s), 3 recipient(s) accepted")
+    bad = subprocess.run(
+        [*argv, "cut.xmit"], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert bad.returncode == 65
+    assert "not a readable NETDATA file" in bad.stdout and "truncated" in bad.stdout

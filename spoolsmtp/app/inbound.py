@@ -49,10 +49,13 @@ async def unwrapped(
         opened.seek(0)
     if not netdata.recognised(head):
         return opened
+    limit = w.cfg.spool.max_file_bytes
     if isinstance(opened, bytes):
         data = opened
     else:
         with opened:
+            if os.fstat(opened.fileno()).st_size > limit:
+                raise EnvelopeFault(source, 1, f"file larger than {limit} octets")
             data = await asyncio.to_thread(opened.read)
     cfg = w.cfg
     converted = await asyncio.to_thread(
