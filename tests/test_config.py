@@ -116,6 +116,8 @@ def test_the_shipped_config_states_exactly_the_defaults() -> None:
         "bounces",
         "control",
         "submit",
+        "netdata",
+        "rewrite",
         "shutdown_timeout",
         "log_level",
         "event_loop",

@@ -175,7 +175,7 @@ def _check(cfg: configmod.Config, files: list[Path], *, quiet: bool) -> int:
     for path in files:
         name = response.shown(str(path))
         try:
-            with envfile.converted(path, cfg.spool) as readable:
+            with envfile.converted(path, cfg.spool, cfg.netdata, cfg.helo_name) as readable:
                 env = envfile.read(
                     readable,
                     cfg.limits,

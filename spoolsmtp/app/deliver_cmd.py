@@ -38,8 +38,12 @@ def deliver_file(cfg: Config, path: Path, *, verbose: bool) -> int:
     if not path.exists():
         print(f"{path}: no such file", file=sys.stderr)
         return exitcodes.NOINPUT
-    with envfile.converted(path, cfg.spool) as readable:
-        return _deliver_path(cfg, readable, verbose=verbose)
+    try:
+        with envfile.converted(path, cfg.spool, cfg.netdata, cfg.helo_name) as readable:
+            return _deliver_path(cfg, readable, verbose=verbose)
+    except EnvelopeFault as exc:
+        print(f"{exc}; not an envelope, nothing sent", file=sys.stderr)
+        return exitcodes.DATAERR
 
 
 def _deliver_path(cfg: Config, path: Path, *, verbose: bool) -> int:

@@ -13,7 +13,7 @@ import os
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from spoolsmtp.app import mailevents
+from spoolsmtp.app import inbound, mailevents
 from spoolsmtp.app.records import Records
 from spoolsmtp.bsmtp import response
 from spoolsmtp.control.tracer import Kind as TraceKind
@@ -109,7 +109,8 @@ class Pickup:
             if envelope_id is not None:
                 w._reads.mark(envelope_id)
                 # committed by the same batch, before the rename: a restart knows the name
-                w.journal.append({"t": "claim", "id": envelope_id, "name": name})
+                claim = {"t": "claim", "id": envelope_id, "name": name}
+                w.journal.append(claim | inbound.claim_owner(w.spool.path("incoming", name)))
                 suffix = ORIGINAL if w._legacy else SUFFIX
                 try:
                     claimed = await self._claim(name, envelope_id, suffix)
@@ -134,9 +135,14 @@ class Pickup:
             w._spool_trace(f"{name}: claimed as {envelope_id}")
         crashpoint.reach("after_claim")
         try:
+            # its owner, before a conversion or a copy makes it the worker's
+            claimed_file = w.spool.path(
+                "active", f"{envelope_id}{ORIGINAL if w._legacy else SUFFIX}"
+            )
+            owner = inbound.owner_of(claimed_file)
             if w._legacy and not await self.convert(envelope_id, name):
                 return
-            loaded = await self.read(envelope_id, name)
+            loaded = await self.read(envelope_id, name, owner)
             if loaded is None:
                 return
             env, data = loaded
@@ -195,8 +201,12 @@ class Pickup:
 
     # -- reading ---------------------------------------------------------------------------
 
-    async def read(self, envelope_id: str, source: str) -> tuple[Envelope, bytes | None] | None:
-        """Read an envelope in active/; a file that is not one goes to rejected/.
+    async def read(
+        self, envelope_id: str, source: str, owner: tuple[int, int] | None = None
+    ) -> tuple[Envelope, bytes | None] | None:
+        """Read an envelope in active/; a file that is not one, or whose owner may not submit,
+        goes to rejected/. ``owner``: who submitted it, when known from before (the record,
+        the journal); else the file's owner (inbound.py).
 
         A small file is read whole, on the loop, and its bytes are kept for delivery (one
         open, one read); a large one is streamed in a thread, and delivery reads the file."""
@@ -212,21 +222,30 @@ class Pickup:
         async with w._reads.reading(envelope_id):
             crashpoint.reach("reading")
             try:
+                who = inbound.submitter(w, envelope_id, source, owner)
                 await w.spool.make_own(envelope_id)  # what is read and sent is ours from here
                 opened = w.spool.open_envelope("active", envelope_id, whole=INLINE_READ_BYTES)
+                opened = await inbound.unwrapped(w, envelope_id, source, opened)
+                local = inbound.unqualified(w)
+                data: bytes | None
                 if isinstance(opened, bytes):
-                    return envfile.read_bytes(opened, source, limits, hostname, max_bytes), opened
-                with opened:
-                    env = await asyncio.to_thread(
-                        intake.checked,
-                        envfile.read_stream,
-                        opened,
-                        source,
-                        limits,
-                        hostname,
-                        max_bytes,
-                    )
-                    return env, None
+                    env = envfile.read_bytes(opened, source, limits, hostname, max_bytes, local)
+                    data = opened
+                else:
+                    with opened:
+                        env = await asyncio.to_thread(
+                            intake.checked,
+                            envfile.read_stream,
+                            opened,
+                            source,
+                            limits,
+                            hostname,
+                            max_bytes,
+                            local,
+                        )
+                    data = None
+                env, data = await inbound.rewritten(w, envelope_id, source, env, data, who)
+                return inbound.screened(w, env, who), data
             except (EnvelopeFault, NotRegular, OSError) as exc:
                 if diskfull.machine_fault(exc):
                     raise  # a full disk is not the envelope's fault: it is put back
@@ -261,6 +280,8 @@ class Pickup:
             envelope_id, source, State.ACTIVE, now, now, f"active/{envelope_id}{SUFFIX}"
         )
         record.batch_errors = response.error_lines(env)
+        if env.owner is not None:
+            record.owner_uid, record.owner_gid = env.owner
         for tx in env.transactions:
             record.transactions.append(
                 TxRecord(tx.number, tx.mail_from, [RcptRecord(r.address) for r in tx.recipients])

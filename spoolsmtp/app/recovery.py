@@ -43,7 +43,11 @@ class Recovery:
         self._pickup = pickup
 
     async def open(
-        self, envelope_id: str, fallback_source: str, journaled: Record | None = None
+        self,
+        envelope_id: str,
+        fallback_source: str,
+        journaled: Record | None = None,
+        owner: tuple[int, int] | None = None,
     ) -> tuple[Envelope, Record, bytes | None] | None:
         """Read an envelope in active/ with its record (the journal's newest, else the file,
         else rebuilt from the envelope); None if rejected.
@@ -54,7 +58,9 @@ class Recovery:
         found = journaled or self.load_record(envelope_id)
         source = found.source if found else fallback_source
         self._w._active[envelope_id] = source
-        loaded = await self._pickup.read(envelope_id, source)
+        if found is not None and found.owner_uid is not None and found.owner_gid is not None:
+            owner = (found.owner_uid, found.owner_gid)
+        loaded = await self._pickup.read(envelope_id, source, owner)
         if loaded is None:
             return None
         env, data = loaded
@@ -77,7 +83,7 @@ class Recovery:
                     self.apply_journal(unread, replayed)
                 await self._quarantine(envelope_id, unread, fallback, crashes)
                 return
-            opened = await self.open(envelope_id, fallback, journaled)
+            opened = await self.open(envelope_id, fallback, journaled, replayed.owner)
             if opened is None:
                 return
             env, rec, data = opened

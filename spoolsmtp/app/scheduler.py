@@ -104,7 +104,8 @@ class Scheduler:
             known = await self._known_of(envelope_id) if put_back else None
             journaled = Record.from_dict(known.record) if known and known.record else None
             source = known.source if known and known.source else f"{envelope_id}{SUFFIX}"
-            opened = await self._recovery.open(envelope_id, source, journaled)
+            owner = known.owner if known else None
+            opened = await self._recovery.open(envelope_id, source, journaled, owner)
             if opened is None:
                 return
             env, record, data = opened

@@ -31,6 +31,7 @@ by ``datascan``, and the fixed answers and echoes are in ``batchreply``.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
@@ -73,9 +74,17 @@ class Reader:
     """Reads one envelope file's bytes and answers each command; see the module docstring."""
 
     def __init__(
-        self, source: str, limits: Limits, hostname: str, max_file_bytes: int | None = None
+        self,
+        source: str,
+        limits: Limits,
+        hostname: str,
+        max_file_bytes: int | None = None,
+        unqualified: Callable[[str], str | None] | None = None,
     ) -> None:
         self.source = source
+        # what an address with no domain stands for (rewrite.qualify_domain, nicknames);
+        # None: such an address is refused, as RFC 5321 says
+        self.unqualified = unqualified
         self.limits = limits
         self.hostname = hostname
         self.max_file_bytes = max_file_bytes
@@ -298,6 +307,7 @@ class Reader:
         params, fault = mail_params(rest, self.limits)
         if fault is not None:
             return fault
+        path = self._qualified(path)
         mailbox, fault = parse_path(path, self.limits, sender=True, utf8=params.smtputf8)
         if fault is not None:
             return fault
@@ -326,6 +336,7 @@ class Reader:
         if path.lower() == _POSTMASTER:
             # RFC 5321 4.5.1: <Postmaster> without a domain must be accepted; it is ours
             path = f"<{path[1:-1]}@{self.hostname}>"
+        path = self._qualified(path)
         mailbox, fault = parse_path(
             path, self.limits, sender=False, utf8=self._open.params.smtputf8
         )
@@ -345,6 +356,14 @@ class Reader:
         self._open.recipients.append(Recipient(address, notify, orcpt, line))
         self._open.seen.add(key)
         return make(250, "2.1.5", f"<{address}> recipient ok")
+
+    def _qualified(self, path: str) -> str:
+        """``<OPERATOR>`` as the configured rewriting has it (``<operator@example.com>``)."""
+        inner = path[1:-1]
+        if self.unqualified is None or not inner or "@" in inner or not path.startswith("<"):
+            return path
+        full = self.unqualified(inner)
+        return path if full is None else f"<{full}>"
 
     def _data(self, arg: str, line: int, next_offset: int) -> Reply:
         if arg:

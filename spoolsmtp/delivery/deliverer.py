@@ -89,6 +89,8 @@ def received_header(
 ) -> bytes:
     """The one header we add: where the message came from and when we took it."""
     parts = [f"from {tx.helo or 'unknown'}", f"by {hostname}", "(spoolsmtp)", "with BSMTP"]
+    if tx.owner_uid is not None:  # who wrote the file, as Postfix's pickup says it
+        parts.insert(1, f"(uid {tx.owner_uid})")
     parts.append(f"id {envelope_id}.{tx.number}")
     if len(recipients) == 1:
         parts.append(f"for <{recipients[0].address}>;")

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from spoolsmtp.model import codepages  # noqa: F401 - registers cp1047
 from spoolsmtp.model.errors import ConfigError
 from spoolsmtp.model.units import parse_duration, parse_size
 
@@ -241,12 +242,48 @@ class ControlConfig:
         return int(self.mode, 8)
 
 
+class SenderPolicy(Enum):
+    """Which MAIL FROM addresses a submitter may use (``submit.sender_policy``)."""
+
+    ANY = "any"
+    OWNER = "owner"
+
+
+_IDS = {"ids": True}  # list items that may be names or numbers
+
+
 @dataclass(frozen=True)
 class SubmitConfig:
-    """Defaults for ``spoolsmtp submit`` and the sendmail entry point."""
+    """Defaults for ``spoolsmtp submit`` and the sendmail entry point, and who may send what
+    (the owner of each envelope file, as the VM server's RESTRICT and Postfix's
+    authorized_submit_users and sender login maps)."""
 
     sender: str = ""
     qualify_domain: str = ""
+    allowed_users: tuple[str, ...] = field(default=(), metadata=_IDS)
+    allowed_groups: tuple[str, ...] = field(default=(), metadata=_IDS)
+    restrict: tuple[str, ...] = ()
+    sender_policy: SenderPolicy = SenderPolicy.ANY
+    senders: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NetdataConfig:
+    """NETDATA files (TSO TRANSMIT, CMS SENDFILE/NOTE) in incoming/: their code page, and the
+    domain of each VM/RSCS node named in a note (``USER at NODE``)."""
+
+    codepage: str = "cp037"
+    nodes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RewriteConfig:
+    """Address rewriting of what comes in, envelope and header (VM's REWRITE822HEADER; Postfix's
+    canonical, generic and masquerade): see bsmtp/rewrite.py."""
+
+    qualify_domain: str = ""
+    addresses: dict[str, str] = field(default_factory=dict)
+    nicknames: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -284,6 +321,8 @@ class Config:
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    netdata: NetdataConfig = field(default_factory=NetdataConfig)
+    rewrite: RewriteConfig = field(default_factory=RewriteConfig)
     shutdown_timeout: float = _duration(30.0)
     user: str | None = None
     log_level: LogLevel = LogLevel.INFO
@@ -343,12 +382,14 @@ def parse(text: str, name: str = "<config>") -> Config:
     if data is None:
         data = {}
     config: Config = _build(Config, data, name, "")
-    try:
-        codecs.lookup(config.spool.encoding)
-    except LookupError:
-        raise ConfigError(
-            name, "spool.encoding", f"unknown encoding {config.spool.encoding!r}"
-        ) from None
+    for key, encoding in (
+        ("spool.encoding", config.spool.encoding),
+        ("netdata.codepage", config.netdata.codepage),
+    ):
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise ConfigError(name, key, f"unknown encoding {encoding!r}") from None
     return dataclasses.replace(config, source=name)
 
 
@@ -398,6 +439,8 @@ def _convert(tp: Any, meta: typing.Mapping[str, Any], value: object, name: str, 
                 raise ValueError(f"expected a whole number, got {_show(value)}")
             result = value
         elif tp is str:
+            if meta.get("id") and isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)  # a uid or gid given as a number
             if not isinstance(value, str):
                 raise ValueError(f"expected a string, got {_show(value)}")
             if meta.get("octal") and not re.fullmatch(r"0?[0-7]{3,4}", value):
@@ -422,8 +465,10 @@ def _convert(tp: Any, meta: typing.Mapping[str, Any], value: object, name: str, 
         elif origin is tuple:
             if not isinstance(value, list):
                 raise ValueError(f"expected a list, got {_show(value)}")
+            inner_meta = {"id": True} if meta.get("ids") else {}
             return tuple(
-                _convert(args[0], {}, item, name, f"{key}[{i}]") for i, item in enumerate(value)
+                _convert(args[0], inner_meta, item, name, f"{key}[{i}]")
+                for i, item in enumerate(value)
             )
         elif origin is dict:
             if not isinstance(value, dict):

@@ -111,6 +111,7 @@ class Transaction:
     params: MailParams
     recipients: tuple[Recipient, ...]
     message: Message
+    owner_uid: int | None = None  # who wrote the file (our Received header says so)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +138,7 @@ class Envelope:
     verbose: bool = False
     last_sender: str | None = None
     errors: tuple[Entry, ...] = field(default=())
+    owner: tuple[int, int] | None = None  # uid and gid of the file as submitted
 
     @property
     def accepted(self) -> bool:

@@ -133,6 +133,8 @@ class Record:
     reason: str | None = None
     crashes: int = 0
     warned: bool = False
+    owner_uid: int | None = None  # the envelope file's owner as submitted (None: older records)
+    owner_gid: int | None = None
     _index: dict[tuple[int, str], RcptRecord] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )

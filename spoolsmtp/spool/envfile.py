@@ -5,14 +5,17 @@ and the streams that give a message back, either as its text or in wire form for
 from __future__ import annotations
 
 import io
+import secrets
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from spoolsmtp.bsmtp import netdata
 from spoolsmtp.bsmtp.reader import Reader
-from spoolsmtp.model.config import Limits, SpoolConfig
+from spoolsmtp.bsmtp.unwrap import unwrap
+from spoolsmtp.model.config import Limits, NetdataConfig, SpoolConfig
 from spoolsmtp.model.envelope import Envelope, Message
 from spoolsmtp.spool import legacy
 
@@ -33,8 +36,28 @@ def read(
 
 
 @contextmanager
-def converted(path: Path, spool: SpoolConfig) -> Iterator[Path]:
-    """The file as the worker will see it: legacy files converted to UTF-8 in a temp copy."""
+def converted(
+    path: Path, spool: SpoolConfig, nd: NetdataConfig | None = None, hostname: str = ""
+) -> Iterator[Path]:
+    """The file as the worker will see it: legacy files converted to UTF-8, and (given ``nd``)
+    a NETDATA file unwrapped, in a temp copy. Raises ``EnvelopeFault`` for bad NETDATA."""
+    if nd is not None:
+        with open(path, "rb") as fh:
+            if netdata.recognised(fh.read(8)):
+                fh.seek(0)
+                data = unwrap(
+                    fh.read(),
+                    str(path),
+                    codepage=nd.codepage,
+                    nodes=nd.nodes,
+                    hostname=hostname,
+                    envelope_id=f"netdata-{secrets.token_hex(8)}",
+                )
+                with tempfile.TemporaryDirectory(prefix="spoolsmtp-") as tmp:
+                    dest = Path(tmp) / path.name
+                    dest.write_bytes(data)
+                    yield dest
+                return
     if not legacy.needed(spool):
         yield path
         return
@@ -46,20 +69,30 @@ def converted(path: Path, spool: SpoolConfig) -> Iterator[Path]:
 
 
 def read_stream(
-    fh: BinaryIO, source: str, limits: Limits, hostname: str, max_file_bytes: int | None = None
+    fh: BinaryIO,
+    source: str,
+    limits: Limits,
+    hostname: str,
+    max_file_bytes: int | None = None,
+    unqualified: Callable[[str], str | None] | None = None,
 ) -> Envelope:
     """Read an envelope from an open binary stream (a file, or standard input)."""
-    reader = Reader(source, limits, hostname, max_file_bytes)
+    reader = Reader(source, limits, hostname, max_file_bytes, unqualified)
     while chunk := fh.read(CHUNK):
         reader.feed(chunk)
     return reader.finish()
 
 
 def read_bytes(
-    data: bytes, source: str, limits: Limits, hostname: str, max_file_bytes: int | None = None
+    data: bytes,
+    source: str,
+    limits: Limits,
+    hostname: str,
+    max_file_bytes: int | None = None,
+    unqualified: Callable[[str], str | None] | None = None,
 ) -> Envelope:
     """Read an envelope held in memory (a small file read whole, tests, reports)."""
-    reader = Reader(source, limits, hostname, max_file_bytes)
+    reader = Reader(source, limits, hostname, max_file_bytes, unqualified)
     reader.feed(data)
     return reader.finish()
 

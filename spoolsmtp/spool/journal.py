@@ -8,8 +8,9 @@ commit). Records:
 * ``{"t": "dot", "id", "tx", "rcpts": [...]}``: the final dot is about to be sent; a restart
   that finds it without the recipients' results counts them as possible duplicates.
 * ``{"t": "report", "id", "kind"}``: a report was durably written.
-* ``{"t": "claim", "id", "name"}``: committed just before ``incoming/name`` is renamed to
-  ``active/ID.bsmtp``, so that a restart knows the source name of every active envelope.
+* ``{"t": "claim", "id", "name", "uid"?, "gid"?}``: committed just before ``incoming/name`` is
+  renamed to ``active/ID.bsmtp``, so that a restart knows the source name of every active
+  envelope, and who owned the file (its copy in active/ is the worker's).
 * ``{"t": "record", "id", "record": {...}}``: the result record, committed before
   ``results/ID.json`` is replaced with it. The file itself is written atomically but not
   fsynced: the journal is what makes it durable, until a checkpoint.
@@ -63,6 +64,7 @@ class Replayed:
     phase: str | None = None
     crashes: int = 0
     alone: bool = False
+    owner: tuple[int, int] | None = None  # uid, gid of incoming/name when it was claimed
 
 
 def replay(folder: Path) -> dict[str, Replayed]:
@@ -89,6 +91,8 @@ def _read_lines(out: dict[str, Replayed], lines: Iterable[bytes]) -> None:
             entry.reports.add(rec["kind"])
         elif rec["t"] == "claim":
             entry.source = rec["name"]
+            if "uid" in rec:
+                entry.owner = (rec["uid"], rec["gid"])
         elif rec["t"] == "record":
             entry.record = rec["record"]
         elif rec["t"] == "phase":

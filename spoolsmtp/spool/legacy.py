@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import codecs
 import os
+import shutil
 from pathlib import Path
 from typing import BinaryIO
 
+from spoolsmtp.bsmtp import netdata
 from spoolsmtp.model.config import SpoolConfig
 from spoolsmtp.spool import intake
 from spoolsmtp.spool.durable import replacing
@@ -90,7 +92,12 @@ def convert_file(src: Path, dst: Path, cfg: SpoolConfig) -> None:
     The caller syncs the folder (the spool's I/O batch does, once per batch)."""
     fd, info = intake.open_regular(os.fspath(src))
     with os.fdopen(fd, "rb") as fin, replacing(dst, sync_dir=False, mode=0o600) as fout:
-        transcode(fin, fout, cfg)
+        head = fin.read(8)
+        fin.seek(0)
+        if netdata.recognised(head):  # binary records, unwrapped when read: copied as they are
+            shutil.copyfileobj(fin, fout, CHUNK)
+        else:
+            transcode(fin, fout, cfg)
         intake.check_unchanged(fd, info)
 
 
