@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from spoolsmtp.app import configpath, deliver_cmd, eventloop, privileges, submit
+from spoolsmtp.app import configpath, deliver_cmd, eventloop, privileges, queue_cmd, submit
 from spoolsmtp.app.worker import Worker
 from spoolsmtp.bsmtp import response
 from spoolsmtp.control import client as ctl
@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", type=Path, help="YAML config (default conf/spoolsmtp.yaml)")
     check.add_argument("-q", "--quiet", action="store_true", help="print only errors and verdicts")
     check.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    queue_cmd.add_parser(sub)
     return parser
 
 
@@ -103,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.command == "check":
         return _check(cfg, args.files, quiet=args.quiet)
+    if args.command == "queue":
+        return queue_cmd.run(cfg, args)
     parser.error(f"unknown command {args.command}")
     return exitcodes.USAGE
 
