@@ -81,9 +81,7 @@ def test_a_file_that_crashes_the_worker_three_times_is_quarantined(tmp_path: Pat
     assert (tmp_path / "spool" / rec["location"]).exists()
     assert healthy["state"] == "done"
     # the poison's report to its sender is delivered too (bounces.requeue): not counted here
-    assert [m.rcpt_tos for m in srv.messages if m.mail_from not in ("", "<>")] == [
-        ["h@example.org"]
-    ]
+    assert [m.rcpt_tos for m in srv.messages if m.mail_from != "<>"] == [["h@example.org"]]
 
 
 @pytest.mark.parametrize("lost", ["record", "record and move"])

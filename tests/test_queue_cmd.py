@@ -188,7 +188,9 @@ def test_queue_while_the_worker_moves_files(tmp_path: Path) -> None:
     between the folder listing and their reading are left out, never an error)."""
     gate = threading.Event()
     srv = SmtpServer(Script(gate=gate))
-    w = start_worker(tmp_path, srv)
+    # the gate holds the first transaction while queue runs: not for 3 s (the test default)
+    phases = ("connect", "greeting", "ehlo", "mail", "rcpt", "data", "data_block", "data_end")
+    w = start_worker(tmp_path, srv, delivery={"timeouts": dict.fromkeys(phases, "60s")})
     try:
         w.drop_drafts("first.bsmtp", [draft("o@example.com", ["a@example.org"])])
         rec = wait_for(lambda: w.in_state("first.bsmtp", "active"))
