@@ -147,7 +147,8 @@ def test_a_report_that_expires_is_one_dead_letter_without_delay_warnings(
     """A report deferred until it expires gets no delay warning (it could go nowhere but
     deadletter/), then fails once into deadletter/."""
     world.senders.script.rcpt[SENDER] = "451 4.3.0 try later"
-    w = _start(tmp_path, world, retry=FAST_RETRY)
+    # a warning due after 100 ms (0 would mean never), long before the report expires
+    w = _start(tmp_path, world, retry={**FAST_RETRY, "warning_age": "100ms"})
     try:
         w.drop_drafts("j.bsmtp", [draft(SENDER, [GONE])])
         original = wait_for(lambda: w.final("j.bsmtp"))
