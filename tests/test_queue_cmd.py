@@ -138,7 +138,7 @@ def test_queue_filters(stopped: tuple[WorkerProcess, dict[str, str]]) -> None:
         return {o["queue_id"] for o in queue_json(w, *args)}
 
     everything = {ids["deferred.bsmtp"], ids["held.bsmtp"], "waiting.bsmtp"}
-    assert listed("--state", "hold") == {ids["held.bsmtp"]}
+    assert listed("--state", "hold") == listed("--state", "held") == {ids["held.bsmtp"]}
     assert listed("--state", "deferred,incoming") == {ids["deferred.bsmtp"], "waiting.bsmtp"}
     assert listed("--state", "active") == set()
     assert listed("--sender", "held@example.com") == {ids["held.bsmtp"]}

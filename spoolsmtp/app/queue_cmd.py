@@ -41,7 +41,9 @@ def add_parser(sub: Any) -> None:
         metavar="STATE",
         help=f"only these states (repeat or comma-separate: {', '.join(STATES)})",
     )
-    q.add_argument("--destination", metavar="DOMAIN", help="only with a recipient at DOMAIN")
+    q.add_argument(
+        "--destination", metavar="DOMAIN", help="only with a recipient still to do at DOMAIN"
+    )
     q.add_argument("--sender", metavar="ADDR", help="only from ADDR (<> for the null sender)")
     q.add_argument("--older-than", metavar="DURATION", help="arrived more than DURATION ago")
     q.add_argument("--younger-than", metavar="DURATION", help="arrived less than DURATION ago")
@@ -74,7 +76,8 @@ def filters(args: argparse.Namespace) -> Filters:
     """The filters the command line asks for; ValueError naming the option on a bad one."""
     states: list[str] = []
     for value in args.state or ():
-        for state in filter(None, (s.strip() for s in value.split(","))):
+        for word in filter(None, (s.strip() for s in value.split(","))):
+            state = "hold" if word == "held" else word  # the record's word for hold/
             if state not in STATES:
                 raise ValueError(f"--state: {state!r} is not one of {', '.join(STATES)}")
             states.append(state)
