@@ -356,6 +356,9 @@ def write_config(work: Path, spool: Path, ports: list[int]) -> Path:
         },
         "shutdown_timeout": "5s",
         "control": {"socket": str(work / "control.sock")},
+        # reports are counted in bounces/ and deadletter/; delivered, they would go to the
+        # senders' domains, which have no route here (and no DNS but the system's)
+        "bounces": {"requeue": False},
     }
     path = work / "conf.yaml"
     path.write_text(yaml.safe_dump(data))

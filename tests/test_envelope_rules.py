@@ -59,7 +59,8 @@ def test_helo_in_a_transaction_drops_its_recipients(tmp_path: Path, server: Smtp
         rec = wait_for(lambda: w.final("helo.bsmtp"))
     finally:
         w.stop()
-    assert [(m.mail_from, m.rcpt_tos) for m in server.messages] == [
+    # (the batch error report to first@ is delivered too: bounces.requeue; not counted here)
+    assert [(m.mail_from, m.rcpt_tos) for m in server.messages if m.mail_from != "<>"] == [
         ("second@example.com", ["kept@example.org"])
     ]
     assert rec["batch_errors"] == [
@@ -256,7 +257,8 @@ def test_control_bytes_in_envelope_fields_reach_neither_the_wire_nor_a_report(
     finally:
         w.stop()
         srv.stop()
-    assert [m.rcpt_tos for m in srv.messages] == [["ok@example.org"]]
+    # (reports to o@ are delivered too: bounces.requeue; their bytes are checked below)
+    assert [m.rcpt_tos for m in srv.messages if m.mail_from != "<>"] == [["ok@example.org"]]
     assert [line.split(": ", 1)[1][:3] for line in rec["batch_errors"]] == ["501"] * 5
     sent = b"".join(srv.raw)
     assert b"\x1b" not in sent and b"\x07" not in sent

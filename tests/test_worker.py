@@ -432,7 +432,9 @@ def test_requeued_reports_are_delivered_by_spoolsmtp_itself(tmp_path: Path) -> N
     finally:
         w.stop()
         srv.stop()
-    assert w.files("bounces") == []
+    # a copy stays in bounces/ for the operator's tools (issue 16.5)
+    (copy,) = w.files("bounces")
+    assert copy.name.endswith(".1.ndr.bsmtp")
     (msg,) = report
     assert msg.mail_from in ("", "<>")
     _, failed = all_failures(email.message_from_bytes(msg.content))

@@ -8,7 +8,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from spoolsmtp.app import configpath, deliver_cmd, eventloop, logsetup, privileges, submit
+from spoolsmtp.app import (
+    configpath,
+    deliver_cmd,
+    eventloop,
+    logsetup,
+    privileges,
+    queue_cmd,
+    submit,
+    top_cmd,
+)
 from spoolsmtp.app.worker import Worker
 from spoolsmtp.bsmtp import response
 from spoolsmtp.control import client as ctl
@@ -71,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", type=Path, help="YAML config (default conf/spoolsmtp.yaml)")
     check.add_argument("-q", "--quiet", action="store_true", help="print only errors and verdicts")
     check.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    queue_cmd.add_parser(sub)
+    top_cmd.add_parser(sub, _CALLER_CONFIG)
     return parser
 
 
@@ -103,6 +114,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.command == "check":
         return _check(cfg, args.files, quiet=args.quiet)
+    if args.command == "queue":
+        return queue_cmd.run(cfg, args)
+    if args.command == "top":
+        trusted = ctl.trusted_uids(worker_user=cfg.user, spool_folder=cfg.spool.folder("active"))
+        paths = [args.socket] if args.socket else [cfg.operator_socket, cfg.control_socket]
+        return top_cmd.run(paths, trusted, args)
     parser.error(f"unknown command {args.command}")
     return exitcodes.USAGE
 
@@ -111,7 +128,7 @@ def _config(args: argparse.Namespace) -> configmod.Config:
     """submit and ctl never read a config from the current folder (see ``configpath``)."""
     if args.command == "submit":
         return configpath.load_for_callers(args.config, control=args.wait is not None)
-    if args.command == "ctl":
+    if args.command in ("ctl", "top"):
         return configpath.load_for_callers(args.config, spool=False, control=args.socket is None)
     return configpath.load_for_operators(args.config)
 

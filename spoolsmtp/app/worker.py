@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import secrets
 import signal
 from datetime import UTC, datetime
 from typing import Any
@@ -35,6 +34,7 @@ from spoolsmtp.app.host import Summary
 from spoolsmtp.app.pickup import Pickup
 from spoolsmtp.app.records import Records
 from spoolsmtp.app.recovery import Recovery
+from spoolsmtp.app.requeue import Requeue
 from spoolsmtp.app.scheduler import Scheduler
 from spoolsmtp.bsmtp import writer
 from spoolsmtp.control import metricshttp
@@ -115,6 +115,7 @@ class Worker:
         self.recovery = Recovery(self, self.records, self.pickup)
         self.scheduler = Scheduler(self, self.records, self.recovery, self.pickup, putbacks)
         self.actions = Actions(self, self.records, self.recovery, self.scheduler)
+        self.requeue = Requeue(self)
 
     # -- running ---------------------------------------------------------------------------
 
@@ -346,9 +347,9 @@ class Worker:
         *,
         then: list[dict[str, Any]] | None = None,
     ) -> None:
-        """Write a report as a Batch SMTP envelope: to bounces/ (or incoming/ with requeue),
-        or to deadletter/ when the original sender was null. ``then``: journal records
-        committed with the one that says the report was written."""
+        """Write a report as a Batch SMTP envelope: to bounces/ (and, with requeue, queued
+        for delivery: requeue.py), or to deadletter/ when the original sender was null.
+        ``then``: journal records committed with the one that says the report was written."""
         name = f"{envelope_id}.{tag}{SUFFIX}"
         if sender:
             # a UTF-8 sender's report goes with SMTPUTF8, or our own reader refuses it
@@ -356,7 +357,7 @@ class Worker:
             data = writer.render(
                 [writer.Draft("", (Recipient(sender),), message, params)], self.cfg.helo_name
             )
-            folder = "incoming" if self.cfg.bounces.requeue else "bounces"
+            folder = "bounces"
             self.stats.reports += 1
         else:
             data = writer.render(
@@ -365,14 +366,12 @@ class Worker:
             )
             folder = "deadletter"
             self.stats.deadletters += 1
-        if folder == "incoming":
-            # others may write incoming/: a name they can foresee is a name they can block (a
-            # folder made there first left the report, and its envelope, retried for ever)
-            name = f"{envelope_id}.{tag}.{secrets.token_hex(6)}{SUFFIX}"
         crashpoint.reach("writing_bounce")
-        await self.spool.write(folder, name, data, private=folder == "incoming")
+        await self.spool.write(folder, name, data)
         self._spool_trace(f"{envelope_id}: report {tag} written to {folder}/{name}")
         mailevents.report(envelope_id, tag, folder, name)
+        requeue = bool(sender) and self.cfg.bounces.requeue
+        queued = await self.requeue.queue(envelope_id, tag, sender, data) if requeue else None
         assert self.journal is not None
         # the report first: a torn commit that kept only it makes a duplicate report, never
         # a lost one (marks without their report would let the next one take its name)
@@ -380,6 +379,9 @@ class Worker:
         for rec in then or ():
             self.journal.append(rec)
         await self.journal.commit()
+        crashpoint.reach("report_committed")
+        if queued is not None:
+            self.requeue.due(queued)
 
     # -- tracing ---------------------------------------------------------------------------
 

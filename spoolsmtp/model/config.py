@@ -218,7 +218,7 @@ class RetryConfig:
 class BouncesConfig:
     """Non-delivery reports, delay warnings and batch error reports."""
 
-    requeue: bool = False
+    requeue: bool = True
 
 
 @dataclass(frozen=True)

@@ -402,7 +402,8 @@ class Fate:
                     # dsn_relayed: the next hop reports, not us
                     if not c.dsn_relayed and wants(r, Notify.SUCCESS, default=False):
                         succeeded.append(r)
-                elif not c.final and wants(r, Notify.DELAY, default=True):
+                elif not c.final and tx.mail_from and wants(r, Notify.DELAY, default=True):
+                    # not for a null sender (a report): it could only go to deadletter/
                     delayed.append(r)
             for kind, rcpts in ((Kind.FAILURE, failed), (Kind.SUCCESS, succeeded)):
                 if rcpts:

@@ -16,6 +16,9 @@ PHASES = (
     "after_250",
     "after_journal",
     "writing_bounce",
+    "queueing_report",
+    "queued_report",
+    "report_committed",
     "before_final_rename",
     "before_checkpoint",
 )

@@ -8,6 +8,8 @@ commit). Records:
 * ``{"t": "dot", "id", "tx", "rcpts": [...]}``: the final dot is about to be sent; a restart
   that finds it without the recipients' results counts them as possible duplicates.
 * ``{"t": "report", "id", "kind"}``: a report was durably written.
+* ``{"t": "requeue", "id", "kind", "as"}``: the report ``kind`` is to be queued for delivery
+  as envelope ``as`` (committed before that envelope is written: see app/requeue.py).
 * ``{"t": "claim", "id", "name", "uid"?, "gid"?}``: committed just before ``incoming/name`` is
   renamed to ``active/ID.bsmtp``, so that a restart knows the source name of every active
   envelope, and who owned the file (its copy in active/ is the worker's).
@@ -59,6 +61,7 @@ class Replayed:
     results: dict[tuple[int, str], dict[str, Any]] = field(default_factory=dict)
     dots: set[tuple[int, str]] = field(default_factory=set)
     reports: set[str] = field(default_factory=set)
+    requeued: dict[str, str] = field(default_factory=dict)
     source: str | None = None
     record: dict[str, Any] | None = None
     phase: str | None = None
@@ -89,6 +92,8 @@ def _read_lines(out: dict[str, Replayed], lines: Iterable[bytes]) -> None:
             entry.dots.update((rec["tx"], r) for r in rec["rcpts"])
         elif rec["t"] == "report":
             entry.reports.add(rec["kind"])
+        elif rec["t"] == "requeue":
+            entry.requeued[rec["kind"]] = rec["as"]
         elif rec["t"] == "claim":
             entry.source = rec["name"]
             if "uid" in rec:

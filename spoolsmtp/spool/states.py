@@ -11,7 +11,9 @@ envelope does not have is a programming error raised at once, not a file in the 
     deferred -> active                       (a retry)
     deferred -> hold, hold -> deferred       (the operator's HOLD and RELEASE)
 
-The other folders (results, bounces, deadletter, journal) only have files written into them.
+The other folders (results, bounces, deadletter, journal) only have files written into them;
+so has deferred/ one kind: a report spoolsmtp delivers itself starts there, as an envelope of
+its own due at once (app/requeue.py).
 """
 
 from __future__ import annotations
