@@ -143,10 +143,11 @@ class Timeouts:
 
 @dataclass(frozen=True)
 class Route:
-    """A static next hop for a domain: a host and port, with its own TLS policy."""
+    """A static next hop for a domain: a host and port, with its own TLS policy. No port:
+    ``delivery.port``."""
 
     host: str
-    port: int = 25
+    port: int | None = None
     tls: TlsPolicy | None = None
 
 
@@ -428,12 +429,13 @@ def _route(value: object, name: str, key: str) -> Route:
     route = _build(Route, value, name, f"{key}.")
     if not route.host:
         raise ConfigError(name, f"{key}.host", "expected a host name or address")
-    _check_range({"min": 1, "max": 65535}, route.port, name, f"{key}.port")
+    if route.port is not None:
+        _check_range({"min": 1, "max": 65535}, route.port, name, f"{key}.port")
     return typing.cast(Route, route)
 
 
-def split_hostport(value: str, name: str = "<config>", key: str = "") -> tuple[str, int]:
-    """``host``, ``host:port`` or ``[addr]:port`` into host and port (default 25)."""
+def split_hostport(value: str, name: str = "<config>", key: str = "") -> tuple[str, int | None]:
+    """``host``, ``host:port`` or ``[addr]:port`` into host and port (None: not given)."""
     text = value.strip()
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
@@ -445,7 +447,7 @@ def split_hostport(value: str, name: str = "<config>", key: str = "") -> tuple[s
     if not host:
         raise ConfigError(name, key, f"expected host or host:port, got {value!r}")
     if not port_text:
-        return host, 25
+        return host, None
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise ConfigError(name, key, f"port must be 1-65535, got {port_text!r}")
     return host, int(port_text)
