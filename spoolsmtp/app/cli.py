@@ -13,6 +13,7 @@ from spoolsmtp.app import configpath, deliver_cmd, eventloop, privileges, submit
 from spoolsmtp.app.worker import Worker
 from spoolsmtp.bsmtp import response
 from spoolsmtp.control import client as ctl
+from spoolsmtp.delivery import wiresecrets
 from spoolsmtp.model import config as configmod
 from spoolsmtp.model import exitcodes
 from spoolsmtp.model.errors import ConfigError, EnvelopeFault
@@ -120,6 +121,7 @@ def _run(cfg: configmod.Config, args: argparse.Namespace) -> int:
     try:
         _, loop_factory = eventloop.factory(cfg)
         if args.check_config:
+            wiresecrets.load(cfg)  # the logins and DKIM keys it names: readable and safe
             print(f"{cfg.source}: configuration OK")
             return exitcodes.OK
         logging.basicConfig(

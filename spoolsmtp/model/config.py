@@ -144,11 +144,13 @@ class Timeouts:
 @dataclass(frozen=True)
 class Route:
     """A static next hop for a domain: a host and port, with its own TLS policy. No port:
-    ``delivery.port``."""
+    ``delivery.port``. ``auth`` names an entry of ``delivery.auth_file`` to log in with."""
 
     host: str
     port: int | None = None
     tls: TlsPolicy | None = None
+    auth: str | None = None
+    auth_plaintext: bool = False
 
 
 @dataclass(frozen=True)
@@ -165,7 +167,17 @@ class DeliveryConfig:
     tls: TlsPolicy = TlsPolicy.OPPORTUNISTIC
     tls_ca_file: Path | None = None
     tls_min_version: TlsVersion = TlsVersion.TLSV1_2
+    auth_file: Path | None = None
+    mime_conversion: bool = True
     timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+@dataclass(frozen=True)
+class DkimKey:
+    """How mail from one sender domain is signed: the selector and its private key (PEM)."""
+
+    selector: str
+    key_file: Path
 
 
 @dataclass(frozen=True)
@@ -253,6 +265,7 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     routes: dict[str, Route] = field(default_factory=dict)
     smarthost: Route | None = None
+    dkim: dict[str, DkimKey] = field(default_factory=dict)
     retry: RetryConfig = field(default_factory=RetryConfig)
     bounces: BouncesConfig = field(default_factory=BouncesConfig)
     control: ControlConfig = field(default_factory=ControlConfig)

@@ -23,6 +23,8 @@ from spoolsmtp.model.envelope import Recipient, Transaction
 from spoolsmtp.model.hop import Hop, always
 from spoolsmtp.model.outcome import RecipientResult, connection_lost, timed_out
 from spoolsmtp.model.reply import Reply, make
+from spoolsmtp.model.secretfile import Login
+from spoolsmtp.smtp import auth
 from spoolsmtp.smtp.protocol import (
     NEED_DATA,
     ClientProtocol,
@@ -60,6 +62,7 @@ _TIMEOUT_FIELD = {
     Verb.EHLO: "ehlo",
     Verb.HELO: "ehlo",
     Verb.STARTTLS: "starttls",
+    Verb.AUTH: "ehlo",
     Verb.MAIL: "mail",
     Verb.RCPT: "rcpt",
     Verb.DATA: "data",
@@ -102,6 +105,8 @@ class Session:
     stats: SessionStats = field(default_factory=SessionStats)
     ca_file: str | None = None
     reach: CrashPoint = _nowhere
+    login: Login | None = None  # SMTP AUTH after EHLO (and STARTTLS)
+    auth_plaintext: bool = False  # the login may go out without TLS
     proto: ClientProtocol = field(default_factory=ClientProtocol)
     encrypted: bool = False
     last_used: float = field(default_factory=time.monotonic)
@@ -170,6 +175,18 @@ class Session:
                 return failure
             if tls is not TlsPolicy.OFF:
                 failure = await self._starttls(tls)
+                if failure is not None:
+                    await self.close()
+                    return failure
+            if self.login is not None:
+                failure = await auth.authenticate(
+                    self.login,
+                    self.extensions,
+                    self.encrypted,
+                    self.auth_plaintext,
+                    self._where(),
+                    lambda line, shown: self._command(Command(Verb.AUTH, line), shown),
+                )
                 if failure is not None:
                     await self.close()
                     return failure
@@ -365,10 +382,11 @@ class Session:
 
     # -- plumbing --------------------------------------------------------------------------
 
-    async def _command(self, command: Command) -> Event:
+    async def _command(self, command: Command, shown: str | None = None) -> Event:
+        """Send one command and wait for its reply; the trace shows ``shown`` if given."""
         data = self.proto.send(command)
         if self._traced():
-            self._trace(f"> {command.text}")
+            self._trace(f"> {command.text if shown is None else shown}")
         await self._write(data)
         event = await self._next()
         if self.proto.closed and command.verb is not Verb.QUIT:
