@@ -24,7 +24,7 @@ from spoolsmtp.model.hop import Hop, always
 from spoolsmtp.model.outcome import RecipientResult, connection_lost, timed_out
 from spoolsmtp.model.reply import Reply, make
 from spoolsmtp.model.secretfile import Login
-from spoolsmtp.smtp import auth
+from spoolsmtp.smtp import auth, outgoing
 from spoolsmtp.smtp.protocol import (
     NEED_DATA,
     ClientProtocol,
@@ -40,7 +40,7 @@ from spoolsmtp.smtp.transport import Wire, tls_context
 Trace = Callable[[str], None]
 DotHook = Callable[[list[Recipient]], Awaitable[None]]
 CrashPoint = Callable[[str], None]
-MessageText = Callable[[], Iterable[bytes]]
+MessageText = outgoing.MessageText
 BODY_WRITE = 64 * 1024
 
 
@@ -107,6 +107,7 @@ class Session:
     reach: CrashPoint = _nowhere
     login: Login | None = None  # SMTP AUTH after EHLO (and STARTTLS)
     auth_plaintext: bool = False  # the login may go out without TLS
+    signer: outgoing.Signer | None = None  # DKIM, just before sending
     proto: ClientProtocol = field(default_factory=ClientProtocol)
     encrypted: bool = False
     last_used: float = field(default_factory=time.monotonic)
@@ -269,8 +270,26 @@ class Session:
         self.last_used = time.monotonic()
         self.transactions += 1
         hop = self.hop
+        # THE BYTES TO SEND are decided here and only here: ``out.as_stored`` when the stored
+        # text goes out unchanged, else converted to 7 bit and/or DKIM-signed (outgoing.py)
+        out = outgoing.decide(
+            tx,
+            self.extensions,
+            received,
+            message,
+            convert=self.config.mime_conversion,
+            signer=self.signer,
+            server=self._where(),
+        )
         mt = MailTransaction(
-            tx, recipients, self.extensions, len(received), hop.host, hop.address, self._where()
+            out.tx,
+            recipients,
+            self.extensions,
+            len(out.head),
+            hop.host,
+            hop.address,
+            self._where(),
+            out.refusal,
         )
         if mt.stage is Stage.DONE:
             return mt.results(), []
@@ -287,7 +306,7 @@ class Session:
             if mt.envelope_answered() is Stage.AFTER_RCPT:
                 mt.receive(await self._command(DATA))
             if mt.stage is Stage.DURING_DATA:
-                await self._message(mt, message(), received, before_dot)
+                await self._message(mt, out.message(), out.head, before_dot)
             elif mt.drop_connection:
                 self.abort()
         except SessionBroken as exc:
