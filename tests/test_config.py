@@ -112,6 +112,7 @@ def test_the_shipped_config_states_exactly_the_defaults() -> None:
         "dns",
         "routes",
         "smarthost",
+        "dkim",
         "retry",
         "bounces",
         "control",

@@ -275,6 +275,7 @@ class Deliverer:
             reach=crashpoint.reach,
             login=login,
             auth_plaintext=dest.route is not None and dest.route.auth_plaintext,
+            signer=self.secrets.signer,
         )
         failure = await session.open()
         if failure is not None:
