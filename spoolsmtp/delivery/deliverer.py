@@ -261,6 +261,7 @@ class Deliverer:
             fresh = now - session.last_used < self.cfg.delivery.idle_timeout
             if session.alive and fresh and (not session.dirty or await session.reset()):
                 self.stats.reused += 1
+                session.signer = self.secrets.signer  # the keys of the latest RELOAD
                 return session, None
             await session.close()
         session = Session(

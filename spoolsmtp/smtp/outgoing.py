@@ -48,7 +48,6 @@ def decide(
     ext: Extensions,
     received: bytes,
     message: MessageText,
-    *,
     convert: bool,
     signer: Signer | None,
     server: str,

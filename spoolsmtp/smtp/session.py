@@ -179,18 +179,9 @@ class Session:
                 if failure is not None:
                     await self.close()
                     return failure
-            if self.login is not None:
-                failure = await auth.authenticate(
-                    self.login,
-                    self.extensions,
-                    self.encrypted,
-                    self.auth_plaintext,
-                    self._where(),
-                    lambda line, shown: self._command(Command(Verb.AUTH, line), shown),
-                )
-                if failure is not None:
-                    await self.close()
-                    return failure
+            if self.login is not None and (failure := await self._log_in(self.login)):
+                await self.close()
+                return failure
         except SessionBroken as exc:
             self.abort()
             return exc.reply
@@ -239,6 +230,15 @@ class Session:
         self._trace("TLS established")
         return await self._hello()
 
+    async def _log_in(self, login: Login) -> Reply | None:
+        def send(line: str, shown: str) -> Awaitable[Event]:
+            return self._command(Command(Verb.AUTH, line), shown)
+
+        where = self._where()
+        return await auth.authenticate(
+            login, self.extensions, self.encrypted, self.auth_plaintext, where, send
+        )
+
     # -- transactions ----------------------------------------------------------------------
 
     async def reset(self) -> bool:
@@ -272,24 +272,11 @@ class Session:
         hop = self.hop
         # THE BYTES TO SEND are decided here and only here: ``out.as_stored`` when the stored
         # text goes out unchanged, else converted to 7 bit and/or DKIM-signed (outgoing.py)
-        out = outgoing.decide(
-            tx,
-            self.extensions,
-            received,
-            message,
-            convert=self.config.mime_conversion,
-            signer=self.signer,
-            server=self._where(),
-        )
+        where, ext, convert = self._where(), self.extensions, self.config.mime_conversion
+        out = outgoing.decide(tx, ext, received, message, convert, self.signer, where)
+        size = len(out.head)
         mt = MailTransaction(
-            out.tx,
-            recipients,
-            self.extensions,
-            len(out.head),
-            hop.host,
-            hop.address,
-            self._where(),
-            out.refusal,
+            out.tx, recipients, ext, size, hop.host, hop.address, where, out.refusal
         )
         if mt.stage is Stage.DONE:
             return mt.results(), []
