@@ -193,3 +193,34 @@ def test_a_route_naming_a_missing_login_stops_start_up(tmp_path: Path) -> None:
         Deliverer(cfg, MxResolver(cfg.dns))
     assert "routes.example.org.auth" in str(info.value)
     assert "no login 'nobody'" in str(info.value)
+
+
+def test_a_worker_records_the_535_of_a_smarthost_named_localhost(
+    tmp_path: Path, server: tuple[SmtpServer, Authenticator]
+) -> None:
+    """End to end: a worker whose smarthost is ``localhost`` (found in /etc/hosts, the DNS
+    server knowing nothing) logs in with a wrong password; the record shows the 535."""
+    from tests.dnsserver import Zone, serve
+    from tests.helpers import draft
+    from tests.workerproc import WorkerProcess, wait_for
+
+    srv, check = server
+    settings = {
+        "smarthost": {"host": "localhost", "port": srv.port, "tls": "required", "auth": "relay"},
+        "delivery": {"auth_file": str(logins(tmp_path, "wrong"))},
+    }
+    with serve(Zone()) as dns_port:
+        settings["dns"] = {"nameservers": ["127.0.0.1"], "port": dns_port}
+        w = WorkerProcess(tmp_path, settings).start()
+        try:
+            w.drop_drafts("j.bsmtp", [draft("o@example.com", ["a@example.org"])])
+            rec = wait_for(lambda: w.final("j.bsmtp"), what="j.bsmtp final")
+        finally:
+            assert w.stop() == 0
+    rcpt = rec["transactions"][0]["recipients"][0]
+    assert rcpt["status"] == "failed"
+    assert rcpt["reply"]["code"] == 535
+    assert "localhost[127.0.0.1]" in rcpt["reply"]["text"]
+    assert "refused login 'relay'" in rcpt["reply"]["text"]
+    assert check.tried == [("PLAIN", "batch", "wrong")]
+    assert srv.messages == []
