@@ -224,3 +224,40 @@ def test_a_worker_records_the_535_of_a_smarthost_named_localhost(
     assert "refused login 'relay'" in rcpt["reply"]["text"]
     assert check.tried == [("PLAIN", "batch", "wrong")]
     assert srv.messages == []
+
+
+def test_reload_refuses_an_unsafe_logins_file_and_takes_it_once_safe(
+    tmp_path: Path, server: tuple[SmtpServer, Authenticator]
+) -> None:
+    import yaml
+
+    from tests.helpers import draft
+    from tests.workerproc import WorkerProcess, wait_for
+
+    srv, check = server
+    w = WorkerProcess(tmp_path, {"smarthost": f"127.0.0.1:{srv.port}"}).start()
+    try:
+        path = logins(tmp_path, mode=0o644)
+        data = yaml.safe_load(w.config.read_text())
+        data["smarthost"] = {"host": "127.0.0.1", "port": srv.port, "auth": "relay"}
+        data["delivery"]["auth_file"] = str(path)
+        w.config.write_text(yaml.safe_dump(data))
+        bad = w.ask("RELOAD")
+        assert bad["status"] == 500
+        assert "delivery.auth_file" in bad["error"] and "mode 0644" in bad["error"]
+        path.chmod(0o600)
+        assert w.ask("RELOAD")["status"] == 200
+        w.drop_drafts("j.bsmtp", [draft("o@example.com", ["a@example.org"])])
+        rec = wait_for(lambda: w.final("j.bsmtp"), what="j.bsmtp final")
+    finally:
+        assert w.stop() == 0
+    assert rec["transactions"][0]["recipients"][0]["status"] == "delivered"
+    assert check.tried == [("PLAIN", "batch", PASSWORD)]
+
+
+def test_auth_mechanisms_are_read_from_ehlo_in_both_forms() -> None:
+    from spoolsmtp.model.reply import with_enhanced
+    from spoolsmtp.smtp.protocol import Extensions
+
+    ext = Extensions.parse(with_enhanced(250, ["mx.test", "AUTH LOGIN cram-md5", "AUTH=PLAIN"]))
+    assert "AUTH" in ext and ext.auth == {"LOGIN", "CRAM-MD5", "PLAIN"}
