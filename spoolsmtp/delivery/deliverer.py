@@ -24,9 +24,9 @@ from spoolsmtp.delivery.mx import MxResolver
 from spoolsmtp.model.config import Config, TlsPolicy
 from spoolsmtp.model.envelope import Recipient, Transaction
 from spoolsmtp.model.hop import Hop, always
+from spoolsmtp.model.login import Login
 from spoolsmtp.model.outcome import RecipientResult, Status, decided_here, result
 from spoolsmtp.model.reply import Reply, make
-from spoolsmtp.model.secretfile import Login
 from spoolsmtp.smtp.session import DotHook, Session, SessionStats, StaleSession
 from spoolsmtp.spool import crashpoint, envfile
 

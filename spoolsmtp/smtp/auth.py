@@ -17,8 +17,8 @@ from __future__ import annotations
 import base64
 from collections.abc import Awaitable, Callable
 
+from spoolsmtp.model.login import Login
 from spoolsmtp.model.reply import Reply, make
-from spoolsmtp.model.secretfile import Login
 from spoolsmtp.smtp.protocol import Event, Extensions
 
 # sends one line of the dialogue (the second argument is what the trace shows instead)

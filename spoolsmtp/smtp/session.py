@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from spoolsmtp.model.config import DeliveryConfig, Timeouts, TlsPolicy
 from spoolsmtp.model.envelope import Recipient, Transaction
 from spoolsmtp.model.hop import Hop, always
+from spoolsmtp.model.login import Login
 from spoolsmtp.model.outcome import RecipientResult, connection_lost, timed_out
 from spoolsmtp.model.reply import Reply, make
-from spoolsmtp.model.secretfile import Login
 from spoolsmtp.smtp import auth, outgoing
 from spoolsmtp.smtp.protocol import (
     NEED_DATA,
