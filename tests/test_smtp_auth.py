@@ -180,6 +180,10 @@ def test_a_logins_file_others_can_read_stops_start_up(
     assert "mode 0644" in err
     assert cli.main(["run", "--config", str(conf)]) == 78
     assert "delivery.auth_file" in capsys.readouterr().err
+    envelope = tmp_path / "e.bsmtp"
+    write_envelope(envelope, [draft("o@example.com", ["a@example.org"])])
+    assert cli.main(["deliver", "--config", str(conf), str(envelope)]) == 78
+    assert "config error: " in capsys.readouterr().err
     path.chmod(0o600)
     assert cli.main(["run", "--config", str(conf), "--check-config"]) == 0
 

@@ -90,7 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         return _run(cfg, args)
     if args.command == "deliver":
-        return deliver_cmd.deliver_file(cfg, args.file, verbose=args.verbose)
+        try:
+            return deliver_cmd.deliver_file(cfg, args.file, verbose=args.verbose)
+        except ConfigError as exc:  # a logins or DKIM key file it cannot use
+            print(f"spoolsmtp: config error: {exc}", file=sys.stderr)
+            return exitcodes.CONFIG
     if args.command == "submit":
         return _submit(cfg, args)
     if args.command == "ctl":
