@@ -40,7 +40,9 @@ def sink() -> Iterator[SmtpServer]:
 
 
 def _deliver(tmp_path: Path, dns_port: int, **sections: Any) -> RecipientResult:
-    cfg = make_config(dns={"nameservers": ["127.0.0.1"], "port": dns_port}, **sections)
+    sections.setdefault("dns", {})
+    sections["dns"].update({"nameservers": ["127.0.0.1"], "port": dns_port})
+    cfg = make_config(**sections)
     path = tmp_path / "e.bsmtp"
     write_envelope(path, [draft("o@example.com", ["a@example.org"])])
     env = envfile.read(path, cfg.limits, cfg.helo_name)
@@ -104,3 +106,20 @@ def test_an_mx_host_is_never_looked_up_in_the_host_table(
     res = _deliver(tmp_path, port, delivery={"port": sink.port})
     assert res.status is not Status.DELIVERED
     assert sink.messages == []
+
+
+def test_the_host_table_answers_when_dns_does_not_answer_at_all(
+    tmp_path: Path, empty_dns: tuple[Zone, int], sink: SmtpServer
+) -> None:
+    from tests.dnsserver import SILENT
+
+    zone, port = empty_dns
+    zone.behaviour["localhost"] = SILENT
+    res = _deliver(
+        tmp_path,
+        port,
+        smarthost=f"localhost:{sink.port}",
+        dns={"timeout": "200ms", "lifetime": "500ms"},
+    )
+    assert res.status is Status.DELIVERED, res.reply
+    assert len(sink.messages) == 1
