@@ -4,7 +4,10 @@ authenticator, over TLS from trustme certificates; and the logins file's mode ch
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -178,8 +181,18 @@ def test_a_logins_file_others_can_read_stops_start_up(
     err = capsys.readouterr().err
     assert f"{conf}: delivery.auth_file: {path}: refusing a secret file" in err
     assert "mode 0644" in err
-    assert cli.main(["run", "--config", str(conf)]) == 78
-    assert "delivery.auth_file" in capsys.readouterr().err
+    # the real start-up, in its own process (``run`` sets the umask of the process it runs in)
+    started = subprocess.run(
+        [sys.executable, "-m", "spoolsmtp", "run", "--config", str(conf)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+    assert started.returncode == 78, started.stderr
+    assert started.stderr.count("\n") == 1
+    assert f"delivery.auth_file: {path}: refusing a secret file" in started.stderr
     envelope = tmp_path / "e.bsmtp"
     write_envelope(envelope, [draft("o@example.com", ["a@example.org"])])
     assert cli.main(["deliver", "--config", str(conf), str(envelope)]) == 78
