@@ -39,6 +39,7 @@ class Script:
     max_rcpts: int | None = None
     defer_first: dict[str, int] = field(default_factory=dict)
     gate: threading.Event | None = None
+    drop_extensions: list[str] = field(default_factory=list)  # e.g. 8BITMIME, always offered
 
 
 class _Handler:
@@ -55,7 +56,9 @@ class _Handler:
     ) -> list[str]:
         session.host_name = hostname
         extra = [f"250-{x}" for x in self.server.script.ehlo_extra]
-        return [*responses[:-1], *extra, responses[-1]]
+        dropped = {f"250-{x}" for x in self.server.script.drop_extensions}
+        kept = [r for r in responses[:-1] if r.split(" ")[0] not in dropped]
+        return [*kept, *extra, responses[-1]]
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -144,7 +147,9 @@ class SmtpServer:
         smtputf8: bool = True,
         size_limit: int | None = 33554432,
         decode_data: bool = False,
+        **smtp_options: Any,
     ) -> None:
+        """``smtp_options`` go to aiosmtpd's ``SMTP`` (e.g. ``authenticator``)."""
         self.script = script or Script()
         self.host = host
         self.messages: list[Message] = []
@@ -171,6 +176,7 @@ class SmtpServer:
                 enable_SMTPUTF8=smtputf8,
                 data_size_limit=size_limit,
                 decode_data=decode_data,
+                **smtp_options,
             )
 
         self._lt = _LoopThread()

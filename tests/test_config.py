@@ -94,7 +94,7 @@ def test_routes_and_smarthost_forms() -> None:
         "smarthost: relay.example:587\n",
         "c.yaml",
     )
-    assert cfg.routes["example.org"] == config.Route("mx1.example.org", 25)
+    assert cfg.routes["example.org"] == config.Route("mx1.example.org", None)  # delivery.port
     assert cfg.routes["*.corp.example"] == config.Route("::1", 2525)
     assert cfg.routes["other.example"] == config.Route("127.0.0.1", 26, TlsPolicy.REQUIRED)
     assert cfg.smarthost == config.Route("relay.example", 587)
@@ -112,6 +112,7 @@ def test_the_shipped_config_states_exactly_the_defaults() -> None:
         "dns",
         "routes",
         "smarthost",
+        "dkim",
         "retry",
         "bounces",
         "control",

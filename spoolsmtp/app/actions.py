@@ -130,11 +130,11 @@ class Actions:
         bad file raises ConfigError and changes nothing."""
         w = self._w
         plan = reconfig.plan(w.cfg, config_load(w.cfg.source))
+        w.deliverer.reconfigure(plan.config)  # first: unsafe secret files change nothing
         if plan.renew_resolver:
             resolver = reconfig.renewed_resolver(w.resolver, plan.config)
             w.resolver = w.deliverer.resolver = resolver
         w.cfg = plan.config
-        w.deliverer.reconfigure(plan.config)
         w.disk.min_free_space = plan.config.spool.min_free_space
         w.disk.min_free_inodes = plan.config.spool.min_free_inodes
         log.info("%s", plan.done.summary)

@@ -21,7 +21,7 @@ from spoolsmtp.app import (
 from spoolsmtp.app.worker import Worker
 from spoolsmtp.bsmtp import response
 from spoolsmtp.control import client as ctl
-from spoolsmtp.delivery import tlsplan
+from spoolsmtp.delivery import tlsplan, wiresecrets
 from spoolsmtp.model import config as configmod
 from spoolsmtp.model import exitcodes
 from spoolsmtp.model.errors import ConfigError, EnvelopeFault
@@ -100,7 +100,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         return _run(cfg, args)
     if args.command == "deliver":
-        return deliver_cmd.deliver_file(cfg, args.file, verbose=args.verbose)
+        try:
+            return deliver_cmd.deliver_file(cfg, args.file, verbose=args.verbose)
+        except ConfigError as exc:  # a logins or DKIM key file it cannot use
+            print(f"spoolsmtp: config error: {exc}", file=sys.stderr)
+            return exitcodes.CONFIG
     if args.command == "submit":
         return _submit(cfg, args)
     if args.command == "ctl":
@@ -138,6 +142,7 @@ def _run(cfg: configmod.Config, args: argparse.Namespace) -> int:
         _, loop_factory = eventloop.factory(cfg)
         tlsplan.require_dane_support(cfg)
         if args.check_config:
+            wiresecrets.load(cfg)  # the logins and DKIM keys it names: readable and safe
             print(f"{cfg.source}: configuration OK")
             return exitcodes.OK
         logsetup.configure(cfg.log_level, cfg.log_format)

@@ -37,7 +37,8 @@ def arrival(record: Record) -> float:
 
 def _port(host: WorkerHost, domain: str) -> int:
     dest = host._destination(domain)
-    return dest.route.port if dest.route is not None else host.cfg.delivery.port
+    route = dest.route
+    return route.port if route is not None and route.port is not None else host.cfg.delivery.port
 
 
 def tried(

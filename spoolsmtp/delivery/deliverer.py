@@ -19,12 +19,13 @@ from email.utils import format_datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from spoolsmtp.delivery import route
+from spoolsmtp.delivery import route, wiresecrets
 from spoolsmtp.delivery.mx import MxResolver
 from spoolsmtp.delivery.tlsplan import HopTls, TlsPlanner
 from spoolsmtp.model.config import Config, TlsPolicy
 from spoolsmtp.model.envelope import Recipient, Transaction
 from spoolsmtp.model.hop import Hop, always
+from spoolsmtp.model.login import Login
 from spoolsmtp.model.outcome import RecipientResult, Status, decided_here, result
 from spoolsmtp.model.reply import Reply, make
 from spoolsmtp.model.tlsdemand import TlsDemand
@@ -32,7 +33,7 @@ from spoolsmtp.smtp.session import DotHook, Session, SessionStats, StaleSession
 from spoolsmtp.spool import crashpoint, envfile
 
 Trace = Callable[[str], None]
-_PoolKey = tuple[str, int, str, TlsPolicy, TlsDemand | None]
+_PoolKey = tuple[str, int, str, TlsPolicy, TlsDemand | None, str | None]
 _NO_HOST = make(451, "4.4.0", "no host tried")
 
 
@@ -118,14 +119,18 @@ class Deliverer:
         self.tracing = tracing
         self.stats = SessionStats()
         self.router = route.Router(cfg)
+        self.secrets = wiresecrets.load(cfg)
         self._overall = asyncio.Semaphore(cfg.delivery.max_connections)
         self._per_destination = DestinationLimits(cfg.delivery.max_per_destination)
         self._idle: dict[_PoolKey, list[Session]] = {}
 
     def reconfigure(self, cfg: Config) -> None:
         """A reloaded configuration: routes and timeouts apply to the next delivery (the
-        remembered routes are those of the old one, so they go too)."""
+        remembered routes are those of the old one, so they go too). The logins are read
+        again first: a bad ``delivery.auth_file`` raises ConfigError and changes nothing."""
+        secrets = wiresecrets.load(cfg)
         self.cfg = cfg
+        self.secrets = secrets
         self.router = route.Router(cfg)
         self.tls.reconfigure(cfg)
 
@@ -196,7 +201,7 @@ class Deliverer:
                             latest[r] = result(r, how, hop.host, hop.address)
                         continue
                     pending = await self._try_hop(
-                        hop, how, tx, pending, fh, received, done, latest, before_dot, sending
+                        hop, dest, how, tx, pending, fh, received, done, latest, before_dot, sending
                     )
                     if not pending:
                         break
@@ -207,6 +212,7 @@ class Deliverer:
     async def _try_hop(
         self,
         hop: Hop,
+        dest: route.Destination,
         tls: HopTls,
         tx: Transaction,
         pending: list[Recipient],
@@ -219,7 +225,7 @@ class Deliverer:
     ) -> list[Recipient]:
         """Send to one hop; record final results; return the recipients still to try.
         ``sending[0]``: the seconds spent in ``Session.send``, added to."""
-        session, failure = await self._session(hop, tls)
+        session, failure = await self._session(hop, dest, tls)
         if session is None:
             assert failure is not None
             for r in pending:
@@ -233,7 +239,7 @@ class Deliverer:
             try:
                 results, again = await session.send(tx, todo, text, received, before_dot)
             except StaleSession:
-                session, failure = await self._session(hop, tls, reuse=False)
+                session, failure = await self._session(hop, dest, tls, reuse=False)
                 if session is None:
                     assert failure is not None
                     for r in todo:
@@ -262,11 +268,14 @@ class Deliverer:
         return left
 
     async def _session(
-        self, hop: Hop, tls: HopTls, *, reuse: bool = True
+        self, hop: Hop, dest: route.Destination, tls: HopTls, *, reuse: bool = True
     ) -> tuple[Session | None, Reply | None]:
         """A ready session to ``hop``: an idle pooled one (RSET only if a transaction was left
-        incomplete; after a final reply to the dot the server is ready again) or a new one."""
-        key: _PoolKey = (hop.address, hop.port, hop.host, *tls)
+        incomplete; after a final reply to the dot the server is ready again) or a new one.
+        A route with ``auth`` logs in; its sessions are pooled apart from others, as are those
+        with another TLS requirement (DANE, MTA-STS)."""
+        login = self._login(dest)
+        key: _PoolKey = (hop.address, hop.port, hop.host, *tls, login.name if login else None)
         idle = self._idle.get(key, []) if reuse else []
         now = time.monotonic()
         while idle:
@@ -274,6 +283,7 @@ class Deliverer:
             fresh = now - session.last_used < self.cfg.delivery.idle_timeout
             if session.alive and fresh and (not session.dirty or await session.reset()):
                 self.stats.reused += 1
+                session.signer = self.secrets.signer  # the keys of the latest RELOAD
                 return session, None
             await session.close()
         session = Session(
@@ -287,6 +297,9 @@ class Deliverer:
             stats=self.stats,
             ca_file=str(self.cfg.delivery.tls_ca_file) if self.cfg.delivery.tls_ca_file else None,
             reach=crashpoint.reach,
+            login=login,
+            auth_plaintext=dest.route is not None and dest.route.auth_plaintext,
+            signer=self.secrets.signer,
         )
         failure = await session.open()
         if failure is not None:
@@ -295,8 +308,15 @@ class Deliverer:
 
     def _release(self, session: Session) -> None:
         if self.cfg.delivery.reuse_connections and session.alive:
-            hop = session.hop
-            key: _PoolKey = (hop.address, hop.port, hop.host, session.tls, session.demand)
+            hop, login = session.hop, session.login
+            key: _PoolKey = (
+                hop.address,
+                hop.port,
+                hop.host,
+                session.tls,
+                session.demand,
+                login.name if login else None,
+            )
             self._idle.setdefault(key, []).append(session)
         else:
             session.abort()
@@ -319,6 +339,10 @@ class Deliverer:
 
     async def close_all(self) -> None:
         await self.close_idle(older_than=-1.0)
+
+    def _login(self, dest: route.Destination) -> Login | None:
+        name = dest.route.auth if dest.route is not None else None
+        return self.secrets.logins[name] if name is not None else None
 
     def _trace_session(self, text: str) -> None:
         if self.trace is not None:

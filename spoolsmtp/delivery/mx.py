@@ -14,12 +14,20 @@ found through DNS that point back at this host or at a link-local service (loopb
 ``dns.allow_private``) are refused: an MX host with nothing else fails with 554 5.4.4, like
 Postfix's "mail for X loops back to myself". Routes, the smarthost and address literals are the
 operator's choice and are not filtered.
+
+The host of a route or of the smarthost is looked up in DNS first, then, when DNS gives no
+address (no such name, no A/AAAA, or no answer at all), through the system's resolver
+(``getaddrinfo``: ``/etc/hosts`` and whatever nsswitch.conf names), as Postfix's
+``smtp_host_lookup = dns, native``: so ``smarthost: localhost`` and names in the host table work.
+MX hosts are looked up in DNS only, so the checks above keep their meaning. A host-table answer
+has no TTL: it is cached for ``SYSTEM_TTL`` (capped by ``dns.max_ttl``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
 import time
 import typing
 from collections.abc import Callable
@@ -48,6 +56,7 @@ from spoolsmtp.model.hop import Hop, always
 from spoolsmtp.model.reply import Reply, make
 
 NEGATIVE_TTL = 60.0
+SYSTEM_TTL = 300.0
 Trace = Callable[[str], None]
 
 
@@ -168,7 +177,8 @@ class MxResolver:
             del self._cache[key]
         budget = _Budget(self.config.max_queries)
         if dest.route is not None:
-            result = await self._route_hops(dest.route.host, dest.route.port, budget)
+            port = dest.route.port if dest.route.port is not None else self.port
+            result = await self._route_hops(dest.route.host, port, budget)
         else:
             assert dest.domain is not None
             result = await self._mx_hops(dest.domain, budget)
@@ -229,6 +239,9 @@ class MxResolver:
         else:
             return Resolution((Hop(host, host, port),), ttl=float("inf"))
         addresses, ttl, failure = await self._addresses(host, budget)
+        if not addresses:
+            addresses = await self._system_addresses(host)
+            ttl = SYSTEM_TTL
         if not addresses:
             return Resolution(failure=failure or make(451, "4.4.4", f"no address for {host}"))
         hops = tuple(Hop(host, a, port) for a in addresses[: self.max_addresses])
@@ -301,6 +314,27 @@ class MxResolver:
         if found:
             return found, ttl, None
         return [], 0.0, temporary
+
+    async def _system_addresses(self, host: str) -> list[str]:
+        """The addresses the system's resolver gives a route host (the host table first, as
+        nsswitch.conf says), in its order; none when it knows none or takes longer than
+        ``dns.lifetime``."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.config.lifetime):
+                infos = await loop.getaddrinfo(
+                    host, None, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+                )
+        except (OSError, TimeoutError, UnicodeError) as exc:
+            self._trace(f"system resolver {host}: {exc}")
+            return []
+        found: list[str] = []
+        for family, _, _, _, sockaddr in infos:
+            address = str(sockaddr[0])
+            if family in (socket.AF_INET, socket.AF_INET6) and address not in found:
+                found.append(address)
+        self._trace(f"system resolver {host}: {', '.join(found) or 'nothing'}")
+        return found
 
     async def _query(self, name: str, rdtype: str, budget: _Budget) -> dns.resolver.Answer:
         async for attempt in AsyncRetrying(

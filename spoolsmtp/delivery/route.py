@@ -6,6 +6,7 @@ destination so that each destination is one delivery with its own concurrency li
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -50,7 +51,9 @@ def find_route(domain: str, routes: dict[str, Route]) -> Route | None:
 
 
 def destination_for(domain: str, cfg: Config) -> Destination:
-    """Route one recipient domain: static route, smarthost, address literal, else DNS MX."""
+    """Route one recipient domain: static route, smarthost, address literal, else DNS MX.
+
+    A route or smarthost that names no port gets ``delivery.port``."""
     domain = domain.lower()
     default_tls = cfg.delivery.tls
     route = find_route(domain, cfg.routes) or cfg.smarthost
@@ -60,6 +63,8 @@ def destination_for(domain: str, cfg: Config) -> Destination:
             ipaddress.ip_address(literal)
             route = Route(literal, cfg.delivery.port)
     if route is not None:
+        if route.port is None:
+            route = dataclasses.replace(route, port=cfg.delivery.port)
         key = f"[{route.host}]:{route.port}"
         return Destination(key, None, route, route.tls or default_tls)
     return Destination(domain, domain, None, default_tls)

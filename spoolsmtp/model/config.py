@@ -152,11 +152,14 @@ class Timeouts:
 
 @dataclass(frozen=True)
 class Route:
-    """A static next hop for a domain: a host and port, with its own TLS policy."""
+    """A static next hop for a domain: a host and port, with its own TLS policy. No port:
+    ``delivery.port``. ``auth`` names an entry of ``delivery.auth_file`` to log in with."""
 
     host: str
-    port: int = 25
+    port: int | None = None
     tls: TlsPolicy | None = None
+    auth: str | None = None
+    auth_plaintext: bool = False
 
 
 @dataclass(frozen=True)
@@ -183,8 +186,18 @@ class DeliveryConfig:
     tls: TlsPolicy = TlsPolicy.OPPORTUNISTIC
     tls_ca_file: Path | None = None
     tls_min_version: TlsVersion = TlsVersion.TLSV1_2
+    auth_file: Path | None = None
+    mime_conversion: bool = True
     timeouts: Timeouts = field(default_factory=Timeouts)
     mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
+
+
+@dataclass(frozen=True)
+class DkimKey:
+    """How mail from one sender domain is signed: the selector and its private key (PEM)."""
+
+    selector: str
+    key_file: Path
 
 
 @dataclass(frozen=True)
@@ -315,6 +328,7 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     routes: dict[str, Route] = field(default_factory=dict)
     smarthost: Route | None = None
+    dkim: dict[str, DkimKey] = field(default_factory=dict)
     retry: RetryConfig = field(default_factory=RetryConfig)
     bounces: BouncesConfig = field(default_factory=BouncesConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
@@ -503,12 +517,13 @@ def _route(value: object, name: str, key: str) -> Route:
     route = _build(Route, value, name, f"{key}.")
     if not route.host:
         raise ConfigError(name, f"{key}.host", "expected a host name or address")
-    _check_range({"min": 1, "max": 65535}, route.port, name, f"{key}.port")
+    if route.port is not None:
+        _check_range({"min": 1, "max": 65535}, route.port, name, f"{key}.port")
     return typing.cast(Route, route)
 
 
-def split_hostport(value: str, name: str = "<config>", key: str = "") -> tuple[str, int]:
-    """``host``, ``host:port`` or ``[addr]:port`` into host and port (default 25)."""
+def split_hostport(value: str, name: str = "<config>", key: str = "") -> tuple[str, int | None]:
+    """``host``, ``host:port`` or ``[addr]:port`` into host and port (None: not given)."""
     text = value.strip()
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
@@ -520,7 +535,7 @@ def split_hostport(value: str, name: str = "<config>", key: str = "") -> tuple[s
     if not host:
         raise ConfigError(name, key, f"expected host or host:port, got {value!r}")
     if not port_text:
-        return host, 25
+        return host, None
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise ConfigError(name, key, f"port must be 1-65535, got {port_text!r}")
     return host, int(port_text)
@@ -532,7 +547,9 @@ def listen_address(value: str, name: str = "<config>", key: str = "") -> tuple[s
     bare_v6 = text.count(":") > 1 and not text.startswith("[")
     if bare_v6 or not re.search(r"[^:]:\d+$", text):
         raise ConfigError(name, key, f"expected host:port or [addr]:port, got {value!r}")
-    return split_hostport(text, name, key)
+    host, port = split_hostport(text, name, key)
+    assert port is not None  # the pattern above wants one
+    return host, port
 
 
 def _show(value: object) -> str:

@@ -51,6 +51,7 @@ class Verb(Enum):
     EHLO = auto()
     HELO = auto()
     STARTTLS = auto()
+    AUTH = auto()
     MAIL = auto()
     RCPT = auto()
     DATA = auto()
@@ -60,7 +61,15 @@ class Verb(Enum):
     QUIT = auto()
 
 
-_ENDS_FLIGHT = {Verb.EHLO, Verb.HELO, Verb.DATA, Verb.STARTTLS, Verb.QUIT, Verb.NOOP}
+_ENDS_FLIGHT = {
+    Verb.EHLO,
+    Verb.HELO,
+    Verb.DATA,
+    Verb.STARTTLS,
+    Verb.AUTH,
+    Verb.QUIT,
+    Verb.NOOP,
+}
 
 
 class NeedData(Enum):
@@ -95,19 +104,25 @@ class Extensions:
 
     names: frozenset[str]
     size: int | None = None
+    auth: frozenset[str] = frozenset()  # the AUTH mechanisms offered
 
     @classmethod
     def parse(cls, reply: Reply) -> Extensions:
         names: set[str] = set()
         size: int | None = None
+        auth: set[str] = set()
         for line in reply.lines[1:]:
             words = line.upper().split()
             if not words:
                 continue
+            if words[0].startswith("AUTH="):  # the pre-RFC 4954 form some servers still send
+                words = ["AUTH", words[0][5:], *words[1:]]
             names.add(words[0])
             if words[0] == "SIZE" and len(words) > 1 and words[1].isdigit():
                 size = int(words[1]) or None
-        return cls(frozenset(names), size)
+            if words[0] == "AUTH":
+                auth.update(words[1:])
+        return cls(frozenset(names), size, frozenset(auth))
 
     def __contains__(self, name: object) -> bool:
         return name in self.names

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from spoolsmtp.model.config import DeliveryConfig, Timeouts, TlsPolicy
 from spoolsmtp.model.envelope import Recipient, Transaction
 from spoolsmtp.model.hop import Hop, always
+from spoolsmtp.model.login import Login
 from spoolsmtp.model.outcome import RecipientResult, connection_lost, timed_out
 from spoolsmtp.model.reply import Reply, make
 from spoolsmtp.model.tlsdemand import TlsDemand
-from spoolsmtp.smtp import dane
+from spoolsmtp.smtp import auth, dane, outgoing
 from spoolsmtp.smtp.protocol import (
     NEED_DATA,
     ClientProtocol,
@@ -41,7 +42,7 @@ from spoolsmtp.smtp.transport import Wire, tls_context
 Trace = Callable[[str], None]
 DotHook = Callable[[list[Recipient]], Awaitable[None]]
 CrashPoint = Callable[[str], None]
-MessageText = Callable[[], Iterable[bytes]]
+MessageText = outgoing.MessageText
 BODY_WRITE = 64 * 1024
 
 
@@ -63,6 +64,7 @@ _TIMEOUT_FIELD = {
     Verb.EHLO: "ehlo",
     Verb.HELO: "ehlo",
     Verb.STARTTLS: "starttls",
+    Verb.AUTH: "ehlo",
     Verb.MAIL: "mail",
     Verb.RCPT: "rcpt",
     Verb.DATA: "data",
@@ -106,6 +108,9 @@ class Session:
     ca_file: str | None = None
     reach: CrashPoint = _nowhere
     demand: TlsDemand | None = None
+    login: Login | None = None  # SMTP AUTH after EHLO (and STARTTLS)
+    auth_plaintext: bool = False  # the login may go out without TLS
+    signer: outgoing.Signer | None = None  # DKIM, just before sending
     proto: ClientProtocol = field(default_factory=ClientProtocol)
     encrypted: bool = False
     last_used: float = field(default_factory=time.monotonic)
@@ -177,6 +182,9 @@ class Session:
                 if failure is not None:
                     await self.close()
                     return failure
+            if self.login is not None and (failure := await self._log_in(self.login)):
+                await self.close()
+                return failure
         except SessionBroken as exc:
             self.abort()
             return exc.reply
@@ -231,6 +239,15 @@ class Session:
         self._trace("TLS established")
         return await self._hello()
 
+    async def _log_in(self, login: Login) -> Reply | None:
+        def send(line: str, shown: str) -> Awaitable[Event]:
+            return self._command(Command(Verb.AUTH, line), shown)
+
+        where = self._where()
+        return await auth.authenticate(
+            login, self.extensions, self.encrypted, self.auth_plaintext, where, send
+        )
+
     # -- transactions ----------------------------------------------------------------------
 
     async def reset(self) -> bool:
@@ -262,8 +279,13 @@ class Session:
         self.last_used = time.monotonic()
         self.transactions += 1
         hop = self.hop
+        # THE BYTES TO SEND are decided here and only here: ``out.as_stored`` when the stored
+        # text goes out unchanged, else converted to 7 bit and/or DKIM-signed (outgoing.py)
+        where, ext, convert = self._where(), self.extensions, self.config.mime_conversion
+        out = outgoing.decide(tx, ext, received, message, convert, self.signer, where)
+        size = len(out.head)
         mt = MailTransaction(
-            tx, recipients, self.extensions, len(received), hop.host, hop.address, self._where()
+            out.tx, recipients, ext, size, hop.host, hop.address, where, out.refusal
         )
         if mt.stage is Stage.DONE:
             return mt.results(), []
@@ -280,7 +302,7 @@ class Session:
             if mt.envelope_answered() is Stage.AFTER_RCPT:
                 mt.receive(await self._command(DATA))
             if mt.stage is Stage.DURING_DATA:
-                await self._message(mt, message(), received, before_dot)
+                await self._message(mt, out.message(), out.head, before_dot)
             elif mt.drop_connection:
                 self.abort()
         except SessionBroken as exc:
@@ -375,10 +397,11 @@ class Session:
 
     # -- plumbing --------------------------------------------------------------------------
 
-    async def _command(self, command: Command) -> Event:
+    async def _command(self, command: Command, shown: str | None = None) -> Event:
+        """Send one command and wait for its reply; the trace shows ``shown`` if given."""
         data = self.proto.send(command)
         if self._traced():
-            self._trace(f"> {command.text}")
+            self._trace(f"> {command.text if shown is None else shown}")
         await self._write(data)
         event = await self._next()
         if self.proto.closed and command.verb is not Verb.QUIT:

@@ -11,7 +11,8 @@ Rules (RFC 5321 sections 3.3, 4.5.3.1.10 and 6.1; RFC 1870 SIZE, RFC 6152 8BITMI
 SMTPUTF8, RFC 3461 DSN):
 
 * Decided here, before anything is sent, naming the server: a message over the server's SIZE
-  fails ``552 5.3.4``; an 8-bit message to a server without 8BITMIME ``554 5.6.3``; a non-ASCII
+  fails ``552 5.3.4``; an 8-bit message to a server without 8BITMIME ``554 5.6.3`` (one that
+  ``outgoing`` could convert to 7 bit comes here already converted); a non-ASCII
   address to one without SMTPUTF8 ``554 5.6.7`` (no downgrade). Such results are ``local``.
 * MAIL declares SIZE, BODY=8BITMIME and SMTPUTF8 when offered, RET and ENVID when DSN is
   offered; RCPT carries NOTIFY and ORCPT only when DSN is offered.
@@ -68,9 +69,11 @@ class MailTransaction:
         host: str | None,
         address: str | None,
         server: str,
+        refusal: Reply | None = None,
     ) -> None:
         """``extra`` is the size of what we add to the message (our Received header);
-        ``server`` names it in the text of a local refusal."""
+        ``server`` names it in the text of a local refusal; ``refusal``, when given, is one
+        decided before (the message cannot be converted for this server)."""
         self.tx = tx
         self.recipients = recipients
         self.ext = ext
@@ -87,7 +90,7 @@ class MailTransaction:
         self._data: Reply | None = None
         self._answered = False
         self._replies = 0
-        refusal = local_refusal(tx, recipients, ext, extra, server)
+        refusal = refusal or local_refusal(tx, recipients, ext, extra, server)
         if refusal is not None:
             self._final = {i: decided_here(r, refusal) for i, r in enumerate(recipients)}
             self.stage = Stage.DONE
