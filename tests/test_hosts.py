@@ -10,6 +10,8 @@ where a second copy is marked ``possible_duplicate``; a node whose lock is held 
 from __future__ import annotations
 
 import signal
+import stat
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -20,9 +22,11 @@ import pytest
 from spoolsmtp.spool.crashpoint import PHASES
 from spoolsmtp.spool.folders import SUFFIX, new_id
 from tests.helpers import draft, report_failures, write_envelope
+from tests.hostile import PLAIN_PYTHON, needs_root, nobody
 from tests.smtpservers import Script, SmtpServer
 from tests.test_nodes import held_elsewhere
-from tests.workerproc import WorkerProcess, wait_for
+from tests.test_privileges import PLAIN_PATH
+from tests.workerproc import WorkerProcess, ctl, wait_for
 
 GOOD = ["a@example.org", "b@example.net"]
 BAD = "gone@example.org"
@@ -327,3 +331,37 @@ def test_a_host_restarting_never_puts_back_a_record_another_host_has_moved_on(
         "later@example.org",
         "now@example.org",
     ]
+
+
+@needs_root
+def test_a_root_started_host_prepares_its_node_area_for_its_user(
+    open_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Root makes the host's area the worker user's (nodes/ and nodes/NAME/ open to others,
+    who reach the control socket there; active/ and journal/ private), and no plain active/."""
+    uid, _ = nobody()
+    srv = SmtpServer()
+    settings = {"user": "nobody", "smarthost": f"127.0.0.1:{srv.port}", "worker": {"host_id": "h1"}}
+    w = WorkerProcess(open_dir, settings, env={"PYTHONPATH": PLAIN_PATH})
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(sys, "executable", PLAIN_PYTHON)
+            w.start()
+        w.drop_drafts("job.bsmtp", [draft("o@example.com", ["a@example.org"])])
+        wait_for(lambda: w.final("job.bsmtp"), what="delivered")
+        area = w.spool / "nodes" / "h1"
+        assert w.control_socket == area / "control.sock" and w.control_socket.is_socket()
+        expected = {
+            area.parent: 0o755,
+            area: 0o755,
+            area / "active": 0o700,
+            area / "journal": 0o700,
+        }
+        for path, mode in expected.items():
+            info = path.stat()
+            assert info.st_uid == uid and stat.S_IMODE(info.st_mode) == mode, path
+        assert ctl(w.config, "STATS").returncode == 0
+        assert not (w.spool / "active").exists() and not (w.spool / "journal").exists()
+    finally:
+        w.kill()
+        srv.stop()
