@@ -365,3 +365,29 @@ def test_a_root_started_host_prepares_its_node_area_for_its_user(
     finally:
         w.kill()
         srv.stop()
+
+
+def test_a_retry_another_host_took_leaves_no_stale_entry_in_the_queue(tmp_path: Path) -> None:
+    """Both hosts know a deferred envelope (one deferred it, the other found it at start);
+    one takes the retry: neither queue lists it afterwards."""
+    srv = SmtpServer(Script(defer_first={"later@example.org": 1}))
+    a = host(tmp_path, srv, "a", retry={"interval": "2s"})
+    b = host(tmp_path, srv, "b")
+    try:
+        a.start()
+        a.drop_drafts("job.bsmtp", [draft("o@example.com", ["later@example.org"])])
+        wait_for(lambda: a.in_state("job.bsmtp", "deferred"), what="deferred by a")
+        b.start()
+        wait_for(lambda: a.final("job.bsmtp"), what="retried by one of them")
+
+        def queued(worker: WorkerProcess) -> int:
+            states = worker.ask("QUERY")["result"]["states"]
+            return int(states["active"] + states["deferred"])
+
+        wait_for(lambda: queued(a) == 0 and queued(b) == 0, what="no host still lists it")
+    finally:
+        for worker in (a, b):
+            if worker.proc is not None:
+                worker.stop()
+        srv.stop()
+    assert [m.rcpt_tos for m in srv.messages] == [["later@example.org"]]

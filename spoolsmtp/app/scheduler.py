@@ -96,8 +96,9 @@ class Scheduler:
             if not (put_back and w.spool.envelope("active", envelope_id).exists()):
                 put_back = False
                 await w.spool.move(envelope_id, "deferred", "active")
-        except FileNotFoundError:  # gone: on a shared spool, another node's retry took it
-            w.index.pop(envelope_id, None)
+        except FileNotFoundError:
+            if not w.spool.envelope("active", envelope_id).exists():
+                w.index.pop(envelope_id, None)  # gone: on a shared spool, another node took it
             return
         except OSError as exc:
             self.put_back(envelope_id, exc)

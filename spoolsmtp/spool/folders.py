@@ -114,7 +114,9 @@ class Spool:
         try:
             await self.move_file("incoming", name, "active", f"{envelope_id}{suffix}")
         except FileNotFoundError:
-            return False
+            # gone, or (on a shared spool) another node renamed it first; unless it is ours
+            # after all: an NFS client that resent a RENAME whose reply was lost hears ENOENT
+            return os.path.lexists(self._file("active", f"{envelope_id}{suffix}"))
         finally:
             intake.let_go(lease)
         return True
