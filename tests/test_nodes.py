@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from spoolsmtp.app import reconfig
 from spoolsmtp.model import config, exitcodes
 from spoolsmtp.model.config import SpoolConfig
 from spoolsmtp.spool import nodes
@@ -166,3 +167,12 @@ def test_a_second_worker_with_the_same_host_id_is_refused(tmp_path: Path) -> Non
         assert first.stop() == 0
         srv.stop()
     assert [m.rcpt_tos for m in srv.messages] == [["a@example.org"]]
+
+
+def test_a_reload_keeps_the_host_id_until_a_restart() -> None:
+    """The node's area, lock and sockets are taken at start: a changed host_id is named as
+    needing a restart, and the worker goes on reporting the one it runs as."""
+    old = config.parse("worker: {host_id: h1}\n")
+    done = reconfig.plan(old, config.parse("worker: {host_id: h2}\n"))
+    assert done.done.restart == ("worker.host_id",)
+    assert done.config.worker.host_id == "h1"
