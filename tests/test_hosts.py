@@ -391,3 +391,28 @@ def test_a_retry_another_host_took_leaves_no_stale_entry_in_the_queue(tmp_path: 
                 worker.stop()
         srv.stop()
     assert [m.rcpt_tos for m in srv.messages] == [["later@example.org"]]
+
+
+def test_what_an_adoption_moved_before_it_failed_is_delivered_at_once(tmp_path: Path) -> None:
+    """The second envelope of a dead node cannot be moved (its name is taken in ours): the
+    first, already moved, is delivered now, not at our next start; the second stays whole in
+    the dead node's area, and the failure is one log line."""
+    srv = SmtpServer()
+    spool = tmp_path / "spool"
+    c = host(tmp_path, srv, "c").start()
+    try:
+        first, second = new_id(), new_id()
+        (spool / "nodes" / "c" / "active" / f"{second}{SUFFIX}").mkdir()  # in the way
+        ready = tmp_path / "ready" / "y"
+        (ready / "active").mkdir(parents=True)
+        for envelope_id, rcpt in ((first, "first@example.org"), (second, "second@example.org")):
+            write_envelope(ready / "active" / f"{envelope_id}{SUFFIX}", [draft("o@x.com", [rcpt])])
+        ready.rename(spool / "nodes" / "y")  # the dead node's area appears whole
+        wait_for(lambda: c.final(f"{first}{SUFFIX}"), what="the moved envelope delivered")
+        assert (spool / "nodes" / "y" / "active" / f"{second}{SUFFIX}").is_file()
+    finally:
+        c.stop()
+        srv.stop()
+    assert [m.rcpt_tos for m in srv.messages] == [["first@example.org"]]
+    errors = [line for line in c.log.read_text().splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "adopting node y" in errors[0], errors

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from spoolsmtp.spool import crashpoint, journal, nodes, quarantine
 from spoolsmtp.spool.folders import ORIGINAL, SUFFIX, Spool
 from spoolsmtp.spool.journal import Replayed
-from spoolsmtp.spool.lock import SpoolBusy
+from spoolsmtp.spool.lock import SpoolBusy, SpoolLock
 from spoolsmtp.spool.nodes import Adopted, NodeAlive, NoSuchNode
 
 if TYPE_CHECKING:
@@ -109,11 +110,17 @@ class Adoption:
             await asyncio.to_thread(lock.acquire)
         except SpoolBusy:
             raise NodeAlive(node) from None
+        taking = _Taking()
         try:
-            ids, replayed = await self._take(node)
-        finally:
-            lock.release()
-        await self._resume(ids, replayed)
+            await self._take(node, taking)
+        except Exception:
+            await self._settle(taking, lock)  # what was moved goes on here, not at a restart
+            raise
+        except BaseException:
+            lock.release()  # cancelled by a stop: what was moved resumes at our next start
+            raise
+        await self._settle(taking, lock)
+        ids = taking.moved
         deferred = self._recovery.load_deferred(self._scheduler.knows)
         if ids or deferred:
             log.warning(
@@ -124,26 +131,38 @@ class Adoption:
             )
         return Adopted(node, len(ids), deferred)
 
-    async def _take(self, node: str) -> tuple[list[str], dict[str, Replayed]]:
-        """Steps 1 to 4 (the dead node's lock held): the ids now in our active/."""
+    async def _take(self, node: str, taking: _Taking) -> None:
+        """Steps 1 to 4 (the dead node's lock held), noting in ``taking`` what was done."""
         w = self._w
         assert w.journal is not None
         peer = Spool(w.cfg.spool, w.spool.batch, node=node)
         folder = peer.dirs["journal"]
-        replayed = await asyncio.to_thread(journal.replay, folder)
+        taking.replayed = replayed = await asyncio.to_thread(journal.replay, folder)
         bsmtp, orig = set(_ids(peer, SUFFIX)), set(_ids(peer, ORIGINAL))
         ids = sorted(bsmtp | orig)
         await asyncio.to_thread(self._recovery.restore_records, replayed, set(ids))
         if ids:
+            taking.carried = ids
             w.journal.take(await asyncio.to_thread(journal.carried, folder, ids))
             await w.journal.commit()
             for envelope_id in ids:
                 for suffix, present in ((ORIGINAL, orig), (SUFFIX, bsmtp)):
                     if envelope_id in present:
                         await w.spool.take_from(peer, f"{envelope_id}{suffix}")
+                taking.moved.append(envelope_id)
                 crashpoint.reach("adopting")
         await asyncio.to_thread(journal.drop_segments, folder)
-        return ids, replayed
+
+    async def _settle(self, taking: _Taking, lock: SpoolLock) -> None:
+        """Let the dead node's lock go and resume what was moved; what was carried but not
+        moved (the adoption failed half-way) stays in the dead node's area, whole, and is
+        no longer held live in our journal."""
+        w = self._w
+        assert w.journal is not None
+        lock.release()
+        for envelope_id in set(taking.carried).difference(taking.moved):
+            w.journal.finished(envelope_id)
+        await self._resume(taking.moved, taking.replayed)
 
     async def _resume(self, ids: list[str], replayed: dict[str, Replayed]) -> None:
         """Step 5: as ``Worker._run`` does with what it finds in active/ at start."""
@@ -161,6 +180,16 @@ class Adoption:
         for envelope_id in here:
             await w._slots.acquire()
             w._spawn(self._recovery.resume(envelope_id, replayed.get(envelope_id, Replayed())))
+
+
+@dataclass
+class _Taking:
+    """How far one adoption got: what the dead node journaled, the envelopes whose lines were
+    carried into our journal, and those moved into our active/."""
+
+    replayed: dict[str, Replayed] = field(default_factory=dict)
+    carried: list[str] = field(default_factory=list)
+    moved: list[str] = field(default_factory=list)
 
 
 def _ids(spool: Spool, suffix: str) -> list[str]:
