@@ -209,6 +209,10 @@ def test_adopt_by_command_and_never_a_node_whose_lock_is_held(tmp_path: Path) ->
         held = plant(b.spool, "x", ["held@example.org"])
         with held_elsewhere(b.spool, "x"):
             assert b.ask("ADOPT x")["status"] == 409
+            alive = ctl(b.config, "ADOPT", "x")
+            assert alive.returncode == 75 and "node x is alive" in alive.stderr, alive
+            nothing = ctl(b.config, "ADOPT", "-")  # no worker ran without a host_id here
+            assert nothing.returncode == 66 and "(default)" in nothing.stderr, nothing
             assert b.ask("ADOPT b")["status"] == 409, "not itself"
             assert b.ask("ADOPT nosuch")["status"] == 404
             assert b.ask("ADOPT ../a")["status"] == 400

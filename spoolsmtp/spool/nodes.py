@@ -38,7 +38,7 @@ class NoSuchNode(Exception):
     """No node area of that name in the spool (or not a node name at all)."""
 
     def __init__(self, node: str) -> None:
-        super().__init__(f"no node {node!r} in this spool")
+        super().__init__(f"no node {shown(node)!r} in this spool")
         self.node = node
 
 
