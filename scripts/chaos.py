@@ -10,6 +10,9 @@ sometimes past the worker's data_end timeout (the RFC 5321 section 6.1 window). 
 1-3 recipients are dropped into incoming/ (temp name, rename) throughout, while the worker is
 killed with SIGKILL at random moments and restarted (``--kills`` times within ``--seconds``).
 ``--disk-full`` puts the spool on a small tmpfs (root only) and fills and empties it meanwhile.
+``--hosts 2`` runs two workers with their own ``worker.host_id`` on the one spool: the first is
+left running, the second is the one killed, and restarted after a random pause, so that the
+first adopts its envelopes in flight about half of the time; the last clean run is the second.
 Then a last clean run goes on until nothing is queued (or ``--final-seconds``), and a ledger is
 computed per recipient from the sinks' records, results/*.json, bounces/, deadletter/ and
 rejected/. Exit status: 0 when nothing was lost, no duplicate went unflagged, every failed
@@ -328,7 +331,7 @@ class Filler(threading.Thread):
 # -- the worker --------------------------------------------------------------------------------
 
 
-def write_config(work: Path, spool: Path, ports: list[int]) -> Path:
+def write_config(work: Path, spool: Path, ports: list[int], host_id: str = "") -> Path:
     phases = ("connect", "greeting", "ehlo", "mail", "rcpt", "data", "data_block", "data_end")
     data: dict[str, Any] = {
         "hostname": "spoolsmtp.chaos.test",
@@ -360,6 +363,9 @@ def write_config(work: Path, spool: Path, ports: list[int]) -> Path:
         # senders' domains, which have no route here (and no DNS but the system's)
         "bounces": {"requeue": False},
     }
+    if host_id:
+        data["worker"] = {"host_id": host_id}
+        data["control"]["operator_socket"] = str(work / "operator" / "control.sock")
     path = work / "conf.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -397,6 +403,19 @@ class Worker:
             return b" ready" in fh.read()
 
 
+def two_hosts(work: Path, spool: Path, ports: list[int]) -> tuple[subprocess.Popen[bytes], Worker]:
+    """``--hosts 2``: the steady host h0, started, and the host h1 to be killed, each in a
+    folder of its own (config, log, sockets) on the one spool."""
+    hosts = []
+    for name in ("h0", "h1"):
+        own = work / name
+        own.mkdir(exist_ok=True)
+        hosts.append(Worker(own, write_config(own, spool, ports, host_id=name)))
+    steady = hosts[0].start()
+    wait_until(functools.partial(started, hosts[0], 0, steady), time.monotonic() + 60)
+    return steady, hosts[1]
+
+
 def wait_until(condition: Any, deadline: float, step: float = 0.05) -> bool:
     while time.monotonic() < deadline:
         if condition():
@@ -413,9 +432,12 @@ def exited(proc: subprocess.Popen[bytes]) -> bool:
     return proc.poll() is not None
 
 
-def chaos_phase(worker: Worker, rng: random.Random, kills: int, seconds: float) -> int:
-    """Start, SIGKILL at a random moment, restart; ``kills`` times or ``seconds``, whichever
-    first. A fifth of the kills land during start-up (recovery); the rest after ``ready``."""
+def chaos_phase(
+    worker: Worker, rng: random.Random, kills: int, seconds: float, pause: float = 0.0
+) -> int:
+    """Start, SIGKILL at a random moment, restart (after up to ``pause`` seconds); ``kills``
+    times or ``seconds``, whichever first. A fifth of the kills land during start-up
+    (recovery); the rest after ``ready``."""
     done, t0 = 0, time.monotonic()
     gap = seconds / max(kills, 1)
     while done < kills and time.monotonic() - t0 < seconds:
@@ -435,6 +457,8 @@ def chaos_phase(worker: Worker, rng: random.Random, kills: int, seconds: float) 
         else:
             worker.exits[f"exited by itself: {proc.returncode}"] += 1
         proc.wait(30)
+        if pause:
+            time.sleep(rng.uniform(0.0, pause))  # a peer may adopt what it had meanwhile
     return done
 
 
@@ -459,8 +483,7 @@ def final_phase(worker: Worker, spool: Path, seconds: float) -> bool:
 
 def queued_files(spool: Path) -> list[Path]:
     out: list[Path] = []
-    for name in QUEUE_FOLDERS:
-        folder = spool / name
+    for folder in [spool / name for name in QUEUE_FOLDERS] + list(spool.glob("nodes/*/active")):
         if folder.is_dir():
             out += [p for p in folder.iterdir() if not p.name.startswith(".")]
     return out
@@ -658,6 +681,7 @@ def main(argv: list[str] | None = None) -> int:
         "spool is copied to WORKDIR/spool.saved before the tmpfs is unmounted",
     )
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--hosts", type=int, choices=(1, 2), default=1, help="workers on the spool")
     ap.add_argument(
         "--ledger-only",
         type=Path,
@@ -686,21 +710,28 @@ def main(argv: list[str] | None = None) -> int:
     (spool / "incoming").mkdir(exist_ok=True)
     state = SinkState(random.Random(rng.random()), args.slow, args.too_slow)
     sinks = Sinks(state)
+    steady: subprocess.Popen[bytes] | None = None
     try:
         worker = Worker(work, write_config(work, spool, sinks.ports))
+        if args.hosts == 2:
+            steady, worker = two_hosts(work, spool, sinks.ports)
         producer = Producer(spool, random.Random(rng.random()), args.rate, len(sinks.ports))
         filler = Filler(spool, random.Random(rng.random())) if args.disk_full else None
         producer.start()
         if filler:
             filler.start()
         t0 = time.monotonic()
-        kills = chaos_phase(worker, rng, args.kills, args.seconds)
+        pause = 3.0 if steady is not None else 0.0
+        kills = chaos_phase(worker, rng, args.kills, args.seconds, pause)
         chaos_seconds = time.monotonic() - t0
         producer.halt.set()
         producer.join()
         if filler:
             filler.halt.set()
             filler.join()
+        if steady is not None:
+            steady.send_signal(signal.SIGTERM)
+            worker.exits[f"steady host exit {steady.wait(60)}"] += 1
         emptied = final_phase(worker, spool, args.final_seconds)
         if args.workdir is not None:  # what the ledger was computed from, for --ledger-only
             (work / "sent.json").write_text(
@@ -718,10 +749,14 @@ def main(argv: list[str] | None = None) -> int:
             messages_received=len(state.received),
             messages_unacked=sum(not r.acked for r in state.received),
             worker_exits=dict(worker.exits),
-            worker_log_tracebacks=worker.log.read_bytes().count(b"Traceback"),
+            worker_log_tracebacks=sum(
+                p.read_bytes().count(b"Traceback") for p in work.glob("**/worker.log")
+            ),
             workdir=str(work) if args.workdir else None,
         )
     finally:
+        if steady is not None and steady.poll() is None:
+            steady.kill()
         sinks.stop()
         if mounted:
             if args.workdir is not None:  # keep what the tmpfs held for a post-mortem

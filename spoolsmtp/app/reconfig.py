@@ -60,6 +60,8 @@ RESTART = frozenset(
         "control.backlog",
         "control.operator_socket",
         "control.operator_group",
+        # the node it runs as: its area, lock and sockets are taken at start
+        "worker.host_id",
         # the process: its user, its log set-up, its event loop
         "user",
         "log_level",

@@ -56,6 +56,10 @@ class Scheduler:
         heapq.heappush(self._heap, (when, envelope_id))
         self._wake.set()
 
+    def knows(self, envelope_id: str) -> bool:
+        """Is a retry (or put-back) of it scheduled here?"""
+        return envelope_id in self._due
+
     def unschedule(self, envelope_id: str) -> None:
         self._due.pop(envelope_id, None)
 
@@ -93,6 +97,8 @@ class Scheduler:
                 put_back = False
                 await w.spool.move(envelope_id, "deferred", "active")
         except FileNotFoundError:
+            if not w.spool.envelope("active", envelope_id).exists():
+                w.index.pop(envelope_id, None)  # gone: on a shared spool, another node took it
             return
         except OSError as exc:
             self.put_back(envelope_id, exc)

@@ -29,6 +29,7 @@ from typing import Any
 
 from spoolsmtp.app import eventloop, mailevents
 from spoolsmtp.app.actions import Actions
+from spoolsmtp.app.adoption import Adoption
 from spoolsmtp.app.attempt import Attempts
 from spoolsmtp.app.host import Summary
 from spoolsmtp.app.pickup import Pickup
@@ -53,7 +54,9 @@ from spoolsmtp.model.stats import Stats
 from spoolsmtp.spool import crashpoint, diskfull, intake, journal, legacy, quarantine, spoolview
 from spoolsmtp.spool.folders import ORIGINAL, SUFFIX, Spool
 from spoolsmtp.spool.journal import Journal, Replayed
-from spoolsmtp.spool.lock import SpoolBusy, SpoolLock
+from spoolsmtp.spool.lock import SpoolBusy
+from spoolsmtp.spool.nodes import Adopted
+from spoolsmtp.spool.nodes import lock as node_lock
 from spoolsmtp.spool.quarantine import Reads
 from spoolsmtp.spool.watcher import IncomingWatcher
 
@@ -65,11 +68,14 @@ def utcnow() -> datetime:
 
 
 class Worker:
-    """The service machine: one per spool."""
+    """The service machine: one per node of a spool (``node``: default ``worker.host_id``;
+    ``adopt``: look for dead nodes to adopt at start and every rescan, see adoption.py)."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, node: str | None = None, adopt: bool = True) -> None:
         self.cfg = cfg
-        self.spool = Spool(cfg.spool)
+        self.node = cfg.worker.host_id if node is None else node
+        self._adopting = adopt
+        self.spool = Spool(cfg.spool, node=self.node)
         self.stats = Stats()
         self.tracer = Tracer()
         self.index: dict[str, Summary] = {}
@@ -116,13 +122,14 @@ class Worker:
         self.scheduler = Scheduler(self, self.records, self.recovery, self.pickup, putbacks)
         self.actions = Actions(self, self.records, self.recovery, self.scheduler)
         self.requeue = Requeue(self)
+        self.adoption = Adoption(self, self.recovery, self.pickup, self.scheduler)
 
     # -- running ---------------------------------------------------------------------------
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT or ``stop``; return the exit code (75 if another worker
         holds the spool)."""
-        lock = SpoolLock([self.spool.dirs["active"], self.spool.dirs["journal"]])
+        lock = node_lock(self.cfg.spool, self.node)
         try:
             lock.acquire()
         except SpoolBusy as exc:
@@ -187,6 +194,7 @@ class Worker:
             asyncio.create_task(self.pickup.housekeeping()),
             asyncio.create_task(self.records.checkpoints()),
             asyncio.create_task(self.disk.run(self.journal.commit)),
+            asyncio.create_task(self.adoption.run(sweep=self._adopting)),  # dead nodes' work
         ]
         log.info("ready")
         await self._stopping.wait()
@@ -281,6 +289,9 @@ class Worker:
 
     def dead_destinations(self) -> dict[str, float]:
         return self.actions.dead_destinations()
+
+    async def adopt(self, node: str) -> Adopted:
+        return await self.adoption.adopt(node)
 
     # -- what else the control port reads (port.py) ----------------------------------------
 

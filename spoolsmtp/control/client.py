@@ -28,7 +28,13 @@ from pathlib import Path
 
 from spoolsmtp.model import exitcodes
 
-_EXIT = {200: exitcodes.OK, 400: exitcodes.USAGE, 403: exitcodes.NOPERM, 404: exitcodes.NOINPUT}
+_EXIT = {
+    200: exitcodes.OK,
+    400: exitcodes.USAGE,
+    403: exitcodes.NOPERM,
+    404: exitcodes.NOINPUT,
+    409: exitcodes.TEMPFAIL,  # ADOPT of a node that is alive
+}
 SOFTWARE = 70
 
 

@@ -8,6 +8,7 @@ that a crash leaves every file in exactly one folder that says what to do next.
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import os
 import random
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from spoolsmtp.model.config import SpoolConfig
-from spoolsmtp.spool import crashpoint, intake
+from spoolsmtp.spool import crashpoint, intake, nodes
 from spoolsmtp.spool.durable import fsync_dir, write_file
 from spoolsmtp.spool.intake import NotRegular as NotRegular  # noqa: PLC0414 - where it used to live
 from spoolsmtp.spool.iobatch import IoBatch
@@ -62,12 +63,14 @@ def new_id() -> str:
 
 
 class Spool:
-    """The spool folders and the moves between them."""
+    """The spool folders and the moves between them, as node ``node`` sees them: its own
+    active/ and journal/, the shared rest (nodes.py; "" is the default node)."""
 
-    def __init__(self, cfg: SpoolConfig, batch: IoBatch | None = None) -> None:
+    def __init__(self, cfg: SpoolConfig, batch: IoBatch | None = None, node: str = "") -> None:
         self.cfg = cfg
+        self.node = node
         # keyed by name: a ``Folder`` is its name, and string call sites keep working
-        self.dirs: dict[str, Path] = {name: cfg.folder(name) for name in FOLDERS}
+        self.dirs: dict[str, Path] = {name: nodes.folder(cfg, node, name) for name in FOLDERS}
         # the same folders as strings, for the operations done per envelope: joining strings
         # costs a fraction of building a Path, and these run thousands of times a second
         self._dir: dict[str, str] = {name: str(path) for name, path in self.dirs.items()}
@@ -111,7 +114,9 @@ class Spool:
         try:
             await self.move_file("incoming", name, "active", f"{envelope_id}{suffix}")
         except FileNotFoundError:
-            return False
+            # gone, or (on a shared spool) another node renamed it first; unless it is ours
+            # after all: an NFS client that resent a RENAME whose reply was lost hears ENOENT
+            return os.path.lexists(self._file("active", f"{envelope_id}{suffix}"))
         finally:
             intake.let_go(lease)
         return True
@@ -200,6 +205,21 @@ class Spool:
         dirs = (self._dir[source], self._dir[target])
 
         def op() -> tuple[str, ...]:
+            os.rename(src, dest)
+            return dirs
+
+        await self.batch.run(op)
+
+    async def take_from(self, peer: Spool, name: str) -> None:
+        """Adoption: rename ``name`` from a dead node's active/ (``peer``'s) into ours,
+        durably, after the journal records appended so far (the state carried with it)."""
+        check(Folder.ACTIVE, Folder.ACTIVE, name)
+        src, dest = f"{peer._dir['active']}/{name}", self._file("active", name)
+        dirs = (peer._dir["active"], self._dir["active"])
+
+        def op() -> tuple[str, ...]:
+            if os.path.lexists(dest):  # only we write our active/: no race with this check
+                raise FileExistsError(errno.EEXIST, "already in our active/", dest)
             os.rename(src, dest)
             return dirs
 
