@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from spoolsmtp.app import configpath, deliver_cmd, eventloop, privileges, submit
+from spoolsmtp.app import configpath, deliver_cmd, eventloop, outstream, privileges, submit
 from spoolsmtp.app.worker import Worker
 from spoolsmtp.bsmtp import response
 from spoolsmtp.control import client as ctl
@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spoolsmtp", description="Batch SMTP spool processor (a VM/MVS SMTP service machine)."
     )
+    parser.add_argument("--version", action="version", version=f"spoolsmtp {outstream.version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the worker over the spool")
@@ -75,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command; a reader of its output that went away (``| head``) ends it quietly."""
+    return outstream.quiet_on_broken_pipe(lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(argv)
@@ -93,7 +99,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "submit":
         return _submit(cfg, args)
     if args.command == "ctl":
-        trusted = ctl.trusted_uids(worker_user=cfg.user, spool_folder=cfg.spool.folder("active"))
+        active = cfg.spool.folder("active")
+        trusted = ctl.trusted_uids(
+            worker_user=cfg.user, spool_folder=active if active.is_absolute() else None
+        )
+        if args.socket:
+            trusted |= ctl.socket_owner(args.socket)
         return ctl.run(
             [args.socket] if args.socket else [cfg.operator_socket, cfg.control_socket],
             args.words,
@@ -111,8 +122,14 @@ def _config(args: argparse.Namespace) -> configmod.Config:
     """submit and ctl never read a config from the current folder (see ``configpath``)."""
     if args.command == "submit":
         return configpath.load_for_callers(args.config, control=args.wait is not None)
+    if args.command == "ctl" and args.socket is not None:
+        # --socket names the worker: a config with an error must not keep the operator from it
+        try:
+            return configpath.load_for_callers(args.config, spool=False)
+        except ConfigError:
+            return configmod.Config()
     if args.command == "ctl":
-        return configpath.load_for_callers(args.config, spool=False, control=args.socket is None)
+        return configpath.load_for_callers(args.config, spool=False, control=True)
     return configpath.load_for_operators(args.config)
 
 
