@@ -8,7 +8,7 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from spoolsmtp.app import reconfig
+from spoolsmtp.app import reconfig, sdnotify
 from spoolsmtp.control.port import Reloaded
 from spoolsmtp.model.config import load as config_load
 from spoolsmtp.model.record import State, iso
@@ -128,6 +128,13 @@ class Actions:
         """Read the config file again and apply every key that can change while running; the
         others keep their value until a restart, and the answer names them (reconfig.py). A
         bad file raises ConfigError and changes nothing."""
+        sdnotify.reloading()  # systemd: READY=1 again once done, applied or refused
+        try:
+            return self._reload()
+        finally:
+            sdnotify.ready()
+
+    def _reload(self) -> Reloaded:
         w = self._w
         plan = reconfig.plan(w.cfg, config_load(w.cfg.source))
         if plan.renew_resolver:

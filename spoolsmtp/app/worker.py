@@ -28,7 +28,7 @@ import signal
 from datetime import UTC, datetime
 from typing import Any
 
-from spoolsmtp.app import eventloop
+from spoolsmtp.app import eventloop, sdnotify
 from spoolsmtp.app.actions import Actions
 from spoolsmtp.app.attempt import Attempts
 from spoolsmtp.app.host import Summary
@@ -185,7 +185,10 @@ class Worker:
             asyncio.create_task(self.disk.run(self.journal.commit)),
         ]
         log.info("ready")
+        sdnotify.ready()
+        watchdog = asyncio.create_task(sdnotify.watchdog())  # pings until the very end
         await self._stopping.wait()
+        sdnotify.stopping()
         log.info("stopping: %d envelope(s) in flight", len(self._active))
         watcher.stop()
         await self._control.close()
@@ -202,6 +205,7 @@ class Worker:
         self.journal.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        watchdog.cancel()
         log.info("stopped")
         return 0
 
