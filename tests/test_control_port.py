@@ -113,6 +113,17 @@ class Port:
     def stop(self) -> None:
         pass
 
+    async def bounce(self, envelope_id: str, uid: int) -> str:
+        self._bug("bounce")
+        return f"{envelope_id} returned to the sender"
+
+    async def delete(self, envelope_id: str, uid: int, *, report: bool) -> str:
+        self._bug("delete")
+        return f"{envelope_id} deleted"
+
+    def reboot(self, uid: int) -> None:
+        self._bug("reboot")
+
 
 async def _ask(sock: Path, lines: list[str]) -> list[dict[str, Any]]:
     reader, writer = await asyncio.open_unix_connection(str(sock))

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from spoolsmtp.app import configpath, deliver_cmd, eventloop, outstream, privileges, submit
+from spoolsmtp.app.removal import Reboot
 from spoolsmtp.app.worker import Worker
 from spoolsmtp.bsmtp import response
 from spoolsmtp.control import client as ctl
@@ -146,7 +147,10 @@ def _run(cfg: configmod.Config, args: argparse.Namespace) -> int:
         )
         privileges.become(cfg)
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            return runner.run(Worker(cfg).run())
+            code = runner.run(Worker(cfg).run())
+        if Reboot.requested and code == exitcodes.OK:
+            Reboot.execute()  # REBOOT: the spool released, the same command line again
+        return code
     except ConfigError as exc:
         print(f"spoolsmtp: config error: {exc}", file=sys.stderr)
         return exitcodes.CONFIG

@@ -280,6 +280,15 @@ class Worker:
     def dead_destinations(self) -> dict[str, float]:
         return self.actions.dead_destinations()
 
+    async def bounce(self, envelope_id: str, uid: int) -> str:
+        return await self.actions.bounce(envelope_id, uid)
+
+    async def delete(self, envelope_id: str, uid: int, *, report: bool) -> str:
+        return await self.actions.delete(envelope_id, uid, report=report)
+
+    def reboot(self, uid: int) -> None:
+        self.actions.reboot(uid)
+
     # -- what else the control port reads (port.py) ----------------------------------------
 
     def destination_key(self, domain: str) -> str:

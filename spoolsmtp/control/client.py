@@ -7,7 +7,7 @@ listening where the worker should is not believed. Everything printed has its co
 characters escaped, so text that came from a remote server cannot drive the terminal.
 
 Exit codes: 0 done, 64 bad command, 66 no such envelope, 69 no worker answers, 77 refused,
-70 the worker failed to do it.
+70 the worker failed to do it, 75 the envelope is being delivered right now (try again).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 from spoolsmtp.model import exitcodes
 
 _EXIT = {200: exitcodes.OK, 400: exitcodes.USAGE, 403: exitcodes.NOPERM, 404: exitcodes.NOINPUT}
+_EXIT[409] = exitcodes.TEMPFAIL  # being delivered right now: try again
 SOFTWARE = 70
 
 

@@ -433,7 +433,8 @@ async def _simple(port: ControlPort, command: str, args: list[str]) -> Answer:
     return Answer(OK, command, {"stopping": True}, ["shutting down: finishing work in flight"])
 
 
-_HANDLERS: dict[str, Callable[[ControlPort, str, list[str]], Awaitable[Answer]]] = {
+Handler = Callable[[ControlPort, str, list[str]], Awaitable[Answer]]
+_HANDLERS: dict[str, Handler] = {
     "HELP": _help,
     "QUERY": _query,
     "STATS": _stats,
@@ -448,3 +449,10 @@ _HANDLERS: dict[str, Callable[[ControlPort, str, list[str]], Awaitable[Answer]]]
     "RELOAD": _simple,
     "SHUTDOWN": _simple,
 }
+
+
+def register(verb: str, handler: Handler, rows: list[tuple[str, str, str]]) -> None:
+    """Add or replace a command and its HELP rows (where the verb's rows were, else last)."""
+    _HANDLERS[verb] = handler
+    at = next((i for i, row in enumerate(HELP) if row[0].split()[0] == verb), len(HELP))
+    HELP[:] = [*HELP[:at], *rows, *(r for r in HELP[at:] if r[0].split()[0] != verb)]
