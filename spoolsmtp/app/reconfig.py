@@ -60,6 +60,8 @@ RESTART = frozenset(
         "control.backlog",
         "control.operator_socket",
         "control.operator_group",
+        # incoming/ and results/ are given to the submitters' group (and the umask set) at start
+        "submit.group",
         # the process: its user, its log set-up, its event loop
         "user",
         "log_level",

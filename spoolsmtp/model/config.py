@@ -228,6 +228,7 @@ class SubmitConfig:
 
     sender: str = ""
     qualify_domain: str = ""
+    group: str = ""  # the submitters' group: incoming/ and results/ opened to it (dropbox.py)
 
 
 _HOST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
