@@ -129,7 +129,7 @@ async def _trace_vm(port: ControlPort, command: str, args: list[str]) -> Answer:
 commands.register(
     "HOLD",
     _hold,
-    [("HOLD ID|ALL|DEST domain", "authorised", "keep envelopes from being retried (ALL = *)")],
+    [("HOLD ID|ALL|DEST domain", "authorised", "keep envelopes from being retried (or '*')")],
 )
 commands.register(
     "RELEASE", _release, [("RELEASE ID|ALL|DEST domain", "authorised", "undo HOLD; retry at once")]
