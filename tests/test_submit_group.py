@@ -36,6 +36,9 @@ def submitters() -> Iterator[tuple[str, int]]:
 def _worker(root: Path, server: SmtpServer, group: str) -> WorkerProcess:
     reachable_by_others(root)
     w = WorkerProcess(root, {"smarthost": f"127.0.0.1:{server.port}", "submit": {"group": group}})
+    # the submitters read the config and enter the spool (whatever umask an earlier test left)
+    w.config.chmod(0o644)
+    w.spool.chmod(0o755)
     return w.start()
 
 
@@ -87,17 +90,21 @@ def test_the_dropped_file_carries_the_group_so_a_worker_in_it_can_read_it(
     w = _worker(tmp_path, server, name)
     try:
         assert w.ask("SUSPEND")["status"] == 200  # the file stays in incoming/ to be looked at
-        code, out, err = cli_as_nobody(
-            ["submit", "--config", str(w.config), "-f", "b@origin.example", "r@example.org"],
-            tmp_path,
-            stdin=MESSAGE,
-            groups=[gid],
-        )
+        strict = os.umask(0o077)  # a submitter with a strict umask (the fork inherits it)
+        try:
+            code, out, err = cli_as_nobody(
+                ["submit", "--config", str(w.config), "-f", "b@origin.example", "r@example.org"],
+                tmp_path,
+                stdin=MESSAGE,
+                groups=[gid],
+            )
+        finally:
+            os.umask(strict)
         assert code == 0, err.decode()
         (dropped,) = w.files("incoming")
         info = dropped.stat()
         assert (info.st_uid, info.st_gid) == (nobody()[0], gid)
-        assert stat.S_IMODE(info.st_mode) & stat.S_IRGRP
+        assert stat.S_IMODE(info.st_mode) == 0o640  # the group (a worker in it) reads it
         assert w.ask("RESUME")["status"] == 200
         wait_for(lambda: w.final(dropped.name), what="delivered")
         assert out.strip().decode() == dropped.name.removesuffix(".bsmtp")
@@ -131,3 +138,18 @@ def test_an_unknown_group_stops_the_worker_naming_the_key(
     ).start()
     assert w.wait_exit() == 78
     assert "submit.group: no group 'no-such-group-here'" in w.log.read_text()
+
+
+def test_a_spool_the_group_cannot_enter_is_named_in_the_log(
+    tmp_path: Path, server: SmtpServer, submitters: tuple[str, int]
+) -> None:
+    name, _ = submitters
+    w = WorkerProcess(
+        tmp_path, {"smarthost": f"127.0.0.1:{server.port}", "submit": {"group": name}}
+    )
+    w.spool.chmod(0o700)
+    w.start()
+    try:
+        assert f"cannot reach {w.spool / 'incoming'}: {w.spool} is mode 0700" in w.log.read_text()
+    finally:
+        w.stop()

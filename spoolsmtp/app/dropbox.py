@@ -22,6 +22,7 @@ Every other folder stays the worker's alone (0700). Without ``submit.group`` not
 from __future__ import annotations
 
 import grp
+import logging
 import os
 import stat
 from pathlib import Path
@@ -33,6 +34,7 @@ DROP_BOX_MODE = stat.S_ISVTX | stat.S_ISGID | 0o730
 RESULTS_MODE = stat.S_ISGID | 0o710
 UMASK = 0o027  # records 0640 to the group; the folders keep everything else private
 KEY = "submit.group"
+log = logging.getLogger("spoolsmtp")
 
 
 def group(cfg: Config) -> int | None:
@@ -59,6 +61,30 @@ def open_up(cfg: Config) -> None:
         return
     for name, mode in (("incoming", DROP_BOX_MODE), ("results", RESULTS_MODE)):
         _set(cfg, cfg.spool.folder(name), gid, mode)
+        _reachable(cfg.spool.folder(name), gid)
+
+
+def _reachable(path: Path, gid: int) -> None:
+    """Warn (the worker runs on) when a folder above ``path`` keeps the group out: not
+    searchable by others, nor by a group that is ``gid``."""
+    for parent in path.absolute().parents:
+        try:
+            info = os.stat(parent)
+        except OSError:
+            return
+        if not (
+            info.st_mode & stat.S_IXOTH or (info.st_gid == gid and info.st_mode & stat.S_IXGRP)
+        ):
+            mode = stat.S_IMODE(info.st_mode)
+            log.warning(
+                "%s: members of the group cannot reach %s: %s is mode %04o (chmod o+x %s)",
+                KEY,
+                path,
+                parent,
+                mode,
+                parent,
+            )
+            return
 
 
 def _set(cfg: Config, path: Path, gid: int, mode: int) -> None:
