@@ -211,6 +211,14 @@ class FakeWorker:
     async def adopt(self, node: str) -> Adopted:
         raise NoSuchNode(node)
 
+    async def bounce(self, envelope_id: str, uid: int) -> str:
+        return envelope_id
+
+    async def delete(self, envelope_id: str, uid: int, *, report: bool) -> str:
+        return envelope_id
+
+    def reboot(self, uid: int) -> None: ...
+
 
 _CONTROL: tuple[FakeWorker, asyncio.AbstractEventLoop] | None = None
 

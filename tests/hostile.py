@@ -101,10 +101,13 @@ def fill(path: Path, name: str = "filler") -> Path:
     return filler
 
 
-def cli_as_nobody(argv: list[str], base: Path, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
+def cli_as_nobody(
+    argv: list[str], base: Path, stdin: bytes = b"", groups: Sequence[int] = ()
+) -> tuple[int, bytes, bytes]:
     """``spoolsmtp ARGV`` in a forked child that has become ``nobody``: its exit code, output
     and errors. The fork has this interpreter loaded, which ``nobody`` may not be able to start
-    anew (it can sit under root's 0700 home); stdin, stdout and stderr are files in ``base``."""
+    anew (it can sit under root's 0700 home); stdin, stdout and stderr are files in ``base``;
+    ``groups``: its supplementary groups (none by default)."""
     from spoolsmtp.app import cli
 
     files = {name: base / f"nobody.{name}" for name in ("in", "out", "err")}
@@ -124,7 +127,7 @@ def cli_as_nobody(argv: list[str], base: Path, stdin: bytes = b"") -> tuple[int,
             sys.stdin = open(0, closefd=False)  # noqa: SIM115
             sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
             sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
-            _drop_to_nobody()
+            become_nobody(groups)
             code = cli.main(argv)
         except BaseException:
             traceback.print_exc()

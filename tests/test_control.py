@@ -336,7 +336,7 @@ def test_an_unprivileged_user_may_look_but_not_touch(
     assert [a["status"] for a in answers] == [200, 200, 200, 403, 403, 403, 403]
     assert "you are uid" in answers[3]["error"]
     assert [p.name for p in w.files("deferred")] == [f"{rec['id']}.bsmtp"]
-    assert ask(sock, "TRACE")["result"]["tracing"] == []
+    assert ask(sock, "TRACE STATUS")["result"]["tracing"] == []
     assert w.proc is not None and w.proc.poll() is None
     log = w.log.read_text()
     assert f"uid {pwd.getpwnam('nobody').pw_uid}" in log and "refused" in log

@@ -117,6 +117,17 @@ class Port:
     async def adopt(self, node: str) -> Adopted:
         raise NoSuchNode(node)
 
+    async def bounce(self, envelope_id: str, uid: int) -> str:
+        self._bug("bounce")
+        return f"{envelope_id} returned to the sender"
+
+    async def delete(self, envelope_id: str, uid: int, *, report: bool) -> str:
+        self._bug("delete")
+        return f"{envelope_id} deleted"
+
+    def reboot(self, uid: int) -> None:
+        self._bug("reboot")
+
 
 async def _ask(sock: Path, lines: list[str]) -> list[dict[str, Any]]:
     reader, writer = await asyncio.open_unix_connection(str(sock))

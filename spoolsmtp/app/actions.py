@@ -1,5 +1,6 @@
 """The operator's actions on the queue (the control channel's HOLD, RELEASE, FLUSH, EXPIRE,
-SUSPEND, RESUME, RELOAD), as Postfix's postsuper and postqueue do them."""
+SUSPEND, RESUME, RELOAD; DELETE, BOUNCE and REBOOT in removal.py), as Postfix's postsuper and
+postqueue do them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from spoolsmtp.app import reconfig
+from spoolsmtp.app import reconfig, sdnotify
+from spoolsmtp.app.removal import Reboot, Removal
 from spoolsmtp.control.port import Reloaded
 from spoolsmtp.model.config import load as config_load
 from spoolsmtp.model.record import State, iso
@@ -34,6 +36,7 @@ class Actions:
         self._records = records
         self._recovery = recovery
         self._scheduler = scheduler
+        self._removal = Removal(worker, records, recovery, scheduler)
 
     async def hold(self, envelope_id: str) -> str:
         """Move a deferred envelope to hold/ (an active one goes there after its attempt)."""
@@ -128,6 +131,13 @@ class Actions:
         """Read the config file again and apply every key that can change while running; the
         others keep their value until a restart, and the answer names them (reconfig.py). A
         bad file raises ConfigError and changes nothing."""
+        sdnotify.reloading()  # systemd: READY=1 again once done, applied or refused
+        try:
+            return self._reload()
+        finally:
+            sdnotify.ready()
+
+    def _reload(self) -> Reloaded:
         w = self._w
         plan = reconfig.plan(w.cfg, config_load(w.cfg.source))
         w.deliverer.reconfigure(plan.config)  # first: unsafe secret files change nothing
@@ -139,6 +149,15 @@ class Actions:
         w.disk.min_free_inodes = plan.config.spool.min_free_inodes
         log.info("%s", plan.done.summary)
         return plan.done
+
+    async def bounce(self, envelope_id: str, uid: int) -> str:
+        return await self._removal.remove(envelope_id, uid, report=True, keep=True)
+
+    async def delete(self, envelope_id: str, uid: int, *, report: bool) -> str:
+        return await self._removal.remove(envelope_id, uid, report=report, keep=False)
+
+    def reboot(self, uid: int) -> None:
+        Reboot.request(self._w, uid)
 
     def dead_destinations(self) -> dict[str, float]:
         now = time.time()

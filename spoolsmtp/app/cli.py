@@ -13,11 +13,13 @@ from spoolsmtp.app import (
     deliver_cmd,
     eventloop,
     logsetup,
+    outstream,
     privileges,
     queue_cmd,
     submit,
     top_cmd,
 )
+from spoolsmtp.app.removal import Reboot
 from spoolsmtp.app.worker import Worker
 from spoolsmtp.bsmtp import response
 from spoolsmtp.control import client as ctl
@@ -36,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spoolsmtp", description="Batch SMTP spool processor (a VM/MVS SMTP service machine)."
     )
+    parser.add_argument("--version", action="version", version=f"spoolsmtp {outstream.version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the worker over the spool")
@@ -86,6 +89,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command; a reader of its output that went away (``| head``) ends it quietly."""
+    return outstream.quiet_on_broken_pipe(lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(argv)
@@ -108,7 +116,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "submit":
         return _submit(cfg, args)
     if args.command == "ctl":
-        trusted = ctl.trusted_uids(worker_user=cfg.user, spool_folder=cfg.spool.folder("active"))
+        active = cfg.spool.folder("active")
+        trusted = ctl.trusted_uids(
+            worker_user=cfg.user, spool_folder=active if active.is_absolute() else None
+        )
+        if args.socket:
+            trusted |= ctl.socket_owner(args.socket)
         return ctl.run(
             [args.socket] if args.socket else [cfg.operator_socket, cfg.control_socket],
             args.words,
@@ -132,6 +145,12 @@ def _config(args: argparse.Namespace) -> configmod.Config:
     """submit and ctl never read a config from the current folder (see ``configpath``)."""
     if args.command == "submit":
         return configpath.load_for_callers(args.config, control=args.wait is not None)
+    if args.command == "ctl" and args.socket is not None:
+        # --socket names the worker: a config with an error must not keep the operator from it
+        try:
+            return configpath.load_for_callers(args.config, spool=False)
+        except ConfigError:
+            return configmod.Config()
     if args.command in ("ctl", "top"):
         return configpath.load_for_callers(args.config, spool=False, control=args.socket is None)
     return configpath.load_for_operators(args.config)
@@ -148,7 +167,10 @@ def _run(cfg: configmod.Config, args: argparse.Namespace) -> int:
         logsetup.configure(cfg.log_level, cfg.log_format)
         privileges.become(cfg)
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            return runner.run(Worker(cfg).run())
+            code = runner.run(Worker(cfg).run())
+        if Reboot.requested and code == exitcodes.OK:
+            Reboot.execute()  # REBOOT: the spool released, the same command line again
+        return code
     except ConfigError as exc:
         print(f"spoolsmtp: config error: {exc}", file=sys.stderr)
         return exitcodes.CONFIG

@@ -14,7 +14,7 @@ import os
 import pwd
 from dataclasses import dataclass
 
-from spoolsmtp.app import capability, startup
+from spoolsmtp.app import capability, dropbox, startup
 from spoolsmtp.model.config import Config
 from spoolsmtp.model.errors import ConfigError
 
@@ -46,7 +46,7 @@ def account(cfg: Config) -> Account | None:
 
 def become(cfg: Config) -> None:
     """Set the umask, prepare the spool, drop root for the configured user, check folders."""
-    os.umask(UMASK)
+    os.umask(dropbox.umask(cfg, UMASK))  # 027 with submit.group: records 0640 to the group
     user = account(cfg)
     if user is not None and os.geteuid() == 0 and user.uid != 0:
         startup.prepare(cfg, (user.uid, user.gid))

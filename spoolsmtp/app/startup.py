@@ -22,6 +22,7 @@ import socket
 import stat
 from pathlib import Path
 
+from spoolsmtp.app import dropbox
 from spoolsmtp.control.sockets import folder_problem
 from spoolsmtp.model.config import Config
 from spoolsmtp.model.errors import ConfigError
@@ -125,6 +126,7 @@ def prepare(cfg: Config, owner: tuple[int, int] | None = None) -> None:
         for sock in (cfg.control_socket, cfg.operator_socket):
             _drop_dead_root_socket(sock)
     _operators_folder(cfg, owner)
+    dropbox.open_up(cfg)  # submit.group: incoming/ and results/ to the submitters' group
 
 
 def _operators_folder(cfg: Config, owner: tuple[int, int] | None) -> None:

@@ -27,7 +27,7 @@ import signal
 from datetime import UTC, datetime
 from typing import Any
 
-from spoolsmtp.app import eventloop, mailevents
+from spoolsmtp.app import eventloop, mailevents, sdnotify
 from spoolsmtp.app.actions import Actions
 from spoolsmtp.app.adoption import Adoption
 from spoolsmtp.app.attempt import Attempts
@@ -197,7 +197,10 @@ class Worker:
             asyncio.create_task(self.adoption.run(sweep=self._adopting)),  # dead nodes' work
         ]
         log.info("ready")
+        sdnotify.ready()
+        watchdog = asyncio.create_task(sdnotify.watchdog())  # pings until the very end
         await self._stopping.wait()
+        sdnotify.stopping()
         log.info("stopping: %d envelope(s) in flight", len(self._active))
         watcher.stop()
         await self._control.close()
@@ -216,6 +219,7 @@ class Worker:
         self.journal.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        watchdog.cancel()
         log.info("stopped")
         return 0
 
@@ -292,6 +296,15 @@ class Worker:
 
     async def adopt(self, node: str) -> Adopted:
         return await self.adoption.adopt(node)
+
+    async def bounce(self, envelope_id: str, uid: int) -> str:
+        return await self.actions.bounce(envelope_id, uid)
+
+    async def delete(self, envelope_id: str, uid: int, *, report: bool) -> str:
+        return await self.actions.delete(envelope_id, uid, report=report)
+
+    def reboot(self, uid: int) -> None:
+        self.actions.reboot(uid)
 
     # -- what else the control port reads (port.py) ----------------------------------------
 

@@ -7,7 +7,7 @@ listening where the worker should is not believed. Everything printed has its co
 characters escaped, so text that came from a remote server cannot drive the terminal.
 
 Exit codes: 0 done, 64 bad command, 66 no such envelope, 69 no worker answers, 77 refused,
-70 the worker failed to do it.
+70 the worker failed to do it, 75 the envelope is being delivered right now (try again).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ _EXIT = {
     400: exitcodes.USAGE,
     403: exitcodes.NOPERM,
     404: exitcodes.NOINPUT,
-    409: exitcodes.TEMPFAIL,  # ADOPT of a node that is alive
+    409: exitcodes.TEMPFAIL,  # ADOPT of a live node; an envelope being delivered: try again
 }
 SOFTWARE = 70
 
@@ -121,6 +121,17 @@ def trusted_uids(*, worker_user: str | None, spool_folder: Path | None) -> set[i
     return uids
 
 
+def socket_owner(path: Path) -> set[int]:
+    """The owner of the folder of a socket the operator named (``ctl --socket``), when only
+    that owner can place a socket there (no write bit for group or others): the worker's user
+    even when no config says who that is."""
+    try:
+        info = path.parent.stat()
+    except OSError:
+        return set()
+    return set() if info.st_mode & 0o022 else {info.st_uid}
+
+
 def run(
     paths: Path | Sequence[Path],
     words: list[str],
@@ -146,9 +157,13 @@ def run(
         return exitcodes.UNAVAILABLE
     sock.settimeout(timeout)
     with sock, sock.makefile("rwb") as stream:
-        stream.write((("JSON " if as_json else "") + command + "\n").encode("utf-8"))
-        stream.flush()
-        status = _answer(stream, as_json)
+        try:
+            stream.write((("JSON " if as_json else "") + command + "\n").encode("utf-8"))
+            stream.flush()
+            status = _answer(stream, as_json)
+        except (TimeoutError, ConnectionResetError) as exc:
+            print(f"spoolsmtp ctl: the worker went away: {exc}", file=sys.stderr)
+            return exitcodes.UNAVAILABLE
         if not follow or status != exitcodes.OK:
             return status
         sock.settimeout(None)

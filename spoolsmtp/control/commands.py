@@ -442,7 +442,8 @@ async def _adopt(port: ControlPort, command: str, args: list[str]) -> Answer:
     return await adopt.run(port, command, args)
 
 
-_HANDLERS: dict[str, Callable[[ControlPort, str, list[str]], Awaitable[Answer]]] = {
+Handler = Callable[[ControlPort, str, list[str]], Awaitable[Answer]]
+_HANDLERS: dict[str, Handler] = {
     "HELP": _help,
     "QUERY": _query,
     "STATS": _stats,
@@ -459,3 +460,10 @@ _HANDLERS: dict[str, Callable[[ControlPort, str, list[str]], Awaitable[Answer]]]
     "SHUTDOWN": _simple,
     "ADOPT": _adopt,
 }
+
+
+def register(verb: str, handler: Handler, rows: list[tuple[str, str, str]]) -> None:
+    """Add or replace a command and its HELP rows (where the verb's rows were, else last)."""
+    _HANDLERS[verb] = handler
+    at = next((i for i, row in enumerate(HELP) if row[0].split()[0] == verb), len(HELP))
+    HELP[:] = [*HELP[:at], *rows, *(r for r in HELP[at:] if r[0].split()[0] != verb)]

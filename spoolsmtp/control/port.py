@@ -34,6 +34,15 @@ class NoSuchEnvelope(Exception):
         super().__init__(f"no {what} {envelope_id}")
 
 
+class Busy(Exception):
+    """The envelope is being delivered right now: the command is to be tried again once its
+    attempt is over (409)."""
+
+    def __init__(self, envelope_id: str) -> None:
+        self.envelope_id = envelope_id
+        super().__init__(f"{envelope_id} is being delivered now; try again when this attempt ends")
+
+
 @dataclass(frozen=True)
 class Traffic:
     """Connection and DNS counters since start (STATS)."""
@@ -142,4 +151,17 @@ class ControlPort(Protocol):
     def stop(self) -> None: ...
     async def adopt(self, node: str) -> Adopted:
         """Take over a dead node's work (``NodeAlive``, ``NoSuchNode``: see spool/nodes.py)."""
+        ...
+
+    # -- the operator's removals and REBOOT (opcommands.py); ``uid``: who asked, for the log
+    async def bounce(self, envelope_id: str, uid: int) -> str:
+        """Fail every recipient not final and report to the sender now; ``Busy`` if active."""
+        ...
+
+    async def delete(self, envelope_id: str, uid: int, *, report: bool) -> str:
+        """Drop the envelope (its record stays, final); ``Busy`` if active."""
+        ...
+
+    def reboot(self, uid: int) -> None:
+        """Drain, then re-execute the same command line (new code, new config)."""
         ...

@@ -33,7 +33,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from spoolsmtp.control import commands
+from spoolsmtp.control import commands, opcommands
 from spoolsmtp.control import sockets as ctlsocket
 from spoolsmtp.control.peerlog import PeerLog
 from spoolsmtp.control.port import ControlPort
@@ -244,7 +244,10 @@ class ControlServer:
                         writer, commands.Answer(400, "JSON", text=["no command"]), True
                     )
                 continue
-            if verb in ("QUIT", "EXIT"):
+            if verb in ("QUIT", "EXIT"):  # answered, so ctl does not think the worker died
+                await self._send(
+                    writer, commands.Answer(200, verb, {"bye": True}, ["bye"]), as_json
+                )
                 return
             if verb == "FOLLOW":
                 if not authorised(peer, self.cfg):
@@ -261,6 +264,7 @@ class ControlServer:
     async def _execute(self, peer: Peer, verb: str, args: list[str]) -> commands.Answer:
         """Run a command; a failure is a 500 answer and one (rate-limited) log line."""
         try:
+            opcommands.OPERATOR.set(peer.uid)  # this connection's task: who DELETE etc. log
             answer = await commands.execute(self.port, verb, args)
             if answer.status == commands.OK and verb != "QUERY" and commands.needs_authority(verb):
                 # an operator's action, by whom: the mail log's line(s)

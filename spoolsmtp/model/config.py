@@ -273,6 +273,7 @@ class SubmitConfig:
 
     sender: str = ""
     qualify_domain: str = ""
+    group: str = ""  # the submitters' group: incoming/ and results/ opened to it (dropbox.py)
     allowed_users: tuple[str, ...] = field(default=(), metadata=_IDS)
     allowed_groups: tuple[str, ...] = field(default=(), metadata=_IDS)
     restrict: tuple[str, ...] = ()

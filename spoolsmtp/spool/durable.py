@@ -173,6 +173,9 @@ def write_new_at(dir_fd: int, name: str, data: bytes, *, mode: int = 0o640) -> N
     fd = os.open(tmp, _CREATE | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
         try:
+            # ``mode`` whatever the caller's umask: a worker that is not root reads a
+            # submitter's file through its group (submit.group)
+            os.fchmod(fd, mode)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
