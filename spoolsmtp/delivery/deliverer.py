@@ -212,7 +212,9 @@ class Deliverer:
         left: list[Recipient] = []
         while todo:
             try:
-                results, again = await session.send(tx, todo, text, received, before_dot)
+                results, again = await session.send(
+                    tx, todo, text, received, before_dot, envfile.verbatim(fh, tx.message)
+                )
             except StaleSession:
                 session, failure = await self._session(hop, tls, reuse=False)
                 if session is None:
