@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -39,6 +40,9 @@ import yaml
 from benchkit import Mail, tree_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+STARTED: list[subprocess.Popen[bytes]] = []  # killed at the end if still running
 
 
 def count(folder: Path) -> int:
@@ -104,6 +108,7 @@ class Run:
                     [sys.executable, "-m", "spoolsmtp", "run", "--config", str(config)], cwd=ROOT
                 )
             )
+            STARTED.append(self.procs[-1])
 
     def wait_done(self, n: int) -> None:
         """Until ``n`` envelopes are in done/. Listing a folder of 100,000 names costs tens of
@@ -133,8 +138,7 @@ class Run:
         for proc in self.procs:
             proc.send_signal(signal.SIGTERM)
         for proc in self.procs:
-            _, _, usage = os.wait4(proc.pid, 0)
-            proc.returncode = 0
+            usage = reap(proc)
             cpu += usage.ru_utime + usage.ru_stime
             rss = max(rss, usage.ru_maxrss / 1024)
         return max(cpu, before), rss
@@ -151,6 +155,23 @@ class Run:
 
     def latencies(self, finals: dict[str, float]) -> list[float]:
         return sorted(final - self.dropped[source] for source, final in finals.items())
+
+
+def reap(proc: subprocess.Popen[bytes], grace: float = 60.0) -> resource.struct_rusage:
+    """Wait for a worker sent SIGTERM; one that has not exited after ``grace`` seconds (a
+    second host waiting for a spool lock that this code does not share) is killed."""
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        pid, _, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = 0
+            return usage
+        time.sleep(0.05)
+    print(f"bench: worker {proc.pid} ignored SIGTERM for {grace:.0f} s; killed", file=sys.stderr)
+    proc.kill()
+    _, _, usage = os.wait4(proc.pid, 0)
+    proc.returncode = -9
+    return usage
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -233,6 +254,10 @@ def main() -> None:
             base = Path(outer.name) / f"s{n}"
             rows += run_setting(args, base, port, setting, mail, idle=n == 0)
     finally:
+        for proc in STARTED:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         sink.stdin.close()
         sink.wait(10)
         outer.cleanup()
