@@ -15,7 +15,7 @@ Each setting of ``--processes`` (``worker.processes``) and ``--hosts`` (workers 
 each setting's ratio of envelopes/s and of CPU per 1,000 to the first's. ``--size`` (bytes per
 message) and ``--rcpts`` (recipients per envelope) shape the mail. The outsider's measure (a
 separate dropper, Postfix's smtp-sink as the receiver, and Postfix itself on the same mail) is
-scripts/bench_outsider.py.
+scripts/bench_outsider.py, also run as ``bench.py --outsider [-n N] [--processes ..]``.
 
     .venv/bin/python scripts/bench.py [--burst 10000] [--backlog 100000] [--idle 200]
                                       [--processes 1 2] [--hosts 1 2] [--size 2048] [--rcpts 1]
@@ -224,6 +224,12 @@ def run_setting(
 
 
 def main() -> None:
+    if "--outsider" in sys.argv:  # the outsider's measure: scripts/bench_outsider.py
+        import bench_outsider
+
+        sys.argv.remove("--outsider")
+        bench_outsider.main()
+        return
     parser = argparse.ArgumentParser()
     parser.add_argument("--idle", type=int, default=200)
     parser.add_argument("--burst", type=int, default=10_000)
