@@ -2,14 +2,23 @@
 
 The worker runs as its own process (`spoolsmtp run`) with fsync on, against the local sink
 (scripts/sink.py, another process). Reported: envelopes/s, drop-to-final latency p50/p99
-(from the rename into incoming/ to the final result record), the worker's CPU seconds per
-1,000 envelopes and its peak RSS (from wait4). Cases:
+(from the rename into incoming/ to the final result record), CPU seconds per 1,000 envelopes
+of the worker's whole process tree (a supervisor and its delivery processes; both hosts in the
+two-host mode) and peak RSS (from wait4). Cases:
 
 * ``idle``: envelopes dropped one at a time, each after the previous is final (latency when idle);
-* ``burst``: N envelopes (1 recipient, 2 KB) dropped as fast as possible;
+* ``burst``: N envelopes dropped as fast as possible;
 * ``backlog``: N envelopes already in incoming/ when the worker starts (time to first delivery).
 
+Each setting of ``--processes`` (``worker.processes``) and ``--hosts`` (workers with their own
+``worker.host_id`` on one spool) runs the same burst and backlog in one run; the table ends with
+each setting's ratio of envelopes/s and of CPU per 1,000 to the first's. ``--size`` (bytes per
+message) and ``--rcpts`` (recipients per envelope) shape the mail. The outsider's measure (a
+separate dropper, Postfix's smtp-sink as the receiver, and Postfix itself on the same mail) is
+scripts/bench_outsider.py, also run as ``bench.py --outsider [-n N] [--processes ..]``.
+
     .venv/bin/python scripts/bench.py [--burst 10000] [--backlog 100000] [--idle 200]
+                                      [--processes 1 2] [--hosts 1 2] [--size 2048] [--rcpts 1]
                                       [--event-loop auto|asyncio|uvloop]
 """
 
@@ -18,25 +27,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from benchkit import Mail, tree_cpu
 
-from spoolsmtp.bsmtp import writer
-from spoolsmtp.model.envelope import Recipient
-
-BODY = b"Subject: bench\r\n\r\n" + (b"x" * 76 + b"\r\n") * 26
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def envelope(i: int) -> bytes:
-    draft = writer.Draft("bench@example.com", (Recipient(f"r{i}@example.org"),), BODY)
-    return writer.render([draft], "bench.example")
+STARTED: list[subprocess.Popen[bytes]] = []  # killed at the end if still running
 
 
 def count(folder: Path) -> int:
@@ -44,37 +50,65 @@ def count(folder: Path) -> int:
         return sum(1 for e in entries if not e.name.startswith("."))
 
 
+@dataclass(frozen=True)
+class Setting:
+    processes: int = 1
+    hosts: int = 1
+
+    def __str__(self) -> str:
+        host = f", {self.hosts} hosts" if self.hosts > 1 else ""
+        return f"processes {self.processes}{host}"
+
+
 class Run:
-    def __init__(self, tmp: Path, port: int, event_loop: str) -> None:
+    """One case of one setting: a spool, its configs, the worker processes."""
+
+    def __init__(self, tmp: Path, port: int, event_loop: str, setting: Setting, mail: Mail) -> None:
         self.spool = tmp / "spool"
         self.incoming = self.spool / "incoming"
         self.incoming.mkdir(parents=True)
-        conf = {
-            "hostname": "bench.example",
-            "smarthost": f"127.0.0.1:{port}",
-            "log_level": "warning",
-            "event_loop": event_loop,
-            "spool": {"path": str(self.spool)},
-        }
-        self.config = tmp / "conf.yaml"
-        self.config.write_text(yaml.safe_dump(conf))
+        self.mail = mail
+        self.configs: list[Path] = []
+        for host in range(setting.hosts):
+            conf: dict[str, object] = {
+                "hostname": "bench.example",
+                "smarthost": f"127.0.0.1:{port}",
+                "log_level": "warning",
+                "event_loop": event_loop,
+                "spool": {"path": str(self.spool)},
+                "worker": {"processes": setting.processes},
+            }
+            if setting.hosts > 1:
+                own = tmp / f"h{host + 1}"
+                own.mkdir()
+                conf["worker"] = {"processes": setting.processes, "host_id": f"h{host + 1}"}
+                conf["control"] = {
+                    "socket": str(own / "control.sock"),
+                    "operator_socket": str(own / "operator.sock"),
+                }
+            path = tmp / f"conf{host + 1}.yaml"
+            path.write_text(yaml.safe_dump(conf))
+            self.configs.append(path)
         self.dropped: dict[str, float] = {}
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.procs: list[subprocess.Popen[bytes]] = []
         self.started = 0.0
 
     def drop(self, i: int) -> None:
         name = f"b{i:06d}.bsmtp"
         tmp = self.incoming / f".{name}"
-        tmp.write_bytes(envelope(i))
+        tmp.write_bytes(self.mail.envelope(i))
         self.dropped[name] = time.time()
         tmp.rename(self.incoming / name)
 
     def start(self) -> None:
         self.started = time.time()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "spoolsmtp", "run", "--config", str(self.config)],
-            cwd=ROOT,
-        )
+        for config in self.configs:
+            self.procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "spoolsmtp", "run", "--config", str(config)], cwd=ROOT
+                )
+            )
+            STARTED.append(self.procs[-1])
 
     def wait_done(self, n: int) -> None:
         """Until ``n`` envelopes are in done/. Listing a folder of 100,000 names costs tens of
@@ -88,20 +122,31 @@ class Run:
             cost = time.process_time() - cost
             if have >= n:
                 return
+            for proc in self.procs:
+                if proc.poll() is not None:
+                    sys.exit(f"bench: the worker exited ({proc.returncode}) with {have}/{n} done")
             time.sleep(max(0.02, 20 * cost))
 
     def stop(self) -> tuple[float, float]:
-        """SIGTERM the worker; its CPU seconds and peak RSS in MB."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        _, _, usage = os.wait4(self.proc.pid, 0)
-        self.proc.returncode = 0
-        return usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+        """SIGTERM the workers; the CPU seconds of their process trees and the peak RSS in MB.
+
+        The CPU is what wait4 reports (a process and the children it reaped) or, if more, what
+        /proc said of the whole tree just before the stop, so a delivery process the
+        supervisor did not reap is counted too."""
+        before = sum(tree_cpu(proc.pid) for proc in self.procs)
+        cpu, rss = 0.0, 0.0
+        for proc in self.procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            usage = reap(proc)
+            cpu += usage.ru_utime + usage.ru_stime
+            rss = max(rss, usage.ru_maxrss / 1024)
+        return max(cpu, before), rss
 
     def finals(self) -> dict[str, float]:
         """When each envelope's final result record was made (epoch seconds), by source name."""
         out = {}
-        for path in (self.spool / "results").glob("*.json"):
+        for path in (self.spool / "results").rglob("*.json"):
             rec = json.loads(path.read_bytes())
             final = time.mktime(time.strptime(rec["updated_at"][:19], "%Y-%m-%dT%H:%M:%S"))
             final += float("0" + rec["updated_at"][19:-1]) - time.timezone
@@ -112,17 +157,91 @@ class Run:
         return sorted(final - self.dropped[source] for source, final in finals.items())
 
 
+def reap(proc: subprocess.Popen[bytes], grace: float = 60.0) -> resource.struct_rusage:
+    """Wait for a worker sent SIGTERM; one that has not exited after ``grace`` seconds (a
+    second host waiting for a spool lock that this code does not share) is killed."""
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        pid, _, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = 0
+            return usage
+        time.sleep(0.05)
+    print(f"bench: worker {proc.pid} ignored SIGTERM for {grace:.0f} s; killed", file=sys.stderr)
+    proc.kill()
+    _, _, usage = os.wait4(proc.pid, 0)
+    proc.returncode = -9
+    return usage
+
+
 def quantile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+Row = tuple[str, int, float | None, list[float] | None, float, float, float | None]
+
+
+def run_setting(
+    args: argparse.Namespace, base: Path, port: int, setting: Setting, mail: Mail, idle: bool
+) -> list[Row]:
+    rows: list[Row] = []
+    tag = str(setting)
+    if idle and args.idle:
+        run = Run(base / "idle", port, args.event_loop, setting, mail)
+        run.start()
+        time.sleep(1.0)  # let it start before the first drop: we measure idle latency
+        for i in range(args.idle):
+            run.drop(i)
+            run.wait_done(i + 1)
+        cpu, rss = run.stop()
+        lat = run.latencies(run.finals())
+        rows.append((f"idle, {tag}", args.idle, None, lat, cpu, rss, None))
+    if args.burst:
+        run = Run(base / "burst", port, args.event_loop, setting, mail)
+        run.start()
+        time.sleep(1.0 + setting.processes * 0.5)
+        start = time.time()
+        for i in range(args.burst):
+            run.drop(i)
+        run.wait_done(args.burst)
+        cpu, rss = run.stop()
+        finals = run.finals()
+        rate = args.burst / (max(finals.values()) - start)
+        rows.append((f"burst, {tag}", args.burst, rate, run.latencies(finals), cpu, rss, None))
+    if args.backlog:
+        run = Run(base / "backlog", port, args.event_loop, setting, mail)
+        for i in range(args.backlog):
+            run.drop(i)
+        run.start()
+        run.wait_done(args.backlog)
+        cpu, rss = run.stop()
+        finals = run.finals()
+        first, end = min(finals.values()), max(finals.values())
+        rate = args.backlog / (end - run.started)
+        delay = first - run.started
+        rows.append((f"backlog, {tag}", args.backlog, rate, None, cpu, rss, delay))
+    return rows
+
+
 def main() -> None:
+    if "--outsider" in sys.argv:  # the outsider's measure: scripts/bench_outsider.py
+        import bench_outsider
+
+        sys.argv.remove("--outsider")
+        bench_outsider.main()
+        return
     parser = argparse.ArgumentParser()
     parser.add_argument("--idle", type=int, default=200)
     parser.add_argument("--burst", type=int, default=10_000)
     parser.add_argument("--backlog", type=int, default=100_000)
+    parser.add_argument("--processes", type=int, nargs="+", default=[1], metavar="N")
+    parser.add_argument("--hosts", type=int, nargs="+", default=[1], metavar="N")
+    parser.add_argument("--size", type=int, default=2048, help="bytes per message")
+    parser.add_argument("--rcpts", type=int, default=1, help="recipients per envelope")
     parser.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto")
     args = parser.parse_args()
+    settings = list(dict.fromkeys(Setting(p, h) for h in args.hosts for p in args.processes))
+    mail = Mail(args.size, args.rcpts)
     sink = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "sink.py")],
         stdin=subprocess.PIPE,
@@ -131,61 +250,50 @@ def main() -> None:
     )
     assert sink.stdout is not None and sink.stdin is not None
     port = int(sink.stdout.readline().split()[1])
-    rows: list[tuple[str, int, float | None, list[float] | None, float, float, float | None]] = []
+    rows: list[Row] = []
     # One folder for all cases, removed at the very end: ext4 without a journal (this
     # machine's disk) skips inodes freed in the last 30 s when it allocates one, so deleting a
     # finished case's 30,000 files would slow down every file the next case creates.
     outer = tempfile.TemporaryDirectory(dir=ROOT, prefix=".bench-")
     try:
-        if args.idle:
-            run = Run(Path(outer.name) / "idle", port, args.event_loop)
-            run.start()
-            time.sleep(1.0)  # let it start before the first drop: we measure idle latency
-            for i in range(args.idle):
-                run.drop(i)
-                run.wait_done(i + 1)
-            cpu, rss = run.stop()
-            lat = run.latencies(run.finals())
-            rows.append(("idle, one at a time", args.idle, None, lat, cpu, rss, None))
-        if args.burst:
-            run = Run(Path(outer.name) / "burst", port, args.event_loop)
-            run.start()
-            time.sleep(1.0)
-            start = time.time()
-            for i in range(args.burst):
-                run.drop(i)
-            run.wait_done(args.burst)
-            cpu, rss = run.stop()
-            finals = run.finals()
-            end = max(finals.values())
-            rate = args.burst / (end - start)
-            rows.append(("burst", args.burst, rate, run.latencies(finals), cpu, rss, None))
-        if args.backlog:
-            run = Run(Path(outer.name) / "backlog", port, args.event_loop)
-            for i in range(args.backlog):
-                run.drop(i)
-            run.start()
-            run.wait_done(args.backlog)
-            cpu, rss = run.stop()
-            finals = run.finals()
-            first, end = min(finals.values()), max(finals.values())
-            rate = args.backlog / (end - run.started)
-            delay = first - run.started
-            rows.append(("backlog at start", args.backlog, rate, None, cpu, rss, delay))
+        for n, setting in enumerate(settings):
+            base = Path(outer.name) / f"s{n}"
+            rows += run_setting(args, base, port, setting, mail, idle=n == 0)
     finally:
+        for proc in STARTED:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         sink.stdin.close()
         sink.wait(10)
         outer.cleanup()
-    print(f"event loop: {args.event_loop} (auto: uvloop where installed)")
+    print(f"event loop: {args.event_loop} (auto: uvloop where installed); {mail}")
     heads = ("N", "env/s", "p50 ms", "p99 ms", "CPU s/1000", "peak RSS MB", "first s")
-    print(f"{'case':22} " + " ".join(f"{h:>{max(7, len(h))}}" for h in heads))
+    print(f"{'case':32} " + " ".join(f"{h:>{max(7, len(h))}}" for h in heads))
     for label, n, rate, latencies, cpu, rss, first_s in rows:
         lat = latencies or []
         p50 = f"{quantile(lat, 0.5) * 1000:7.1f}" if lat else "      -"
         p99 = f"{quantile(lat, 0.99) * 1000:7.1f}" if lat else "      -"
         r = f"{rate:7.0f}" if rate else "      -"
         f = f"{first_s:7.2f}" if first_s is not None else "      -"
-        print(f"{label:22} {n:7d} {r} {p50} {p99} {cpu / n * 1000:10.2f} {rss:11.1f} {f}")
+        print(f"{label:32} {n:7d} {r} {p50} {p99} {cpu / n * 1000:10.2f} {rss:11.1f} {f}")
+    print_ratios(rows, settings)
+
+
+def print_ratios(rows: list[Row], settings: list[Setting]) -> None:
+    """Each setting against the first: envelopes/s and CPU per 1,000, burst and backlog."""
+    if len(settings) < 2:
+        return
+    by_label = {label: (rate, cpu / n) for label, n, rate, _, cpu, _, _ in rows}
+    first = str(settings[0])
+    print(f"ratios to {first} (env/s, CPU per 1,000):")
+    for setting in settings[1:]:
+        parts = []
+        for case in ("burst", "backlog"):
+            base, this = by_label.get(f"{case}, {first}"), by_label.get(f"{case}, {setting}")
+            if base and this and base[0] and this[0]:
+                parts.append(f"{case} {this[0] / base[0]:.2f}x, CPU {this[1] / base[1]:.2f}x")
+        print(f"  {setting}: " + "; ".join(parts))
 
 
 if __name__ == "__main__":

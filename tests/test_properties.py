@@ -116,3 +116,39 @@ def test_wire_form_has_one_terminator_and_only_crlf(message: bytes) -> None:
     assert wire.count(b"\r\n.\r\n") == 1
     assert wire.endswith(b"\r\n.\r\n")
     assert wire.count(b"\r") == wire.count(b"\r\n") == wire.count(b"\n")
+
+
+def _first_long_line(block: bytes, longest: int, line_start: bool) -> int | None:
+    """The rule, line by line: a line (its CR counted) longer than ``longest``, a leading
+    dot not counted where it begins a line."""
+    for i, line in enumerate(block.split(b"\n")):
+        stuffed = line.startswith(b".") and (i > 0 or line_start)
+        if len(line) - stuffed > longest:
+            return i
+    return None
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lines=st.lists(st.tuples(st.sampled_from([b"", b".", b".."]), st.integers(0, 30)), max_size=12),
+    ending=st.sampled_from([b"\n", b"\r\n"]),
+    tail=st.integers(-1, 30),
+    longest=st.integers(1, 24),
+    line_start=st.booleans(),
+)
+def test_the_long_line_check_over_whole_blocks_finds_the_line_the_rule_names(
+    lines: list[tuple[bytes, int]], ending: bytes, tail: int, longest: int, line_start: bool
+) -> None:
+    from spoolsmtp.bsmtp.datascan import block_fault
+
+    block = b"".join(dots + b"a" * n + ending for dots, n in lines)
+    block += b"" if tail < 0 else b"b" * tail  # an unfinished last line
+    if not block:
+        return
+    crlf = ending == b"\r\n" and b"\r" not in block.replace(b"\r\n", b"")
+    want = _first_long_line(block, longest, line_start)
+    if crlf and block.endswith(b"\n"):
+        fault = block_fault(block, 1, True, line_start, longest + 1)
+        assert (fault is None) == (want is None)
+        if fault is not None and want is not None:
+            assert f"line {want + 1} longer" in fault.lines[0]

@@ -4,6 +4,7 @@ kills the worker while it is read is quarantined, its recipients fail and its se
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 import threading
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from spoolsmtp.spool.journal import Replayed
-from spoolsmtp.spool.quarantine import Verdict, assess
+from spoolsmtp.spool.quarantine import Reads, Verdict, assess
 from tests.helpers import draft, report_failures, statuses
 from tests.smtpservers import Script, SmtpServer
 from tests.workerproc import WorkerProcess, wait_for
@@ -218,3 +219,50 @@ def test_a_start_stopped_by_its_config_is_never_a_crash(tmp_path: Path) -> None:
         srv.stop()
     assert rec["state"] == "done", rec
     assert [m.rcpt_tos for m in srv.messages] == [["a@example.org"]]
+
+
+def test_a_read_waits_for_no_commit_of_its_own_and_its_mark_reaches_the_disk(
+    tmp_path: Path,
+) -> None:
+    """The ``read`` mark of a new envelope rides with the journal's next commit instead of a
+    commit the read waits for: reads end while the journal cannot commit, many reads ending
+    together cost one commit, and each mark is on disk soon after without anyone asking. A
+    read alone still commits its mark before the next read may begin."""
+    from spoolsmtp.spool.iobatch import IoBatch
+    from spoolsmtp.spool.journal import Journal, replay
+
+    async def run() -> tuple[int, int, int]:
+        journal = Journal(tmp_path / "journal", IoBatch())
+        reads = Reads(journal, {"alone": Verdict(1, alone=True)})
+        ids = [f"E{i}" for i in range(20)]
+        for envelope_id in ids:
+            reads.mark(envelope_id)
+        await journal.commit()  # the claims' commit
+        before = journal.commits
+
+        async def read(envelope_id: str) -> None:
+            async with reads.reading(envelope_id):
+                await asyncio.sleep(0)
+
+        # the journal's disk is stuck (its I/O lock held): every read must end all the same
+        with journal._io_lock:
+            await asyncio.wait_for(asyncio.gather(*(read(i) for i in ids)), 10)
+            waited = journal.commits - before
+        await asyncio.wait_for(_flushed(reads), 10)
+        after_flush = journal.commits - before
+        async with reads.reading("alone"):
+            pass
+        alone = journal.commits - before - after_flush
+        return waited, after_flush, alone
+
+    waited, after_flush, alone = asyncio.run(run())
+    assert waited == 0  # no read waited for a commit
+    assert 1 <= after_flush <= 2  # one flush for all twenty (one more if a mark came late)
+    assert alone == 2  # ``reading`` alone before, ``read`` after
+    phases = {i: r.phase for i, r in replay(tmp_path / "journal").items()}
+    assert phases == {**{f"E{i}": "read" for i in range(20)}, "alone": "read"}
+
+
+async def _flushed(reads: Reads) -> None:
+    while reads._flushing is not None:
+        await asyncio.sleep(0.01)

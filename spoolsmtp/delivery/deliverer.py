@@ -237,7 +237,9 @@ class Deliverer:
         while todo:
             sent_at = time.monotonic()
             try:
-                results, again = await session.send(tx, todo, text, received, before_dot)
+                results, again = await session.send(
+                    tx, todo, text, received, before_dot, envfile.verbatim(fh, tx.message)
+                )
             except StaleSession:
                 session, failure = await self._session(hop, dest, tls, reuse=False)
                 if session is None:

@@ -99,6 +99,12 @@ class Message:
     eight_bit: bool
     received: int
 
+    @property
+    def verbatim(self) -> bool:
+        """The lines as written are the wire form: CRLF, and none begins with a dot (the scan
+        counts a leading dot as stuffing, so only then is ``size`` the extent's length)."""
+        return self.crlf and self.size == self.end - self.start
+
 
 @dataclass(frozen=True)
 class Transaction:

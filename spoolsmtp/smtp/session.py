@@ -14,10 +14,13 @@ from __future__ import annotations
 import _ssl
 import asyncio
 import contextlib
+import os
+import select
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from spoolsmtp.model.config import DeliveryConfig, Timeouts, TlsPolicy
 from spoolsmtp.model.envelope import Recipient, Transaction
@@ -44,6 +47,17 @@ DotHook = Callable[[list[Recipient]], Awaitable[None]]
 CrashPoint = Callable[[str], None]
 MessageText = outgoing.MessageText
 BODY_WRITE = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Verbatim:
+    """The message text exactly as DATA sends it: bytes ``start``-``end`` of the envelope file,
+    whose lines all end in CRLF and none begins with a dot (nothing to stuff). ``source`` is
+    the file's bytes when they are in memory, else the open file (sent with sendfile(2))."""
+
+    source: bytes | BinaryIO
+    start: int
+    end: int
 
 
 class SessionBroken(Exception):
@@ -92,6 +106,7 @@ class SessionStats:
     reused: int = 0
     tls: int = 0
     bytes_sent: int = 0
+    verbatim: int = 0  # messages sent as the file holds them (no per-line work)
 
 
 @dataclass
@@ -267,6 +282,7 @@ class Session:
         message: MessageText,
         received: bytes,
         before_dot: DotHook | None = None,
+        verbatim: Verbatim | None = None,
     ) -> tuple[list[RecipientResult], list[Recipient]]:
         """One transaction for ``recipients``: a result for each, and the recipients that got
         452 while others were accepted, to be sent again in a new transaction. The rules are
@@ -274,7 +290,9 @@ class Session:
 
         ``message`` gives the text as DATA sends it (CRLF, dot-stuffed), afresh at each call.
         ``before_dot`` is awaited with the accepted recipients just before the final dot, so the
-        caller can journal that a duplicate is possible from here on.
+        caller can journal that a duplicate is possible from here on. ``verbatim``, when given,
+        is the same text as it lies in the file: sent as it is where the wire carries the
+        file's bytes unchanged (not under TLS).
         """
         self.last_used = time.monotonic()
         self.transactions += 1
@@ -302,7 +320,9 @@ class Session:
             if mt.envelope_answered() is Stage.AFTER_RCPT:
                 mt.receive(await self._command(DATA))
             if mt.stage is Stage.DURING_DATA:
-                await self._message(mt, out.message(), out.head, before_dot)
+                # the file's bytes go out as they lie only when nothing transforms them
+                raw = verbatim if out.as_stored and not self.encrypted else None
+                await self._message(mt, out.message(), out.head, before_dot, raw)
             elif mt.drop_connection:
                 self.abort()
         except SessionBroken as exc:
@@ -318,9 +338,13 @@ class Session:
         chunks: Iterable[bytes],
         received: bytes,
         before_dot: DotHook | None,
+        verbatim: Verbatim | None = None,
     ) -> None:
         """After the 354: the message text, the final dot, and the reply to it."""
-        tail = await self._body(received, chunks)
+        if verbatim is not None:
+            tail = await self._verbatim(received, verbatim)
+        else:
+            tail = await self._body(received, chunks)
         if before_dot is not None:
             try:
                 await before_dot(mt.accepted)
@@ -371,6 +395,63 @@ class Session:
         self.reach("mid_data")
         return b"".join(pending)
 
+    async def _verbatim(self, received: bytes, body: Verbatim) -> bytes:
+        """Our Received header, then the message as the file holds it: from memory in one
+        write, or from the file by sendfile(2); no Python per line or per block. Returns the
+        rest, unsent (a small message goes out with the final dot)."""
+        if self._traced():
+            self._trace(f"> (message: {received.decode('utf-8', 'replace').splitlines()[0]} ...)")
+        size = body.end - body.start
+        self.stats.verbatim += 1
+        if isinstance(body.source, bytes):
+            view = memoryview(body.source)[body.start : body.end]
+            if len(received) + size < BODY_WRITE:
+                self.reach("mid_data")
+                return received + view
+            await self._write(received)
+            await self._write(view)
+        else:
+            await self._write(received)
+            await self._sendfile(body.source, body.start, size)
+        self.reach("mid_data")
+        return b""
+
+    async def _sendfile(self, fh: BinaryIO, offset: int, count: int) -> None:
+        """``count`` bytes of ``fh`` from ``offset`` straight to the socket. Only once the
+        transport has nothing buffered (else the bytes are read and written in blocks); on a
+        duplicate of the socket's descriptor, so a connection closed meanwhile cannot hand its
+        number to another file; a full socket buffer is waited for in a thread."""
+        transport = self._check_open()
+        sock = transport.get_extra_info("socket")
+        if sock is None or transport.get_write_buffer_size():
+            fh.seek(offset)
+            while count > 0:
+                data = fh.read(min(count, BODY_WRITE * 16))
+                if not data:
+                    raise OSError(f"envelope file shorter than recorded (offset {offset + count})")
+                await self._write(data)
+                count -= len(data)
+            return
+        fd = os.dup(sock.fileno())
+        try:
+            while count > 0:
+                try:
+                    sent = os.sendfile(fd, fh.fileno(), offset, count)
+                except BlockingIOError:
+                    timeout = self.config.timeouts.data_block
+                    if not await asyncio.to_thread(_writable, fd, timeout):
+                        raise SessionBroken(timed_out("")) from None
+                    continue
+                except OSError as exc:
+                    raise SessionBroken(connection_lost(f"({exc.strerror})")) from exc
+                if sent == 0:
+                    raise OSError(f"envelope file shorter than recorded (offset {offset + count})")
+                offset += sent
+                count -= sent
+                self.stats.bytes_sent += sent
+        finally:
+            os.close(fd)
+
     async def close(self) -> None:
         """QUIT politely, close, and wait until the connection is gone; all of it bounded by
         the QUIT timeout, after which the connection is aborted."""
@@ -414,7 +495,7 @@ class Session:
             raise SessionBroken(connection_lost(""))
         return transport
 
-    async def _write(self, data: bytes) -> None:
+    async def _write(self, data: bytes | memoryview) -> None:
         transport = self._check_open()
         wire = self._wire
         assert wire is not None
@@ -468,6 +549,13 @@ class Session:
     def _trace(self, text: str) -> None:
         if self.trace is not None and self.tracing():
             self.trace(f"session {self.hop.host}[{self.hop.address}]: {text}")
+
+
+def _writable(fd: int, timeout: float) -> bool:
+    """Until the socket can take more (in an I/O thread); False when ``timeout`` passed."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return bool(poller.poll(timeout * 1000))
 
 
 def _prefixed(reply: Reply, context: str) -> Reply:

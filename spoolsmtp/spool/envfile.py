@@ -17,6 +17,7 @@ from spoolsmtp.bsmtp.reader import Reader
 from spoolsmtp.bsmtp.unwrap import unwrap
 from spoolsmtp.model.config import Limits, NetdataConfig, SpoolConfig
 from spoolsmtp.model.envelope import Envelope, Message
+from spoolsmtp.smtp.session import Verbatim
 from spoolsmtp.spool import legacy
 
 CHUNK = 1 << 20
@@ -139,6 +140,15 @@ def wire_chunks(fh: BinaryIO, message: Message, chunk: int = CHUNK) -> Iterator[
     for block in text_chunks(fh, message, chunk):
         stuffed = block.replace(b"\n.", b"\n..")
         yield b"." + stuffed if stuffed.startswith(b".") else stuffed
+
+
+def verbatim(fh: BinaryIO, message: Message) -> Verbatim | None:
+    """The message as it lies in the file, when that is what DATA sends (``wire_chunks`` would
+    give the same bytes), for a stream of ``open_text``; else None."""
+    if not message.verbatim:
+        return None
+    source = fh.getvalue() if isinstance(fh, io.BytesIO) else fh  # the bytes it was given
+    return Verbatim(source, message.start, message.end)
 
 
 def open_text(path: Path, data: bytes | None) -> BinaryIO:

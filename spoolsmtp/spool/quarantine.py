@@ -2,8 +2,11 @@
 
 Before an envelope file in ``active/`` is read, a ``reading`` phase record is committed to the
 journal (for a new envelope, in the batch that commits its claim); once it was read, ``read`` is
-committed before delivery starts; a clean stop commits ``stopped`` for every envelope it leaves
-in ``active/``. So at start, an envelope whose last phase is ``reading`` was being read when the
+appended and rides with the next commit of the journal (a flush is asked for at once, shared by
+every read that ends meanwhile; delivery does not wait for it: until it is on disk a crash finds
+``reading``, as it did while the commit was awaited); a read alone commits ``read`` before the
+next read may begin. A clean stop commits ``stopped`` for every envelope it leaves in
+``active/``. So at start, an envelope whose last phase is ``reading`` was being read when the
 worker died, and nothing else is held against an envelope: not a stop we asked for (SIGTERM,
 SHUTDOWN, ``shutdown_timeout`` expired), not a kill while a server was thinking.
 
@@ -19,6 +22,7 @@ kills the worker, it is quarantined unread, and no report can be sent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from types import TracebackType
@@ -120,6 +124,8 @@ class Reads:
         self.verdicts = verdicts
         self._marked: set[str] = set()
         self._gate = _Gate()
+        self._flushing: asyncio.Task[None] | None = None
+        self._again = False
 
     def crashes(self, envelope_id: str) -> int:
         verdict = self.verdicts.get(envelope_id)
@@ -143,8 +149,33 @@ class Reads:
     def reading(self, envelope_id: str) -> _Reading:
         return _Reading(self, envelope_id)
 
+    def flush_soon(self) -> None:
+        """Commit what was appended (``read`` marks) soon: one commit at a time, and one more
+        if a mark came after that commit began, however many reads ended."""
+        if self._flushing is None:
+            self._flushing = asyncio.get_running_loop().create_task(self._flush())
+        else:
+            self._again = True
+
+    async def _flush(self) -> None:
+        try:
+            again = True
+            while again:
+                self._again = False
+                # a failed commit (a full disk) leaves the marks pending: the next commit
+                # that works writes them, as it writes everything appended before it
+                await self.journal.commit()
+                again = self._again
+        except OSError:
+            pass
+        finally:
+            self._flushing = None
+
     async def stopped(self, active: list[str]) -> None:
         """A clean stop: nothing left in ``active/`` is to blame for it."""
+        if self._flushing is not None:
+            with contextlib.suppress(OSError):
+                await self._flushing
         for envelope_id in active:
             self.journal.append(_phase(envelope_id, "stopped", crashes=self.crashes(envelope_id)))
         if active:
@@ -194,6 +225,10 @@ class _Reading:
             if exc_type is None or issubclass(exc_type, Exception):
                 self.reads.verdicts.pop(self.id, None)
                 self.reads.journal.append(_phase(self.id, "read"))
-                await self.reads.journal.commit()
+                if self.alone:
+                    # on disk before the gate opens: a crash in the next read is not this one's
+                    await self.reads.journal.commit()
+                else:
+                    self.reads.flush_soon()
         finally:
             await self.reads._gate.leave(self.alone)

@@ -1,0 +1,306 @@
+"""The outsider's measure: drop-to-delivered, counted at a C receiver, against Postfix.
+
+A separate process (the dropper, as a batch job would) writes N envelopes into the spool's
+``incoming/`` by tmp + rename; the worker (``spoolsmtp run``, fsync on) delivers them to
+Postfix's ``smtp-sink``, started with ``-M N`` so that it exits on the N-th message; the clock
+runs from the dropper's first rename to the sink's exit. In the same run a private Postfix
+instance (its own config and queue directories under a temp folder, smtpd on a free loopback
+port, ``relayhost = [127.0.0.1]:<sink>``, its default fsync) is fed the same N messages by
+Postfix's ``smtp-source`` (20 sessions, ``-F`` the same message text) and timed the same way:
+first connection to the sink's N-th message. Printed: envelopes/s and CPU seconds per 1,000
+of each (the worker's process tree; Postfix's master and every daemon under it), and the ratios.
+
+    .venv/bin/python scripts/bench_outsider.py [-n 10000] [--processes 1 2] [--size 2048]
+                                               [--rcpts 1] [--no-postfix]
+
+Needs Postfix's smtp-sink, smtp-source and postfix (Debian: apt-get install postfix); only
+127.0.0.1 is used. Run as root (Postfix's daemons drop to the ``postfix`` user).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from benchkit import Mail, free_port, tree_cpu
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ("smtp-sink", "smtp-source", "postfix")
+SESSIONS = 20  # smtp-source's sessions, as the worker's delivery.max_per_destination
+
+
+def tool(name: str) -> str:
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
+    assert found is not None
+    return found
+
+
+def missing() -> list[str]:
+    return [t for t in TOOLS if not (shutil.which(t) or shutil.which(t, path="/usr/sbin"))]
+
+
+def wait_listening(port: int, deadline: float = 30.0) -> None:
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > end:
+                sys.exit(f"bench_outsider: nothing listens on 127.0.0.1:{port}")
+            time.sleep(0.05)
+
+
+class Sink:
+    """smtp-sink that exits on the N-th message; ``end()`` is when it did."""
+
+    def __init__(self, n: int) -> None:
+        self.port = free_port()
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        self.proc = subprocess.Popen(
+            [tool("smtp-sink"), *user, "-M", str(n), f"127.0.0.1:{self.port}", "256"],
+            stdout=subprocess.DEVNULL,
+        )
+        wait_listening(self.port)
+
+    def end(self, timeout: float) -> float:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            sys.exit("bench_outsider: smtp-sink did not get every message in time")
+        return time.time()
+
+
+def drop(incoming: str, n: int, size: int, rcpts: int) -> None:
+    """The dropper (its own process): every envelope rendered first, then written by tmp +
+    rename one after another; prints the time of the first rename."""
+    mail = Mail(size, rcpts)
+    data = [mail.envelope(i) for i in range(n)]
+    first = 0.0
+    for i, body in enumerate(data):
+        tmp = os.path.join(incoming, f".b{i:06d}.bsmtp")
+        with open(tmp, "wb") as fh:
+            fh.write(body)
+        os.rename(tmp, os.path.join(incoming, f"b{i:06d}.bsmtp"))
+        first = first or time.time()
+    print(f"FIRST {first:.6f}", flush=True)
+
+
+def spoolsmtp_run(
+    tmp: Path, n: int, processes: int, mail: Mail, timeout: float
+) -> tuple[float, float]:
+    """One worker (``processes`` delivery processes) fed by the dropper: env/s, CPU s/1000."""
+    spool = tmp / "spool"
+    (spool / "incoming").mkdir(parents=True)
+    sink = Sink(n)
+    conf = {
+        "hostname": "bench.example",
+        "smarthost": f"127.0.0.1:{sink.port}",
+        "log_level": "warning",
+        "spool": {"path": str(spool)},
+        "worker": {"processes": processes},
+    }
+    (tmp / "conf.yaml").write_text(yaml.safe_dump(conf))
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "spoolsmtp", "run", "--config", str(tmp / "conf.yaml")], cwd=ROOT
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (spool / "active").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0 + processes * 0.5)  # started and watching
+        cpu0 = tree_cpu(worker.pid)
+        dropper = subprocess.run(
+            [sys.executable, __file__, "drop", str(spool / "incoming"), str(n), *mail.args()],
+            stdout=subprocess.PIPE,
+            text=True,
+            check=True,
+        )
+        first = float(dropper.stdout.split()[1])
+        end = sink.end(timeout)
+        cpu = tree_cpu(worker.pid) - cpu0
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(60)
+        if sink.proc.poll() is None:
+            sink.proc.kill()
+    return n / (end - first), cpu / n * 1000
+
+
+MAIN_CF = """\
+compatibility_level = 3.6
+queue_directory = {dir}/queue
+data_directory = {dir}/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = bench.example
+mydomain = bench.example
+myorigin = bench.example
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject
+relayhost = [127.0.0.1]:{sink}
+smtp_dns_support_level = disabled
+alias_maps =
+alias_database =
+local_recipient_maps =
+smtpd_tls_security_level = none
+smtp_tls_security_level = none
+maillog_file = {dir}/maillog
+maillog_file_prefixes = {dir}
+"""
+
+
+class Postfix:
+    """A private Postfix instance in ``dir``: smtpd on a free loopback port."""
+
+    def __init__(self, dir: Path, sink_port: int) -> None:
+        self.dir = dir
+        self.etc = dir / "etc"
+        self.etc.mkdir(parents=True)
+        for sub in ("queue", "data"):
+            (dir / sub).mkdir()
+        shutil.chown(dir / "data", "postfix")
+        self.port = free_port()
+        (self.etc / "main.cf").write_text(MAIN_CF.format(dir=dir, sink=sink_port))
+        lines = []
+        for line in Path("/etc/postfix/master.cf").read_text().splitlines():
+            fields = line.split()
+            if fields and not line[0].isspace() and not line.startswith("#"):
+                if fields[:2] == ["smtp", "inet"]:
+                    fields[0] = f"127.0.0.1:{self.port}"
+                if len(fields) > 4:
+                    fields[4] = "n"  # no chroot: this instance has no chroot tree
+                lines.append(" ".join(fields))
+            else:
+                lines.append(line)
+        (self.etc / "master.cf").write_text("\n".join(lines) + "\n")
+        env = {**os.environ, "MAIL_CONFIG": str(self.etc)}
+        self.env = env
+        subprocess.run(
+            [tool("postfix"), "-c", str(self.etc), "set-permissions"],
+            env=env,
+            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        subprocess.run(
+            [tool("postfix"), "-c", str(self.etc), "start"],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        wait_listening(self.port)
+
+    def master_pid(self) -> int:
+        return int((self.dir / "queue" / "pid" / "master.pid").read_text().split()[0])
+
+    def stop(self) -> None:
+        subprocess.run(
+            [tool("postfix"), "-c", str(self.etc), "stop"],
+            env=self.env,
+            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+
+def postfix_run(tmp: Path, n: int, mail: Mail, timeout: float) -> tuple[float, float]:
+    """Postfix fed by smtp-source: env/s, CPU s/1000 of the master and its daemons."""
+    sink = Sink(n)
+    postfix = Postfix(tmp / "postfix", sink.port)
+    try:
+        message = tmp / "message.txt"
+        message.write_bytes(mail.body.replace(b"\r\n", b"\n"))
+        master = postfix.master_pid()
+        time.sleep(1.0)
+        cpu0 = tree_cpu(master)
+        first = time.time()
+        source = subprocess.Popen(
+            [
+                tool("smtp-source"),
+                "-d",
+                "-s",
+                str(SESSIONS),
+                "-m",
+                str(n),
+                "-r",
+                str(mail.rcpts),
+                "-F",
+                str(message),
+                "-f",
+                "bench@example.com",
+                "-t",
+                "r@example.org",
+                "-M",
+                "bench.example",
+                f"127.0.0.1:{postfix.port}",
+            ],
+        )
+        end = sink.end(timeout)
+        cpu = tree_cpu(master) - cpu0
+        source.wait(60)
+    finally:
+        postfix.stop()
+        if sink.proc.poll() is None:
+            sink.proc.kill()
+    return n / (end - first), cpu / n * 1000
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "drop":
+        incoming, n, size, rcpts = sys.argv[2], *map(int, sys.argv[3:6])
+        drop(incoming, n, size, rcpts)
+        return
+    parser = argparse.ArgumentParser()
+    parser.add_argument("-n", type=int, default=10_000, help="envelopes per run")
+    parser.add_argument("--processes", type=int, nargs="+", default=[1], metavar="N")
+    parser.add_argument("--size", type=int, default=2048, help="bytes per message")
+    parser.add_argument("--rcpts", type=int, default=1, help="recipients per envelope")
+    parser.add_argument("--no-postfix", action="store_true", help="skip the Postfix run")
+    parser.add_argument("--timeout", type=float, default=600.0)
+    args = parser.parse_args()
+    if missing():
+        print(
+            f"bench_outsider: needs {', '.join(missing())} from Postfix: apt-get install postfix"
+            " (then stop its own service so it does not hold port 25: service postfix stop)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    mail = Mail(args.size, args.rcpts)
+    rows: list[tuple[str, float, float]] = []
+    outer = tempfile.TemporaryDirectory(prefix="spoolsmtp-outsider-")
+    os.chmod(outer.name, 0o755)  # Postfix's daemons (user postfix) walk into their queue
+    try:
+        for processes in dict.fromkeys(args.processes):
+            tmp = Path(outer.name) / f"p{processes}"
+            tmp.mkdir()
+            rate, cpu = spoolsmtp_run(tmp, args.n, processes, mail, args.timeout)
+            rows.append((f"spoolsmtp, processes {processes}", rate, cpu))
+        if not args.no_postfix:
+            rate, cpu = postfix_run(Path(outer.name), args.n, mail, args.timeout)
+            rows.append(("Postfix smtpd -> queue -> smtp", rate, cpu))
+    finally:
+        outer.cleanup()
+    print(f"N={args.n}, {mail}; drop (or first connection) to the sink's N-th message")
+    print(f"{'path':34} {'env/s':>7} {'CPU s/1000':>10} {'x first':>8} {'x Postfix':>9}")
+    postfix = rows[-1][1] if not args.no_postfix else None
+    for label, rate, cpu in rows:
+        vs_pf = f"{rate / postfix:9.2f}" if postfix else "        -"
+        print(f"{label:34} {rate:7.0f} {cpu:10.2f} {rate / rows[0][1]:8.2f} {vs_pf}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""What the benchmarks share: the mail they send (size, recipients), a process tree's CPU."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+from spoolsmtp.bsmtp import writer
+from spoolsmtp.model.envelope import Recipient
+
+HEADER = b"Subject: bench\r\n\r\n"
+LINE = b"x" * 76 + b"\r\n"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Mail:
+    """Envelopes of one sender, ``rcpts`` recipients each, a message of about ``size`` bytes
+    (whole 78-byte lines of text after a Subject header; none needs dot-stuffing)."""
+
+    size: int = 2048
+    rcpts: int = 1
+
+    @property
+    def body(self) -> bytes:
+        lines = max(1, (self.size - len(HEADER)) // len(LINE))
+        return HEADER + LINE * lines
+
+    def recipients(self, i: int) -> list[str]:
+        return [f"r{i}-{k}@example.org" for k in range(self.rcpts)]
+
+    def envelope(self, i: int) -> bytes:
+        rcpts = tuple(Recipient(r) for r in self.recipients(i))
+        return writer.render([writer.Draft("bench@example.com", rcpts, self.body)], "bench.example")
+
+    def args(self) -> list[str]:
+        return [str(self.size), str(self.rcpts)]
+
+    def __str__(self) -> str:
+        return f"{len(self.body)} bytes, {self.rcpts} recipient(s) per envelope"
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            text = fh.read().decode()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()  # the name may hold spaces and parentheses
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds of ``root`` and every live descendant, each with the children it reaped
+    (utime + stime + cutime + cstime from /proc)."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat(int(entry))) is not None:
+            stats[int(entry)] = fields
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        fields = stats.get(pid)
+        if fields is not None:
+            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        todo.extend(children.get(pid, []))
+    return total / TICK
+
+
+def free_port() -> int:
+    """A loopback TCP port free right now (for a server that cannot say which it took)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
