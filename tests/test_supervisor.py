@@ -1,0 +1,312 @@
+"""worker.processes: 2 as an operator runs it: a supervisor and two delivery processes, real
+processes, a real SMTP sink on loopback, real SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import draft
+from tests.smtpservers import RawServer, Script, SmtpServer, read_line
+from tests.workerproc import WorkerProcess, wait_for
+
+TWO = {"worker": {"processes": 2}}
+
+
+def children_of(pid: int) -> list[int]:
+    """The delivery processes a supervisor started (``spoolsmtp child ... --parent PID``)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"child" in argv and b"--parent" in argv[:-1]:
+            parent = argv[argv.index(b"--parent") + 1]
+            if parent == str(pid).encode():
+                found.append(int(entry))
+    return sorted(found)
+
+
+def two_children(worker: WorkerProcess) -> list[int]:
+    """The two delivery processes of a started supervisor, once both are running."""
+    assert worker.proc is not None
+    pid = worker.proc.pid
+    kids: list[int] = wait_for(
+        lambda: len(now := children_of(pid)) == 2 and now, what="two delivery processes"
+    )
+    return kids
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead too
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def supervised(
+    tmp_path: Path, port: int, env: dict[str, str] | None = None, **more: Any
+) -> WorkerProcess:
+    settings: dict[str, Any] = {"smarthost": f"127.0.0.1:{port}", **TWO, **more}
+    return WorkerProcess(tmp_path, settings, env=env)
+
+
+def drop_burst(worker: WorkerProcess, count: int) -> list[str]:
+    rcpts = [f"user{i}@example.org" for i in range(count)]
+    for i, rcpt in enumerate(rcpts):
+        worker.drop_drafts(f"job{i}.bsmtp", [draft("oper@example.com", [rcpt])])
+    return rcpts
+
+
+def delivered(srv: SmtpServer) -> Counter[str]:
+    return Counter(r for m in list(srv.messages) for r in m.rcpt_tos)
+
+
+def all_final(worker: WorkerProcess, count: int) -> bool:
+    return sum(1 for r in worker.records() if r["state"] == "done") == count
+
+
+def test_two_processes_deliver_a_burst_once_each_and_stats_show_the_whole(
+    tmp_path: Path,
+) -> None:
+    srv = SmtpServer()
+    worker = supervised(tmp_path, srv.port).start()
+    try:
+        two_children(worker)
+        assert worker.ask("TRACE SPOOL")["status"] == 200
+        rcpts = drop_burst(worker, 60)
+        wait_for(lambda: all_final(worker, 60), what="60 envelopes done")
+        stats = wait_for(
+            lambda: (s := worker.ask("STATS")["result"])["recipients_delivered"] == 60 and s
+        )
+        assert stats["files_taken"] == 60
+        assert stats["queue_active"] == 0
+        assert stats["connections_opened"] >= 2  # each process has its own
+        query = worker.ask("QUERY")["result"]
+        assert query["states"]["incoming"] == 0 and query["states"]["active"] == 0
+    finally:
+        assert worker.stop() == 0
+        srv.stop()
+    assert delivered(srv) == Counter(rcpts)
+    # both processes claimed some: their traced claims carry their pids
+    claims = re.findall(
+        rb"spoolsmtp\[(\d+)\] INFO trace \S+ spool: job\d+\.bsmtp: claimed",
+        (worker.log.read_bytes()),
+    )
+    assert len(claims) == 60 and len(set(claims)) == 2
+    assert worker.files("active") == [] and worker.files("incoming") == []
+
+
+def test_hold_release_and_flush_reach_the_process_that_retries(tmp_path: Path) -> None:
+    rcpt = "slow@example.org"
+    srv = SmtpServer(Script(defer_first={rcpt: 2}))
+    worker = supervised(tmp_path, srv.port).start()
+    try:
+        worker.drop_drafts("job.bsmtp", [draft("oper@example.com", [rcpt])])
+        rec = wait_for(lambda: worker.in_state("job.bsmtp", "deferred"), what="deferred")
+        envelope_id = rec["id"]
+        query = worker.ask("QUERY")["result"]
+        assert query["states"]["deferred"] == 1
+        assert worker.ask(f"HOLD {envelope_id}")["result"]["messages"] == [f"{envelope_id} held"]
+        assert (worker.spool / "hold" / f"{envelope_id}.bsmtp").exists()
+        assert worker.ask("QUERY")["result"]["states"]["held"] == 1
+        assert worker.ask(f"QUERY {envelope_id}")["result"]["state"] == "held"
+        # RELEASE retries at once: the second try is deferred again
+        assert worker.ask(f"RELEASE {envelope_id}")["status"] == 200
+        wait_for(lambda: _attempts(worker, rcpt) == 2, what="retried after RELEASE")
+        wait_for(lambda: worker.in_state("job.bsmtp", "deferred"), what="deferred again")
+        # FLUSH retries now: the third try is accepted
+        wait_for(lambda: worker.ask("FLUSH")["result"]["scheduled"] == 1, what="FLUSH")
+        wait_for(lambda: worker.final("job.bsmtp"), what="delivered after FLUSH")
+        assert worker.ask("QUERY")["result"]["states"]["deferred"] == 0
+    finally:
+        assert worker.stop() == 0
+        srv.stop()
+    assert delivered(srv) == Counter({rcpt: 1})
+
+
+def _attempts(worker: WorkerProcess, rcpt: str) -> int:
+    rec = worker.record_for("job.bsmtp")
+    if rec is None:
+        return 0
+    tries: int = next(
+        r["attempts"] for t in rec["transactions"] for r in t["recipients"] if r["address"] == rcpt
+    )
+    return tries
+
+
+@pytest.mark.parametrize("phase", ["mid_data", "after_dot", "after_journal"])
+def test_a_child_killed_mid_delivery_is_restarted_and_loses_nothing(
+    tmp_path: Path, phase: str
+) -> None:
+    srv = SmtpServer()
+    worker = supervised(tmp_path, srv.port, env={"SPOOLSMTP_CRASH_AT": phase}).start()
+    try:
+        rcpts = drop_burst(worker, 20)
+        wait_for(lambda: all_final(worker, 20), what="20 envelopes done")
+        stats = worker.ask("STATS")["result"]
+    finally:
+        assert worker.stop() == 0
+        srv.stop()
+    log = worker.log.read_text()
+    # each process died at its first delivery (the hook is armed in the first start only)
+    assert log.count("was killed by SIGKILL; starting it again") == 2, log
+    got = delivered(srv)
+    assert set(got) == set(rcpts)
+    records = {r["source"]: r for r in worker.records()}
+    flagged = 0
+    for i, rcpt in enumerate(rcpts):
+        (result,) = records[f"job{i}.bsmtp"]["transactions"][0]["recipients"]
+        assert result["status"] == "delivered"
+        if got[rcpt] == 2:
+            # sent again only after the dot (its own, or that of another envelope in flight
+            # in the same process when it died), and then flagged
+            assert result["possible_duplicate"], (phase, rcpt, result)
+            flagged += 1
+        else:
+            assert got[rcpt] == 1
+    assert stats["possible_duplicates"] >= flagged
+    assert worker.files("active") == [] and worker.files("incoming") == []
+    for node in ("local.1", "local.2"):
+        assert list((worker.spool / "nodes" / node / "active").iterdir()) == []
+
+
+def _gated_sink(gate: threading.Event, live: list[int], peak: list[int]) -> RawServer:
+    """A sink that holds each DATA until ``gate`` opens and counts connections at once."""
+    received: list[bytes] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        live[0] += 1
+        peak[0] = max(peak[0], live[0])
+        try:
+            writer.write(b"220 sink.test ready\r\n")
+            while True:
+                line = await read_line(reader)
+                verb = line[:4].upper()
+                if verb == b"DATA":
+                    writer.write(b"354 go ahead\r\n")
+                    received.append(await reader.readuntil(b"\r\n.\r\n"))
+                    await asyncio.get_running_loop().run_in_executor(None, gate.wait, 30)
+                    writer.write(b"250 2.0.0 ok\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 bye\r\n")
+                    await writer.drain()
+                    return
+                else:
+                    writer.write(b"250 ok\r\n")
+                await writer.drain()
+        finally:
+            live[0] -= 1
+
+    server = RawServer(script)
+    server.received = received
+    return server
+
+
+def test_the_connection_limit_holds_across_processes(tmp_path: Path) -> None:
+    gate = threading.Event()
+    live, peak = [0], [0]
+    sink = _gated_sink(gate, live, peak)
+    worker = supervised(
+        tmp_path, sink.port, delivery={"max_connections": 3, "max_per_destination": 3}
+    ).start()
+    try:
+        drop_burst(worker, 12)
+        # every process has opened what its share allows, and waits on the gate
+        wait_for(lambda: live[0] == 3, what="three connections")
+        with pytest.raises(AssertionError):
+            wait_for(lambda: live[0] > 3, timeout=1.0)
+        gate.set()
+        wait_for(lambda: all_final(worker, 12), what="12 envelopes done")
+    finally:
+        gate.set()
+        assert worker.stop() == 0
+        sink.stop()
+    assert peak[0] == 3
+
+
+def test_a_limit_below_the_processes_is_refused_naming_the_key(tmp_path: Path) -> None:
+    worker = supervised(tmp_path, 9, delivery={"max_per_destination": 1})
+    worker.start()
+    assert worker.wait_exit() == 78
+    assert "delivery.max_per_destination below worker.processes (2)" in worker.log.read_text()
+
+
+def test_killing_the_supervisor_stops_the_children_and_a_restart_resumes(
+    tmp_path: Path,
+) -> None:
+    gate = threading.Event()
+    live, peak = [0], [0]
+    sink = _gated_sink(gate, live, peak)
+    try:
+        first = supervised(tmp_path, sink.port, shutdown_timeout="1s").start()
+        assert first.proc is not None
+        kids = two_children(first)
+        drop_burst(first, 6)
+        wait_for(lambda: live[0] >= 2, what="deliveries in flight")
+        first.proc.send_signal(signal.SIGKILL)
+        first.wait_exit()
+        wait_for(lambda: not any(alive(k) for k in kids), what="children gone")
+        gate.set()
+        second = supervised(tmp_path, sink.port).start()
+        assert not set(two_children(second)) & set(kids)
+        wait_for(lambda: all_final(second, 6), what="all done after the restart")
+        assert second.stop() == 0
+    finally:
+        gate.set()
+        sink.stop()
+    for rec in second.records():
+        (result,) = rec["transactions"][0]["recipients"]
+        assert result["status"] == "delivered"
+    for node in ("local.1", "local.2"):
+        assert list((second.spool / "nodes" / node / "active").iterdir()) == []
+
+
+def test_a_child_killed_from_outside_is_started_again(tmp_path: Path) -> None:
+    srv = SmtpServer()
+    worker = supervised(tmp_path, srv.port).start()
+    try:
+        assert worker.proc is not None
+        kids = two_children(worker)
+        os.kill(kids[0], signal.SIGKILL)
+        wait_for(
+            lambda: len(now := children_of(worker.proc.pid)) == 2 and now != kids,
+            what="a new child",
+        )
+        rcpts = drop_burst(worker, 10)
+        wait_for(lambda: all_final(worker, 10), what="10 envelopes done")
+    finally:
+        assert worker.stop() == 0
+        srv.stop()
+    assert delivered(srv) == Counter(rcpts)
+    assert worker.log.read_text().count("was killed by SIGKILL") == 1
+
+
+def test_a_second_supervisor_is_refused_naming_the_first(tmp_path: Path) -> None:
+    srv = SmtpServer()
+    first = supervised(tmp_path, srv.port).start()
+    try:
+        second = supervised(tmp_path, srv.port)
+        second.log = tmp_path / "second.log"
+        second.start()
+        assert second.wait_exit() == 75
+        assert first.proc is not None
+        assert f"in use by pid {first.proc.pid}" in second.log.read_text()
+    finally:
+        assert first.stop() == 0
+        srv.stop()
