@@ -113,7 +113,9 @@ class WorkerProcess:
     def _configured(self, key: str, default: str) -> Path:
         data = yaml.safe_load(self.config.read_text())
         spool = Path(data["spool"]["path"])
-        return Path(data.get("control", {}).get(key) or spool / default)
+        host = data.get("worker", {}).get("host_id") or ""  # a host's own: in its node area
+        own = spool / "nodes" / host if host else spool
+        return Path(data.get("control", {}).get(key) or own / default)
 
     @property
     def control_socket(self) -> Path:

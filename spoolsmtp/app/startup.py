@@ -25,18 +25,30 @@ from pathlib import Path
 from spoolsmtp.control.sockets import folder_problem
 from spoolsmtp.model.config import Config
 from spoolsmtp.model.errors import ConfigError
+from spoolsmtp.spool import nodes
 from spoolsmtp.spool.diskfull import SpoolNotWritable
 from spoolsmtp.spool.folders import FOLDERS
 
 OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
 DROP_BOX = "incoming"
+NODE = "worker.host_id"
 
 
-def folders(cfg: Config) -> list[tuple[str, Path]]:
-    """Each spool folder with its config key; the spool root first."""
-    return [("spool.path", cfg.spool.path)] + [
-        (f"spool.{name}", cfg.spool.folder(name)) for name in FOLDERS
+def folders(cfg: Config, node: str | None = None) -> list[tuple[str, Path]]:
+    """Each spool folder with its config key; the spool root first. With a node name
+    (default ``worker.host_id``), its area instead of active/ and journal/: nodes/,
+    nodes/NAME/ (public: the control sockets are there), its active/ and journal/."""
+    node = cfg.worker.host_id if node is None else node
+    root = nodes.area(cfg.spool, node)
+    out = [("spool.path", cfg.spool.path)] + [
+        (f"spool.{name}", cfg.spool.folder(name))
+        for name in FOLDERS
+        if root is None or name not in nodes.OWN
     ]
+    if root is not None:
+        out += [(NODE, root.parent), (NODE, root)]
+        out += [(NODE, nodes.folder(cfg.spool, node, name)) for name in nodes.OWN]
+    return out
 
 
 def problem(name: str, info: os.stat_result, uid: int) -> str | None:
@@ -90,7 +102,8 @@ def prepare(cfg: Config, owner: tuple[int, int] | None = None) -> None:
     and gid) they are made its own, and folders root still owns (and the files in them) are
     handed over to it. Never follows a symlink."""
     for key, path in folders(cfg):
-        public = key in ("spool.path", f"spool.{DROP_BOX}")
+        node_root = key == NODE and path.name not in nodes.OWN
+        public = node_root or key in ("spool.path", f"spool.{DROP_BOX}")
         try:
             created = _make(path, 0o755 if public else 0o700)
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)

@@ -52,7 +52,8 @@ from spoolsmtp.model.stats import Stats
 from spoolsmtp.spool import crashpoint, diskfull, intake, journal, legacy, quarantine, spoolview
 from spoolsmtp.spool.folders import ORIGINAL, SUFFIX, Spool
 from spoolsmtp.spool.journal import Journal, Replayed
-from spoolsmtp.spool.lock import SpoolBusy, SpoolLock
+from spoolsmtp.spool.lock import SpoolBusy
+from spoolsmtp.spool.nodes import lock as node_lock
 from spoolsmtp.spool.quarantine import Reads
 from spoolsmtp.spool.watcher import IncomingWatcher
 
@@ -64,11 +65,12 @@ def utcnow() -> datetime:
 
 
 class Worker:
-    """The service machine: one per spool."""
+    """The service machine: one per node of a spool (``node``: default ``worker.host_id``)."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, node: str | None = None) -> None:
         self.cfg = cfg
-        self.spool = Spool(cfg.spool)
+        self.node = cfg.worker.host_id if node is None else node
+        self.spool = Spool(cfg.spool, node=self.node)
         self.stats = Stats()
         self.tracer = Tracer()
         self.index: dict[str, Summary] = {}
@@ -119,7 +121,7 @@ class Worker:
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT or ``stop``; return the exit code (75 if another worker
         holds the spool)."""
-        lock = SpoolLock([self.spool.dirs["active"], self.spool.dirs["journal"]])
+        lock = node_lock(self.cfg.spool, self.node)
         try:
             lock.acquire()
         except SpoolBusy as exc:

@@ -269,11 +269,17 @@ class Config:
 
     @property
     def control_socket(self) -> Path:
-        return self.control.socket or self.spool.path / "control.sock"
+        return self.control.socket or self._node_root / "control.sock"
 
     @property
     def operator_socket(self) -> Path:
-        return self.control.operator_socket or self.spool.path / "operator" / "control.sock"
+        return self.control.operator_socket or self._node_root / "operator" / "control.sock"
+
+    @property
+    def _node_root(self) -> Path:
+        """Where this host's own files go: the spool, or its node area on a shared spool."""
+        host = self.worker.host_id
+        return self.spool.path / "nodes" / host if host else self.spool.path
 
 
 def load(path: Path | str | None = None) -> Config:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from spoolsmtp.model.config import SpoolConfig
-from spoolsmtp.spool import crashpoint, intake
+from spoolsmtp.spool import crashpoint, intake, nodes
 from spoolsmtp.spool.durable import fsync_dir, write_file
 from spoolsmtp.spool.intake import NotRegular as NotRegular  # noqa: PLC0414 - where it used to live
 from spoolsmtp.spool.iobatch import IoBatch
@@ -62,12 +62,14 @@ def new_id() -> str:
 
 
 class Spool:
-    """The spool folders and the moves between them."""
+    """The spool folders and the moves between them, as node ``node`` sees them: its own
+    active/ and journal/, the shared rest (nodes.py; "" is the default node)."""
 
-    def __init__(self, cfg: SpoolConfig, batch: IoBatch | None = None) -> None:
+    def __init__(self, cfg: SpoolConfig, batch: IoBatch | None = None, node: str = "") -> None:
         self.cfg = cfg
+        self.node = node
         # keyed by name: a ``Folder`` is its name, and string call sites keep working
-        self.dirs: dict[str, Path] = {name: cfg.folder(name) for name in FOLDERS}
+        self.dirs: dict[str, Path] = {name: nodes.folder(cfg, node, name) for name in FOLDERS}
         # the same folders as strings, for the operations done per envelope: joining strings
         # costs a fraction of building a Path, and these run thousands of times a second
         self._dir: dict[str, str] = {name: str(path) for name, path in self.dirs.items()}

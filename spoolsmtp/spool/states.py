@@ -5,13 +5,18 @@ every move of a spool file against ``TRANSITIONS`` (``check``), so a move the li
 envelope does not have is a programming error raised at once, not a file in the wrong place:
 
     incoming -> active                       (the claim)
-    active   -> active                       (ID.orig becomes ID.bsmtp: legacy conversion)
+    active   -> active                       (ID.orig becomes ID.bsmtp: legacy conversion;
+                                              adoption: a dead node's active/ID into ours)
     active   -> deferred | hold | done       (an attempt concluded)
     active   -> rejected                     (not an envelope, or quarantined)
-    deferred -> active                       (a retry)
+    deferred -> active                       (a retry: on a shared spool, the claim of a due
+                                              retry by whichever node renames it first)
     deferred -> hold, hold -> deferred       (the operator's HOLD and RELEASE)
 
 The other folders (results, bounces, deadletter, journal) only have files written into them.
+``active`` and ``journal`` are each node's own (nodes.py): the state is the same whichever
+node's area the file is in, so a claim into our active/ and an adoption from a dead node's
+active/ into ours are the moves above.
 """
 
 from __future__ import annotations
