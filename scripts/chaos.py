@@ -1,6 +1,7 @@
 """Chaos harness: keep the delivery promise under SIGKILL, slow servers and a full disk.
 
     python scripts/chaos.py [--kills 200] [--seconds 300] [--seed N] [--disk-full] [--json]
+                            [--processes N]
 
 A real worker (``python -m spoolsmtp run``) runs as a subprocess on a spool in a temp folder and
 delivers to two SMTP sinks on 127.0.0.1 that record every message they receive (by its
@@ -10,6 +11,9 @@ sometimes past the worker's data_end timeout (the RFC 5321 section 6.1 window). 
 1-3 recipients are dropped into incoming/ (temp name, rename) throughout, while the worker is
 killed with SIGKILL at random moments and restarted (``--kills`` times within ``--seconds``).
 ``--disk-full`` puts the spool on a small tmpfs (root only) and fills and empties it meanwhile.
+``--processes N`` (N > 1) runs a supervisor with N delivery processes (``worker.processes``);
+each kill then hits a delivery process chosen at random (the supervisor starts it again) or, a
+third of the time, the supervisor itself (its delivery processes stop, and it is restarted).
 Then a last clean run goes on until nothing is queued (or ``--final-seconds``), and a ledger is
 computed per recipient from the sinks' records, results/*.json, bounces/, deadletter/ and
 rejected/. Exit status: 0 when nothing was lost, no duplicate went unflagged, every failed
@@ -328,7 +332,7 @@ class Filler(threading.Thread):
 # -- the worker --------------------------------------------------------------------------------
 
 
-def write_config(work: Path, spool: Path, ports: list[int]) -> Path:
+def write_config(work: Path, spool: Path, ports: list[int], processes: int = 1) -> Path:
     phases = ("connect", "greeting", "ehlo", "mail", "rcpt", "data", "data_block", "data_end")
     data: dict[str, Any] = {
         "hostname": "spoolsmtp.chaos.test",
@@ -356,6 +360,7 @@ def write_config(work: Path, spool: Path, ports: list[int]) -> Path:
         },
         "shutdown_timeout": "5s",
         "control": {"socket": str(work / "control.sock")},
+        "worker": {"processes": processes},
     }
     path = work / "conf.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -431,6 +436,57 @@ def chaos_phase(worker: Worker, rng: random.Random, kills: int, seconds: float) 
             worker.exits["SIGKILL (ours)"] += 1
         else:
             worker.exits[f"exited by itself: {proc.returncode}"] += 1
+        proc.wait(30)
+    return done
+
+
+def delivery_processes(supervisor: int) -> list[int]:
+    """The delivery processes a supervisor started (``spoolsmtp child ... --parent PID``)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            ours = b"--parent" in argv[:-1] and argv[argv.index(b"--parent") + 1]
+            if b"child" in argv and ours == str(supervisor).encode():
+                found.append(int(entry))
+    return found
+
+
+def chaos_phase_supervised(worker: Worker, rng: random.Random, kills: int, seconds: float) -> int:
+    """``--processes``: SIGKILL a random delivery process (the supervisor starts it again) or,
+    a third of the time, the supervisor (then it is started again); ``kills`` times or
+    ``seconds``, whichever first."""
+    done, t0 = 0, time.monotonic()
+    gap = seconds / max(kills, 1)
+    proc: subprocess.Popen[bytes] | None = None
+    while done < kills and time.monotonic() - t0 < seconds:
+        end = t0 + seconds
+        if proc is None or proc.poll() is not None:
+            if proc is not None:
+                worker.exits[f"supervisor exited by itself: {proc.returncode}"] += 1
+            before = worker.log_size()
+            proc = worker.start()
+            wait_until(functools.partial(started, worker, before, proc), end)
+        wait_until(functools.partial(exited, proc), time.monotonic() + rng.uniform(0.05, 2 * gap))
+        if proc.poll() is not None:
+            continue
+        children = delivery_processes(proc.pid)
+        if children and rng.random() >= 1 / 3:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(rng.choice(children), signal.SIGKILL)
+                worker.exits["SIGKILL of a delivery process (ours)"] += 1
+                done += 1
+            continue
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        worker.exits["SIGKILL of the supervisor (ours)"] += 1
+        done += 1
+        proc = None
+    if proc is not None and proc.poll() is None:  # the final run starts a fresh one
+        proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     return done
 
@@ -656,6 +712,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--json", action="store_true")
     ap.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="worker.processes; above 1, kill delivery processes and the supervisor",
+    )
+    ap.add_argument(
         "--ledger-only",
         type=Path,
         metavar="WORKDIR",
@@ -684,14 +746,15 @@ def main(argv: list[str] | None = None) -> int:
     state = SinkState(random.Random(rng.random()), args.slow, args.too_slow)
     sinks = Sinks(state)
     try:
-        worker = Worker(work, write_config(work, spool, sinks.ports))
+        worker = Worker(work, write_config(work, spool, sinks.ports, args.processes))
         producer = Producer(spool, random.Random(rng.random()), args.rate, len(sinks.ports))
         filler = Filler(spool, random.Random(rng.random())) if args.disk_full else None
         producer.start()
         if filler:
             filler.start()
         t0 = time.monotonic()
-        kills = chaos_phase(worker, rng, args.kills, args.seconds)
+        phase = chaos_phase_supervised if args.processes > 1 else chaos_phase
+        kills = phase(worker, rng, args.kills, args.seconds)
         chaos_seconds = time.monotonic() - t0
         producer.halt.set()
         producer.join()

@@ -97,8 +97,13 @@ class Child:
         if self.starts:
             env.pop(CRASH_HOOK, None)
         try:
+            # a group of its own: a ^C at the terminal reaches the supervisor alone, which
+            # then drains its children in order (and not restarts them as they exit)
             self.proc = subprocess.Popen(
-                self._command(theirs.fileno()), pass_fds=(theirs.fileno(),), env=env
+                self._command(theirs.fileno()),
+                pass_fds=(theirs.fileno(),),
+                env=env,
+                process_group=0,
             )
         except OSError as exc:
             ours.close()

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from collections.abc import Callable
 from typing import Any
 
 from spoolsmtp.app.wire import Batch, Decoder
 
+log = logging.getLogger("spoolsmtp")
 READ_SIZE = 256 * 1024
 
 
@@ -63,6 +65,8 @@ class Link:
                     self._handle(batch)
         except (ConnectionError, OSError):
             pass
+        except Exception:  # a bug, or the other end is not what it should be: one line
+            log.exception("the link to the other process failed; closing it")
         finally:
             self.closed.set()
 

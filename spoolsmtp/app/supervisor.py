@@ -49,6 +49,14 @@ def node_names(cfg: Config) -> list[str]:
     return [f"{base}.{k}" for k in range(1, cfg.worker.processes + 1)]
 
 
+def own_node(cfg: Config) -> str:
+    """The node whose lock the supervisor holds (it claims nothing into it): a second
+    supervisor of this host is refused by it. Not the node a worker alone would use
+    (``worker.host_id``): that one's lock stays free, so what such a worker left in flight
+    before ``worker.processes`` was raised is adopted by a child (adoption.py)."""
+    return f"{cfg.worker.host_id or 'local'}.supervisor"
+
+
 class Supervisor:
     """The supervisor of one spool on this host."""
 
@@ -68,6 +76,7 @@ class Supervisor:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._rescan: asyncio.TimerHandle | None = None
+        self._pumping = False
         self.watcher: IncomingWatcher | None = None
         self.room = max(2 * cfg.spool.max_active, 1)
         names = node_names(cfg)
@@ -102,7 +111,7 @@ class Supervisor:
                 len(self.children),
             )
             return exitcodes.CONFIG
-        lock = nodes.lock(self.cfg.spool, self.cfg.worker.host_id)
+        lock = nodes.lock(self.cfg.spool, own_node(self.cfg))
         try:
             lock.acquire()
         except SpoolBusy as exc:
@@ -234,7 +243,9 @@ class Supervisor:
         if name not in self._names:
             self._names.add(name)
             self._waiting.append(("c", name))
-            self._pump()
+            if not self._pumping:  # once per turn of the loop: a burst comes many at a time
+                self._pumping = True
+                asyncio.get_running_loop().call_soon(self._pump)
 
     def _refuse(self, name: str, why: str) -> None:
         if name not in self._refused:
@@ -244,6 +255,7 @@ class Supervisor:
 
     def _pump(self) -> None:
         """Hand waiting work to the least loaded children while any has room."""
+        self._pumping = False
         if self.suspended or self._stopping.is_set():
             return
         claims = False
