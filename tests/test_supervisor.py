@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.helpers import draft
 from tests.smtpservers import RawServer, Script, SmtpServer, read_line
@@ -306,3 +307,32 @@ def test_a_second_supervisor_is_refused_naming_the_first(tmp_path: Path) -> None
     finally:
         assert first.stop() == 0
         srv.stop()
+
+
+def test_reload_and_shutdown_reach_every_process(tmp_path: Path) -> None:
+    srv = SmtpServer()
+    worker = supervised(tmp_path, srv.port).start()
+    try:
+        assert worker.proc is not None
+        pids = {worker.proc.pid, *two_children(worker)}
+        data = yaml.safe_load(worker.config.read_text())
+        data["retry"] = {"interval": "7m"}
+        worker.config.write_text(yaml.safe_dump(data))
+        answer = worker.ask("RELOAD")
+        assert answer["status"] == 200
+        assert answer["result"]["changed"] == ["retry.interval"]
+        assert answer["result"]["restart_needed"] == []
+
+        def reloaded() -> set[int]:
+            said = re.findall(rb"spoolsmtp\[(\d+)\] INFO (.*) reloaded\n", worker.log.read_bytes())
+            return {int(pid) for pid, _ in said}
+
+        # every process read it, and none thinks its share of the limits needs a restart
+        wait_for(lambda: reloaded() == pids, what="three reloads")
+        assert b"needs a restart" not in worker.log.read_bytes()
+        assert worker.ask("SHUTDOWN")["status"] == 200
+        assert worker.wait_exit() == 0
+    finally:
+        srv.stop()
+    assert not any(alive(pid) for pid in pids)
+    assert worker.log.read_text().count(" INFO stopped\n") == 3

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from spoolsmtp.app import reconfig
 from spoolsmtp.control.port import Reloaded
+from spoolsmtp.model.config import Config
 from spoolsmtp.model.config import load as config_load
 from spoolsmtp.model.record import State, iso
 from spoolsmtp.spool.folders import SUFFIX
@@ -124,12 +126,14 @@ class Actions:
         self._w._resumed.set()
         self._scheduler.wake()
 
-    def reload(self) -> Reloaded:
+    def reload(self, fresh: Callable[[Config], Config] | None = None) -> Reloaded:
         """Read the config file again and apply every key that can change while running; the
         others keep their value until a restart, and the answer names them (reconfig.py). A
-        bad file raises ConfigError and changes nothing."""
+        bad file raises ConfigError and changes nothing. ``fresh``: what the file says, made
+        this process's (a supervisor's delivery process keeps its share of the limits)."""
         w = self._w
-        plan = reconfig.plan(w.cfg, config_load(w.cfg.source))
+        loaded = config_load(w.cfg.source)
+        plan = reconfig.plan(w.cfg, fresh(loaded) if fresh else loaded)
         if plan.renew_resolver:
             resolver = reconfig.renewed_resolver(w.resolver, plan.config)
             w.resolver = w.deliverer.resolver = resolver

@@ -76,8 +76,11 @@ class _Forwarding(Tracer):
 class ChildWorker(Worker):
     """The worker of one node, fed and asked by the supervisor over ``sock``."""
 
-    def __init__(self, cfg: Config, node: str, sock: socket.socket) -> None:
+    def __init__(
+        self, cfg: Config, node: str, sock: socket.socket, share: tuple[int, int] = (1, 0)
+    ) -> None:
         super().__init__(cfg, node)
+        self.share = share  # (children, this one's index): its part of the limits
         self.link = Link(sock, self._received)
         self.tracer = _Forwarding(self.link.send)
         self._work: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
@@ -157,7 +160,7 @@ class ChildWorker(Worker):
         try:
             value = await self._do(op, args)
         except Exception as exc:
-            value = {"error": f"{type(exc).__name__}: {exc}"}
+            value = {"error": f"{type(exc).__name__}: {exc}", "kind": type(exc).__name__}
         self.link.send("a", [seq, value])
 
     async def _do(self, op: str, args: list[Any]) -> Any:
@@ -187,6 +190,8 @@ class ChildWorker(Worker):
             else:
                 self._dead.pop(self._destination(destination).key, None)
             return True
+        if op == "adopt":
+            return {"adopted": dataclasses.asdict(await self.adopt(args[0]))}
         if op == "expire":
             return self.expire(args[0])
         if op == "suspend":
@@ -194,7 +199,7 @@ class ChildWorker(Worker):
         elif op == "resume":
             self.resume()
         elif op == "reload":
-            return self.reload().summary
+            return self.actions.reload(lambda cfg: split(cfg, *self.share)).summary
         elif op == "trace":
             self.tracer.enabled = {Kind(k) for k in args}
         elif op == "stop":
@@ -238,8 +243,8 @@ def _row(summary: Summary) -> wire.SummaryRow:
     )
 
 
-async def _main(cfg: Config, node: str, sock: socket.socket) -> int:
-    worker = ChildWorker(cfg, node, sock)
+async def _main(cfg: Config, node: str, sock: socket.socket, share: tuple[int, int]) -> int:
+    worker = ChildWorker(split(cfg, *share), node, sock, share)
     try:
         return await worker.run()
     finally:
@@ -253,4 +258,4 @@ def run(
     die_with_parent(parent)
     sock = socket.socket(fileno=fd)
     sock.setblocking(False)
-    return _main(split(cfg, children, index), node, sock)
+    return _main(cfg, node, sock, (children, index))

@@ -79,6 +79,7 @@ class Supervisor:
         self._pumping = False
         self.watcher: IncomingWatcher | None = None
         self.room = max(2 * cfg.spool.max_active, 1)
+        self.own_node = own_node(cfg)
         names = node_names(cfg)
         source = str(cfg.source)
         self.children = [
@@ -111,7 +112,7 @@ class Supervisor:
                 len(self.children),
             )
             return exitcodes.CONFIG
-        lock = nodes.lock(self.cfg.spool, own_node(self.cfg))
+        lock = nodes.lock(self.cfg.spool, self.own_node)
         try:
             lock.acquire()
         except SpoolBusy as exc:

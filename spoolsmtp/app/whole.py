@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -29,12 +30,15 @@ from spoolsmtp.model.config import load as config_load
 from spoolsmtp.model.record import State
 from spoolsmtp.model.stats import Stats
 from spoolsmtp.spool import spoolview
+from spoolsmtp.spool.nodes import Adopted, NodeAlive, NoSuchNode
 
 if TYPE_CHECKING:
     from spoolsmtp.app.children import Child
     from spoolsmtp.app.supervisor import Supervisor
 
+log = logging.getLogger("spoolsmtp")
 SNAPSHOT_TIMEOUT = 5.0
+ADOPT_TIMEOUT = 300.0
 
 
 class WholeStats(Stats):
@@ -273,15 +277,33 @@ class Whole:
         self._sup.resume_work()
 
     def reload(self) -> Reloaded:
+        """The supervisor reads the file (a bad one changes nothing anywhere); each child
+        then reads it too, and keeps its share of the connection limits (a restart key)."""
         sup = self._sup
         plan = reconfig.plan(sup.cfg, config_load(sup.cfg.source))
         sup.cfg = plan.config
         sup.router = type(sup.router)(plan.config)
         self._broadcast("reload")
+        log.info("%s", plan.done.summary)
         return plan.done
 
     def stop(self) -> None:
         self._sup.stop()
+
+    async def adopt(self, node: str) -> Adopted:
+        """ADOPT: done by a child (the supervisor has no journal to carry the node's into).
+        The supervisor's own nodes are alive: it starts a dead child again itself."""
+        if node in {c.name for c in self._sup.children} or node == self._sup.own_node:
+            raise NodeAlive(node)
+        said = await self._any().ask("adopt", node, timeout=ADOPT_TIMEOUT)
+        if isinstance(said, dict) and isinstance(said.get("adopted"), dict):
+            return Adopted(**said["adopted"])
+        kind = said.get("kind") if isinstance(said, dict) else None
+        if kind == NodeAlive.__name__:
+            raise NodeAlive(node)
+        if kind == NoSuchNode.__name__:
+            raise NoSuchNode(node)
+        raise RuntimeError(f"node {node!r} was not adopted: {_why(said)}")
 
     def _broadcast(self, op: str) -> None:
         for child in self._sup.children:
