@@ -219,13 +219,22 @@ def _gated_sink(gate: threading.Event, live: list[int], peak: list[int]) -> RawS
     return server
 
 
-def test_the_connection_limit_holds_across_processes(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "limit",
+    [
+        {"delivery": {"max_connections": 3}},
+        {"delivery": {"max_per_destination": 3}},
+        {"spool": {"max_active": 3}},  # envelopes in flight: one connection each here
+    ],
+    ids=["max_connections", "max_per_destination", "max_active"],
+)
+def test_the_connection_limit_holds_across_processes(
+    tmp_path: Path, limit: dict[str, dict[str, int]]
+) -> None:
     gate = threading.Event()
     live, peak = [0], [0]
     sink = _gated_sink(gate, live, peak)
-    worker = supervised(
-        tmp_path, sink.port, delivery={"max_connections": 3, "max_per_destination": 3}
-    ).start()
+    worker = supervised(tmp_path, sink.port, **limit).start()
     try:
         drop_burst(worker, 12)
         # every process has opened what its share allows, and waits on the gate

@@ -50,14 +50,18 @@ def die_with_parent(parent: int) -> None:
 
 
 def split(cfg: Config, children: int, index: int) -> Config:
-    """This child's configuration: its share of the connection limits (wire.share)."""
+    """This child's configuration: its share of the connection limits and of the envelopes
+    in flight (wire.share), so that the whole keeps to what the file says."""
     d = cfg.delivery
     delivery = dataclasses.replace(
         d,
         max_connections=wire.share(d.max_connections, children, index),
         max_per_destination=wire.share(d.max_per_destination, children, index),
     )
-    return dataclasses.replace(cfg, delivery=delivery)
+    spool = dataclasses.replace(
+        cfg.spool, max_active=wire.share(cfg.spool.max_active, children, index)
+    )
+    return dataclasses.replace(cfg, delivery=delivery, spool=spool)
 
 
 class _Forwarding(Tracer):

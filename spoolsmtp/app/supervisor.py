@@ -78,7 +78,9 @@ class Supervisor:
         self._rescan: asyncio.TimerHandle | None = None
         self._pumping = False
         self.watcher: IncomingWatcher | None = None
-        self.room = max(2 * cfg.spool.max_active, 1)
+        # what a child may have been handed and not finished: twice its share of the
+        # envelopes in flight, so it never waits for the next while the rest wait here
+        self.room = max(2 * cfg.spool.max_active // max(cfg.worker.processes, 1), 1)
         self.own_node = own_node(cfg)
         names = node_names(cfg)
         source = str(cfg.source)
@@ -101,12 +103,13 @@ class Supervisor:
             {
                 "delivery.max_connections": self.cfg.delivery.max_connections,
                 "delivery.max_per_destination": self.cfg.delivery.max_per_destination,
+                "spool.max_active": self.cfg.spool.max_active,
             },
             len(self.children),
         )
         if small:
             log.error(
-                "%s: %s below worker.processes (%d): each process needs one connection",
+                "%s: %s below worker.processes (%d): each process needs one",
                 self.cfg.source,
                 " and ".join(small),
                 len(self.children),
