@@ -17,7 +17,7 @@ import yaml
 
 from tests.helpers import draft
 from tests.smtpservers import RawServer, Script, SmtpServer, read_line
-from tests.workerproc import WorkerProcess, wait_for
+from tests.workerproc import WorkerProcess, connect, exchange, wait_for
 
 TWO = {"worker": {"processes": 2}}
 
@@ -345,3 +345,38 @@ def test_reload_and_shutdown_reach_every_process(tmp_path: Path) -> None:
         srv.stop()
     assert not any(alive(pid) for pid in pids)
     assert worker.log.read_text().count(" INFO stopped\n") == 3
+
+
+def test_query_shows_what_the_processes_deliver_and_follow_their_trace(tmp_path: Path) -> None:
+    gate = threading.Event()
+    live, peak = [0], [0]
+    sink = _gated_sink(gate, live, peak)
+    worker = supervised(tmp_path, sink.port).start()
+    try:
+        with connect(worker.operator_socket) as follower:
+            assert exchange(follower, b"TRACE SPOOL").startswith(b"200 ")
+            follower.sendall(b"FOLLOW\n")
+            drop_burst(worker, 4)
+            wait_for(lambda: live[0] == 4, what="four deliveries in flight")
+            query = worker.ask("QUERY")["result"]
+            assert query["states"]["active"] == 4
+            assert [d["envelopes"] for d in query["destinations"].values()] == [4]
+            assert worker.ask("STATS")["result"]["queue_active"] == 4
+            seen = b""
+            while seen.count(b": claimed as ") < 4:
+                chunk = follower.recv(65536)
+                assert chunk, seen
+                seen += chunk
+        envelope_id = re.search(rb"job0\.bsmtp: claimed as (\S+)", seen)
+        assert envelope_id is not None
+        # its record is written once it has been active for a moment (records.py)
+        answer = wait_for(
+            lambda: (a := worker.ask(f"QUERY {envelope_id[1].decode()}"))["status"] == 200 and a
+        )
+        assert answer["result"]["state"] == "active"
+        gate.set()
+        wait_for(lambda: all_final(worker, 4), what="4 envelopes done")
+    finally:
+        gate.set()
+        assert worker.stop() == 0
+        sink.stop()
