@@ -56,6 +56,7 @@ from spoolsmtp.spool import (
     diskfull,
     envfile,
 )
+from spoolsmtp.spool.nodes import Adopted, NoSuchNode
 
 CORPUS = ROOT / "tests" / "corpus"
 LIMITS = config.Config().limits
@@ -206,6 +207,9 @@ class FakeWorker:
         return Reloaded(self.cfg.source)
 
     def stop(self) -> None: ...
+
+    async def adopt(self, node: str) -> Adopted:
+        raise NoSuchNode(node)
 
 
 _CONTROL: tuple[FakeWorker, asyncio.AbstractEventLoop] | None = None

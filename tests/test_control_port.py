@@ -19,6 +19,7 @@ from spoolsmtp.control.tracer import Tracer
 from spoolsmtp.model.config import Config
 from spoolsmtp.model.record import State
 from spoolsmtp.model.stats import Stats
+from spoolsmtp.spool.nodes import Adopted, NoSuchNode
 from tests.test_control import sockdir  # noqa: F401 - fixture
 
 ID = "20260101-000000-000000-abcdef"
@@ -112,6 +113,9 @@ class Port:
 
     def stop(self) -> None:
         pass
+
+    async def adopt(self, node: str) -> Adopted:
+        raise NoSuchNode(node)
 
 
 async def _ask(sock: Path, lines: list[str]) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from spoolsmtp.app.pickup import Pickup, utcnow
@@ -20,7 +21,7 @@ from spoolsmtp.app.records import Records
 from spoolsmtp.model import record
 from spoolsmtp.model.envelope import Envelope
 from spoolsmtp.model.record import Record, State, parse_iso
-from spoolsmtp.spool import quarantine
+from spoolsmtp.spool import nodes, quarantine
 from spoolsmtp.spool.folders import SUFFIX
 from spoolsmtp.spool.journal import Replayed
 from spoolsmtp.spool.quarantine import QUARANTINE_AFTER
@@ -134,8 +135,10 @@ class Recovery:
     def restore_records(self, replayed: dict[str, Replayed], active: set[str]) -> int:
         """Before anything else at start: put back every result record the journal holds
         that the file system lost or left stale (written after the last checkpoint, then a
-        crash). Envelopes still in active/ are not touched: resuming rewrites theirs."""
+        crash), unless, on a spool several nodes share, another node has moved the envelope
+        on since. Envelopes still in active/ are not touched: resuming rewrites theirs."""
         spool = self._w.spool
+        shared = spool.node != "" or len(nodes.present(spool.cfg)) > 1
         restored = 0
         for envelope_id, entry in replayed.items():
             if entry.record is None or envelope_id in active:
@@ -145,6 +148,8 @@ class Recovery:
                 current = json.loads(path.read_bytes())
             except (OSError, ValueError):
                 current = None
+            if shared and isinstance(current, dict) and nodes.superseded(entry.record, current):
+                continue  # another node has had it since
             if current != entry.record:
                 spool.restore_record(envelope_id, Record.from_dict(entry.record).to_json())
                 restored += 1
@@ -159,9 +164,14 @@ class Recovery:
         except OSError:
             return None
 
-    def load_deferred(self) -> None:
+    def load_deferred(self, known: Callable[[str], bool] | None = None) -> int:
+        """Schedule the retry of every envelope in deferred/ (but those ``known``); how many."""
         w = self._w
+        count = 0
         for envelope_id in w.spool.ids("deferred"):
+            if known is not None and known(envelope_id):
+                continue
+            count += 1
             rec = self.load_record(envelope_id)
             due = time.time()
             if rec is not None:
@@ -177,3 +187,4 @@ class Recovery:
             rec = self.load_record(envelope_id)
             if rec is not None:
                 w._summarise(rec, State.HELD)
+        return count

@@ -56,6 +56,10 @@ class Scheduler:
         heapq.heappush(self._heap, (when, envelope_id))
         self._wake.set()
 
+    def knows(self, envelope_id: str) -> bool:
+        """Is a retry (or put-back) of it scheduled here?"""
+        return envelope_id in self._due
+
     def unschedule(self, envelope_id: str) -> None:
         self._due.pop(envelope_id, None)
 
@@ -92,7 +96,8 @@ class Scheduler:
             if not (put_back and w.spool.envelope("active", envelope_id).exists()):
                 put_back = False
                 await w.spool.move(envelope_id, "deferred", "active")
-        except FileNotFoundError:
+        except FileNotFoundError:  # gone: on a shared spool, another node's retry took it
+            w.index.pop(envelope_id, None)
             return
         except OSError as exc:
             self.put_back(envelope_id, exc)

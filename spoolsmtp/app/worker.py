@@ -30,6 +30,7 @@ from typing import Any
 
 from spoolsmtp.app import eventloop
 from spoolsmtp.app.actions import Actions
+from spoolsmtp.app.adoption import Adoption
 from spoolsmtp.app.attempt import Attempts
 from spoolsmtp.app.host import Serving, Summary
 from spoolsmtp.app.pickup import Pickup
@@ -53,6 +54,7 @@ from spoolsmtp.spool import crashpoint, diskfull, intake, journal, legacy, quara
 from spoolsmtp.spool.folders import ORIGINAL, SUFFIX, Spool
 from spoolsmtp.spool.journal import Journal, Replayed
 from spoolsmtp.spool.lock import SpoolBusy
+from spoolsmtp.spool.nodes import Adopted
 from spoolsmtp.spool.nodes import lock as node_lock
 from spoolsmtp.spool.quarantine import Reads
 from spoolsmtp.spool.watcher import IncomingWatcher
@@ -65,11 +67,13 @@ def utcnow() -> datetime:
 
 
 class Worker:
-    """The service machine: one per node of a spool (``node``: default ``worker.host_id``)."""
+    """The service machine: one per node of a spool (``node``: default ``worker.host_id``;
+    ``adopt``: look for dead nodes to adopt at start and every rescan, see adoption.py)."""
 
-    def __init__(self, cfg: Config, node: str | None = None) -> None:
+    def __init__(self, cfg: Config, node: str | None = None, adopt: bool = True) -> None:
         self.cfg = cfg
         self.node = cfg.worker.host_id if node is None else node
+        self._adopting = adopt
         self.spool = Spool(cfg.spool, node=self.node)
         self.stats = Stats()
         self.tracer = Tracer()
@@ -115,6 +119,7 @@ class Worker:
         self.recovery = Recovery(self, self.records, self.pickup)
         self.scheduler = Scheduler(self, self.records, self.recovery, self.pickup, putbacks)
         self.actions = Actions(self, self.records, self.recovery, self.scheduler)
+        self.adoption = Adoption(self, self.recovery, self.pickup, self.scheduler)
 
     # -- running ---------------------------------------------------------------------------
 
@@ -175,6 +180,7 @@ class Worker:
             asyncio.create_task(self.pickup.housekeeping()),
             asyncio.create_task(self.records.checkpoints()),
             asyncio.create_task(self.disk.run(self.journal.commit)),
+            asyncio.create_task(self.adoption.run(sweep=self._adopting)),  # dead nodes' work
         ]
         log.info("ready")
         await self._stopping.wait()
@@ -288,6 +294,9 @@ class Worker:
 
     def dead_destinations(self) -> dict[str, float]:
         return self.actions.dead_destinations()
+
+    async def adopt(self, node: str) -> Adopted:
+        return await self.adoption.adopt(node)
 
     # -- what else the control port reads (port.py) ----------------------------------------
 

@@ -41,6 +41,7 @@ HELP = [
     ("SUSPEND | RESUME", "authorised", "stop / restart taking files and retrying"),
     ("RELOAD", "authorised", "read the configuration file again"),
     ("SHUTDOWN", "authorised", "finish what is in flight and stop"),
+    ("ADOPT node|-", "authorised", "take over a dead node's work (-: the default node)"),
 ]
 
 
@@ -433,6 +434,12 @@ async def _simple(port: ControlPort, command: str, args: list[str]) -> Answer:
     return Answer(OK, command, {"stopping": True}, ["shutting down: finishing work in flight"])
 
 
+async def _adopt(port: ControlPort, command: str, args: list[str]) -> Answer:
+    from spoolsmtp.control import adopt  # noqa: PLC0415 - it builds on this module's Answer
+
+    return await adopt.run(port, command, args)
+
+
 _HANDLERS: dict[str, Callable[[ControlPort, str, list[str]], Awaitable[Answer]]] = {
     "HELP": _help,
     "QUERY": _query,
@@ -447,4 +454,5 @@ _HANDLERS: dict[str, Callable[[ControlPort, str, list[str]], Awaitable[Answer]]]
     "RESUME": _simple,
     "RELOAD": _simple,
     "SHUTDOWN": _simple,
+    "ADOPT": _adopt,
 }

@@ -20,6 +20,7 @@ from spoolsmtp.control.tracer import Tracer
 from spoolsmtp.model.config import Config
 from spoolsmtp.model.record import State
 from spoolsmtp.model.stats import Stats
+from spoolsmtp.spool.nodes import Adopted
 
 # the folders QUERY counts on disk (the other states are the worker's own index)
 COUNTED = ("incoming", "rejected", "bounces", "deadletter")
@@ -139,3 +140,6 @@ class ControlPort(Protocol):
         ...
 
     def stop(self) -> None: ...
+    async def adopt(self, node: str) -> Adopted:
+        """Take over a dead node's work (``NodeAlive``, ``NoSuchNode``: see spool/nodes.py)."""
+        ...

@@ -19,6 +19,8 @@ PHASES = (
     "before_final_rename",
     "before_checkpoint",
 )
+# reached only where a node adopts another's work (tests/test_hosts.py), not by one worker
+ADOPTION_PHASES = ("adopting",)
 
 
 # read once: the worker reaches these points many times per envelope, and the crash tests set

@@ -8,6 +8,7 @@ that a crash leaves every file in exactly one folder that says what to do next.
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import os
 import random
@@ -202,6 +203,21 @@ class Spool:
         dirs = (self._dir[source], self._dir[target])
 
         def op() -> tuple[str, ...]:
+            os.rename(src, dest)
+            return dirs
+
+        await self.batch.run(op)
+
+    async def take_from(self, peer: Spool, name: str) -> None:
+        """Adoption: rename ``name`` from a dead node's active/ (``peer``'s) into ours,
+        durably, after the journal records appended so far (the state carried with it)."""
+        check(Folder.ACTIVE, Folder.ACTIVE, name)
+        src, dest = f"{peer._dir['active']}/{name}", self._file("active", name)
+        dirs = (peer._dir["active"], self._dir["active"])
+
+        def op() -> tuple[str, ...]:
+            if os.path.lexists(dest):  # only we write our active/: no race with this check
+                raise FileExistsError(errno.EEXIST, "already in our active/", dest)
             os.rename(src, dest)
             return dirs
 

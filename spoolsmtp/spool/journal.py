@@ -116,6 +116,24 @@ def _adopted(paths: Iterable[Path]) -> dict[str, _Lines]:
     return out
 
 
+def carried(folder: Path, ids: Iterable[str]) -> dict[str, list[bytes]]:
+    """The journal lines in ``folder`` (a dead node's) of each of ``ids`` (its newest result
+    record last), for ``Journal.take`` to carry into another node's journal."""
+    found = _adopted(sorted(folder.glob("*.log")))
+    return {i: found[i].lines() for i in ids if i in found}
+
+
+def drop_segments(folder: Path) -> int:
+    """Delete every segment in ``folder`` (a dead node's, whose records were carried or
+    restored and synced), durably; how many."""
+    segments = sorted(folder.glob("*.log"))
+    for path in segments:
+        path.unlink(missing_ok=True)
+    if segments:
+        fsync_dir(folder)
+    return len(segments)
+
+
 @dataclass
 class _Lines:
     """What an active envelope has journaled, to copy forward when a segment is closed."""
@@ -258,6 +276,13 @@ class Journal:
                 else:
                     self._retired.append(number)
             self._old = []
+
+    def take(self, carried: dict[str, list[bytes]]) -> None:
+        """Buffer lines another node's journal holds (``carried``), as if written here: each
+        envelope is then known, and live, as one of ours. ``commit`` makes them durable."""
+        for envelope_id, lines in carried.items():
+            for line in lines:
+                self._add(envelope_id, line, record=json.loads(line)["t"] == "record")
 
     def append(self, record: dict[str, Any]) -> None:
         """Buffer a record; the next I/O batch commits it before running its operations."""

@@ -20,8 +20,10 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from spoolsmtp.model.config import SpoolConfig
 from spoolsmtp.spool import lock as spool_lock
@@ -55,6 +57,22 @@ class Adopted:
     node: str
     envelopes: int
     deferred: int
+
+
+def superseded(journaled: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
+    """On a spool several nodes share: has another node moved the envelope on since this
+    node journaled its record (more attempts, or as many and written later)? Then the record
+    on disk is newer and the journaled one must not be restored over it."""
+    return _progress(current) > _progress(journaled)
+
+
+def _progress(record: Mapping[str, Any]) -> tuple[int, str]:
+    attempts = sum(
+        int(r.get("attempts", 0))
+        for tx in record.get("transactions", ())
+        for r in tx.get("recipients", ())
+    )
+    return attempts, str(record.get("updated_at", ""))
 
 
 def shown(node: str) -> str:

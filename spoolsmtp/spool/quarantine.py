@@ -132,7 +132,13 @@ class Reads:
         self._marked.add(envelope_id)
 
     def forget(self, envelope_id: str) -> None:
-        self._marked.discard(envelope_id)
+        """Its claim was not made (the file went, or another node renamed it first): the
+        ``reading`` that ``mark`` appended is closed with ``lost``, so this node's journal
+        never blames a crash on an envelope it did not have (say it claims it later, from
+        deferred/, and dies before reading it)."""
+        if envelope_id in self._marked:
+            self._marked.discard(envelope_id)
+            self.journal.append(_phase(envelope_id, "lost"))
 
     def reading(self, envelope_id: str) -> _Reading:
         return _Reading(self, envelope_id)
