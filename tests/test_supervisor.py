@@ -61,7 +61,7 @@ def alive(pid: int) -> bool:
 
 
 def supervised(
-    tmp_path: Path, port: int, env: dict[str, str] | None = None, **more: Any
+    tmp_path: Path, port: int, *, env: dict[str, str] | None = None, **more: Any
 ) -> WorkerProcess:
     settings: dict[str, Any] = {"smarthost": f"127.0.0.1:{port}", **TWO, **more}
     return WorkerProcess(tmp_path, settings, env=env)
