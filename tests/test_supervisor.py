@@ -228,9 +228,7 @@ def _gated_sink(gate: threading.Event, live: list[int], peak: list[int]) -> RawS
     ],
     ids=["max_connections", "max_per_destination", "max_active"],
 )
-def test_the_connection_limit_holds_across_processes(
-    tmp_path: Path, limit: dict[str, Any]
-) -> None:
+def test_the_connection_limit_holds_across_processes(tmp_path: Path, limit: dict[str, Any]) -> None:
     gate = threading.Event()
     live, peak = [0], [0]
     sink = _gated_sink(gate, live, peak)
@@ -380,3 +378,27 @@ def test_query_shows_what_the_processes_deliver_and_follow_their_trace(tmp_path:
         gate.set()
         assert worker.stop() == 0
         sink.stop()
+
+
+def test_what_a_worker_alone_left_in_flight_is_resumed_by_the_processes(tmp_path: Path) -> None:
+    srv = SmtpServer()
+    settings = {"smarthost": f"127.0.0.1:{srv.port}"}
+    try:
+        alone = WorkerProcess(tmp_path, settings, env={"SPOOLSMTP_CRASH_AT": "after_claim"})
+        alone.start().drop_drafts("job.bsmtp", [draft("oper@example.com", ["a@example.org"])])
+        assert alone.wait_exit() == -signal.SIGKILL
+        assert len(alone.files("active")) == 1  # the default node's, claimed, never sent
+        worker = supervised(tmp_path, srv.port).start()
+        try:
+            wait_for(lambda: worker.final("job.bsmtp"), what="delivered by a child")
+            # the processes' own nodes are alive, and the supervisor's; ADOPT says so
+            assert worker.ask("ADOPT local.1")["status"] == 409
+            assert worker.ask("ADOPT local.supervisor")["status"] == 409
+            assert worker.ask("ADOPT nosuch")["status"] == 404
+        finally:
+            assert worker.stop() == 0
+    finally:
+        srv.stop()
+    assert delivered(srv) == Counter({"a@example.org": 1})
+    assert worker.files("active") == []
+    assert "adopted node (default): 1 envelope(s) in flight" in worker.log.read_text()

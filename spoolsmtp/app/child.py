@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from spoolsmtp.app import wire
+from spoolsmtp.app.adoption import Adoption
 from spoolsmtp.app.host import Summary
 from spoolsmtp.app.link import Link
 from spoolsmtp.app.worker import Worker
@@ -77,14 +78,33 @@ class _Forwarding(Tracer):
             self._send("t", self.ring[-1])
 
 
+class _NotSiblings(Adoption):
+    """A child adopts what dead nodes left (a worker alone before ``worker.processes`` was
+    raised, a host that died), but not its siblings': the supervisor starts a dead sibling
+    again, and it resumes its own (an adoption would hold its lock and refuse that start)."""
+
+    def __init__(self, worker: ChildWorker, siblings: set[str]) -> None:
+        super().__init__(worker, worker.recovery, worker.pickup, worker.scheduler)
+        self._siblings = siblings
+
+    def _dead(self) -> list[str]:
+        return [node for node in super()._dead() if node not in self._siblings]
+
+
 class ChildWorker(Worker):
     """The worker of one node, fed and asked by the supervisor over ``sock``."""
 
     def __init__(
-        self, cfg: Config, node: str, sock: socket.socket, share: tuple[int, int] = (1, 0)
+        self,
+        cfg: Config,
+        node: str,
+        sock: socket.socket,
+        share: tuple[int, int] = (1, 0),
+        siblings: tuple[str, ...] = (),
     ) -> None:
         super().__init__(cfg, node)
         self.share = share  # (children, this one's index): its part of the limits
+        self.adoption = _NotSiblings(self, set(siblings))
         self.link = Link(sock, self._received)
         self.tracer = _Forwarding(self.link.send)
         self._work: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
@@ -248,7 +268,9 @@ def _row(summary: Summary) -> wire.SummaryRow:
 
 
 async def _main(cfg: Config, node: str, sock: socket.socket, share: tuple[int, int]) -> int:
-    worker = ChildWorker(split(cfg, *share), node, sock, share)
+    base, _, _ = node.rpartition(".")
+    siblings = tuple(f"{base}.{k}" for k in range(1, share[0] + 1))
+    worker = ChildWorker(split(cfg, *share), node, sock, share, siblings)
     try:
         return await worker.run()
     finally:

@@ -291,9 +291,9 @@ class Whole:
         self._sup.stop()
 
     async def adopt(self, node: str) -> Adopted:
-        """ADOPT: done by a child (the supervisor has no journal to carry the node's into).
-        The supervisor's own nodes are alive: it starts a dead child again itself."""
-        if node in {c.name for c in self._sup.children} or node == self._sup.own_node:
+        """ADOPT: done by a child (the supervisor has no journal to carry the node's into);
+        the supervisor's own node and a running child's are alive (409)."""
+        if node == self._sup.own_node:
             raise NodeAlive(node)
         said = await self._any().ask("adopt", node, timeout=ADOPT_TIMEOUT)
         if isinstance(said, dict) and isinstance(said.get("adopted"), dict):
