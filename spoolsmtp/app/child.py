@@ -22,7 +22,6 @@ import os
 import signal
 import socket
 from collections.abc import Coroutine
-from datetime import UTC, datetime
 from typing import Any
 
 from spoolsmtp.app import wire
@@ -32,8 +31,7 @@ from spoolsmtp.app.link import Link
 from spoolsmtp.app.worker import Worker
 from spoolsmtp.control.tracer import Kind, Tracer
 from spoolsmtp.model.config import Config
-from spoolsmtp.model.record import State, iso
-from spoolsmtp.spool.folders import SUFFIX
+from spoolsmtp.model.record import State
 from spoolsmtp.spool.watcher import IncomingWatcher
 
 log = logging.getLogger("spoolsmtp")
@@ -190,9 +188,10 @@ class ChildWorker(Worker):
     async def _do(self, op: str, args: list[Any]) -> Any:
         if op == "snap":
             return self.snapshot()
-        if op == "hold_active":
-            (envelope_id,) = args
-            if envelope_id not in self._active and envelope_id not in self.index:
+        if op == "hold_active":  # sure: a retry handed to it, maybe not yet begun
+            envelope_id, *sure = args
+            known = envelope_id in self._active or envelope_id in self.index
+            if not (known or sure):
                 return None
             self._hold_after.add(envelope_id)
             return f"{envelope_id} is being delivered; it will be held after this attempt"
@@ -205,7 +204,8 @@ class ChildWorker(Worker):
         if op == "move":  # hold <-> deferred, for HOLD and RELEASE of a queued envelope
             envelope_id, source, target = args
             await self.spool.move(envelope_id, source, target)
-            await self._restate(envelope_id, State.DEFERRED if target == "deferred" else State.HELD)
+            state = State.DEFERRED if target == "deferred" else State.HELD
+            await self.actions._restate(envelope_id, state, target)
             return True
         if op == "flush":
             (destination,) = args
@@ -230,16 +230,6 @@ class ChildWorker(Worker):
             self.stop()
         return True
 
-    async def _restate(self, envelope_id: str, state: State) -> None:
-        record = self.recovery.load_record(envelope_id)
-        if record is not None:
-            folder = "deferred" if state is State.DEFERRED else "hold"
-            record.state = state
-            record.location = f"{folder}/{envelope_id}{SUFFIX}"
-            record.updated_at = iso(datetime.now(UTC))
-            await self.records.write(record)
-            self.records.finished(envelope_id)
-
     def snapshot(self) -> dict[str, Any]:
         s = self.stats
         ordered = sorted(s._latencies)
@@ -252,7 +242,6 @@ class ChildWorker(Worker):
             "index": [_row(x) for x in self.index.values()],
             "dead": self.dead_destinations(),
             "disk": [self.disk.since, self.disk.reason, self.disk.full],
-            "trace_dropped": self.tracer.dropped,
         }
 
 

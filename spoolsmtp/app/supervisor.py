@@ -222,6 +222,10 @@ class Supervisor:
         self._pump()
         self._rescan_soon()
 
+    def owner(self, envelope_id: str) -> Child | None:
+        """The child a retry of it was handed to, until that child reports on it."""
+        return self._owner.get(envelope_id)
+
     def unschedule(self, envelope_id: str) -> None:
         self._due.pop(envelope_id, None)
 

@@ -106,6 +106,7 @@ class Whole:
         self._started = time.time()
         self._counts = spoolview.FolderCounts({n: sup.spool.dirs[n] for n in COUNTED})
         self._expired: dict[str, bool] = {}
+        self._merged: dict[str, Summary] | None = None
 
     # -- snapshots -------------------------------------------------------------------------
 
@@ -119,6 +120,7 @@ class Whole:
         for child, snap in zip(children, snaps, strict=True):
             if isinstance(snap, dict) and "stats" in snap:
                 child.snapshot = snap
+        self._merged = None
 
     def _parts(self) -> list[dict[str, Any]]:
         return [c.snapshot for c in self._sup.children if c.snapshot]
@@ -129,6 +131,13 @@ class Whole:
 
     @property
     def index(self) -> Mapping[str, Summary]:
+        """The supervisor's deferred and held envelopes and the children's active ones, as
+        of the last refresh (made once per command: HOLD ALL asks it once per envelope)."""
+        if self._merged is None:
+            self._merged = self._merge()
+        return self._merged
+
+    def _merge(self) -> dict[str, Summary]:
         merged: dict[str, Summary] = {}
         for child in self._sup.children:
             for row in child.snapshot.get("index", ()):
@@ -220,8 +229,12 @@ class Whole:
         return await self._hold_active(envelope_id)
 
     async def _hold_active(self, envelope_id: str) -> str:
-        children = self._holder(envelope_id)
-        said = await asyncio.gather(*(c.ask("hold_active", envelope_id) for c in children))
+        owner = self._sup.owner(envelope_id)  # a retry handed out, maybe not yet taken
+        if owner is not None:
+            said = [await owner.ask("hold_active", envelope_id, True)]
+        else:
+            children = self._holder(envelope_id)
+            said = await asyncio.gather(*(c.ask("hold_active", envelope_id) for c in children))
         for text in said:
             if isinstance(text, str):
                 return text
