@@ -511,9 +511,11 @@ def final_phase(worker: Worker, spool: Path, seconds: float) -> bool:
 
 
 def queued_files(spool: Path) -> list[Path]:
+    """What is still queued: in the shared folders, and in every node's own active/ (the
+    delivery processes of ``--processes``)."""
     out: list[Path] = []
-    for name in QUEUE_FOLDERS:
-        folder = spool / name
+    folders = [spool / name for name in QUEUE_FOLDERS] + sorted(spool.glob("nodes/*/active"))
+    for folder in folders:
         if folder.is_dir():
             out += [p for p in folder.iterdir() if not p.name.startswith(".")]
     return out
