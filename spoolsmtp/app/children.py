@@ -66,7 +66,7 @@ class Child:
         self._episode = False
         self._answers: dict[int, asyncio.Future[Any]] = {}
         self._seq = itertools.count(1)
-        self._exited = asyncio.Event()
+        self._stop_asked = asyncio.Event()
         self._life: asyncio.Task[None] | None = None
 
     @property
@@ -82,8 +82,10 @@ class Child:
             if self._stopping:
                 break
             delay = self._backoff()
-            if delay:
-                await asyncio.sleep(delay)
+            if delay:  # cut short by stop: a child waiting to be started again is not
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._stop_asked.wait()
 
     def _backoff(self) -> float:
         if time.monotonic() - self._started_at >= STEADY:
@@ -107,8 +109,9 @@ class Child:
             )
         except OSError as exc:
             ours.close()
-            theirs.close()
-            log.error("cannot start delivery process %s: %s", self.name, exc)
+            if not self._episode:
+                self._episode = True
+                log.error("cannot start delivery process %s: %s; trying again", self.name, exc)
             self._started_at = time.monotonic()
             return
         finally:
@@ -197,6 +200,7 @@ class Child:
         """Ask it to finish what is in flight and exit; SIGKILL if it takes longer than
         ``timeout`` (what it had in flight is resumed at the next start)."""
         self._stopping = True
+        self._stop_asked.set()
         if self.up:
             self.send("o", [0, "stop", []])
         elif self.proc is not None and self.proc.poll() is None:
