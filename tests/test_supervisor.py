@@ -402,3 +402,19 @@ def test_what_a_worker_alone_left_in_flight_is_resumed_by_the_processes(tmp_path
     assert delivered(srv) == Counter({"a@example.org": 1})
     assert worker.files("active") == []
     assert "adopted node (default): 1 envelope(s) in flight" in worker.log.read_text()
+
+
+def test_a_host_of_a_shared_spool_runs_its_processes_in_its_own_nodes(tmp_path: Path) -> None:
+    srv = SmtpServer()
+    worker = supervised(tmp_path, srv.port, worker={"processes": 2, "host_id": "mx1"}).start()
+    try:
+        rcpts = drop_burst(worker, 6)
+        wait_for(lambda: all_final(worker, 6), what="6 envelopes done")
+    finally:
+        assert worker.stop() == 0
+        srv.stop()
+    assert delivered(srv) == Counter(rcpts)
+    nodes = worker.spool / "nodes"
+    assert sorted(p.name for p in nodes.iterdir()) == ["mx1", "mx1.1", "mx1.2", "mx1.supervisor"]
+    assert (nodes / "mx1" / "control.sock").exists() is False  # removed at the stop
+    assert not (worker.spool / "active").exists() and not (worker.spool / "journal").exists()

@@ -62,7 +62,9 @@ class Supervisor:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.spool = Spool(cfg.spool)
+        self.own_node = own_node(cfg)
+        # the shared folders; "active" and "journal" are its own node's, which stay empty
+        self.spool = Spool(cfg.spool, node=self.own_node)
         self.router = Router(cfg)
         self.stats = Stats()  # its own counts (names refused); the children keep the rest
         self.index: dict[str, Summary] = {}  # deferred and held, and retries handed out
@@ -81,7 +83,6 @@ class Supervisor:
         # what a child may have been handed and not finished: twice its share of the
         # envelopes in flight, so it never waits for the next while the rest wait here
         self.room = max(2 * cfg.spool.max_active // max(cfg.worker.processes, 1), 1)
-        self.own_node = own_node(cfg)
         names = node_names(cfg)
         source = str(cfg.source)
         self.children = [
