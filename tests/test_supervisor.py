@@ -290,6 +290,7 @@ def test_a_child_killed_from_outside_is_started_again(tmp_path: Path) -> None:
     worker = supervised(tmp_path, srv.port).start()
     try:
         kids = two_children(worker)
+        assert worker.ask("TRACE SPOOL")["status"] == 200
         os.kill(kids[0], signal.SIGKILL)
         wait_for(lambda: two_children(worker) != kids, what="a new child")
         rcpts = drop_burst(worker, 10)
@@ -298,7 +299,10 @@ def test_a_child_killed_from_outside_is_started_again(tmp_path: Path) -> None:
         assert worker.stop() == 0
         srv.stop()
     assert delivered(srv) == Counter(rcpts)
-    assert worker.log.read_text().count("was killed by SIGKILL") == 1
+    log = worker.log.read_text()
+    assert log.count("was killed by SIGKILL") == 1
+    # the new process traces too, as the operator asked before it was started
+    assert log.count(": claimed as ") == 10
 
 
 def test_a_second_supervisor_is_refused_naming_the_first(tmp_path: Path) -> None:

@@ -334,6 +334,11 @@ class Supervisor:
                 self._gone(envelope_id)
         for line in batch.get("t", ()):
             self.port.tracer.relay(line)
+        if "up" in batch:  # a fresh process: what the operator set holds for it too
+            if self.port.tracer.enabled:
+                child.send("o", [0, "trace", sorted(k.value for k in self.port.tracer.enabled)])
+            if self.suspended:
+                child.send("o", [0, "suspend", []])
         if "n" in batch or "i" in batch or "up" in batch:
             self._pump()
 
