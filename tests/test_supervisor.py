@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import signal
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -16,7 +17,10 @@ import pytest
 import yaml
 
 from tests.helpers import draft
+from tests.hostile import PLAIN_PYTHON, needs_root, nobody
 from tests.smtpservers import RawServer, Script, SmtpServer, read_line
+from tests.test_intake import write_with_a_pause
+from tests.test_privileges import PLAIN_PATH
 from tests.workerproc import WorkerProcess, connect, exchange, wait_for
 
 TWO = {"worker": {"processes": 2}}
@@ -422,3 +426,45 @@ def test_a_host_of_a_shared_spool_runs_its_processes_in_its_own_nodes(tmp_path: 
     assert sorted(p.name for p in nodes.iterdir()) == ["mx1", "mx1.1", "mx1.2", "mx1.supervisor"]
     assert (nodes / "mx1" / "control.sock").exists() is False  # removed at the stop
     assert not (worker.spool / "active").exists() and not (worker.spool / "journal").exists()
+
+
+def _capabilities(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return -1
+
+
+@needs_root
+def test_processes_started_by_a_supervisor_that_dropped_root_keep_the_lease(
+    open_dir: Path, sockdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run as nobody, the delivery processes keep CAP_LEASE (and nothing else) across their
+    exec, so a file of another user whose writer pauses past settle_seconds is not taken half
+    written."""
+    uid, gid = nobody()
+    os.chown(sockdir, uid, gid)
+    srv = SmtpServer()
+    w = WorkerProcess(
+        open_dir,
+        {
+            "user": "nobody",
+            "smarthost": f"127.0.0.1:{srv.port}",
+            "control": {"socket": str(sockdir / "control.sock")},
+            "spool": {"settle_seconds": "200ms", "rescan_interval": "100ms"},
+            "log_level": "debug",
+            **TWO,
+        },
+        env={"PYTHONPATH": PLAIN_PATH},
+    )
+    with monkeypatch.context() as patch:
+        patch.setattr(sys, "executable", PLAIN_PYTHON)
+        w.start()
+    try:
+        for pid in two_children(w):
+            assert _capabilities(pid) == 1 << 28  # CAP_LEASE, nothing else
+        write_with_a_pause(w)  # written by root: not the worker's own file
+    finally:
+        w.kill()
+        srv.stop()
+    assert sorted(m.rcpt_tos[0] for m in srv.messages) == ["a@example.org", "b@example.org"]
