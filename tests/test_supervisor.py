@@ -1,12 +1,10 @@
 """worker.processes: 2 as an operator runs it: a supervisor and two delivery processes, real
-processes, a real SMTP sink on loopback, real SIGKILL."""
+processes, a real SMTP sink on loopback (crashes and kills: test_supervisor_crash.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
-import signal
 import sys
 import threading
 from collections import Counter
@@ -18,72 +16,20 @@ import yaml
 
 from tests.helpers import draft
 from tests.hostile import PLAIN_PYTHON, needs_root, nobody
-from tests.smtpservers import RawServer, Script, SmtpServer, read_line
+from tests.smtpservers import Script, SmtpServer
+from tests.supervised import (
+    TWO,
+    alive,
+    all_final,
+    delivered,
+    drop_burst,
+    gated_sink,
+    supervised,
+    two_children,
+)
 from tests.test_intake import write_with_a_pause
 from tests.test_privileges import PLAIN_PATH
 from tests.workerproc import WorkerProcess, connect, exchange, wait_for
-
-TWO = {"worker": {"processes": 2}}
-
-
-def children_of(pid: int) -> list[int]:
-    """The delivery processes a supervisor started (``spoolsmtp child ... --parent PID``)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"child" in argv and b"--parent" in argv[:-1]:
-            parent = argv[argv.index(b"--parent") + 1]
-            if parent == str(pid).encode():
-                found.append(int(entry))
-    return sorted(found)
-
-
-def two_children(worker: WorkerProcess) -> list[int]:
-    """The two delivery processes of a started supervisor, once both are running."""
-    assert worker.proc is not None
-    pid = worker.proc.pid
-    kids: list[int] = wait_for(
-        lambda: len(now := children_of(pid)) == 2 and now, what="two delivery processes"
-    )
-    return kids
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead too
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except OSError:
-        return False
-
-
-def supervised(
-    tmp_path: Path, port: int, *, env: dict[str, str] | None = None, **more: Any
-) -> WorkerProcess:
-    settings: dict[str, Any] = {"smarthost": f"127.0.0.1:{port}", **TWO, **more}
-    return WorkerProcess(tmp_path, settings, env=env)
-
-
-def drop_burst(worker: WorkerProcess, count: int) -> list[str]:
-    rcpts = [f"user{i}@example.org" for i in range(count)]
-    for i, rcpt in enumerate(rcpts):
-        worker.drop_drafts(f"job{i}.bsmtp", [draft("oper@example.com", [rcpt])])
-    return rcpts
-
-
-def delivered(srv: SmtpServer) -> Counter[str]:
-    return Counter(r for m in list(srv.messages) for r in m.rcpt_tos)
-
-
-def all_final(worker: WorkerProcess, count: int) -> bool:
-    return sum(1 for r in worker.records() if r["state"] == "done") == count
 
 
 def test_two_processes_deliver_a_burst_once_each_and_stats_show_the_whole(
@@ -155,74 +101,6 @@ def _attempts(worker: WorkerProcess, rcpt: str) -> int:
     return tries
 
 
-@pytest.mark.parametrize("phase", ["mid_data", "after_dot", "after_journal"])
-def test_a_child_killed_mid_delivery_is_restarted_and_loses_nothing(
-    tmp_path: Path, phase: str
-) -> None:
-    srv = SmtpServer()
-    worker = supervised(tmp_path, srv.port, env={"SPOOLSMTP_CRASH_AT": phase}).start()
-    try:
-        rcpts = drop_burst(worker, 20)
-        wait_for(lambda: all_final(worker, 20), what="20 envelopes done")
-        stats = worker.ask("STATS")["result"]
-    finally:
-        assert worker.stop() == 0
-        srv.stop()
-    log = worker.log.read_text()
-    # each process died at its first delivery (the hook is armed in the first start only)
-    assert log.count("was killed by SIGKILL; starting it again") == 2, log
-    got = delivered(srv)
-    assert set(got) == set(rcpts)
-    records = {r["source"]: r for r in worker.records()}
-    flagged = 0
-    for i, rcpt in enumerate(rcpts):
-        (result,) = records[f"job{i}.bsmtp"]["transactions"][0]["recipients"]
-        assert result["status"] == "delivered"
-        if got[rcpt] == 2:
-            # sent again only after the dot (its own, or that of another envelope in flight
-            # in the same process when it died), and then flagged
-            assert result["possible_duplicate"], (phase, rcpt, result)
-            flagged += 1
-        else:
-            assert got[rcpt] == 1
-    assert stats["possible_duplicates"] >= flagged
-    assert worker.files("active") == [] and worker.files("incoming") == []
-    for node in ("local.1", "local.2"):
-        assert list((worker.spool / "nodes" / node / "active").iterdir()) == []
-
-
-def _gated_sink(gate: threading.Event, live: list[int], peak: list[int]) -> RawServer:
-    """A sink that holds each DATA until ``gate`` opens and counts connections at once."""
-    received: list[bytes] = []
-
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        live[0] += 1
-        peak[0] = max(peak[0], live[0])
-        try:
-            writer.write(b"220 sink.test ready\r\n")
-            while True:
-                line = await read_line(reader)
-                verb = line[:4].upper()
-                if verb == b"DATA":
-                    writer.write(b"354 go ahead\r\n")
-                    received.append(await reader.readuntil(b"\r\n.\r\n"))
-                    await asyncio.get_running_loop().run_in_executor(None, gate.wait, 30)
-                    writer.write(b"250 2.0.0 ok\r\n")
-                elif verb == b"QUIT":
-                    writer.write(b"221 bye\r\n")
-                    await writer.drain()
-                    return
-                else:
-                    writer.write(b"250 ok\r\n")
-                await writer.drain()
-        finally:
-            live[0] -= 1
-
-    server = RawServer(script)
-    server.received = received
-    return server
-
-
 @pytest.mark.parametrize(
     "limit",
     [
@@ -235,7 +113,7 @@ def _gated_sink(gate: threading.Event, live: list[int], peak: list[int]) -> RawS
 def test_the_connection_limit_holds_across_processes(tmp_path: Path, limit: dict[str, Any]) -> None:
     gate = threading.Event()
     live, peak = [0], [0]
-    sink = _gated_sink(gate, live, peak)
+    sink = gated_sink(gate, live, peak)
     worker = supervised(tmp_path, sink.port, **limit).start()
     try:
         drop_burst(worker, 12)
@@ -257,56 +135,6 @@ def test_a_limit_below_the_processes_is_refused_naming_the_key(tmp_path: Path) -
     worker.start()
     assert worker.wait_exit() == 78
     assert "delivery.max_per_destination below worker.processes (2)" in worker.log.read_text()
-
-
-def test_killing_the_supervisor_stops_the_children_and_a_restart_resumes(
-    tmp_path: Path,
-) -> None:
-    gate = threading.Event()
-    live, peak = [0], [0]
-    sink = _gated_sink(gate, live, peak)
-    try:
-        first = supervised(tmp_path, sink.port, shutdown_timeout="1s").start()
-        assert first.proc is not None
-        kids = two_children(first)
-        drop_burst(first, 6)
-        wait_for(lambda: live[0] >= 2, what="deliveries in flight")
-        first.proc.send_signal(signal.SIGKILL)
-        first.wait_exit()
-        wait_for(lambda: not any(alive(k) for k in kids), what="children gone")
-        gate.set()
-        second = supervised(tmp_path, sink.port).start()
-        assert not set(two_children(second)) & set(kids)
-        wait_for(lambda: all_final(second, 6), what="all done after the restart")
-        assert second.stop() == 0
-    finally:
-        gate.set()
-        sink.stop()
-    for rec in second.records():
-        (result,) = rec["transactions"][0]["recipients"]
-        assert result["status"] == "delivered"
-    for node in ("local.1", "local.2"):
-        assert list((second.spool / "nodes" / node / "active").iterdir()) == []
-
-
-def test_a_child_killed_from_outside_is_started_again(tmp_path: Path) -> None:
-    srv = SmtpServer()
-    worker = supervised(tmp_path, srv.port).start()
-    try:
-        kids = two_children(worker)
-        assert worker.ask("TRACE SPOOL")["status"] == 200
-        os.kill(kids[0], signal.SIGKILL)
-        wait_for(lambda: two_children(worker) != kids, what="a new child")
-        rcpts = drop_burst(worker, 10)
-        wait_for(lambda: all_final(worker, 10), what="10 envelopes done")
-    finally:
-        assert worker.stop() == 0
-        srv.stop()
-    assert delivered(srv) == Counter(rcpts)
-    log = worker.log.read_text()
-    assert log.count("was killed by SIGKILL") == 1
-    # the new process traces too, as the operator asked before it was started
-    assert log.count(": claimed as ") == 10
 
 
 def test_a_second_supervisor_is_refused_naming_the_first(tmp_path: Path) -> None:
@@ -356,7 +184,7 @@ def test_reload_and_shutdown_reach_every_process(tmp_path: Path) -> None:
 def test_query_shows_what_the_processes_deliver_and_follow_their_trace(tmp_path: Path) -> None:
     gate = threading.Event()
     live, peak = [0], [0]
-    sink = _gated_sink(gate, live, peak)
+    sink = gated_sink(gate, live, peak)
     worker = supervised(tmp_path, sink.port).start()
     try:
         with connect(worker.operator_socket) as follower:
@@ -386,30 +214,6 @@ def test_query_shows_what_the_processes_deliver_and_follow_their_trace(tmp_path:
         gate.set()
         assert worker.stop() == 0
         sink.stop()
-
-
-def test_what_a_worker_alone_left_in_flight_is_resumed_by_the_processes(tmp_path: Path) -> None:
-    srv = SmtpServer()
-    settings = {"smarthost": f"127.0.0.1:{srv.port}"}
-    try:
-        alone = WorkerProcess(tmp_path, settings, env={"SPOOLSMTP_CRASH_AT": "after_claim"})
-        alone.start().drop_drafts("job.bsmtp", [draft("oper@example.com", ["a@example.org"])])
-        assert alone.wait_exit() == -signal.SIGKILL
-        assert len(alone.files("active")) == 1  # the default node's, claimed, never sent
-        worker = supervised(tmp_path, srv.port).start()
-        try:
-            wait_for(lambda: worker.final("job.bsmtp"), what="delivered by a child")
-            # the processes' own nodes are alive, and the supervisor's; ADOPT says so
-            assert worker.ask("ADOPT local.1")["status"] == 409
-            assert worker.ask("ADOPT local.supervisor")["status"] == 409
-            assert worker.ask("ADOPT nosuch")["status"] == 404
-        finally:
-            assert worker.stop() == 0
-    finally:
-        srv.stop()
-    assert delivered(srv) == Counter({"a@example.org": 1})
-    assert worker.files("active") == []
-    assert "adopted node (default): 1 envelope(s) in flight" in worker.log.read_text()
 
 
 def test_a_host_of_a_shared_spool_runs_its_processes_in_its_own_nodes(tmp_path: Path) -> None:
