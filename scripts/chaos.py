@@ -1,6 +1,7 @@
 """Chaos harness: keep the delivery promise under SIGKILL, slow servers and a full disk.
 
     python scripts/chaos.py [--kills 200] [--seconds 300] [--seed N] [--disk-full] [--json]
+                            [--processes N]
 
 A real worker (``python -m spoolsmtp run``) runs as a subprocess on a spool in a temp folder and
 delivers to two SMTP sinks on 127.0.0.1 that record every message they receive (by its
@@ -13,6 +14,9 @@ killed with SIGKILL at random moments and restarted (``--kills`` times within ``
 ``--hosts 2`` runs two workers with their own ``worker.host_id`` on the one spool: the first is
 left running, the second is the one killed, and restarted after a random pause, so that the
 first adopts its envelopes in flight about half of the time; the last clean run is the second.
+``--processes N`` (N > 1) runs a supervisor with N delivery processes (``worker.processes``);
+each kill then hits a delivery process chosen at random (the supervisor starts it again) or, a
+third of the time, the supervisor itself (its delivery processes stop, and it is restarted).
 Then a last clean run goes on until nothing is queued (or ``--final-seconds``), and a ledger is
 computed per recipient from the sinks' records, results/*.json, bounces/, deadletter/ and
 rejected/. Exit status: 0 when nothing was lost, no duplicate went unflagged, every failed
@@ -331,7 +335,9 @@ class Filler(threading.Thread):
 # -- the worker --------------------------------------------------------------------------------
 
 
-def write_config(work: Path, spool: Path, ports: list[int], host_id: str = "") -> Path:
+def write_config(
+    work: Path, spool: Path, ports: list[int], host_id: str = "", processes: int = 1
+) -> Path:
     phases = ("connect", "greeting", "ehlo", "mail", "rcpt", "data", "data_block", "data_end")
     data: dict[str, Any] = {
         "hostname": "spoolsmtp.chaos.test",
@@ -362,6 +368,7 @@ def write_config(work: Path, spool: Path, ports: list[int], host_id: str = "") -
         # reports are counted in bounces/ and deadletter/; delivered, they would go to the
         # senders' domains, which have no route here (and no DNS but the system's)
         "bounces": {"requeue": False},
+        "worker": {"processes": processes},
     }
     if host_id:
         data["worker"] = {"host_id": host_id}
@@ -462,6 +469,57 @@ def chaos_phase(
     return done
 
 
+def delivery_processes(supervisor: int) -> list[int]:
+    """The delivery processes a supervisor started (``spoolsmtp child ... --parent PID``)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            ours = b"--parent" in argv[:-1] and argv[argv.index(b"--parent") + 1]
+            if b"child" in argv and ours == str(supervisor).encode():
+                found.append(int(entry))
+    return found
+
+
+def chaos_phase_supervised(worker: Worker, rng: random.Random, kills: int, seconds: float) -> int:
+    """``--processes``: SIGKILL a random delivery process (the supervisor starts it again) or,
+    a third of the time, the supervisor (then it is started again); ``kills`` times or
+    ``seconds``, whichever first."""
+    done, t0 = 0, time.monotonic()
+    gap = seconds / max(kills, 1)
+    proc: subprocess.Popen[bytes] | None = None
+    while done < kills and time.monotonic() - t0 < seconds:
+        end = t0 + seconds
+        if proc is None or proc.poll() is not None:
+            if proc is not None:
+                worker.exits[f"supervisor exited by itself: {proc.returncode}"] += 1
+            before = worker.log_size()
+            proc = worker.start()
+            wait_until(functools.partial(started, worker, before, proc), end)
+        wait_until(functools.partial(exited, proc), time.monotonic() + rng.uniform(0.05, 2 * gap))
+        if proc.poll() is not None:
+            continue
+        children = delivery_processes(proc.pid)
+        if children and rng.random() >= 1 / 3:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(rng.choice(children), signal.SIGKILL)
+                worker.exits["SIGKILL of a delivery process (ours)"] += 1
+                done += 1
+            continue
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        worker.exits["SIGKILL of the supervisor (ours)"] += 1
+        done += 1
+        proc = None
+    if proc is not None and proc.poll() is None:  # the final run starts a fresh one
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    return done
+
+
 def final_phase(worker: Worker, spool: Path, seconds: float) -> bool:
     """One clean run until nothing is queued (True) or ``seconds`` pass (False); then SIGTERM."""
     before = worker.log_size()
@@ -482,8 +540,11 @@ def final_phase(worker: Worker, spool: Path, seconds: float) -> bool:
 
 
 def queued_files(spool: Path) -> list[Path]:
+    """What is still queued: in the shared folders, and in every node's own active/ (the
+    delivery processes of ``--processes``)."""
     out: list[Path] = []
-    for folder in [spool / name for name in QUEUE_FOLDERS] + list(spool.glob("nodes/*/active")):
+    folders = [spool / name for name in QUEUE_FOLDERS] + sorted(spool.glob("nodes/*/active"))
+    for folder in folders:
         if folder.is_dir():
             out += [p for p in folder.iterdir() if not p.name.startswith(".")]
     return out
@@ -683,6 +744,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--hosts", type=int, choices=(1, 2), default=1, help="workers on the spool")
     ap.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="worker.processes; above 1, kill delivery processes and the supervisor",
+    )
+    ap.add_argument(
         "--ledger-only",
         type=Path,
         metavar="WORKDIR",
@@ -712,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
     sinks = Sinks(state)
     steady: subprocess.Popen[bytes] | None = None
     try:
-        worker = Worker(work, write_config(work, spool, sinks.ports))
+        worker = Worker(work, write_config(work, spool, sinks.ports, processes=args.processes))
         if args.hosts == 2:
             steady, worker = two_hosts(work, spool, sinks.ports)
         producer = Producer(spool, random.Random(rng.random()), args.rate, len(sinks.ports))
@@ -722,7 +789,10 @@ def main(argv: list[str] | None = None) -> int:
             filler.start()
         t0 = time.monotonic()
         pause = 3.0 if steady is not None else 0.0
-        kills = chaos_phase(worker, rng, args.kills, args.seconds, pause)
+        if args.processes > 1:
+            kills = chaos_phase_supervised(worker, rng, args.kills, args.seconds)
+        else:
+            kills = chaos_phase(worker, rng, args.kills, args.seconds, pause)
         chaos_seconds = time.monotonic() - t0
         producer.halt.set()
         producer.join()

@@ -75,6 +75,26 @@ def test_short_chaos_run_quarantines_nothing_and_finishes_everything(
     assert code == 0
 
 
+@pytest.mark.timeout(300)
+def test_short_chaos_run_of_a_supervisor_loses_nothing(tmp_path: Path) -> None:
+    """``--processes 2``: kill -9 of delivery processes and of the supervisor."""
+    argv = [sys.executable, str(SCRIPT), "--kills", "8", "--seconds", "120", "--seed", "20261202"]
+    argv += ["--final-seconds", "45", "--json", "--processes", "2"]
+    run = subprocess.run(argv, capture_output=True, timeout=280, check=False)
+    assert run.returncode in (0, 1), run.stderr.decode()[-2000:]
+    result = json.loads(run.stdout)
+    why = json.dumps(result["examples"], indent=1)
+    exits = result["worker_exits"]
+    assert result["kills"] == 8, exits
+    assert exits.get("SIGKILL of a delivery process (ours)", 0) > 0, exits
+    assert exits.get("SIGKILL of the supervisor (ours)", 0) > 0, exits
+    for fatal in ("lost", "duplicated, not flagged", "failed, no report", "quarantined"):
+        assert result["ledger"][fatal] == 0, (fatal, why)
+    assert result["ledger"]["still queued"] == 0, why
+    assert result["worker_log_tracebacks"] == 0
+    assert run.returncode == 0
+
+
 # -- the ledger itself: it must see a broken promise when there is one -------------------------
 
 

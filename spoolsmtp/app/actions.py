@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from spoolsmtp.app import reconfig, sdnotify
 from spoolsmtp.app.removal import Reboot, Removal
 from spoolsmtp.control.port import Reloaded
+from spoolsmtp.model.config import Config
 from spoolsmtp.model.config import load as config_load
 from spoolsmtp.model.record import State, iso
 from spoolsmtp.spool.folders import SUFFIX
@@ -127,19 +129,21 @@ class Actions:
         self._w._resumed.set()
         self._scheduler.wake()
 
-    def reload(self) -> Reloaded:
+    def reload(self, fresh: Callable[[Config], Config] | None = None) -> Reloaded:
         """Read the config file again and apply every key that can change while running; the
         others keep their value until a restart, and the answer names them (reconfig.py). A
-        bad file raises ConfigError and changes nothing."""
+        bad file raises ConfigError and changes nothing. ``fresh``: what the file says, made
+        this process's (a supervisor's delivery process keeps its share of the limits)."""
         sdnotify.reloading()  # systemd: READY=1 again once done, applied or refused
         try:
-            return self._reload()
+            return self._reload(fresh)
         finally:
             sdnotify.ready()
 
-    def _reload(self) -> Reloaded:
+    def _reload(self, fresh: Callable[[Config], Config] | None) -> Reloaded:
         w = self._w
-        plan = reconfig.plan(w.cfg, config_load(w.cfg.source))
+        loaded = config_load(w.cfg.source)
+        plan = reconfig.plan(w.cfg, fresh(loaded) if fresh else loaded)
         w.deliverer.reconfigure(plan.config)  # first: unsafe secret files change nothing
         if plan.renew_resolver:
             resolver = reconfig.renewed_resolver(w.resolver, plan.config)
@@ -150,6 +154,12 @@ class Actions:
         log.info("%s", plan.done.summary)
         return plan.done
 
+    async def remove(
+        self, envelope_id: str, uid: int, *, report: bool, keep: bool, state: State
+    ) -> str:
+        """DELETE or BOUNCE asked by a supervisor, which knows where the envelope is queued."""
+        return await self._removal.remove(envelope_id, uid, report=report, keep=keep, state=state)
+
     async def bounce(self, envelope_id: str, uid: int) -> str:
         return await self._removal.remove(envelope_id, uid, report=True, keep=True)
 
@@ -157,7 +167,7 @@ class Actions:
         return await self._removal.remove(envelope_id, uid, report=report, keep=False)
 
     def reboot(self, uid: int) -> None:
-        Reboot.request(self._w, uid)
+        Reboot.request(self._w._stopping.set, uid)
 
     def dead_destinations(self) -> dict[str, float]:
         now = time.time()

@@ -13,6 +13,8 @@ import ctypes
 import os
 
 PR_SET_KEEPCAPS = 8
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
 CAP_LEASE = 28
 _VERSION_3 = 0x20080522
 
@@ -43,6 +45,33 @@ def keep_across_setuid() -> None:
 def only_lease() -> None:
     """After setuid: CAP_LEASE permitted and effective, nothing else, nothing inherited."""
     _set(1 << CAP_LEASE)
+
+
+def pass_on_lease() -> bool:
+    """Let the programs this process starts keep CAP_LEASE, and nothing else, across execve
+    (a supervisor's delivery processes: they claim the files): inheritable and ambient. False
+    if this process does not hold it (root keeps all it has anyway)."""
+    if os.geteuid() == 0 or not _holds(CAP_LEASE):
+        return False
+    header = _Header(_VERSION_3, 0)
+    data = (_Data * 2)()
+    data[0].effective = data[0].permitted = data[0].inheritable = 1 << CAP_LEASE
+    if _libc().capset(ctypes.byref(header), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset(inheritable CAP_LEASE): {os.strerror(err)}")
+    if _libc().prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_LEASE, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_CAP_AMBIENT_RAISE, CAP_LEASE): {os.strerror(err)}")
+    return True
+
+
+def _holds(cap: int) -> bool:
+    """Is ``cap`` in this process's permitted set (from /proc/self/status)?"""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("CapPrm:"):
+                return bool(int(line.split()[1], 16) & (1 << cap))
+    return False
 
 
 def none() -> None:

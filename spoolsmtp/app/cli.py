@@ -7,8 +7,10 @@ import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from spoolsmtp.app import (
+    child,
     configpath,
     deliver_cmd,
     eventloop,
@@ -20,6 +22,7 @@ from spoolsmtp.app import (
     top_cmd,
 )
 from spoolsmtp.app.removal import Reboot
+from spoolsmtp.app.supervisor import Supervisor
 from spoolsmtp.app.worker import Worker
 from spoolsmtp.bsmtp import response
 from spoolsmtp.control import client as ctl
@@ -44,6 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the worker over the spool")
     run.add_argument("--config", type=Path, help="YAML config (default conf/spoolsmtp.yaml)")
     run.add_argument("--check-config", action="store_true", help="validate the config and exit")
+
+    kid = sub.add_parser("child", help=argparse.SUPPRESS)  # a supervisor's delivery process
+    kid.add_argument("--config", type=Path, required=True)
+    kid.add_argument("--node", required=True)
+    kid.add_argument("--fd", type=int, required=True)
+    kid.add_argument("--parent", type=int, required=True)
+    kid.add_argument("--of", required=True, help="INDEX/COUNT")
 
     deliver = sub.add_parser(
         "deliver", help="one delivery attempt for an envelope, in the foreground"
@@ -105,7 +115,7 @@ def _main(argv: Sequence[str] | None) -> int:
         prog = f"spoolsmtp {args.command}" if args.command in ("submit", "ctl") else "spoolsmtp"
         print(f"{prog}: config error: {exc}", file=sys.stderr)
         return exitcodes.CONFIG
-    if args.command == "run":
+    if args.command in ("run", "child"):
         return _run(cfg, args)
     if args.command == "deliver":
         try:
@@ -160,14 +170,19 @@ def _run(cfg: configmod.Config, args: argparse.Namespace) -> int:
     try:
         _, loop_factory = eventloop.factory(cfg)
         tlsplan.require_dane_support(cfg)
-        if args.check_config:
+        if getattr(args, "check_config", False):
             wiresecrets.load(cfg)  # the logins and DKIM keys it names: readable and safe
             print(f"{cfg.source}: configuration OK")
             return exitcodes.OK
         logsetup.configure(cfg.log_level, cfg.log_format)
+        if args.command == "child":  # started by the supervisor, which became the user
+            return _child(cfg, args, loop_factory)
         privileges.become(cfg)
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            code = runner.run(Worker(cfg).run())
+            if cfg.worker.processes > 1:
+                code = runner.run(Supervisor(cfg).run())
+            else:
+                code = runner.run(Worker(cfg).run())
         if Reboot.requested and code == exitcodes.OK:
             Reboot.execute()  # REBOOT: the spool released, the same command line again
         return code
@@ -182,6 +197,12 @@ def _run(cfg: configmod.Config, args: argparse.Namespace) -> int:
         where = exc.filename or cfg.spool.path
         print(f"spoolsmtp: {where}: {exc.strerror or exc}", file=sys.stderr)
         return exitcodes.CANTCREAT
+
+
+def _child(cfg: configmod.Config, args: argparse.Namespace, loop_factory: Any) -> int:
+    index, _, count = args.of.partition("/")
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(child.run(cfg, args.node, args.fd, args.parent, int(count), int(index)))
 
 
 def _submit(cfg: configmod.Config, args: argparse.Namespace) -> int:

@@ -37,6 +37,15 @@ class Summary:
     destinations: dict[str, int] = field(default_factory=dict)
 
 
+class Serving(Protocol):
+    """What the worker starts before any mail is touched and closes when it stops: the
+    control server (or, in a supervisor's delivery process, its link to the supervisor)."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 class PutBack(Protocol):
     """Where work that failed goes to be tried again (the scheduler)."""
 

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -50,22 +51,29 @@ class Removal:
         self._recovery = recovery
         self._scheduler = scheduler
 
-    async def remove(self, envelope_id: str, uid: int, *, report: bool, keep: bool) -> str:
+    async def remove(
+        self, envelope_id: str, uid: int, *, report: bool, keep: bool, state: State | None = None
+    ) -> str:
         """Fail what is left of a queued envelope for the operator ``uid``; ``report``: tell
-        the sender; ``keep``: the envelope stays in done/ (BOUNCE), else it is removed."""
+        the sender; ``keep``: the envelope stays in done/ (BOUNCE), else it is removed.
+        ``state``: where it is queued, when the caller knows and this worker does not (a
+        supervisor's delivery process is asked of an envelope in the supervisor's queue)."""
         w = self._w
         summary = w.index.get(envelope_id)
-        if summary is None:
-            raise LookupError(f"no queued envelope {envelope_id}")
-        if summary.state is State.ACTIVE or envelope_id in w._active:
+        if state is None:
+            if summary is None:
+                raise LookupError(f"no queued envelope {envelope_id}")
+            state = summary.state
+        if state is State.ACTIVE or envelope_id in w._active:
             raise Busy(envelope_id)
-        folder = "hold" if summary.state is State.HELD else "deferred"
+        folder = "hold" if state is State.HELD else "deferred"
         self._scheduler.unschedule(envelope_id)
         try:
             await w.spool.move(envelope_id, folder, "active")
         except FileNotFoundError:  # a retry took it first
             raise Busy(envelope_id) from None
-        summary.state = State.ACTIVE
+        if summary is not None:
+            summary.state = State.ACTIVE
         try:
             opened = await self._recovery.open(envelope_id, f"{envelope_id}{SUFFIX}")
             if opened is None:  # unreadable now: pickup moved it to rejected/ with a reason
@@ -151,11 +159,12 @@ class Reboot:
     requested = False
 
     @classmethod
-    def request(cls, host: WorkerHost, uid: int) -> None:
+    def request(cls, stop: Callable[[], None], uid: int) -> None:
+        """Drain (``stop``: the worker's or the supervisor's), then re-execute."""
         log.info("REBOOT by the operator (uid %d): draining, then re-executing", uid)
         sdnotify.reloading()  # systemd: the same pid says READY=1 again after the exec
         cls.requested = True
-        host._stopping.set()
+        stop()
 
     @classmethod
     def execute(cls) -> None:

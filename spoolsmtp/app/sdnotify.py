@@ -25,6 +25,8 @@ import time
 
 log = logging.getLogger("spoolsmtp")
 ENV = "NOTIFY_SOCKET"
+# what a process that must not speak to systemd (a delivery process) is started without
+ENVIRONMENT = (ENV, "WATCHDOG_USEC", "WATCHDOG_PID")
 _warned: set[str] = set()
 
 

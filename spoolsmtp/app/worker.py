@@ -31,7 +31,7 @@ from spoolsmtp.app import eventloop, mailevents, sdnotify
 from spoolsmtp.app.actions import Actions
 from spoolsmtp.app.adoption import Adoption
 from spoolsmtp.app.attempt import Attempts
-from spoolsmtp.app.host import Summary
+from spoolsmtp.app.host import Serving, Summary
 from spoolsmtp.app.pickup import Pickup
 from spoolsmtp.app.records import Records
 from spoolsmtp.app.recovery import Recovery
@@ -149,8 +149,8 @@ class Worker:
             loop.add_signal_handler(sig, self.stop)
         # the sockets first: a socket the worker cannot open stops it (78) before any mail is
         # touched, so such a stop is never taken for a crash while an envelope was read
-        self._metrics = await metricshttp.serve(self)  # a port it cannot bind stops it too
-        self._control = ControlServer(self, self.cfg.control_socket, self.cfg.operator_socket)
+        self._metrics = await self._metrics_server()  # a port it cannot bind stops it too
+        self._control = self._control_server()
         await self._control.start()
         for envelope_id in self.spool.unconverted():
             if self._legacy:
@@ -177,17 +177,7 @@ class Worker:
         for envelope_id in active:
             await self._slots.acquire()
             self._spawn(self.recovery.resume(envelope_id, replayed.get(envelope_id, Replayed())))
-        self.recovery.load_deferred()
-        watcher = IncomingWatcher(
-            self.spool.dirs["incoming"],
-            self.cfg.spool.settle_seconds,
-            self.pickup.found,
-            known=self.pickup.known,
-            refused=self.pickup.refuse,
-        )
-        self.pickup.watcher = watcher
-        watcher.start()
-        watcher.rescan()
+        watcher = self._intake()
         background = [
             asyncio.create_task(self.pickup.run()),
             asyncio.create_task(self.scheduler.run()),
@@ -202,7 +192,8 @@ class Worker:
         await self._stopping.wait()
         sdnotify.stopping()
         log.info("stopping: %d envelope(s) in flight", len(self._active))
-        watcher.stop()
+        if watcher is not None:
+            watcher.stop()
         await self._control.close()
         if self._metrics is not None:
             await self._metrics.close()
@@ -222,6 +213,30 @@ class Worker:
         watchdog.cancel()
         log.info("stopped")
         return 0
+
+    async def _metrics_server(self) -> metricshttp.MetricsEndpoint | None:
+        """The Prometheus endpoint (``metrics.listen``); a delivery process has none."""
+        return await metricshttp.serve(self)
+
+    def _control_server(self) -> Serving:
+        """What serves the operators (a delivery process of a supervisor: its link to it)."""
+        return ControlServer(self, self.cfg.control_socket, self.cfg.operator_socket)
+
+    def _intake(self) -> IncomingWatcher | None:
+        """Start what feeds the worker: the deferred queue and the watcher of incoming/ (a
+        delivery process of a supervisor is fed by it instead: child.py)."""
+        self.recovery.load_deferred()
+        watcher = IncomingWatcher(
+            self.spool.dirs["incoming"],
+            self.cfg.spool.settle_seconds,
+            self.pickup.found,
+            known=self.pickup.known,
+            refused=self.pickup.refuse,
+        )
+        self.pickup.watcher = watcher
+        watcher.start()
+        watcher.rescan()
+        return watcher
 
     def stop(self) -> None:
         """Stop taking files, let transactions in flight finish, persist, exit."""

@@ -1,0 +1,246 @@
+"""The supervisor's delivery processes: each started fresh (``python -m spoolsmtp child``, not
+a fork of a threaded process) with one end of a socketpair, watched through a pidfd, and
+started again when it dies, with backoff while it keeps dying (one log line per episode).
+
+A child keeps its node name across restarts, so the next one resumes what the last one had in
+flight exactly as a restarted worker does. What the supervisor had handed it and not yet heard
+back about (``outstanding``) is given back to the supervisor when it dies (``lost``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from spoolsmtp.app import sdnotify
+from spoolsmtp.app.link import Link
+
+log = logging.getLogger("spoolsmtp")
+STEADY = 10.0  # a child up this long has stopped dying: the next death starts a new episode
+BACKOFF_MAX = 30.0
+CRASH_HOOK = "SPOOLSMTP_CRASH_AT"  # the crash tests' (crashpoint.py): the first start only
+
+
+def describe(code: int) -> str:
+    """A return code as an operator reads it."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+        return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+class Child:
+    """One delivery process slot: its node name, the process now in it, and its link."""
+
+    def __init__(
+        self,
+        index: int,
+        name: str,
+        command: Callable[[int], list[str]],
+        handle: Callable[[Child, dict[str, list[Any]]], None],
+        lost: Callable[[Child], None],
+    ) -> None:
+        self.index = index
+        self.name = name
+        self._command = command
+        self._handle = handle
+        self._lost = lost
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.link: Link | None = None
+        self.outstanding: set[str] = set()  # names and ids handed over, not yet reported back
+        self.snapshot: dict[str, Any] = {}
+        self.starts = 0
+        self._failures = 0
+        self._started_at = 0.0
+        self._stopping = False
+        self._episode = False
+        self._answers: dict[int, asyncio.Future[Any]] = {}
+        self._seq = itertools.count(1)
+        self._stop_asked = asyncio.Event()
+        self._life: asyncio.Task[None] | None = None
+
+    @property
+    def up(self) -> bool:
+        return self.link is not None and not self.link.closed.is_set()
+
+    def start(self) -> None:
+        self._life = asyncio.create_task(self._keep_running())
+
+    async def _keep_running(self) -> None:
+        while not self._stopping:
+            await self._run_once()
+            if self._stopping:
+                break
+            delay = self._backoff()
+            if delay:  # cut short by stop: a child waiting to be started again is not
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._stop_asked.wait()
+
+    def _backoff(self) -> float:
+        if time.monotonic() - self._started_at >= STEADY:
+            self._failures = 0
+        self._failures += 1
+        return 0.0 if self._failures == 1 else min(0.25 * 2.0 ** (self._failures - 1), BACKOFF_MAX)
+
+    async def _run_once(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ)
+        for name in sdnotify.ENVIRONMENT:  # only the supervisor speaks to systemd
+            env.pop(name, None)
+        if self.starts:
+            env.pop(CRASH_HOOK, None)
+        try:
+            # a group of its own: a ^C at the terminal reaches the supervisor alone, which
+            # then drains its children in order (and not restarts them as they exit)
+            self.proc = subprocess.Popen(
+                self._command(theirs.fileno()),
+                pass_fds=(theirs.fileno(),),
+                env=env,
+                process_group=0,
+            )
+        except OSError as exc:
+            ours.close()
+            if not self._episode:
+                self._episode = True
+                log.error("cannot start delivery process %s: %s; trying again", self.name, exc)
+            self._started_at = time.monotonic()
+            return
+        finally:
+            theirs.close()
+        self.starts += 1
+        self._started_at = time.monotonic()
+        ours.setblocking(False)
+        link = Link(ours, self._received)
+        await link.open()
+        self.link = link
+        self._handle(self, {"up": [self.starts]})
+        code = await self._wait(self.proc)
+        await link.close()
+        self.link = None
+        for future in self._answers.values():
+            if not future.done():
+                future.set_result(None)
+        self._answers.clear()
+        if not self._stopping:
+            if self._episode:
+                log.debug("delivery process %s %s again", self.name, describe(code))
+            else:
+                self._episode = True
+                log.warning(
+                    "delivery process %s (pid %d) %s; starting it again",
+                    self.name,
+                    self.proc.pid,
+                    describe(code),
+                )
+        self._lost(self)
+
+    async def _wait(self, proc: subprocess.Popen[bytes]) -> int:
+        """The process's return code, waited for without a thread: its pidfd becomes
+        readable when it exits."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def exited() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            loop.add_reader(pidfd, exited)
+            try:
+                await done
+            finally:
+                loop.remove_reader(pidfd)
+        finally:
+            os.close(pidfd)
+        return proc.wait()
+
+    def _received(self, batch: dict[str, list[Any]]) -> None:
+        for seq, value in batch.get("a", ()):
+            future = self._answers.pop(seq, None)
+            if future is not None and not future.done():
+                future.set_result(value)
+        self._handle(self, batch)
+
+    def send(self, kind: str, item: Any) -> None:
+        if self.link is not None:
+            self.link.send(kind, item)
+
+    async def ask(self, op: str, *args: Any, timeout: float = 10.0) -> Any:
+        """One request; its answer, or None if the child is down or does not answer in time."""
+        if not self.up:
+            return None
+        seq = next(self._seq)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._answers[seq] = future
+        self.send("o", [seq, op, list(args)])
+        try:
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            self._answers.pop(seq, None)
+            return None
+
+    def steady(self) -> None:
+        """Called now and then: a child that has stayed up ends its episode of dying."""
+        if self._episode and self.up and time.monotonic() - self._started_at >= STEADY:
+            self._episode = False
+            log.info("delivery process %s is running again", self.name)
+
+    async def stop(self, timeout: float) -> None:
+        """Ask it to finish what is in flight and exit; SIGKILL if it takes longer than
+        ``timeout`` (what it had in flight is resumed at the next start)."""
+        self._stopping = True
+        self._stop_asked.set()
+        if self.up:
+            self.send("o", [0, "stop", []])
+        elif self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+        if self._life is None:
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._life)
+        except TimeoutError:
+            if self.proc is not None and self.proc.poll() is None:
+                log.warning("delivery process %s did not stop in time; killing it", self.name)
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+            await self._life
+
+
+def child_command(config: str, node: str, children: int, index: int) -> Callable[[int], list[str]]:
+    """The command line of a delivery process, given the descriptor of its end of the pair."""
+
+    def command(fd: int) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "spoolsmtp",
+            "child",
+            "--config",
+            config,
+            "--node",
+            node,
+            "--fd",
+            str(fd),
+            "--parent",
+            str(os.getpid()),
+            "--of",
+            f"{index}/{children}",
+        ]
+
+    return command

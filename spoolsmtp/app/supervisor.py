@@ -1,0 +1,381 @@
+"""The supervisor (``worker.processes`` > 1): it owns the spool lock, the watcher of incoming/,
+the retry schedule and the control sockets, and hands envelopes to N delivery processes
+(child.py), as Postfix's qmgr hands work to its smtp processes.
+
+Each name found in incoming/ and each retry that falls due goes to the least loaded child with
+room (``wire.choose``); until then it waits here, so a child that dies holds nothing but what
+it had claimed, which its next start resumes from its own node area. The children say back
+which envelopes left them deferred (with their due time) or held: this heap of due times, and
+the operator's view of the queue (``index``), are kept from that, and from a scan of deferred/
+and hold/ at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import heapq
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from spoolsmtp.app import capability, sdnotify, wire
+from spoolsmtp.app.children import Child, child_command
+from spoolsmtp.app.host import Summary
+from spoolsmtp.app.whole import Whole, WholeServer
+from spoolsmtp.control import metricshttp
+from spoolsmtp.delivery.route import Router
+from spoolsmtp.model import exitcodes, record
+from spoolsmtp.model.config import Config
+from spoolsmtp.model.record import Record, State, parse_iso
+from spoolsmtp.model.stats import Stats
+from spoolsmtp.spool import diskfull, intake, nodes
+from spoolsmtp.spool.folders import Spool
+from spoolsmtp.spool.lock import SpoolBusy
+from spoolsmtp.spool.watcher import IncomingWatcher
+
+log = logging.getLogger("spoolsmtp")
+BURST_RESCAN = 0.25
+HOUSEKEEPING = 5.0
+STOP_MARGIN = 15.0
+
+
+def node_names(cfg: Config) -> list[str]:
+    """The children's node names: ``<host_id or "local">.<k>``, k from 1 (kept across
+    restarts, so each restart resumes its own area)."""
+    base = cfg.worker.host_id or "local"
+    return [f"{base}.{k}" for k in range(1, cfg.worker.processes + 1)]
+
+
+def own_node(cfg: Config) -> str:
+    """The node whose lock the supervisor holds (it claims nothing into it): a second
+    supervisor of this host is refused by it. Not the node a worker alone would use
+    (``worker.host_id``): that one's lock stays free, so what such a worker left in flight
+    before ``worker.processes`` was raised is adopted by a child (adoption.py)."""
+    return f"{cfg.worker.host_id or 'local'}.supervisor"
+
+
+class Supervisor:
+    """The supervisor of one spool on this host."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.own_node = own_node(cfg)
+        # the shared folders; "active" and "journal" are its own node's, which stay empty
+        self.spool = Spool(cfg.spool, node=self.own_node)
+        self.router = Router(cfg)
+        self.stats = Stats()  # its own counts (names refused); the children keep the rest
+        self.index: dict[str, Summary] = {}  # deferred and held, and retries handed out
+        self.suspended = False
+        self._heap: list[tuple[float, str]] = []
+        self._due: dict[str, float] = {}
+        self._owner: dict[str, Child] = {}  # retries handed out, until the child reports
+        self._waiting: collections.deque[tuple[str, str]] = collections.deque()
+        self._names: set[str] = set()  # names waiting here or handed out
+        self._refused: set[str] = set()
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._rescan: asyncio.TimerHandle | None = None
+        self._pumping = False
+        self.watcher: IncomingWatcher | None = None
+        # what a child may have been handed and not finished: twice its share of the
+        # envelopes in flight, so it never waits for the next while the rest wait here
+        self.room = max(2 * cfg.spool.max_active // max(cfg.worker.processes, 1), 1)
+        names = node_names(cfg)
+        source = str(cfg.source)
+        self.children = [
+            Child(
+                k,
+                name,
+                child_command(source, name, len(names), k),
+                self._report,
+                self._lost,
+            )
+            for k, name in enumerate(names)
+        ]
+        self.port = Whole(self)
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        small = wire.too_small(
+            {
+                "delivery.max_connections": self.cfg.delivery.max_connections,
+                "delivery.max_per_destination": self.cfg.delivery.max_per_destination,
+                "spool.max_active": self.cfg.spool.max_active,
+            },
+            len(self.children),
+        )
+        if small:
+            log.error(
+                "%s: %s below worker.processes (%d): each process needs one",
+                self.cfg.source,
+                " and ".join(small),
+                len(self.children),
+            )
+            return exitcodes.CONFIG
+        lock = nodes.lock(self.cfg.spool, self.own_node)
+        try:
+            lock.acquire()
+        except SpoolBusy as exc:
+            log.error("%s", exc)
+            return exitcodes.TEMPFAIL
+        try:
+            return await self._run()
+        finally:
+            lock.release()
+
+    async def _run(self) -> int:
+        diskfull.check_writable(self.spool.dirs.values())
+        self.spool.ensure()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        metrics = await metricshttp.serve(self.port)  # a port it cannot bind stops it too
+        control = WholeServer(self.port, self.cfg.control_socket, self.cfg.operator_socket)
+        await control.start()
+        await asyncio.to_thread(self._load_queue)
+        try:  # they claim other users' files: the lease that keeps a written one is theirs
+            capability.pass_on_lease()
+        except OSError as exc:
+            log.warning("%s: a file of another user still open for writing can be taken", exc)
+        for child in self.children:
+            child.start()
+        self.watcher = IncomingWatcher(
+            self.spool.dirs["incoming"],
+            self.cfg.spool.settle_seconds,
+            self._found,
+            known=self._names.__contains__,
+            refused=self._refuse,
+        )
+        self.watcher.start()
+        self.watcher.rescan()
+        background = [asyncio.create_task(self._retries()), asyncio.create_task(self._chores())]
+        log.info(
+            "supervising %d delivery processes (%s); %d deferred, %d held; spool %s",
+            len(self.children),
+            ", ".join(c.name for c in self.children),
+            len(self._due),
+            sum(1 for s in self.index.values() if s.state is State.HELD),
+            self.cfg.spool.path,
+        )
+        log.info("ready")
+        sdnotify.ready()
+        watchdog = asyncio.create_task(sdnotify.watchdog())  # pings until the very end
+        await self._stopping.wait()
+        sdnotify.stopping()
+        log.info("stopping: draining %d delivery processes", len(self.children))
+        self.watcher.stop()
+        await control.close()
+        if metrics is not None:
+            await metrics.close()
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        timeout = self.cfg.shutdown_timeout + STOP_MARGIN
+        await asyncio.gather(*(c.stop(timeout) for c in self.children))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        watchdog.cancel()
+        log.info("stopped")
+        return 0
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    # -- the queue: deferred and held envelopes, due times ----------------------------------
+
+    def _load_queue(self) -> None:
+        for folder, state in (("deferred", State.DEFERRED), ("hold", State.HELD)):
+            for envelope_id in self.spool.ids(folder):
+                rec = self._record(envelope_id)
+                due = time.time()
+                if rec is not None:
+                    times = [
+                        parse_iso(r.next_attempt_at).timestamp()
+                        for _, r in rec.recipients()
+                        if not r.final and r.next_attempt_at
+                    ]
+                    due = min(times, default=due)
+                    self.index[envelope_id] = self.summarise(rec, state, due)
+                if state is State.DEFERRED:
+                    self._due[envelope_id] = due
+                    self._heap.append((due, envelope_id))
+        heapq.heapify(self._heap)
+
+    def _record(self, envelope_id: str) -> Record | None:
+        try:
+            return record.load(self.spool.path("results", f"{envelope_id}.json"))
+        except (OSError, ValueError):
+            return None
+
+    def summarise(self, rec: Record, state: State, due: float | None) -> Summary:
+        destinations: dict[str, int] = {}
+        for _, rcpt in rec.recipients():
+            if not rcpt.final:
+                key = self.router.destination(rcpt.address.rpartition("@")[2]).key
+                destinations[key] = destinations.get(key, 0) + 1
+        received = parse_iso(rec.received_at).timestamp()
+        return Summary(rec.id, rec.source, state, received, due, destinations)
+
+    def schedule(self, envelope_id: str, when: float) -> None:
+        self._due[envelope_id] = when
+        heapq.heappush(self._heap, (when, envelope_id))
+        summary = self.index.get(envelope_id)
+        if summary is not None:
+            summary.state, summary.next_attempt = State.DEFERRED, when
+        self._wake.set()
+
+    def resume_work(self) -> None:
+        """RESUME: due retries and waiting names are handed out again."""
+        self._wake.set()
+        self._pump()
+        self._rescan_soon()
+
+    def owner(self, envelope_id: str) -> Child | None:
+        """The child a retry of it was handed to, until that child reports on it."""
+        return self._owner.get(envelope_id)
+
+    def unschedule(self, envelope_id: str) -> None:
+        self._due.pop(envelope_id, None)
+
+    async def _retries(self) -> None:
+        while True:
+            self._wake.clear()
+            now = time.time()
+            while self._heap and self._heap[0][0] <= now and not self.suspended:
+                when, envelope_id = heapq.heappop(self._heap)
+                if self._due.get(envelope_id) != when:
+                    continue
+                del self._due[envelope_id]
+                self._waiting.append(("r", envelope_id))
+            self._pump()
+            delay = self._heap[0][0] - now if self._heap and not self.suspended else 3600.0
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, min(delay, 3600.0))):
+                    await self._wake.wait()
+
+    # -- handing out -------------------------------------------------------------------------
+
+    def _found(self, name: str) -> None:
+        if name not in self._names:
+            self._names.add(name)
+            self._waiting.append(("c", name))
+            if not self._pumping:  # once per turn of the loop: a burst comes many at a time
+                self._pumping = True
+                asyncio.get_running_loop().call_soon(self._pump)
+
+    def _refuse(self, name: str, why: str) -> None:
+        if name not in self._refused:
+            self._refused.add(name)
+            self.stats.files_refused += 1
+            log.warning("incoming/%s is left alone: %s", intake.shown(name), why)
+
+    def _pump(self) -> None:
+        """Hand waiting work to the least loaded children while any has room."""
+        self._pumping = False
+        if self.suspended or self._stopping.is_set():
+            return
+        claims = False
+        while self._waiting:
+            loads = [len(c.outstanding) if c.up else None for c in self.children]
+            index = wire.choose(loads, self.room)
+            if index is None:
+                return
+            child = self.children[index]
+            kind, key = self._waiting.popleft()
+            child.outstanding.add(f"{kind}:{key}")
+            child.send(kind, key)
+            if kind == "r":
+                self._owner[key] = child
+                summary = self.index.get(key)
+                if summary is not None:
+                    summary.state, summary.next_attempt = State.ACTIVE, None
+            else:
+                claims = True
+        if claims:
+            self._rescan_soon()
+
+    def _rescan_soon(self) -> None:
+        """After a burst, look at incoming/ again (the kernel drops inotify events when its
+        queue overflows, and watchdog does not say so)."""
+        if self._rescan is None:
+            loop = asyncio.get_running_loop()
+            self._rescan = loop.call_later(BURST_RESCAN, self._burst_rescan)
+
+    def _burst_rescan(self) -> None:
+        self._rescan = None
+        if self.watcher is not None and not self.suspended and not self._stopping.is_set():
+            self.watcher.rescan()
+
+    async def _chores(self) -> None:
+        every = min(self.cfg.spool.rescan_interval, HOUSEKEEPING)
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(every)
+            for child in self.children:
+                child.steady()
+            if time.monotonic() - last >= self.cfg.spool.rescan_interval:
+                last = time.monotonic()
+                self._refused = {n for n in self._refused if self._in_incoming(n)}
+                if self.watcher is not None and not self.suspended:
+                    self.watcher.rescan()
+
+    def _in_incoming(self, name: str) -> bool:
+        return os.path.lexists(self.spool.path("incoming", name))
+
+    # -- what the children say ---------------------------------------------------------------
+
+    def _report(self, child: Child, batch: dict[str, list[Any]]) -> None:
+        for row in batch.get("s", ()):
+            envelope_id, source, state, received, due, dests = row
+            summary = Summary(envelope_id, source, State(state), received, due, dests)
+            self.index[envelope_id] = summary
+            self._owner.pop(envelope_id, None)
+            if summary.state is State.DEFERRED:
+                self.schedule(envelope_id, due if due is not None else time.time())
+        for name in batch.get("n", ()):
+            child.outstanding.discard(f"c:{name}")
+            self._names.discard(name)
+        for envelope_id in batch.get("i", ()):
+            child.outstanding.discard(f"r:{envelope_id}")
+            if self._owner.pop(envelope_id, None) is not None:
+                self._gone(envelope_id)
+        for line in batch.get("t", ()):
+            self.port.tracer.relay(line)
+        if "up" in batch:  # a fresh process: what the operator set holds for it too
+            if self.port.tracer.enabled:
+                child.send("o", [0, "trace", sorted(k.value for k in self.port.tracer.enabled)])
+            if self.suspended:
+                child.send("o", [0, "suspend", []])
+        if "n" in batch or "i" in batch or "up" in batch:
+            self._pump()
+
+    def _gone(self, envelope_id: str) -> None:
+        """A retry is over and the child said nothing of it: it left the queue (done, or
+        rejected), unless it is back in deferred/ (a report lost with a dead child)."""
+        summary = self.index.get(envelope_id)
+        if summary is not None and summary.state is State.ACTIVE:
+            del self.index[envelope_id]
+
+    def _lost(self, child: Child) -> None:
+        """A child is gone: what it had been handed and not reported comes back here. A
+        name it had not claimed is still in incoming/ (the rescan finds it); a retry it had
+        not taken is still in deferred/ (retried at once); what it had taken is in its own
+        area, and its next start resumes it."""
+        for key in child.outstanding:
+            kind, _, value = key.partition(":")
+            if kind == "c":
+                self._names.discard(value)
+            elif self._owner.pop(value, None) is not None:
+                if self.spool.envelope("deferred", value).exists():
+                    self.schedule(value, time.time())
+                else:
+                    self._gone(value)
+        child.outstanding.clear()
+        child.snapshot = {}
+        if not self._stopping.is_set():
+            self._rescan_soon()
