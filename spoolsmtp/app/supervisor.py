@@ -134,7 +134,8 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
-        metrics = await metricshttp.serve(self.port)  # a port it cannot bind stops it too
+        # a port it cannot bind stops it too; each answer asks the processes for their counters
+        metrics = await metricshttp.serve(self.port, lambda: self.port.refresh("METRICS", []))
         control = WholeServer(self.port, self.cfg.control_socket, self.cfg.operator_socket)
         await control.start()
         await asyncio.to_thread(self._load_queue)

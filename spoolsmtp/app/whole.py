@@ -47,8 +47,10 @@ class WholeStats(Stats):
 
     def __init__(self, parts: list[dict[str, Any]], started: float) -> None:
         super().__init__(started=started)
-        for key, value in wire.add_up(p.get("stats", {}) for p in parts).items():
-            setattr(self, key, value)
+        total = wire.summed((p.get("stats", {}) for p in parts), started)
+        for f in dataclasses.fields(Stats):
+            if not f.name.startswith("_"):
+                setattr(self, f.name, getattr(total, f.name))
         self._rate = sum(float(p.get("rate", 0.0)) for p in parts)
         self._samples: list[float] = sorted(x for p in parts for x in p.get("latencies", ()))
 

@@ -20,13 +20,12 @@ see ``share``).
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from spoolsmtp.model.record import State
-from spoolsmtp.model.stats import Stats
+from spoolsmtp.model.stats import Stats, added, from_dict, to_dict
 
 # what a Summary travels as: id, source, state, received, next attempt, destinations
 SummaryRow = list[Any]
@@ -149,12 +148,16 @@ def _plus(a: Any, b: Any) -> Any:
 
 
 def counters(stats: Stats) -> dict[str, Any]:
-    """Every count a ``Stats`` keeps (its public numbers and dicts of numbers, whatever
-    fields it gains), for ``add_up``."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(stats):
-        value = getattr(stats, f.name)
-        public = f.name != "started" and not f.name.startswith("_")
-        if public and isinstance(value, int | float | dict):
-            out[f.name] = value
-    return out
+    """Every count a ``Stats`` keeps, as JSON data (``stats.to_dict``: counters by key and the
+    latency histogram included, whatever fields it gains), without the samples behind the
+    rate and the quantiles, which the snapshot carries thinned (``rate``, ``latencies``)."""
+    return {k: v for k, v in to_dict(stats).items() if k != "started" and not k.startswith("_")}
+
+
+def summed(parts: Iterable[Mapping[str, Any]], started: float) -> Stats:
+    """The ``counters`` of several processes added up (``stats.added``)."""
+    total = Stats(started=started)
+    for part in parts:
+        total = added(total, from_dict(part))
+    total.started = started
+    return total

@@ -118,12 +118,21 @@ def _response(status: str, body: bytes, head_only: bool) -> bytes:
     return head if head_only else head + body
 
 
-async def serve(port: ControlPort) -> MetricsEndpoint | None:
-    """The endpoint of ``metrics.listen``, listening; None when the key is null."""
+async def serve(
+    port: ControlPort, before: Callable[[], Awaitable[None]] | None = None
+) -> MetricsEndpoint | None:
+    """The endpoint of ``metrics.listen``, listening; None when the key is null. ``before``
+    is awaited before each answer (a supervisor asks its processes for their counters)."""
     listen = port.cfg.metrics.listen
     if listen is None:
         return None
-    endpoint = MetricsEndpoint(lambda: metrics.exposition(port), listen, port.cfg.source)
+
+    async def render() -> str:
+        if before is not None:
+            await before()
+        return await metrics.exposition(port)
+
+    endpoint = MetricsEndpoint(render, listen, port.cfg.source)
     await endpoint.start()
     log.info("metrics: serving GET /metrics on %s", listen)
     return endpoint

@@ -154,12 +154,12 @@ def added(a: Stats, b: Stats) -> Stats:
 def to_dict(stats: Stats) -> dict[str, Any]:
     """A snapshot as JSON data (a child's answer to its supervisor); ``from_dict`` reads it."""
     out: dict[str, Any] = {}
-    for f in fields(Stats):
+    for f in fields(stats):  # a subclass's fields too
         value = getattr(stats, f.name)
         if isinstance(value, Histogram):
             value = {"bounds": list(value.bounds), "counts": value.counts, "total": value.total}
         elif isinstance(value, dict):
-            value = {"/".join(k): n for k, n in value.items()}
+            value = {"/".join(k) if isinstance(k, tuple) else k: n for k, n in value.items()}
         elif isinstance(value, deque):
             value = list(value)
         out[f.name] = value

@@ -1,0 +1,115 @@
+"""A supervisor (``worker.processes: 2``) and the operations of this round: DELETE, BOUNCE
+and REBOOT answer for the whole; only the supervisor serves ``metrics.listen`` (the delivery
+processes' counters summed) and speaks to systemd (its processes are started without
+``$NOTIFY_SOCKET``)."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import draft
+from tests.smtpservers import Script, SmtpServer
+from tests.supervised import supervised, two_children
+from tests.test_systemd import StandIn
+from tests.workerproc import wait_for
+
+LATER = "451 4.3.0 try later"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_delete_and_bounce_of_queued_envelopes_are_carried_out_for_the_whole(
+    tmp_path: Path,
+) -> None:
+    srv = SmtpServer(Script(rcpt={"late@example.org": LATER}))
+    worker = supervised(
+        tmp_path, srv.port, retry={"interval": "1h"}, bounces={"requeue": False}
+    ).start()
+    try:
+        worker.drop_drafts("a.bsmtp", [draft("oper@example.com", ["late@example.org"])])
+        worker.drop_drafts("b.bsmtp", [draft("oper@example.com", ["late@example.org"])])
+        a = wait_for(lambda: worker.in_state("a.bsmtp", "deferred"), what="a deferred")["id"]
+        b = wait_for(lambda: worker.in_state("b.bsmtp", "deferred"), what="b deferred")["id"]
+        deleted = worker.ask(f"DELETE {a}")
+        assert deleted["status"] == 200, deleted
+        bounced = worker.ask(f"BOUNCE {b}")
+        assert bounced["status"] == 200, bounced
+        assert worker.ask(f"DELETE {a}")["status"] == 404  # gone from the queue
+        assert worker.ask("QUERY")["result"]["states"]["deferred"] == 0
+        rec_a, rec_b = worker.final("a.bsmtp"), worker.final("b.bsmtp")
+    finally:
+        assert worker.stop() == 0
+        srv.stop()
+    assert rec_a is not None and rec_b is not None
+    assert "deleted by the operator (uid 0)" in rec_a["reason"]
+    assert "returned to the sender by the operator (uid 0)" in rec_b["reason"]
+    assert not (worker.spool / "deferred" / f"{a}.bsmtp").exists()
+    assert (worker.spool / "done" / f"{b}.bsmtp").exists()
+    reports = [p.name for p in (worker.spool / "bounces").iterdir()]
+    assert [n for n in reports if n.startswith(b)] and not [n for n in reports if n.startswith(a)]
+
+
+def test_only_the_supervisor_serves_metrics_and_speaks_to_systemd(tmp_path: Path) -> None:
+    srv = SmtpServer()
+    port = _free_port()
+    notify = StandIn()
+    worker = supervised(
+        tmp_path,
+        srv.port,
+        env={"NOTIFY_SOCKET": notify.env},
+        metrics={"listen": f"127.0.0.1:{port}"},
+    ).start()
+    try:
+        two_children(worker)
+        for i in range(6):
+            worker.drop_drafts(f"j{i}.bsmtp", [draft("oper@example.com", [f"u{i}@example.org"])])
+        wait_for(lambda: all(worker.final(f"j{i}.bsmtp") for i in range(6)), what="delivered")
+        wait_for(lambda: notify.said("READY=1"), what="READY=1")
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    finally:
+        assert worker.stop() == 0
+        srv.stop()
+        notify.close()
+    sent = {
+        sample.labels.get("status"): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+        if sample.name == "spoolsmtp_recipients_total" and sample.labels.get("dsn_class") == "2"
+    }
+    assert sent.get("sent") == 6  # the delivery processes' counters, summed
+    # one READY=1 and one STOPPING=1: the delivery processes (which run the same worker
+    # code) said nothing, so systemd's view is the supervisor's alone
+    assert len(notify.said("READY=1")) == 1
+    assert len(notify.said("STOPPING=1")) == 1
+
+
+def test_reboot_re_executes_the_supervisor_and_its_processes(tmp_path: Path) -> None:
+    srv = SmtpServer()
+    worker = supervised(tmp_path, srv.port).start()
+    assert worker.proc is not None
+    try:
+        before = two_children(worker)
+        answer = worker.ask("REBOOT")
+        assert answer["status"] == 200, answer
+        ready = f"spoolsmtp[{worker.proc.pid}] INFO ready\n"  # the supervisor's, not its processes'
+        wait_for(
+            lambda: worker.log.read_text().count(ready) == 2 and worker.answers(),
+            what="the re-executed supervisor",
+        )
+        after = two_children(worker)
+        assert set(after).isdisjoint(before)  # new delivery processes, same supervisor pid
+        assert worker.proc.poll() is None
+        worker.drop_drafts("after.bsmtp", [draft("oper@example.com", ["x@example.org"])])
+        wait_for(lambda: worker.final("after.bsmtp"), what="delivered after REBOOT")
+    finally:
+        assert worker.stop() == 0
+        srv.stop()
