@@ -184,12 +184,7 @@ class Recovery:
             rec = self.load_record(envelope_id)
             due = time.time()
             if rec is not None:
-                times = [
-                    parse_iso(r.next_attempt_at).timestamp()
-                    for _, r in rec.recipients()
-                    if not r.final and r.next_attempt_at
-                ]
-                due = min(times, default=due)
+                due = rec.next_due(due)
                 w._summarise(rec, State.DEFERRED, due)
             w.schedule(envelope_id, due)
         for envelope_id in w.spool.ids("hold"):

@@ -195,12 +195,7 @@ class Supervisor:
                 rec = self._record(envelope_id)
                 due = time.time()
                 if rec is not None:
-                    times = [
-                        parse_iso(r.next_attempt_at).timestamp()
-                        for _, r in rec.recipients()
-                        if not r.final and r.next_attempt_at
-                    ]
-                    due = min(times, default=due)
+                    due = rec.next_due(due)
                     self.index[envelope_id] = self.summarise(rec, state, due)
                 if state is State.DEFERRED:
                     self._due[envelope_id] = due

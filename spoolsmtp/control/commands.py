@@ -354,37 +354,6 @@ async def _notrace(port: ControlPort, command: str, args: list[str]) -> Answer:
     return Answer(OK, command, {"tracing": on}, [f"tracing: {', '.join(on) or 'nothing'}"])
 
 
-async def _each(port: ControlPort, command: str, args: list[str], action: str) -> Answer:
-    if len(args) != 1:
-        return _bad(command, f"usage: {action} ID|ALL")
-    if args[0].upper() == "ALL":
-        wanted = State.DEFERRED if action == "HOLD" else State.HELD
-        ids = [s.id for s in list(port.index.values()) if s.state is wanted]
-    else:
-        bad = _bad_id(command, args[0])
-        if bad:
-            return bad
-        ids = [_queued(port, args[0])]
-    run = port.hold if action == "HOLD" else port.release
-    done: list[str] = []
-    said: list[str] = []
-    for envelope_id in ids:
-        # with ALL, one that left the queue while an earlier one was moved is skipped
-        if envelope_id in port.index:
-            said.append(await run(envelope_id))
-            done.append(envelope_id)
-    text = said or [f"nothing to {action.lower()}"]
-    return Answer(OK, command, {"envelopes": done, "messages": said}, text)
-
-
-async def _hold(port: ControlPort, command: str, args: list[str]) -> Answer:
-    return await _each(port, command, args, "HOLD")
-
-
-async def _release(port: ControlPort, command: str, args: list[str]) -> Answer:
-    return await _each(port, command, args, "RELEASE")
-
-
 async def _flush(port: ControlPort, command: str, args: list[str]) -> Answer:
     if not args:
         count = port.flush()
@@ -450,8 +419,6 @@ _HANDLERS: dict[str, Handler] = {
     "METRICS": metrics.command,
     "TRACE": _trace,
     "NOTRACE": _notrace,
-    "HOLD": _hold,
-    "RELEASE": _release,
     "FLUSH": _flush,
     "EXPIRE": _expire,
     "SUSPEND": _simple,

@@ -142,6 +142,16 @@ class Record:
     def recipients(self) -> list[tuple[TxRecord, RcptRecord]]:
         return [(t, r) for t in self.transactions for r in t.recipients]
 
+    def next_due(self, default: float) -> float:
+        """When the next retry is due (epoch seconds): the earliest ``next_attempt_at`` of a
+        recipient not yet final, else ``default``."""
+        times = [
+            parse_iso(r.next_attempt_at).timestamp()
+            for _, r in self.recipients()
+            if not r.final and r.next_attempt_at
+        ]
+        return min(times, default=default)
+
     def find(self, tx: int, address: str) -> RcptRecord:
         """The record of one recipient, by an index: the worker asks once per recipient, and a
         linear search made an envelope of 40,000 transactions take minutes of CPU."""
