@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from spoolsmtp.app import reconfig, wire
 from spoolsmtp.app.host import Summary
@@ -26,18 +26,41 @@ from spoolsmtp.control import commands
 from spoolsmtp.control.port import COUNTED, Busy, NoSuchEnvelope, Reloaded, Traffic
 from spoolsmtp.control.server import ControlServer, Peer
 from spoolsmtp.control.tracer import Kind, Tracer
+from spoolsmtp.delivery.route import Router
 from spoolsmtp.model.config import Config
 from spoolsmtp.model.config import load as config_load
 from spoolsmtp.model.record import State
 from spoolsmtp.model.stats import Stats
 from spoolsmtp.spool import spoolview
+from spoolsmtp.spool.folders import Spool
 from spoolsmtp.spool.nodes import Adopted, NodeAlive, NoSuchNode
 
 if TYPE_CHECKING:
     from spoolsmtp.app.children import Child
-    from spoolsmtp.app.supervisor import Supervisor
 
 log = logging.getLogger("spoolsmtp")
+
+
+class Supervising(Protocol):
+    """What the port uses of the supervisor (app/supervisor.py), which builds the port: a
+    Protocol, so that this module does not import the one that imports it."""
+
+    cfg: Config
+    own_node: str
+    spool: Spool
+    router: Router
+    stats: Stats
+    index: dict[str, Summary]
+    suspended: bool
+    children: list[Child]
+
+    def owner(self, envelope_id: str) -> Child | None: ...
+    def schedule(self, envelope_id: str, when: float) -> None: ...
+    def unschedule(self, envelope_id: str) -> None: ...
+    def resume_work(self) -> None: ...
+    def stop(self) -> None: ...
+
+
 SNAPSHOT_TIMEOUT = 5.0
 ADOPT_TIMEOUT = 300.0
 
@@ -103,7 +126,7 @@ class FanTracer(Tracer):
 class Whole:
     """The ``ControlPort`` of a supervisor (checked where it is handed to ``WholeServer``)."""
 
-    def __init__(self, sup: Supervisor) -> None:
+    def __init__(self, sup: Supervising) -> None:
         self._sup = sup
         self.tracer = FanTracer(sup.children)
         self._started = time.time()

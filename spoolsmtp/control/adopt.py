@@ -8,6 +8,7 @@ is alive and is never adopted (409); a name the spool has no area for is a 404.
 
 from __future__ import annotations
 
+from spoolsmtp.control import commands
 from spoolsmtp.control.commands import BAD, NOT_FOUND, OK, Answer
 from spoolsmtp.control.port import ControlPort
 from spoolsmtp.spool.nodes import NodeAlive, NoSuchNode, shown, valid
@@ -34,3 +35,10 @@ async def run(port: ControlPort, command: str, args: list[str]) -> Answer:
         f" {done.deferred} retries scheduled"
     )
     return Answer(OK, command, data, [text])
+
+
+commands.register(
+    "ADOPT",
+    run,
+    [("ADOPT node|-", "authorised", "take over a dead node's work (-: the default node)")],
+)

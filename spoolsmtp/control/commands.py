@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from spoolsmtp.bsmtp.address import check_domain
-from spoolsmtp.control import metrics
 from spoolsmtp.control.port import COUNTED, ControlPort, NoSuchEnvelope
 from spoolsmtp.control.tracer import Kind
 from spoolsmtp.model.errors import ConfigError
@@ -405,18 +404,11 @@ async def _simple(port: ControlPort, command: str, args: list[str]) -> Answer:
     return Answer(OK, command, {"stopping": True}, ["shutting down: finishing work in flight"])
 
 
-async def _adopt(port: ControlPort, command: str, args: list[str]) -> Answer:
-    from spoolsmtp.control import adopt  # noqa: PLC0415 - it builds on this module's Answer
-
-    return await adopt.run(port, command, args)
-
-
 Handler = Callable[[ControlPort, str, list[str]], Awaitable[Answer]]
 _HANDLERS: dict[str, Handler] = {
     "HELP": _help,
     "QUERY": _query,
     "STATS": _stats,
-    "METRICS": metrics.command,
     "TRACE": _trace,
     "NOTRACE": _notrace,
     "FLUSH": _flush,
@@ -425,7 +417,6 @@ _HANDLERS: dict[str, Handler] = {
     "RESUME": _simple,
     "RELOAD": _simple,
     "SHUTDOWN": _simple,
-    "ADOPT": _adopt,
 }
 
 

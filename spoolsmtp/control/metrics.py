@@ -11,15 +11,13 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from spoolsmtp.control import commands
 from spoolsmtp.control import exposition as ex
+from spoolsmtp.control.commands import BAD, OK, Answer
 from spoolsmtp.control.port import COUNTED, ControlPort, Traffic
 from spoolsmtp.model.record import State
 from spoolsmtp.model.stats import Stats
-
-if TYPE_CHECKING:
-    from spoolsmtp.control.commands import Answer
 
 USUAL = (("sent", "2"), ("deferred", "4"), ("bounced", "5"), ("expired", "5"))
 QUEUED = {State.ACTIVE: "active", State.DEFERRED: "deferred", State.HELD: "held"}  # as QUERY
@@ -171,10 +169,15 @@ async def exposition(port: ControlPort) -> str:
 async def command(port: ControlPort, command: str, args: list[str]) -> Answer:
     """``METRICS``: the exposition as the answer's text (``ctl METRICS`` prints it whole, for
     node_exporter's textfile collector) and as ``exposition`` in its JSON form."""
-    # here, not at the top: commands imports this module to register the command
-    from spoolsmtp.control.commands import BAD, OK, Answer  # noqa: PLC0415
-
     if args:
         return Answer(BAD, command, text=["METRICS takes no argument"])
     text = await exposition(port)
     return Answer(OK, command, {"exposition": text}, text.splitlines())
+
+
+# the command is this module's; commands.py knows nothing of it (server.py imports this module)
+commands.register(
+    "METRICS",
+    command,
+    [("METRICS", "anyone", "the same as Prometheus metrics (text format 0.0.4)")],
+)

@@ -33,7 +33,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from spoolsmtp.control import commands, opcommands
+# adopt, metrics and opcommands register their commands with commands.py when imported
+from spoolsmtp.control import adopt, commands, metrics, opcommands  # noqa: F401
 from spoolsmtp.control import sockets as ctlsocket
 from spoolsmtp.control.peerlog import PeerLog
 from spoolsmtp.control.port import ControlPort
