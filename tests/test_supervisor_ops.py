@@ -5,7 +5,13 @@ processes' counters summed) and speaks to systemd (its processes are started wit
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -13,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import draft
 from tests.smtpservers import Script, SmtpServer
-from tests.supervised import supervised, two_children
+from tests.supervised import gated_sink, supervised, two_children
 from tests.test_systemd import StandIn
 from tests.workerproc import wait_for
 
@@ -113,3 +119,74 @@ def test_reboot_re_executes_the_supervisor_and_its_processes(tmp_path: Path) -> 
     finally:
         assert worker.stop() == 0
         srv.stop()
+
+
+def test_reload_under_a_supervisor_refuses_what_a_worker_refuses(tmp_path: Path) -> None:
+    """A logins file others may read: a worker's RELOAD refuses it (test_smtp_auth.py); so
+    must the supervisor's, before any delivery process is told (found by review: it said
+    "reloaded" and ran the new config while its processes kept the old one)."""
+    srv = SmtpServer()
+    auth = tmp_path / "logins.yaml"
+    auth.write_text('relay: {username: batch, password: "secret"}\n')
+    auth.chmod(0o600)
+    route = {"host": "127.0.0.1", "port": srv.port, "auth": "relay", "auth_plaintext": True}
+    worker = supervised(
+        tmp_path, srv.port, smarthost=route, delivery={"auth_file": str(auth)}
+    ).start()
+    try:
+        auth.chmod(0o644)
+        answer = worker.ask("RELOAD")
+        assert answer["status"] == 500, answer
+        assert "delivery.auth_file" in json.dumps(answer)
+        auth.chmod(0o600)
+        assert worker.ask("RELOAD")["status"] == 200
+    finally:
+        assert worker.stop() == 0
+        srv.stop()
+
+
+def test_counters_never_go_back_when_a_delivery_process_dies(tmp_path: Path) -> None:
+    """Prometheus reads a counter that falls as a reset: a delivery process killed and started
+    again must not take its counts with it (found by review)."""
+    srv = SmtpServer()
+    worker = supervised(tmp_path, srv.port).start()
+    try:
+        before = two_children(worker)
+        for i in range(6):
+            worker.drop_drafts(f"j{i}.bsmtp", [draft("oper@example.com", [f"u{i}@example.org"])])
+        wait_for(lambda: all(worker.final(f"j{i}.bsmtp") for i in range(6)), what="delivered")
+        assert worker.ask("STATS")["result"]["recipients_delivered"] == 6
+        os.kill(before[0], signal.SIGKILL)
+        wait_for(lambda: before[0] not in two_children(worker), what="a new delivery process")
+        assert worker.ask("STATS")["result"]["recipients_delivered"] == 6
+    finally:
+        assert worker.stop() == 0
+        srv.stop()
+
+
+def test_queue_lists_what_the_delivery_processes_are_delivering(tmp_path: Path) -> None:
+    """`spoolsmtp queue` reads every node's active/, not only the plain one (found by
+    review: mail in flight under a supervisor or on a shared spool was not listed)."""
+    gate = threading.Event()
+    live, peak = [0], [0]
+    sink = gated_sink(gate, live, peak)
+    worker = supervised(tmp_path, sink.port).start()
+    try:
+        worker.drop_drafts("held.bsmtp", [draft("oper@example.com", ["x@example.org"])])
+        wait_for(lambda: live[0] == 1 and sink.received, what="DATA held at the sink")
+        listed = subprocess.run(
+            [sys.executable, "-m", "spoolsmtp", "queue", "--json", "--config", str(worker.config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert listed.returncode == 0, listed.stderr
+        rows = [json.loads(line) for line in listed.stdout.splitlines()]
+        assert [(r["queue_name"], r["recipients"][0]["address"]) for r in rows] == [
+            ("active", "x@example.org")
+        ]
+    finally:
+        gate.set()
+        assert worker.stop() == 0
+        sink.stop()

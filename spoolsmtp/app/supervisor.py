@@ -68,6 +68,7 @@ class Supervisor:
         self.spool = Spool(cfg.spool, node=self.own_node)
         self.router = Router(cfg)
         self.stats = Stats()  # its own counts (names refused); the children keep the rest
+        self.retired = Stats()  # the last counts of delivery processes that died
         self.index: dict[str, Summary] = {}  # deferred and held, and retries handed out
         self.suspended = False
         self._heap: list[tuple[float, str]] = []
@@ -372,6 +373,11 @@ class Supervisor:
                 else:
                     self._gone(value)
         child.outstanding.clear()
+        # its counters so far stay counted (Prometheus counters never go back): its next
+        # start counts from 0 again
+        last = child.snapshot.get("stats")
+        if last:
+            self.retired = wire.summed([wire.counters(self.retired), last], self.retired.started)
         child.snapshot = {}
         if not self._stopping.is_set():
             self._rescan_soon()

@@ -19,13 +19,14 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from spoolsmtp.app import reconfig, wire
+from spoolsmtp.app import reconfig, sdnotify, wire
 from spoolsmtp.app.host import Summary
 from spoolsmtp.app.removal import Reboot
 from spoolsmtp.control import commands
 from spoolsmtp.control.port import COUNTED, Busy, NoSuchEnvelope, Reloaded, Traffic
 from spoolsmtp.control.server import ControlServer, Peer
 from spoolsmtp.control.tracer import Kind, Tracer
+from spoolsmtp.delivery import tlsplan, wiresecrets
 from spoolsmtp.delivery.route import Router
 from spoolsmtp.model.config import Config
 from spoolsmtp.model.config import load as config_load
@@ -50,6 +51,7 @@ class Supervising(Protocol):
     spool: Spool
     router: Router
     stats: Stats
+    retired: Stats
     index: dict[str, Summary]
     suspended: bool
     children: list[Child]
@@ -191,7 +193,8 @@ class Whole:
     @property
     def stats(self) -> Stats:
         own = {"stats": wire.counters(self._sup.stats)}
-        return WholeStats([*self._parts(), own], self._started)
+        retired = {"stats": wire.counters(self._sup.retired)}
+        return WholeStats([*self._parts(), own, retired], self._started)
 
     def traffic(self) -> Traffic:
         summed = wire.add_up(p.get("traffic", {}) for p in self._parts())
@@ -319,7 +322,15 @@ class Whole:
         """The supervisor reads the file (a bad one changes nothing anywhere); each child
         then reads it too, and keeps its share of the connection limits (a restart key)."""
         sup = self._sup
-        plan = reconfig.plan(sup.cfg, config_load(sup.cfg.source))
+        sdnotify.reloading()  # systemd: READY=1 again once done, applied or refused
+        try:
+            plan = reconfig.plan(sup.cfg, config_load(sup.cfg.source))
+            # what a worker's RELOAD refuses, refused here before any process is told: the
+            # logins and DKIM keys it names, tls: dane without cryptography (ConfigError)
+            wiresecrets.load(plan.config)
+            tlsplan.require_dane_support(plan.config)
+        finally:
+            sdnotify.ready()
         sup.cfg = plan.config
         sup.router = type(sup.router)(plan.config)
         self._broadcast("reload")

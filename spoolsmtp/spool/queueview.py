@@ -22,7 +22,7 @@ from spoolsmtp.model.errors import EnvelopeFault
 from spoolsmtp.model.record import RcptStatus, Record, parse_iso
 from spoolsmtp.model.record import load as load_record
 from spoolsmtp.model.reply import Reply
-from spoolsmtp.spool import envfile
+from spoolsmtp.spool import envfile, nodes
 from spoolsmtp.spool.folders import SUFFIX, is_id, takeable
 
 # the folders an envelope waits in, in the order of its life (mailq lists these)
@@ -81,20 +81,28 @@ def scan(
     """The envelopes waiting in ``states``, each folder in name order (ids sort by arrival).
     A folder we may not read is added to ``denied`` (if given) and left out."""
     for state in states:
-        folder = cfg.spool.folder(state)
-        try:
-            with os.scandir(folder) as entries:
-                names = sorted(e.name for e in entries)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        except PermissionError:
-            if denied is not None:
-                denied.append(folder)
-            continue
-        for name in names:
-            found = _one(cfg, state, folder, name)
-            if found is not None:
-                yield found
+        for folder in _folders(cfg, state):
+            try:
+                with os.scandir(folder) as entries:
+                    names = sorted(e.name for e in entries)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except PermissionError:
+                if denied is not None:
+                    denied.append(folder)
+                continue
+            for name in names:
+                found = _one(cfg, state, folder, name)
+                if found is not None:
+                    yield found
+
+
+def _folders(cfg: Config, state: str) -> list[Path]:
+    """The folders of a state: mail in flight is in every node's own active/ (several hosts,
+    a supervisor's delivery processes), the rest is shared."""
+    if state != "active":
+        return [cfg.spool.folder(state)]
+    return [nodes.folder(cfg.spool, node, "active") for node in nodes.present(cfg.spool)]
 
 
 def _one(cfg: Config, state: str, folder: Path, name: str) -> Queued | None:
