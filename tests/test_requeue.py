@@ -9,6 +9,7 @@ its own SMTP server, on 127.0.0.1 and 127.0.0.2), real SMTP servers, real SIGKIL
 from __future__ import annotations
 
 import email
+import re
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -111,6 +112,10 @@ def test_a_report_is_delivered_to_the_senders_server_by_default(
     assert tx["mail_from"] == "" and tx["recipients"][0]["status"] == "delivered"
     assert [m.rcpt_tos for m in world.dest.messages] == [["ok@example.org"]]
     assert w.files("deadletter") == []
+    # the mail log leads from the report's own lines back to the mail it reports on
+    log, rid = w.log.read_text(), report_rec["id"]
+    assert f"{rid}.1: from=<>, " in log and f"(file {original['id']}.1.ndr.bsmtp, " in log
+    assert re.search(rf"{rid}\.1: to=<{re.escape(SENDER)}>, .*status=sent", log)
 
 
 @pytest.mark.parametrize("sender", [SENDER, "postmaster@spoolsmtp.test"])

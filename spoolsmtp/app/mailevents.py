@@ -154,6 +154,13 @@ def report(envelope_id: str, tag: str, folder: str, name: str) -> None:
     maillog.emit(maillog.report(envelope_id, tag, folder, name))
 
 
+def report_queued(report_id: str, source: str, size: int) -> None:
+    """A report queued to be mailed (requeue.py): its own take line, from <>, naming the
+    report it carries (``ID.TAG.bsmtp``, as the report's line of its envelope says), so its
+    later ``to=`` lines lead back to the mail it reports on."""
+    maillog.emit(maillog.taken(f"{report_id}.1", "", size, 1, source, os.getuid()))
+
+
 def concluded(envelope_id: str, plan: Plan) -> None:
     """Where the attempt left the envelope."""
     due = None if plan.due is None else iso(plan.due)

@@ -20,6 +20,7 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from spoolsmtp.app import mailevents
 from spoolsmtp.model.record import RcptRecord, Record, State, TxRecord, iso
 from spoolsmtp.spool import crashpoint
 from spoolsmtp.spool.folders import SUFFIX, new_id
@@ -66,6 +67,7 @@ class Requeue:
         )
         await w.spool.write("results", f"{report_id}.json", record.to_json())
         w._summarise(record, State.DEFERRED, time.time())
+        mailevents.report_queued(report_id, record.source, len(data))
         w._spool_trace(f"{envelope_id}: report {tag} queued as {report_id}")
         crashpoint.reach("queued_report")
         return report_id
