@@ -22,15 +22,6 @@ if TYPE_CHECKING:
 FINAL = frozenset({"sent", "bounced", "expired"})
 
 
-def owner(path: str | os.PathLike[str]) -> int | None:
-    """The uid that owns a file just claimed (its submitter), before the worker makes it its
-    own; None if it cannot be told."""
-    try:
-        return os.stat(path).st_uid
-    except OSError:
-        return None
-
-
 def arrival(record: Record) -> float:
     return parse_iso(record.received_at).timestamp()
 

@@ -121,7 +121,8 @@ class Pickup:
                     w._reads.forget(envelope_id)
                     w.journal.finished(envelope_id)
                     return
-                uid = mailevents.owner(w.spool.path("active", f"{envelope_id}{suffix}"))
+                # its owner, before a conversion or a copy makes it the worker's
+                owner = inbound.owner_of(w.spool.path("active", f"{envelope_id}{suffix}"))
         finally:
             self._queued.discard(name)
         if envelope_id is None:
@@ -135,11 +136,6 @@ class Pickup:
             w._spool_trace(f"{name}: claimed as {envelope_id}")
         crashpoint.reach("after_claim")
         try:
-            # its owner, before a conversion or a copy makes it the worker's
-            claimed_file = w.spool.path(
-                "active", f"{envelope_id}{ORIGINAL if w._legacy else SUFFIX}"
-            )
-            owner = inbound.owner_of(claimed_file)
             if w._legacy and not await self.convert(envelope_id, name):
                 return
             loaded = await self.read(envelope_id, name, owner)
@@ -147,7 +143,7 @@ class Pickup:
                 return
             env, data = loaded
             record = self.new_record(envelope_id, name, env)
-            mailevents.taken(envelope_id, name, env, record, uid)
+            mailevents.taken(envelope_id, name, env, record, owner[0] if owner else None)
             await self.batch_outputs(envelope_id, env, record, Replayed())
             self._records.announce(record)
             await w._attempt(envelope_id, env, record, data)
