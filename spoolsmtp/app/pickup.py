@@ -153,14 +153,10 @@ class Pickup:
             w._active.pop(envelope_id, None)
 
     async def _claim(self, name: str, envelope_id: str, suffix: str) -> bool:
-        """``Spool.claim``; a claim that failed (a full disk) but whose rename was done is a
-        claim (the envelope is in active/ and goes on), one that was not is no claim."""
-        spool = self._w.spool
+        """``Spool.claim``; a claim that failed is no claim: its records are done with."""
         try:
-            return await spool.claim(name, envelope_id, suffix)
+            return await self._w.spool.claim(name, envelope_id, suffix)
         except OSError:
-            if spool.path("active", f"{envelope_id}{suffix}").exists():
-                return True
             self._records.finished(envelope_id)
             raise
 

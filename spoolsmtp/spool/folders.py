@@ -106,17 +106,22 @@ class Spool:
         """Take ``incoming/name`` into ``active/`` under ``envelope_id``, durably, after the
         journal records appended so far; False if it is gone. Raises ``intake.Busy`` while
         some process has it open for writing; the read lease that says it has none is held
-        until the file is in active/ (see ``intake``)."""
+        until the file is in active/ (see ``intake``). A move that failed (a full disk, EIO)
+        but whose rename was done is a claim: the envelope is in active/ and goes on."""
         try:
             lease = intake.hold_still(self._file("incoming", name))
         except FileNotFoundError:
             return False
         try:
             await self.move_file("incoming", name, "active", f"{envelope_id}{suffix}")
-        except FileNotFoundError:
-            # gone, or (on a shared spool) another node renamed it first; unless it is ours
-            # after all: an NFS client that resent a RENAME whose reply was lost hears ENOENT
-            return os.path.lexists(self._file("active", f"{envelope_id}{suffix}"))
+        except OSError as exc:
+            # ours after all when it is in active/: the rename was done before the fsync
+            # failed, or an NFS client resent a RENAME whose reply was lost and heard ENOENT
+            if os.path.lexists(self._file("active", f"{envelope_id}{suffix}")):
+                return True
+            if isinstance(exc, FileNotFoundError):
+                return False  # gone, or (on a shared spool) another node renamed it first
+            raise
         finally:
             intake.let_go(lease)
         return True
