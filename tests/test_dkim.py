@@ -138,6 +138,30 @@ def test_mail_from_another_domain_goes_unsigned(
     assert b"DKIM-Signature" not in content
 
 
+def test_only_what_is_signed_is_taken_out_of_the_file(
+    tmp_path: Path, key_pair: tuple[bytes, str], sink: SmtpServer
+) -> None:
+    """With keys configured, a message no key applies to still goes out as the file holds
+    it (its header alone is read to tell); a signed one is sent from memory."""
+    key = key_file(tmp_path, key_pair[0])
+    cfg = make_config(
+        routes={"example.org": f"127.0.0.1:{sink.port}"},
+        dkim={"example.com": {"selector": "s2026", "key_file": str(key)}},
+    )
+    plain = MESSAGE.replace(b".dot line", b"no dot to stuff")  # as the file holds it: verbatim
+    other = plain.replace(b"batch@example.com", b"ops@example.net")
+    sent = {}
+    for name, message in (("signed", plain), ("other", other)):
+        path = tmp_path / f"{name}.bsmtp"
+        write_envelope(path, [draft("batch@example.com", ["a@example.org"], message)])
+        (res,), deliverer, _ = deliver(cfg, path)
+        assert res.status is Status.DELIVERED, res.reply
+        sent[name] = deliverer.stats.verbatim
+    assert sent == {"signed": 0, "other": 1}
+    signed, other = (m.content for m in sink.messages)
+    assert signed.startswith(b"DKIM-Signature: ") and b"DKIM-Signature" not in other
+
+
 def test_a_key_file_others_can_read_stops_start_up(
     tmp_path: Path, key_pair: tuple[bytes, str]
 ) -> None:

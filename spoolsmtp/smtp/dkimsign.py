@@ -117,6 +117,11 @@ class Signer:
         self.trace = trace
         self._dkim = _dkim()
 
+    def applies(self, head: bytes) -> bool:
+        """A key is configured for the domain of the header's From: address."""
+        domain = author_domain(head)
+        return domain is not None and domain in self.keys
+
     def __call__(self, message: bytes) -> bytes:
         domain = author_domain(message)
         key = self.keys.get(domain) if domain is not None else None

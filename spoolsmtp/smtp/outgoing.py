@@ -16,15 +16,23 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from spoolsmtp.model.envelope import BodyType, Transaction
 from spoolsmtp.model.reply import Reply, make
 from spoolsmtp.smtp.protocol import Extensions
 from spoolsmtp.smtp.sevenbit import NotConvertible, to_7bit
+from spoolsmtp.smtp.transaction import eight_bit
 
 MessageText = Callable[[], Iterable[bytes]]
-# the DKIM-Signature field (CRLF-terminated) for a whole message, or b"" when not signing it
-Signer = Callable[[bytes], bytes]
+
+
+class Signer(Protocol):
+    """DKIM (dkimsign.py): whether a key applies to a message's header, and the
+    DKIM-Signature field (CRLF-terminated) for a whole message, or b"" when not signing it."""
+
+    def applies(self, head: bytes) -> bool: ...
+    def __call__(self, message: bytes) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -39,10 +47,6 @@ class Outgoing:
     refusal: Reply | None = None
 
 
-def eight_bit(tx: Transaction) -> bool:
-    return tx.message.eight_bit or tx.params.body is BodyType.EIGHT_BIT
-
-
 def decide(
     tx: Transaction,
     ext: Extensions,
@@ -54,7 +58,9 @@ def decide(
 ) -> Outgoing:
     """The bytes to send to ``server`` (see the module docstring)."""
     converting = convert and eight_bit(tx) and "8BITMIME" not in ext
-    if not converting and signer is None:
+    # only the header is read to learn that no key applies: such a message goes as stored
+    signing = signer is not None and signer.applies(_head(message))
+    if not converting and not signing:
         return Outgoing(tx, received, message, as_stored=True)
     text = unstuff(b"".join(message()))
     if converting:
@@ -75,10 +81,22 @@ def decide(
             params=dataclasses.replace(tx.params, body=body),
         )
     head = received
-    if signer is not None:
+    if signing:
+        assert signer is not None
         head = signer(received + text) + received
     wire = stuff(text)
     return Outgoing(tx, head, lambda: iter((wire,)), as_stored=False)
+
+
+def _head(message: MessageText) -> bytes:
+    """The message's header, read only as far as the blank line that ends it."""
+    seen = b""
+    for chunk in message():
+        seen += chunk
+        end = seen.find(b"\r\n\r\n")
+        if end >= 0:
+            return unstuff(seen[: end + 2])
+    return unstuff(seen)
 
 
 def unstuff(wire: bytes) -> bytes:

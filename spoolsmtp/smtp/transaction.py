@@ -198,7 +198,8 @@ class MailTransaction:
         )
 
 
-def _eight_bit(tx: Transaction) -> bool:
+def eight_bit(tx: Transaction) -> bool:
+    """The message is 8-bit (found so, or declared BODY=8BITMIME)."""
     return tx.message.eight_bit or tx.params.body is BodyType.EIGHT_BIT
 
 
@@ -219,7 +220,7 @@ def local_refusal(
         return make(
             552, "5.3.4", f"message of {size} octets exceeds the limit {ext.size} of {server}"
         )
-    if _eight_bit(tx) and "8BITMIME" not in ext:
+    if eight_bit(tx) and "8BITMIME" not in ext:
         return make(554, "5.6.3", f"8-bit message but {server} does not offer 8BITMIME")
     if needs_utf8(tx, recipients) and "SMTPUTF8" not in ext:
         return make(554, "5.6.7", f"non-ASCII address but {server} does not offer SMTPUTF8")
@@ -231,7 +232,7 @@ def mail_args(tx: Transaction, ext: Extensions, extra: int) -> str:
     args: list[str] = []
     if "SIZE" in ext:
         args.append(f"SIZE={tx.message.size + extra}")
-    if _eight_bit(tx) and "8BITMIME" in ext:
+    if eight_bit(tx) and "8BITMIME" in ext:
         args.append("BODY=8BITMIME")
     if tx.params.smtputf8 and "SMTPUTF8" in ext:
         args.append("SMTPUTF8")
