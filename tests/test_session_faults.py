@@ -278,7 +278,7 @@ def test_deliver_command_exit_codes(tmp_path: Path, reply: str, code: int) -> No
 def test_every_reply_is_waited_for_under_its_own_configured_timeout() -> None:
     """Each command's reply is bounded by the timeout RFC 5321 gives it, as configured."""
     from spoolsmtp.smtp.protocol import Verb
-    from spoolsmtp.smtp.session import _timeout_for
+    from spoolsmtp.smtp.protocol import timeout_for as _timeout_for
 
     t = config.Timeouts(greeting=1, ehlo=2, starttls=3, mail=4, rcpt=5, data=6, data_end=7, quit=8)
     expected = {

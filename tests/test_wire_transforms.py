@@ -3,6 +3,7 @@ a server without 8BITMIME, and DKIM signatures, against real servers on loopback
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 from collections.abc import Iterator
@@ -12,11 +13,14 @@ from typing import Any
 
 import pytest
 
+from spoolsmtp.delivery.deliverer import Deliverer
+from spoolsmtp.delivery.mx import MxResolver
 from spoolsmtp.model.outcome import RecipientResult, Status
 from spoolsmtp.smtp.sevenbit import eight_bit
+from spoolsmtp.spool import envfile
 from tests.helpers import draft, make_config, write_envelope
 from tests.smtpservers import Script, SmtpServer
-from tests.test_delivery import deliver
+from tests.test_delivery import NOW, deliver
 
 TEXT = "Grüße aus Zürich\r\n.a line with a dot\r\n".encode()
 HTML = "<p>Ça va très bien</p>\r\n".encode()
@@ -95,3 +99,32 @@ def test_a_server_with_8bitmime_gets_the_stored_text_unchanged(tmp_path: Path) -
     (got,) = srv.messages
     assert got.content.endswith(MIME_8BIT)
     assert "BODY=8BITMIME" in got.mail_options
+
+
+def test_a_reload_turning_conversion_off_applies_to_a_reused_connection(
+    tmp_path: Path, seven_bit_server: SmtpServer
+) -> None:
+    """What goes out is decided with the configuration of now, not the one a pooled
+    connection was opened with (found by review: the session kept its own copy)."""
+    path = tmp_path / "e.bsmtp"
+    write_envelope(path, [draft("batch@example.com", ["a@example.org"], MIME_8BIT)])
+    route = {"example.org": f"127.0.0.1:{seven_bit_server.port}"}
+    on = make_config(routes=route)
+    off = make_config(routes=route, delivery={"mime_conversion": False})
+    env = envfile.read(path, on.limits, on.helo_name)
+
+    async def run() -> tuple[RecipientResult, RecipientResult, int]:
+        deliverer = Deliverer(on, MxResolver(on.dns))
+        try:
+            (first,) = await deliverer.deliver(path, env.transactions[0], "E", NOW)
+            deliverer.reconfigure(off)
+            (second,) = await deliverer.deliver(path, env.transactions[0], "E", NOW)
+        finally:
+            await deliverer.close_all()
+        return first, second, deliverer.stats.reused
+
+    first, second, reused = asyncio.run(run())
+    assert first.status is Status.DELIVERED
+    assert reused == 1  # the same connection
+    assert (second.status, second.reply.enhanced) == (Status.FAILED, "5.6.3")
+    assert len(seven_bit_server.messages) == 1

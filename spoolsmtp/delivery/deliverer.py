@@ -28,8 +28,10 @@ from spoolsmtp.model.hop import Hop, always
 from spoolsmtp.model.login import Login
 from spoolsmtp.model.outcome import RecipientResult, Status, decided_here, result
 from spoolsmtp.model.reply import Reply, make
+from spoolsmtp.model.stats import SessionStats
 from spoolsmtp.model.tlsdemand import TlsDemand
-from spoolsmtp.smtp.session import DotHook, Session, SessionStats, StaleSession
+from spoolsmtp.smtp import outgoing
+from spoolsmtp.smtp.session import DotHook, Session, StaleSession
 from spoolsmtp.spool import crashpoint, envfile
 
 Trace = Callable[[str], None]
@@ -237,9 +239,19 @@ class Deliverer:
         while todo:
             sent_at = time.monotonic()
             try:
-                results, again = await session.send(
-                    tx, todo, text, received, before_dot, envfile.verbatim(fh, tx.message)
+                # THE BYTES TO SEND, decided here for this connection with the config and
+                # keys of now: as stored, or converted to 7 bit and/or signed (outgoing.py)
+                out = outgoing.decide(
+                    tx,
+                    session.extensions,
+                    received,
+                    text,
+                    self.cfg.delivery.mime_conversion,
+                    self.secrets.signer,
+                    session.where,
                 )
+                verbatim = envfile.verbatim(fh, tx.message)
+                results, again = await session.send(out, todo, before_dot, verbatim)
             except StaleSession:
                 session, failure = await self._session(hop, dest, tls, reuse=False)
                 if session is None:
@@ -285,7 +297,6 @@ class Deliverer:
             fresh = now - session.last_used < self.cfg.delivery.idle_timeout
             if session.alive and fresh and (not session.dirty or await session.reset()):
                 self.stats.reused += 1
-                session.signer = self.secrets.signer  # the keys of the latest RELOAD
                 return session, None
             await session.close()
         session = Session(
@@ -301,7 +312,6 @@ class Deliverer:
             reach=crashpoint.reach,
             login=login,
             auth_plaintext=dest.route is not None and dest.route.auth_plaintext,
-            signer=self.secrets.signer,
         )
         failure = await session.open()
         if failure is not None:

@@ -74,6 +74,17 @@ class Histogram:
 
 
 @dataclass
+class SessionStats:
+    """Counters the SMTP sessions add to; shared by all sessions of a deliverer."""
+
+    connections: int = 0
+    reused: int = 0
+    tls: int = 0
+    bytes_sent: int = 0
+    verbatim: int = 0  # messages sent as the file holds them (no per-line work)
+
+
+@dataclass
 class Stats:
     """What the worker has done since it started."""
 

@@ -28,6 +28,7 @@ from collections import deque
 from dataclasses import dataclass
 from enum import Enum, auto
 
+from spoolsmtp.model.config import Timeouts
 from spoolsmtp.model.errors import SpoolsmtpError
 from spoolsmtp.model.reply import Reply, escape_controls, with_enhanced
 
@@ -269,3 +270,26 @@ class ClientProtocol:
     def discard_unread(self) -> bytes:
         """Bytes received but not yet parsed (e.g. injected after a STARTTLS 220)."""
         return self._parser.discard() if self._parser.pending else b""
+
+
+# which of ``Timeouts`` bounds the wait for the reply to each command
+_TIMEOUT_FIELD = {
+    Verb.GREETING: "greeting",
+    Verb.EHLO: "ehlo",
+    Verb.HELO: "ehlo",
+    Verb.STARTTLS: "starttls",
+    Verb.AUTH: "ehlo",
+    Verb.MAIL: "mail",
+    Verb.RCPT: "rcpt",
+    Verb.DATA: "data",
+    Verb.END_OF_DATA: "data_end",
+    Verb.RSET: "mail",
+    Verb.NOOP: "mail",
+    Verb.QUIT: "quit",
+}
+
+
+def timeout_for(verb: Verb, t: Timeouts) -> float:
+    """How long the reply to ``verb`` may take (RFC 5321 section 4.5.3.2)."""
+    value: float = getattr(t, _TIMEOUT_FIELD[verb])
+    return value

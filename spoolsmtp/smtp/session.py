@@ -11,25 +11,23 @@ garbage) is handed to the transaction, which defers every recipient not yet fina
 
 from __future__ import annotations
 
-import _ssl
 import asyncio
 import contextlib
-import os
-import select
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from spoolsmtp.model.config import DeliveryConfig, Timeouts, TlsPolicy
-from spoolsmtp.model.envelope import Recipient, Transaction
+from spoolsmtp.model.config import DeliveryConfig, TlsPolicy
+from spoolsmtp.model.envelope import Recipient
 from spoolsmtp.model.hop import Hop, always
 from spoolsmtp.model.login import Login
 from spoolsmtp.model.outcome import RecipientResult, connection_lost, timed_out
 from spoolsmtp.model.reply import Reply, make
+from spoolsmtp.model.stats import SessionStats
 from spoolsmtp.model.tlsdemand import TlsDemand
-from spoolsmtp.smtp import auth, dane, outgoing
+from spoolsmtp.smtp import auth, bodysend, outgoing, starttls
+from spoolsmtp.smtp.bodysend import Verbatim
 from spoolsmtp.smtp.protocol import (
     NEED_DATA,
     ClientProtocol,
@@ -38,26 +36,14 @@ from spoolsmtp.smtp.protocol import (
     Extensions,
     RemoteProtocolError,
     Verb,
+    timeout_for,
 )
 from spoolsmtp.smtp.transaction import DATA, MailTransaction, Stage
-from spoolsmtp.smtp.transport import Wire, tls_context
+from spoolsmtp.smtp.transport import Wire
 
 Trace = Callable[[str], None]
 DotHook = Callable[[list[Recipient]], Awaitable[None]]
 CrashPoint = Callable[[str], None]
-MessageText = outgoing.MessageText
-BODY_WRITE = 64 * 1024
-
-
-@dataclass(frozen=True)
-class Verbatim:
-    """The message text exactly as DATA sends it: bytes ``start``-``end`` of the envelope file,
-    whose lines all end in CRLF and none begins with a dot (nothing to stuff). ``source`` is
-    the file's bytes when they are in memory, else the open file (sent with sendfile(2))."""
-
-    source: bytes | BinaryIO
-    start: int
-    end: int
 
 
 class SessionBroken(Exception):
@@ -72,41 +58,8 @@ class StaleSession(Exception):
     """A reused connection was found closed before it answered anything: open a new one."""
 
 
-# which of ``Timeouts`` bounds the wait for the reply to each command
-_TIMEOUT_FIELD = {
-    Verb.GREETING: "greeting",
-    Verb.EHLO: "ehlo",
-    Verb.HELO: "ehlo",
-    Verb.STARTTLS: "starttls",
-    Verb.AUTH: "ehlo",
-    Verb.MAIL: "mail",
-    Verb.RCPT: "rcpt",
-    Verb.DATA: "data",
-    Verb.END_OF_DATA: "data_end",
-    Verb.RSET: "mail",
-    Verb.NOOP: "mail",
-    Verb.QUIT: "quit",
-}
-
-
-def _timeout_for(verb: Verb, t: Timeouts) -> float:
-    value: float = getattr(t, _TIMEOUT_FIELD[verb])
-    return value
-
-
 def _nowhere(phase: str) -> None:
     """The default crash point: none (the deliverer passes ``crashpoint.reach``)."""
-
-
-@dataclass
-class SessionStats:
-    """Counters a session adds to; shared by all sessions of a deliverer."""
-
-    connections: int = 0
-    reused: int = 0
-    tls: int = 0
-    bytes_sent: int = 0
-    verbatim: int = 0  # messages sent as the file holds them (no per-line work)
 
 
 @dataclass
@@ -125,7 +78,6 @@ class Session:
     demand: TlsDemand | None = None
     login: Login | None = None  # SMTP AUTH after EHLO (and STARTTLS)
     auth_plaintext: bool = False  # the login may go out without TLS
-    signer: outgoing.Signer | None = None  # DKIM, just before sending
     proto: ClientProtocol = field(default_factory=ClientProtocol)
     encrypted: bool = False
     last_used: float = field(default_factory=time.monotonic)
@@ -177,9 +129,9 @@ class Session:
                     Wire, self.hop.address, self.hop.port
                 )
         except TimeoutError:
-            return make(451, "4.4.1", f"connect to {self._where()} timed out")
+            return make(451, "4.4.1", f"connect to {self.where} timed out")
         except OSError as exc:
-            return make(451, "4.4.1", f"connect to {self._where()}: {exc.strerror or exc}")
+            return make(451, "4.4.1", f"connect to {self.where}: {exc.strerror or exc}")
         self._transport = transport
         self._wire = wire
         self.stats.connections += 1
@@ -187,7 +139,7 @@ class Session:
             greeting = await self._next()
             if greeting.reply.code != 220:
                 await self.close()
-                return _prefixed(greeting.reply, f"{self._where()} greeting")
+                return _prefixed(greeting.reply, f"{self.where} greeting")
             failure = await self._hello()
             if failure is not None:
                 await self.close()
@@ -214,40 +166,40 @@ class Session:
             event = await self._command(Command(Verb.HELO, f"HELO {self.helo_name}"))
             if event.reply.code == 250:
                 return None
-        return _prefixed(event.reply, f"{self._where()} refused our greeting")
+        return _prefixed(event.reply, f"{self.where} refused our greeting")
 
     async def _starttls(self, tls: TlsPolicy) -> Reply | None:
         if "STARTTLS" not in self.extensions:
             if tls is TlsPolicy.OPPORTUNISTIC:
                 return None
-            return make(451, "4.7.4", f"TLS is required but {self._where()} does not offer it")
+            return make(451, "4.7.4", f"TLS is required but {self.where} does not offer it")
         event = await self._command(Command(Verb.STARTTLS, "STARTTLS"))
         if event.reply.code != 220:
             if tls is TlsPolicy.OPPORTUNISTIC:
                 return None
-            return _prefixed(event.reply, f"TLS required but {self._where()} refused STARTTLS")
+            return _prefixed(event.reply, f"TLS required but {self.where} refused STARTTLS")
         assert self._wire is not None and self._transport is not None
         injected = self.proto.tls_started() + self._wire.take()
         if injected:
             self._trace(f"discarded {len(injected)} bytes sent before the TLS handshake")
-        context = tls_context(tls, self.config.tls_min_version, self.ca_file)
         try:
-            async with asyncio.timeout(self.config.timeouts.starttls):
-                transport = await asyncio.get_running_loop().start_tls(
-                    self._transport, self._wire, context, server_hostname=self.hop.host
-                )
-        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
+            transport, mismatch = await starttls.upgrade(
+                self._transport,
+                self._wire,
+                tls,
+                self.config,
+                self.ca_file,
+                self.hop.host,
+                self.demand,
+            )
+        except starttls.HandshakeFailed as exc:
             self.abort()
-            reason = getattr(exc, "reason", None) or type(exc).__name__
-            return make(451, "4.7.5", f"TLS handshake with {self._where()} failed: {reason}")
-        if transport is None:
-            return make(451, "4.7.5", f"TLS handshake with {self._where()} failed")
+            return make(451, "4.7.5", f"TLS handshake with {self.where} failed{exc.detail}")
         self._transport = transport
+        if mismatch is not None:
+            self.abort()
+            return make(451, "4.7.5", f"DANE: certificate of {self.where}: {mismatch}")
         if self.demand is not None and self.demand.tlsa:
-            why = dane.check(peer_chain(transport), self.demand.tlsa, self.demand.names)
-            if why is not None:
-                self.abort()
-                return make(451, "4.7.5", f"DANE: certificate of {self._where()}: {why}")
             self._trace("TLS established; certificate matches the TLSA records (DANE)")
         self.encrypted = True
         self.stats.tls += 1
@@ -258,7 +210,7 @@ class Session:
         def send(line: str, shown: str) -> Awaitable[Event]:
             return self._command(Command(Verb.AUTH, line), shown)
 
-        where = self._where()
+        where = self.where
         return await auth.authenticate(
             login, self.extensions, self.encrypted, self.auth_plaintext, where, send
         )
@@ -277,10 +229,8 @@ class Session:
 
     async def send(
         self,
-        tx: Transaction,
+        out: outgoing.Outgoing,
         recipients: list[Recipient],
-        message: MessageText,
-        received: bytes,
         before_dot: DotHook | None = None,
         verbatim: Verbatim | None = None,
     ) -> tuple[list[RecipientResult], list[Recipient]]:
@@ -288,22 +238,19 @@ class Session:
         452 while others were accepted, to be sent again in a new transaction. The rules are
         ``MailTransaction``'s; this drives it over the connection.
 
-        ``message`` gives the text as DATA sends it (CRLF, dot-stuffed), afresh at each call.
-        ``before_dot`` is awaited with the accepted recipients just before the final dot, so the
-        caller can journal that a duplicate is possible from here on. ``verbatim``, when given,
-        is the same text as it lies in the file: sent as it is where the wire carries the
-        file's bytes unchanged (not under TLS).
+        ``out`` is what goes out (``outgoing.decide`` for this connection's extensions): the
+        transaction, our header and the text as DATA sends it (CRLF, dot-stuffed). ``before_dot``
+        is awaited with the accepted recipients just before the final dot, so the caller can
+        journal that a duplicate is possible from here on. ``verbatim``, when given, is the
+        same text as it lies in the file: sent as it is when ``out`` says the bytes are as
+        stored and the wire carries them unchanged (not under TLS).
         """
         self.last_used = time.monotonic()
         self.transactions += 1
         hop = self.hop
-        # THE BYTES TO SEND are decided here and only here: ``out.as_stored`` when the stored
-        # text goes out unchanged, else converted to 7 bit and/or DKIM-signed (outgoing.py)
-        where, ext, convert = self._where(), self.extensions, self.config.mime_conversion
-        out = outgoing.decide(tx, ext, received, message, convert, self.signer, where)
-        size = len(out.head)
+        ext, where = self.extensions, self.where
         mt = MailTransaction(
-            out.tx, recipients, ext, size, hop.host, hop.address, where, out.refusal
+            out.tx, recipients, ext, len(out.head), hop.host, hop.address, where, out.refusal
         )
         if mt.stage is Stage.DONE:
             return mt.results(), []
@@ -341,10 +288,14 @@ class Session:
         verbatim: Verbatim | None = None,
     ) -> None:
         """After the 354: the message text, the final dot, and the reply to it."""
+        if self._traced():
+            self._trace(f"> (message: {received.decode('utf-8', 'replace').splitlines()[0]} ...)")
         if verbatim is not None:
-            tail = await self._verbatim(received, verbatim)
+            self.stats.verbatim += 1
+            tail = await bodysend.as_stored(received, verbatim, self._write, self._sendfile)
         else:
-            tail = await self._body(received, chunks)
+            tail = await bodysend.stuffed(received, chunks, self.proto.send_body, self._write)
+        self.reach("mid_data")
         if before_dot is not None:
             try:
                 await before_dot(mt.accepted)
@@ -377,80 +328,18 @@ class Session:
                 raise SessionBroken(event.reply)
             receive(event)
 
-    async def _body(self, received: bytes, chunks: Iterable[bytes]) -> bytes:
-        """Send our Received header and the message text in writes of ``BODY_WRITE`` bytes or
-        more, and return the rest, unsent: it goes out with the final dot. A small message is
-        then one system call, header, text and dot, instead of three."""
-        if self._traced():
-            self._trace(f"> (message: {received.decode('utf-8', 'replace').splitlines()[0]} ...)")
-        pending = [self.proto.send_body(received)]
-        size = len(pending[0])
-        for chunk in chunks:
-            data = self.proto.send_body(chunk)
-            pending.append(data)
-            size += len(data)
-            if size >= BODY_WRITE:
-                await self._write(b"".join(pending))
-                pending, size = [], 0
-        self.reach("mid_data")
-        return b"".join(pending)
-
-    async def _verbatim(self, received: bytes, body: Verbatim) -> bytes:
-        """Our Received header, then the message as the file holds it: from memory in one
-        write, or from the file by sendfile(2); no Python per line or per block. Returns the
-        rest, unsent (a small message goes out with the final dot)."""
-        if self._traced():
-            self._trace(f"> (message: {received.decode('utf-8', 'replace').splitlines()[0]} ...)")
-        size = body.end - body.start
-        self.stats.verbatim += 1
-        if isinstance(body.source, bytes):
-            view = memoryview(body.source)[body.start : body.end]
-            if len(received) + size < BODY_WRITE:
-                self.reach("mid_data")
-                return received + view
-            await self._write(received)
-            await self._write(view)
-        else:
-            await self._write(received)
-            await self._sendfile(body.source, body.start, size)
-        self.reach("mid_data")
-        return b""
-
     async def _sendfile(self, fh: BinaryIO, offset: int, count: int) -> None:
-        """``count`` bytes of ``fh`` from ``offset`` straight to the socket. Only once the
-        transport has nothing buffered (else the bytes are read and written in blocks); on a
-        duplicate of the socket's descriptor, so a connection closed meanwhile cannot hand its
-        number to another file; a full socket buffer is waited for in a thread."""
         transport = self._check_open()
-        sock = transport.get_extra_info("socket")
-        if sock is None or transport.get_write_buffer_size():
-            fh.seek(offset)
-            while count > 0:
-                data = fh.read(min(count, BODY_WRITE * 16))
-                if not data:
-                    raise OSError(f"envelope file shorter than recorded (offset {offset + count})")
-                await self._write(data)
-                count -= len(data)
-            return
-        fd = os.dup(sock.fileno())
         try:
-            while count > 0:
-                try:
-                    sent = os.sendfile(fd, fh.fileno(), offset, count)
-                except BlockingIOError:
-                    timeout = self.config.timeouts.data_block
-                    if not await asyncio.to_thread(_writable, fd, timeout):
-                        raise SessionBroken(timed_out("")) from None
-                    continue
-                except OSError as exc:
-                    raise SessionBroken(connection_lost(f"({exc.strerror})")) from exc
-                if sent == 0:
-                    raise OSError(f"envelope file shorter than recorded (offset {offset + count})")
-                offset += sent
-                count -= sent
-                self.stats.bytes_sent += sent
-        finally:
-            os.close(fd)
+            timeout = self.config.timeouts.data_block
+            await bodysend.sendfile(transport, fh, offset, count, self._write, self._sent, timeout)
+        except TimeoutError:
+            raise SessionBroken(timed_out("")) from None
+        except bodysend.SocketFailed as exc:
+            raise SessionBroken(connection_lost(f"({exc})")) from exc
+
+    def _sent(self, count: int) -> None:
+        self.stats.bytes_sent += count
 
     async def close(self) -> None:
         """QUIT politely, close, and wait until the connection is gone; all of it bounded by
@@ -519,7 +408,7 @@ class Session:
         wire = self._wire
         assert wire is not None
         verb = self.proto.awaiting or Verb.NOOP
-        deadline_loop = asyncio.get_running_loop().time() + _timeout_for(verb, self.config.timeouts)
+        deadline_loop = asyncio.get_running_loop().time() + timeout_for(verb, self.config.timeouts)
         while True:
             try:
                 event = self.proto.next_event()
@@ -540,7 +429,9 @@ class Session:
                 raise SessionBroken(timed_out(f"waiting for the reply to {verb.name}")) from None
             self.proto.receive_data(wire.take())
 
-    def _where(self) -> str:
+    @property
+    def where(self) -> str:
+        """``host[address]:port``, for replies and traces."""
         return f"{self.hop.host}[{self.hop.address}]:{self.hop.port}"
 
     def _traced(self) -> bool:
@@ -551,28 +442,5 @@ class Session:
             self.trace(f"session {self.hop.host}[{self.hop.address}]: {text}")
 
 
-def _writable(fd: int, timeout: float) -> bool:
-    """Until the socket can take more (in an I/O thread); False when ``timeout`` passed."""
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    return bool(poller.poll(timeout * 1000))
-
-
 def _prefixed(reply: Reply, context: str) -> Reply:
     return Reply(reply.code, reply.enhanced, (f"{context}: {reply.lines[0]}", *reply.lines[1:]))
-
-
-def peer_chain(transport: asyncio.BaseTransport) -> list[bytes]:
-    """The certificates the server sent, leaf first, as DER (for DANE, which checks them
-    itself). Python 3.13 has ``get_unverified_chain``; before it, the same method exists on the
-    ``_ssl`` object underneath; without either, the leaf alone (DANE-EE still works)."""
-    obj = transport.get_extra_info("ssl_object")
-    if obj is None:
-        return []
-    for owner in (obj, getattr(obj, "_sslobj", None)):
-        method = getattr(owner, "get_unverified_chain", None)
-        if method is not None:
-            der = _ssl.ENCODING_DER
-            return [c if isinstance(c, bytes) else c.public_bytes(der) for c in method() or []]
-    leaf = obj.getpeercert(binary_form=True)
-    return [leaf] if leaf else []

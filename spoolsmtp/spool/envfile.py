@@ -17,7 +17,7 @@ from spoolsmtp.bsmtp.reader import Reader
 from spoolsmtp.bsmtp.unwrap import unwrap
 from spoolsmtp.model.config import Limits, NetdataConfig, SpoolConfig
 from spoolsmtp.model.envelope import Envelope, Message
-from spoolsmtp.smtp.session import Verbatim
+from spoolsmtp.smtp.bodysend import Verbatim
 from spoolsmtp.spool import legacy
 
 CHUNK = 1 << 20
