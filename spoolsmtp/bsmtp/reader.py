@@ -31,21 +31,18 @@ by ``datascan``, and the fixed answers and echoes are in ``batchreply``.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
-from spoolsmtp.bsmtp import batchreply
-from spoolsmtp.bsmtp.address import check_domain, parse_path
+from spoolsmtp.bsmtp import batchreply, paths
+from spoolsmtp.bsmtp.address import check_domain
 from spoolsmtp.bsmtp.datascan import MAX_PARTIAL, Scan, scan_data
-from spoolsmtp.bsmtp.params import mail_params, rcpt_params, split_path
 from spoolsmtp.model.config import Limits
 from spoolsmtp.model.envelope import Entry, Envelope, MailParams, Recipient, Transaction
 from spoolsmtp.model.errors import EnvelopeFault
 from spoolsmtp.model.reply import Reply, make
 
 _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_POSTMASTER = "<postmaster>"
 
 
 class State(Enum):
@@ -79,7 +76,7 @@ class Reader:
         limits: Limits,
         hostname: str,
         max_file_bytes: int | None = None,
-        unqualified: Callable[[str], str | None] | None = None,
+        unqualified: paths.Qualify | None = None,
     ) -> None:
         self.source = source
         # what an address with no domain stands for (rewrite.qualify_domain, nicknames);
@@ -303,12 +300,7 @@ class Reader:
             return make(503, "5.5.1", f"nested MAIL command (MAIL at line {self._open.line})")
         if not arg.upper().startswith("FROM:"):
             return make(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")
-        path, rest = split_path(arg[5:].lstrip())
-        params, fault = mail_params(rest, self.limits)
-        if fault is not None:
-            return fault
-        path = self._qualified(path)
-        mailbox, fault = parse_path(path, self.limits, sender=True, utf8=params.smtputf8)
+        params, mailbox, fault = paths.sender(arg[5:].lstrip(), self.limits, self.unqualified)
         if fault is not None:
             return fault
         sender = str(mailbox) if mailbox else ""
@@ -329,16 +321,9 @@ class Reader:
             return make(503, "5.5.1", "need MAIL before RCPT")
         if not arg.upper().startswith("TO:"):
             return make(501, "5.5.4", "Syntax: RCPT TO:<address> [parameters]")
-        path, rest = split_path(arg[3:].lstrip())
-        notify, orcpt, fault = rcpt_params(rest)
-        if fault is not None:
-            return fault
-        if path.lower() == _POSTMASTER:
-            # RFC 5321 4.5.1: <Postmaster> without a domain must be accepted; it is ours
-            path = f"<{path[1:-1]}@{self.hostname}>"
-        path = self._qualified(path)
-        mailbox, fault = parse_path(
-            path, self.limits, sender=False, utf8=self._open.params.smtputf8
+        utf8 = self._open.params.smtputf8
+        mailbox, notify, orcpt, fault = paths.recipient(
+            arg[3:].lstrip(), self.limits, self.hostname, self.unqualified, utf8=utf8
         )
         if fault is not None:
             return fault
@@ -356,14 +341,6 @@ class Reader:
         self._open.recipients.append(Recipient(address, notify, orcpt, line))
         self._open.seen.add(key)
         return make(250, "2.1.5", f"<{address}> recipient ok")
-
-    def _qualified(self, path: str) -> str:
-        """``<OPERATOR>`` as the configured rewriting has it (``<operator@example.com>``)."""
-        inner = path[1:-1]
-        if self.unqualified is None or not inner or "@" in inner or not path.startswith("<"):
-            return path
-        full = self.unqualified(inner)
-        return path if full is None else f"<{full}>"
 
     def _data(self, arg: str, line: int, next_offset: int) -> Reply:
         if arg:
