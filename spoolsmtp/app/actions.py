@@ -134,11 +134,8 @@ class Actions:
         others keep their value until a restart, and the answer names them (reconfig.py). A
         bad file raises ConfigError and changes nothing. ``fresh``: what the file says, made
         this process's (a supervisor's delivery process keeps its share of the limits)."""
-        sdnotify.reloading()  # systemd: READY=1 again once done, applied or refused
-        try:
+        with sdnotify.reloading_now():
             return self._reload(fresh)
-        finally:
-            sdnotify.ready()
 
     def _reload(self, fresh: Callable[[Config], Config] | None) -> Reloaded:
         w = self._w

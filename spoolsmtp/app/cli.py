@@ -26,7 +26,7 @@ from spoolsmtp.app.supervisor import Supervisor
 from spoolsmtp.app.worker import Worker
 from spoolsmtp.bsmtp import response
 from spoolsmtp.control import client as ctl
-from spoolsmtp.delivery import tlsplan, wiresecrets
+from spoolsmtp.delivery import deliverer, tlsplan
 from spoolsmtp.model import config as configmod
 from spoolsmtp.model import exitcodes
 from spoolsmtp.model.errors import ConfigError, EnvelopeFault
@@ -171,7 +171,7 @@ def _run(cfg: configmod.Config, args: argparse.Namespace) -> int:
         _, loop_factory = eventloop.factory(cfg)
         tlsplan.require_dane_support(cfg)
         if getattr(args, "check_config", False):
-            wiresecrets.load(cfg)  # the logins and DKIM keys it names: readable and safe
+            deliverer.usable(cfg)  # the logins and DKIM keys it names: readable and safe
             print(f"{cfg.source}: configuration OK")
             return exitcodes.OK
         logsetup.configure(cfg.log_level, cfg.log_format)

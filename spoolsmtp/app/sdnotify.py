@@ -18,10 +18,12 @@ more than systemd's view of it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import time
+from collections.abc import Iterator
 
 log = logging.getLogger("spoolsmtp")
 ENV = "NOTIFY_SOCKET"
@@ -74,6 +76,16 @@ def reloading() -> bool:
     """Before reading the configuration again (``READY=1`` follows when done, good or bad)."""
     usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     return notify("RELOADING=1", f"MONOTONIC_USEC={usec}")
+
+
+@contextlib.contextmanager
+def reloading_now() -> Iterator[None]:
+    """Around a RELOAD: ``RELOADING=1``, then ``READY=1`` again once done, applied or refused."""
+    reloading()
+    try:
+        yield
+    finally:
+        ready()
 
 
 def watchdog_interval() -> float | None:

@@ -26,7 +26,7 @@ from spoolsmtp.control import commands
 from spoolsmtp.control.port import COUNTED, Busy, NoSuchEnvelope, Reloaded, Traffic
 from spoolsmtp.control.server import ControlServer, Peer
 from spoolsmtp.control.tracer import Kind, Tracer
-from spoolsmtp.delivery import tlsplan, wiresecrets
+from spoolsmtp.delivery import deliverer
 from spoolsmtp.delivery.route import Router
 from spoolsmtp.model.config import Config
 from spoolsmtp.model.config import load as config_load
@@ -322,15 +322,10 @@ class Whole:
         """The supervisor reads the file (a bad one changes nothing anywhere); each child
         then reads it too, and keeps its share of the connection limits (a restart key)."""
         sup = self._sup
-        sdnotify.reloading()  # systemd: READY=1 again once done, applied or refused
-        try:
+        with sdnotify.reloading_now():
             plan = reconfig.plan(sup.cfg, config_load(sup.cfg.source))
-            # what a worker's RELOAD refuses, refused here before any process is told: the
-            # logins and DKIM keys it names, tls: dane without cryptography (ConfigError)
-            wiresecrets.load(plan.config)
-            tlsplan.require_dane_support(plan.config)
-        finally:
-            sdnotify.ready()
+            # what a worker's RELOAD refuses, refused here before any process is told
+            deliverer.usable(plan.config)
         sup.cfg = plan.config
         sup.router = type(sup.router)(plan.config)
         self._broadcast("reload")

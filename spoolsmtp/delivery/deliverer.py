@@ -19,7 +19,7 @@ from email.utils import format_datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from spoolsmtp.delivery import route, wiresecrets
+from spoolsmtp.delivery import route, tlsplan, wiresecrets
 from spoolsmtp.delivery.mx import MxResolver
 from spoolsmtp.delivery.tlsplan import HopTls, TlsPlanner
 from spoolsmtp.model.config import Config, TlsPolicy
@@ -103,6 +103,14 @@ def received_header(
     return fold_received(parts)
 
 
+def usable(cfg: Config) -> wiresecrets.Secrets:
+    """What delivering under ``cfg`` needs that reading the file cannot check: ``tls: dane``
+    with its extra installed, and the logins and DKIM keys it names (read, mode checked).
+    ConfigError naming the key; start-up, ``--check-config`` and every RELOAD ask here."""
+    tlsplan.require_dane_support(cfg)
+    return wiresecrets.load(cfg)
+
+
 class Deliverer:
     """Sends transactions to their destinations; one per worker, shared by all envelopes."""
 
@@ -114,6 +122,7 @@ class Deliverer:
         tracing: Callable[[], bool] = always,
         warn: Callable[[str], None] | None = None,
     ) -> None:
+        self.secrets = usable(cfg)
         self.cfg = cfg
         self.resolver = resolver
         self.tls = TlsPlanner(cfg, resolver, warn, self._trace_session)
@@ -121,7 +130,6 @@ class Deliverer:
         self.tracing = tracing
         self.stats = SessionStats()
         self.router = route.Router(cfg)
-        self.secrets = wiresecrets.load(cfg)
         self._overall = asyncio.Semaphore(cfg.delivery.max_connections)
         self._per_destination = DestinationLimits(cfg.delivery.max_per_destination)
         self._idle: dict[_PoolKey, list[Session]] = {}
@@ -130,7 +138,7 @@ class Deliverer:
         """A reloaded configuration: routes and timeouts apply to the next delivery (the
         remembered routes are those of the old one, so they go too). The logins are read
         again first: a bad ``delivery.auth_file`` raises ConfigError and changes nothing."""
-        secrets = wiresecrets.load(cfg)
+        secrets = usable(cfg)
         self.cfg = cfg
         self.secrets = secrets
         self.router = route.Router(cfg)

@@ -71,7 +71,6 @@ class TlsPlanner:
         warn: Callable[[str], None] | None = None,
         trace: Callable[[str], None] | None = None,
     ) -> None:
-        require_dane_support(cfg)
         self.cfg = cfg
         self.resolver = resolver
         self.warn = warn
@@ -81,7 +80,6 @@ class TlsPlanner:
         self._testing_said: set[tuple[str, str]] = set()
 
     def reconfigure(self, cfg: Config) -> None:
-        require_dane_support(cfg)
         self.cfg = cfg
         self.sts.cfg = cfg.delivery.mta_sts
         ca = cfg.delivery.tls_ca_file
