@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import trustme
+import yaml
 
 from spoolsmtp.delivery.deliverer import Deliverer
 from spoolsmtp.delivery.mx import MxResolver
@@ -27,6 +28,7 @@ from tests import dnsserver
 from tests.helpers import draft, make_config, write_envelope
 from tests.smtpservers import SmtpServer
 from tests.tlspeers import leaf_der, server_context, tlsa_2_0_1, tlsa_3_1_1
+from tests.workerproc import WorkerProcess, wait_for
 
 DOMAIN = "example.test"
 MX = "mx.example.test"
@@ -238,3 +240,35 @@ def test_tls_dane_without_cryptography_stops_start_up_naming_the_key(tmp_path: P
     assert done.returncode == exitcodes.CONFIG
     assert "routes.x.test.tls" in done.stderr and "spoolsmtp[dane]" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_reload_of_the_dns_settings_reaches_the_tlsa_lookups(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    """RELOAD with other nameservers: the TLSA records come from the new ones too (found by
+    review: the TLS planner kept the resolver it was built with)."""
+    ctx, der = leaf_der(ca, MX)
+    _, other = leaf_der(ca, MX)
+    srv = SmtpServer(tls_context=ctx)
+    matching = zone_for(srv.port, tlsa_3_1_1(der))
+    mismatching = zone_for(srv.port, tlsa_3_1_1(other))
+    with dnsserver.serve(matching) as first, dnsserver.serve(mismatching) as second:
+        dns = {"nameservers": ["127.0.0.1"], "port": first, "allow_loopback": True}
+        w = WorkerProcess(
+            tmp_path, {"delivery": {"tls": "dane", "port": srv.port}, "dns": dns}
+        ).start()
+        try:
+            w.drop_drafts("a.bsmtp", [draft("o@batch.test", [f"a@{DOMAIN}"])])
+            assert wait_for(lambda: w.final("a.bsmtp"))["state"] == "done"
+            data = yaml.safe_load(w.config.read_text())
+            data["dns"]["port"] = second
+            w.config.write_text(yaml.safe_dump(data))
+            assert w.ask("RELOAD")["status"] == 200
+            w.drop_drafts("b.bsmtp", [draft("o@batch.test", [f"b@{DOMAIN}"])])
+            rec = wait_for(lambda: w.in_state("b.bsmtp", "deferred"), what="b deferred")
+        finally:
+            assert w.stop() == 0
+            srv.stop()
+    reply = rec["transactions"][0]["recipients"][0]["reply"]
+    assert reply["enhanced"] == "4.7.5" and "DANE" in reply["text"]
+    assert len(srv.messages) == 1

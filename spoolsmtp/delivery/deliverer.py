@@ -124,8 +124,8 @@ class Deliverer:
     ) -> None:
         self.secrets = usable(cfg)
         self.cfg = cfg
-        self.resolver = resolver
         self.tls = TlsPlanner(cfg, resolver, warn, self._trace_session)
+        self._resolver = resolver
         self.trace = trace
         self.tracing = tracing
         self.stats = SessionStats()
@@ -133,6 +133,15 @@ class Deliverer:
         self._overall = asyncio.Semaphore(cfg.delivery.max_connections)
         self._per_destination = DestinationLimits(cfg.delivery.max_per_destination)
         self._idle: dict[_PoolKey, list[Session]] = {}
+
+    @property
+    def resolver(self) -> MxResolver:
+        return self._resolver
+
+    @resolver.setter
+    def resolver(self, resolver: MxResolver) -> None:
+        """A new resolver (RELOAD of DNS settings) serves the MTA-STS and TLSA look-ups too."""
+        self._resolver = self.tls.resolver = self.tls.sts.resolver = resolver
 
     def reconfigure(self, cfg: Config) -> None:
         """A reloaded configuration: routes and timeouts apply to the next delivery (the
