@@ -81,7 +81,7 @@ class Actions:
         return f"{envelope_id} released"
 
     async def _restate(self, envelope_id: str, state: State, folder: str) -> None:
-        record = self._recovery.load_record(envelope_id)
+        record = self._w.spool.load_record(envelope_id)
         if record is not None:
             record.state = state
             record.location = f"{folder}/{envelope_id}{SUFFIX}"

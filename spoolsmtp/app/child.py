@@ -32,6 +32,7 @@ from spoolsmtp.app.worker import Worker
 from spoolsmtp.control.tracer import Kind, Tracer
 from spoolsmtp.model.config import Config
 from spoolsmtp.model.record import State
+from spoolsmtp.spool import nodes
 from spoolsmtp.spool.watcher import IncomingWatcher
 
 log = logging.getLogger("spoolsmtp")
@@ -265,8 +266,7 @@ def _row(summary: Summary) -> wire.SummaryRow:
 
 
 async def _main(cfg: Config, node: str, sock: socket.socket, share: tuple[int, int]) -> int:
-    base, _, _ = node.rpartition(".")
-    siblings = tuple(f"{base}.{k}" for k in range(1, share[0] + 1))
+    siblings = tuple(nodes.delivery_nodes(cfg))
     worker = ChildWorker(split(cfg, *share), node, sock, share, siblings)
     try:
         return await worker.run()

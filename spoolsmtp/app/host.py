@@ -6,7 +6,7 @@ operator's view of a queued envelope) lives here for the same reason."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -17,7 +17,7 @@ from spoolsmtp.delivery.mx import MxResolver
 from spoolsmtp.delivery.route import Destination
 from spoolsmtp.model.config import Config
 from spoolsmtp.model.envelope import Envelope
-from spoolsmtp.model.record import Record, State
+from spoolsmtp.model.record import Record, State, parse_iso
 from spoolsmtp.model.stats import Stats
 from spoolsmtp.spool.diskfull import DiskWatch
 from spoolsmtp.spool.folders import Spool
@@ -35,6 +35,24 @@ class Summary:
     received: float
     next_attempt: float | None = None
     destinations: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls,
+        record: Record,
+        state: State,
+        next_attempt: float | None,
+        destination: Callable[[str], Destination],
+    ) -> Summary:
+        """The summary of a result record: its recipients not yet final, counted per
+        destination (``destination``: a domain's, as the router finds it)."""
+        destinations: dict[str, int] = {}
+        for _, rec in record.recipients():
+            if not rec.final:
+                key = destination(rec.address.rpartition("@")[2]).key
+                destinations[key] = destinations.get(key, 0) + 1
+        received = parse_iso(record.received_at).timestamp()
+        return cls(record.id, record.source, state, received, next_attempt, destinations)
 
 
 class Serving(Protocol):

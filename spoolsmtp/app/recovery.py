@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 from spoolsmtp.app import mailevents
 from spoolsmtp.app.pickup import Pickup, utcnow
 from spoolsmtp.app.records import Records
-from spoolsmtp.model import record
 from spoolsmtp.model.envelope import Envelope
 from spoolsmtp.model.record import Record, State, parse_iso
 from spoolsmtp.spool import nodes, quarantine
@@ -56,7 +55,7 @@ class Recovery:
         The record is set to say ``active`` at once: a record left saying ``done`` or
         ``deferred`` while the envelope is being delivered again would mislead a polling job.
         """
-        found = journaled or self.load_record(envelope_id)
+        found = journaled or self._w.spool.load_record(envelope_id)
         source = found.source if found else fallback_source
         self._w._active[envelope_id] = source
         if found is not None and found.owner_uid is not None and found.owner_gid is not None:
@@ -79,7 +78,7 @@ class Recovery:
             crashes = w._reads.crashes(envelope_id)
             if crashes > QUARANTINE_AFTER:
                 # even the read for the reports killed it: quarantine it unread
-                unread = journaled or self.load_record(envelope_id)
+                unread = journaled or self._w.spool.load_record(envelope_id)
                 if unread is not None:
                     self.apply_journal(unread, replayed)
                 await self._quarantine(envelope_id, unread, fallback, crashes)
@@ -167,12 +166,6 @@ class Recovery:
             log.warning("restored %d result record(s) from the journal", restored)
         return restored
 
-    def load_record(self, envelope_id: str) -> Record | None:
-        try:
-            return record.load(self._w.spool.path("results", f"{envelope_id}.json"))
-        except OSError:
-            return None
-
     def load_deferred(self, known: Callable[[str], bool] | None = None) -> int:
         """Schedule the retry of every envelope in deferred/ (but those ``known``); how many."""
         w = self._w
@@ -181,14 +174,14 @@ class Recovery:
             if known is not None and known(envelope_id):
                 continue
             count += 1
-            rec = self.load_record(envelope_id)
+            rec = self._w.spool.load_record(envelope_id)
             due = time.time()
             if rec is not None:
                 due = rec.next_due(due)
                 w._summarise(rec, State.DEFERRED, due)
             w.schedule(envelope_id, due)
         for envelope_id in w.spool.ids("hold"):
-            rec = self.load_record(envelope_id)
+            rec = self._w.spool.load_record(envelope_id)
             if rec is not None:
                 w._summarise(rec, State.HELD)
         return count

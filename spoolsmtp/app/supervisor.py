@@ -28,9 +28,9 @@ from spoolsmtp.app.host import Summary
 from spoolsmtp.app.whole import Whole, WholeServer
 from spoolsmtp.control import metricshttp
 from spoolsmtp.delivery.route import Router
-from spoolsmtp.model import exitcodes, record
+from spoolsmtp.model import exitcodes
 from spoolsmtp.model.config import Config
-from spoolsmtp.model.record import Record, State, parse_iso
+from spoolsmtp.model.record import Record, State
 from spoolsmtp.model.stats import Stats
 from spoolsmtp.spool import diskfull, intake, nodes
 from spoolsmtp.spool.folders import Spool
@@ -41,13 +41,6 @@ log = logging.getLogger("spoolsmtp")
 BURST_RESCAN = 0.25
 HOUSEKEEPING = 5.0
 STOP_MARGIN = 15.0
-
-
-def node_names(cfg: Config) -> list[str]:
-    """The children's node names: ``<host_id or "local">.<k>``, k from 1 (kept across
-    restarts, so each restart resumes its own area)."""
-    base = cfg.worker.host_id or "local"
-    return [f"{base}.{k}" for k in range(1, cfg.worker.processes + 1)]
 
 
 def own_node(cfg: Config) -> str:
@@ -85,7 +78,7 @@ class Supervisor:
         # what a child may have been handed and not finished: twice its share of the
         # envelopes in flight, so it never waits for the next while the rest wait here
         self.room = max(2 * cfg.spool.max_active // max(cfg.worker.processes, 1), 1)
-        names = node_names(cfg)
+        names = nodes.delivery_nodes(cfg)
         source = str(cfg.source)
         self.children = [
             Child(
@@ -193,7 +186,7 @@ class Supervisor:
     def _load_queue(self) -> None:
         for folder, state in (("deferred", State.DEFERRED), ("hold", State.HELD)):
             for envelope_id in self.spool.ids(folder):
-                rec = self._record(envelope_id)
+                rec = self.spool.load_record(envelope_id)
                 due = time.time()
                 if rec is not None:
                     due = rec.next_due(due)
@@ -203,20 +196,8 @@ class Supervisor:
                     self._heap.append((due, envelope_id))
         heapq.heapify(self._heap)
 
-    def _record(self, envelope_id: str) -> Record | None:
-        try:
-            return record.load(self.spool.path("results", f"{envelope_id}.json"))
-        except (OSError, ValueError):
-            return None
-
     def summarise(self, rec: Record, state: State, due: float | None) -> Summary:
-        destinations: dict[str, int] = {}
-        for _, rcpt in rec.recipients():
-            if not rcpt.final:
-                key = self.router.destination(rcpt.address.rpartition("@")[2]).key
-                destinations[key] = destinations.get(key, 0) + 1
-        received = parse_iso(rec.received_at).timestamp()
-        return Summary(rec.id, rec.source, state, received, due, destinations)
+        return Summary.of(rec, state, due, self.router.destination)
 
     def schedule(self, envelope_id: str, when: float) -> None:
         self._due[envelope_id] = when

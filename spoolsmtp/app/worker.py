@@ -49,7 +49,7 @@ from spoolsmtp.delivery.route import Destination
 from spoolsmtp.model import exitcodes
 from spoolsmtp.model.config import Config
 from spoolsmtp.model.envelope import Envelope, MailParams, Recipient
-from spoolsmtp.model.record import Record, State, parse_iso
+from spoolsmtp.model.record import Record, State
 from spoolsmtp.model.stats import Stats
 from spoolsmtp.spool import crashpoint, diskfull, intake, journal, legacy, quarantine, spoolview
 from spoolsmtp.spool.folders import ORIGINAL, SUFFIX, Spool
@@ -348,19 +348,7 @@ class Worker:
     # -- one attempt -----------------------------------------------------------------------
 
     def _summarise(self, record: Record, state: State, next_attempt: float | None = None) -> None:
-        destinations: dict[str, int] = {}
-        for _, rec in record.recipients():
-            if not rec.final:
-                key = self._destination(rec.address.rpartition("@")[2]).key
-                destinations[key] = destinations.get(key, 0) + 1
-        self.index[record.id] = Summary(
-            record.id,
-            record.source,
-            state,
-            parse_iso(record.received_at).timestamp(),
-            next_attempt,
-            destinations,
-        )
+        self.index[record.id] = Summary.of(record, state, next_attempt, self._destination)
 
     async def _attempt(
         self, envelope_id: str, env: Envelope, record: Record, data: bytes | None

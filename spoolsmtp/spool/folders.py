@@ -20,7 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from spoolsmtp.model import record
 from spoolsmtp.model.config import SpoolConfig
+from spoolsmtp.model.record import Record
 from spoolsmtp.spool import crashpoint, intake, nodes
 from spoolsmtp.spool.durable import fsync_dir, write_file
 from spoolsmtp.spool.intake import NotRegular as NotRegular  # noqa: PLC0414 - where it used to live
@@ -85,6 +87,13 @@ class Spool:
 
     def envelope(self, folder: str, envelope_id: str) -> Path:
         return self.dirs[folder] / f"{envelope_id}{SUFFIX}"
+
+    def load_record(self, envelope_id: str) -> Record | None:
+        """``results/ID.json``; None when there is none, it is not whole, or cannot be read."""
+        try:
+            return record.load(self.path("results", f"{envelope_id}.json"))
+        except OSError:
+            return None
 
     def _file(self, folder: str, name: str) -> str:
         return f"{self._dir[folder]}/{name}"

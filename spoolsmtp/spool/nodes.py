@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spoolsmtp.model.config import SpoolConfig
+from spoolsmtp.model.config import Config, SpoolConfig
 from spoolsmtp.spool import lock as spool_lock
 from spoolsmtp.spool.lock import LOCK_FILE, SpoolLock
 
@@ -155,3 +155,10 @@ def has_work(cfg: SpoolConfig, node: str) -> bool:
             return any(e.name.endswith(".log") for e in it)
     except FileNotFoundError:
         return False
+
+
+def delivery_nodes(cfg: Config) -> list[str]:
+    """The node names of a supervisor's delivery processes: ``<host_id or "local">.<k>``, k
+    from 1 (kept across restarts, so each restart resumes its own area)."""
+    base = cfg.worker.host_id or "local"
+    return [f"{base}.{k}" for k in range(1, cfg.worker.processes + 1)]
