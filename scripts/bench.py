@@ -70,18 +70,19 @@ class Run:
         self.mail = mail
         self.configs: list[Path] = []
         for host in range(setting.hosts):
+            worker: dict[str, object] = {"processes": setting.processes}
             conf: dict[str, object] = {
                 "hostname": "bench.example",
                 "smarthost": f"127.0.0.1:{port}",
                 "log_level": "warning",
                 "event_loop": event_loop,
                 "spool": {"path": str(self.spool)},
-                "worker": {"processes": setting.processes},
+                "worker": worker,
             }
             if setting.hosts > 1:
                 own = tmp / f"h{host + 1}"
                 own.mkdir()
-                conf["worker"] = {"processes": setting.processes, "host_id": f"h{host + 1}"}
+                worker["host_id"] = f"h{host + 1}"
                 conf["control"] = {
                     "socket": str(own / "control.sock"),
                     "operator_socket": str(own / "operator.sock"),

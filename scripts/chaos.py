@@ -371,7 +371,7 @@ def write_config(
         "worker": {"processes": processes},
     }
     if host_id:
-        data["worker"] = {"host_id": host_id}
+        data["worker"]["host_id"] = host_id  # with the processes set above
         data["control"]["operator_socket"] = str(work / "operator" / "control.sock")
     path = work / "conf.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -410,14 +410,17 @@ class Worker:
             return b" ready" in fh.read()
 
 
-def two_hosts(work: Path, spool: Path, ports: list[int]) -> tuple[subprocess.Popen[bytes], Worker]:
+def two_hosts(
+    work: Path, spool: Path, ports: list[int], processes: int = 1
+) -> tuple[subprocess.Popen[bytes], Worker]:
     """``--hosts 2``: the steady host h0, started, and the host h1 to be killed, each in a
     folder of its own (config, log, sockets) on the one spool."""
     hosts = []
     for name in ("h0", "h1"):
         own = work / name
         own.mkdir(exist_ok=True)
-        hosts.append(Worker(own, write_config(own, spool, ports, host_id=name)))
+        config = write_config(own, spool, ports, host_id=name, processes=processes)
+        hosts.append(Worker(own, config))
     steady = hosts[0].start()
     wait_until(functools.partial(started, hosts[0], 0, steady), time.monotonic() + 60)
     return steady, hosts[1]
@@ -781,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         worker = Worker(work, write_config(work, spool, sinks.ports, processes=args.processes))
         if args.hosts == 2:
-            steady, worker = two_hosts(work, spool, sinks.ports)
+            steady, worker = two_hosts(work, spool, sinks.ports, args.processes)
         producer = Producer(spool, random.Random(rng.random()), args.rate, len(sinks.ports))
         filler = Filler(spool, random.Random(rng.random())) if args.disk_full else None
         producer.start()
