@@ -109,6 +109,15 @@ def test_ctl_with_socket_needs_no_config(tmp_path: Path, server: SmtpServer) -> 
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
         assert '"status": 200' in done.stdout
+        # top reaches the worker the same way (found by review: it needed a good config)
+        done = _run(
+            spoolsmtp(
+                "top", "--config", str(broken), "--socket", str(w.operator_socket),
+                "--once", "--interval", "0",
+            )
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "queue" in done.stdout
     finally:
         w.stop()
 

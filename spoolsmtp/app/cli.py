@@ -125,28 +125,21 @@ def _main(argv: Sequence[str] | None) -> int:
             return exitcodes.CONFIG
     if args.command == "submit":
         return _submit(cfg, args)
-    if args.command == "ctl":
-        active = cfg.spool.folder("active")
-        trusted = ctl.trusted_uids(
-            worker_user=cfg.user, spool_folder=active if active.is_absolute() else None
+    if args.command in ("ctl", "top"):
+        paths, trusted = ctl.targets(
+            cfg.operator_socket,
+            cfg.control_socket,
+            cfg.user,
+            cfg.spool.folder("active"),
+            args.socket,
         )
-        if args.socket:
-            trusted |= ctl.socket_owner(args.socket)
-        return ctl.run(
-            [args.socket] if args.socket else [cfg.operator_socket, cfg.control_socket],
-            args.words,
-            as_json=args.json,
-            follow=args.follow,
-            trusted=trusted,
-        )
+        if args.command == "top":
+            return top_cmd.run(paths, trusted, args)
+        return ctl.run(paths, args.words, as_json=args.json, follow=args.follow, trusted=trusted)
     if args.command == "check":
         return _check(cfg, args.files, quiet=args.quiet)
     if args.command == "queue":
         return queue_cmd.run(cfg, args)
-    if args.command == "top":
-        trusted = ctl.trusted_uids(worker_user=cfg.user, spool_folder=cfg.spool.folder("active"))
-        paths = [args.socket] if args.socket else [cfg.operator_socket, cfg.control_socket]
-        return top_cmd.run(paths, trusted, args)
     parser.error(f"unknown command {args.command}")
     return exitcodes.USAGE
 
@@ -155,7 +148,7 @@ def _config(args: argparse.Namespace) -> configmod.Config:
     """submit and ctl never read a config from the current folder (see ``configpath``)."""
     if args.command == "submit":
         return configpath.load_for_callers(args.config, control=args.wait is not None)
-    if args.command == "ctl" and args.socket is not None:
+    if args.command in ("ctl", "top") and args.socket is not None:
         # --socket names the worker: a config with an error must not keep the operator from it
         try:
             return configpath.load_for_callers(args.config, spool=False)

@@ -108,14 +108,16 @@ def connect_once(path: Path, timeout: float) -> socket.socket:
 
 def trusted_uids(*, worker_user: str | None, spool_folder: Path | None) -> set[int]:
     """Who may answer as the worker: root, ourselves, the configured worker user, and the
-    owner of the spool's own folders (a worker started as its user without ``user:``)."""
+    owner of the spool's own folders (a worker started as its user without ``user:``), when
+    the config names them by an absolute path (a relative one would be whatever folder of
+    that name is under the caller's current folder)."""
     uids = {0, os.geteuid()}
     if worker_user:
         with contextlib.suppress(KeyError):
             uids.add(
                 int(worker_user) if worker_user.isdigit() else pwd.getpwnam(worker_user).pw_uid
             )
-    if spool_folder is not None:
+    if spool_folder is not None and spool_folder.is_absolute():
         with contextlib.suppress(OSError):
             uids.add(spool_folder.stat().st_uid)
     return uids
@@ -130,6 +132,21 @@ def socket_owner(path: Path) -> set[int]:
     except OSError:
         return set()
     return set() if info.st_mode & 0o022 else {info.st_uid}
+
+
+def targets(
+    operator_socket: Path,
+    control_socket: Path,
+    worker_user: str | None,
+    spool_folder: Path,
+    socket: Path | None,
+) -> tuple[list[Path], set[int]]:
+    """The sockets to try (``socket``, the one the operator named, else the operators' then
+    the public one) and who may answer on them, for ``ctl`` and ``top`` alike."""
+    trusted = trusted_uids(worker_user=worker_user, spool_folder=spool_folder)
+    if socket is not None:
+        return [socket], trusted | socket_owner(socket)
+    return [operator_socket, control_socket], trusted
 
 
 def run(
