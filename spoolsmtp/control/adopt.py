@@ -9,11 +9,10 @@ is alive and is never adopted (409); a name the spool has no area for is a 404.
 from __future__ import annotations
 
 from spoolsmtp.control import commands
-from spoolsmtp.control.commands import BAD, NOT_FOUND, OK, Answer
+from spoolsmtp.control.commands import BAD, CONFLICT, NOT_FOUND, OK, Answer
 from spoolsmtp.control.port import ControlPort
 from spoolsmtp.spool.nodes import NodeAlive, NoSuchNode, shown, valid
 
-CONFLICT = 409
 DEFAULT = "-"
 
 

@@ -23,7 +23,7 @@ from spoolsmtp.model.errors import ConfigError
 from spoolsmtp.model.record import State
 from spoolsmtp.spool.folders import is_id
 
-OK, BAD, REFUSED, NOT_FOUND, FAILED = 200, 400, 403, 404, 500
+OK, BAD, REFUSED, NOT_FOUND, CONFLICT, FAILED = 200, 400, 403, 404, 409, 500
 PUBLIC = frozenset({"HELP", "QUERY", "QUEUE", "STATS", "METRICS"})
 HELP = [
     ("HELP", "anyone", "this list"),

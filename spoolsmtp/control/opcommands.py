@@ -26,12 +26,20 @@ from __future__ import annotations
 from contextvars import ContextVar
 
 from spoolsmtp.control import commands
-from spoolsmtp.control.commands import OK, Answer, _bad, _bad_domain, _bad_id, _queued, _trace
+from spoolsmtp.control.commands import (
+    CONFLICT,
+    OK,
+    Answer,
+    _bad,
+    _bad_domain,
+    _bad_id,
+    _queued,
+    _trace,
+)
 from spoolsmtp.control.port import Busy, ControlPort
 from spoolsmtp.control.tracer import Kind
 from spoolsmtp.model.record import State
 
-CONFLICT = 409
 OPERATOR: ContextVar[int] = ContextVar("operator_uid", default=-1)
 
 
@@ -120,10 +128,9 @@ async def _reboot(port: ControlPort, command: str, args: list[str]) -> Answer:
 
 
 async def _trace_vm(port: ControlPort, command: str, args: list[str]) -> Answer:
-    if len(args) == 1 and args[0].upper() == "STATUS":
-        on = sorted(k.value for k in port.tracer.enabled)
-        return Answer(OK, command, {"tracing": on}, [f"tracing: {', '.join(on) or 'nothing'}"])
-    return await _trace(port, command, args or [Kind.SESSION.name])
+    # TRACE STATUS: commands' TRACE without an argument, which says what is traced
+    status = len(args) == 1 and args[0].upper() == "STATUS"
+    return await _trace(port, command, [] if status else args or [Kind.SESSION.name])
 
 
 commands.register(
