@@ -113,9 +113,9 @@ class Recovery:
         w = self._w
         if rec is not None:
             rec.crashes = crashes
-            unfinished = [(t.number, r) for t, r in rec.recipients() if not r.final]
-            w.stats.failed += quarantine.fail_unfinished(rec, crashes)
-            mailevents.failed_here(w, envelope_id, rec, unfinished)
+            failed = quarantine.fail_unfinished(rec, crashes)
+            w.stats.failed += len(failed)
+            mailevents.failed_here(w, envelope_id, rec, failed)
             source = rec.source
         if rec is not None and env is not None:
             now = utcnow()

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from spoolsmtp.model.record import RcptStatus, Record
+from spoolsmtp.model.record import RcptRecord, RcptStatus, Record
 from spoolsmtp.model.reply import Reply, make
 from spoolsmtp.spool.journal import Journal, Replayed
 
@@ -75,15 +75,16 @@ def reason(source: str, crashes: int, *, read: bool) -> str:
     return f"{source}: quarantined: the worker died {crashes} times in a row while reading it{tail}"
 
 
-def fail_unfinished(record: Record, crashes: int) -> int:
-    """Fail every recipient not yet final (those delivered stay delivered); how many."""
+def fail_unfinished(record: Record, crashes: int) -> list[tuple[int, RcptRecord]]:
+    """Fail every recipient not yet final (those delivered stay delivered); which, with the
+    number of their transaction."""
     failure = reply(crashes)
-    count = 0
-    for _, rec in record.recipients():
+    failed = []
+    for tx, rec in record.recipients():
         if not rec.final:
             rec.status, rec.reply, rec.next_attempt_at = RcptStatus.FAILED, failure, None
-            count += 1
-    return count
+            failed.append((tx.number, rec))
+    return failed
 
 
 def _phase(envelope_id: str, phase: str, **extra: Any) -> dict[str, Any]:
