@@ -69,7 +69,7 @@ class Pickup:
         w = self._w
         while True:
             name = await self._names.get()
-            if self._names.empty():
+            if self._names.empty() and self.watcher is not None and self.watcher.may_miss:
                 self._rescan_soon()
             await w._resumed.wait()
             await w.disk.ok.wait()
@@ -77,8 +77,8 @@ class Pickup:
             w._spawn(self._take(name))
 
     def _rescan_soon(self) -> None:
-        """After a burst, look at incoming/ again: the kernel drops inotify events when its
-        queue overflows, and watchdog does not say so to its handlers."""
+        """After a burst, look at incoming/ again, where the watcher may miss events unsaid
+        (watchdog's observer does not pass on an overflow of the kernel's queue)."""
         if self._rescan_handle is None:
             loop = asyncio.get_running_loop()
             self._rescan_handle = loop.call_later(BURST_RESCAN, self._burst_rescan)

@@ -274,12 +274,12 @@ class Supervisor:
                     summary.state, summary.next_attempt = State.ACTIVE, None
             else:
                 claims = True
-        if claims:
+        if claims and self.watcher is not None and self.watcher.may_miss:
             self._rescan_soon()
 
     def _rescan_soon(self) -> None:
-        """After a burst, look at incoming/ again (the kernel drops inotify events when its
-        queue overflows, and watchdog does not say so)."""
+        """Look at incoming/ again soon: after a burst where the watcher may miss events
+        unsaid (watchdog's observer), and when a process died with names it had not claimed."""
         if self._rescan is None:
             loop = asyncio.get_running_loop()
             self._rescan = loop.call_later(BURST_RESCAN, self._burst_rescan)
