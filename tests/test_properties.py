@@ -152,3 +152,47 @@ def test_the_long_line_check_over_whole_blocks_finds_the_line_the_rule_names(
         assert (fault is None) == (want is None)
         if fault is not None and want is not None:
             assert f"line {want + 1} longer" in fault.lines[0]
+
+
+def _scanned_by_the_rule(text: list[bytes]) -> tuple[int, int, bool, bool]:
+    """The message rules line by line (SPEC.md "The envelope"), written plainly as the oracle
+    of the block scanner, for lines that each end with the file's own line break: the text
+    runs to the first line holding only a dot; returns its size (unstuffed, CRLF), its line
+    count, whether it ended, and whether a bare CR is in it."""
+    size = lines = 0
+    bare_cr = False
+    for line in text:
+        if line == b".":
+            return size, lines, True, bare_cr
+        lines += 1
+        size += len(line) - line.startswith(b".") + 2
+        bare_cr = bare_cr or b"\r" in line
+    return size, lines, False, bare_cr
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.sampled_from([b"", b".", b"..", b".x", b"x", b"x\rx", b"x.", b"\xe9"]), max_size=40
+    ),
+    st.sampled_from([b"\n", b"\r\n"]),
+    st.integers(1, 64),
+)
+def test_message_text_scanned_in_blocks_as_the_line_rule_says(
+    text: list[bytes], nl: bytes, step: int
+) -> None:
+    """Size (dots unstuffed, CRLF counted), lines, the end of data and a bare CR, as the line
+    by line rule has them, whether the file comes whole or ``step`` bytes at a time."""
+    head = b"".join(x + nl for x in (b"HELO h", b"MAIL FROM:<a@b.c>", b"RCPT TO:<d@e.f>", b"DATA"))
+    data = head + b"".join(x + nl for x in text) + b"." + nl + b"QUIT" + nl
+    size, lines, ended, bare_cr = _scanned_by_the_rule([*text, b"."])
+    assert ended
+    for got in (read_in_steps(data, len(data), LIMITS), read_in_steps(data, step, LIMITS)):
+        assert not isinstance(got, str), got
+        if not bare_cr:
+            (tx,) = got.transactions
+            assert tx.message is not None
+            assert (tx.message.size, tx.message.lines) == (size, lines)
+        else:  # refused at its end, the rest of the file read on
+            assert got.transactions == ()
+            assert any("bare CR" in str(e.reply) for e in got.errors), got.errors

@@ -22,6 +22,11 @@ from spoolsmtp.model.reply import Reply, make
 # A line longer than this without any LF is taken as proof that the file is not line text.
 MAX_PARTIAL = 64 * 1024
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.I | re.M)
+# A line beginning with a dot (stuffed, or the end of data). The regex engine's search for a
+# literal prefix runs about twice as fast as ``bytes.count``/``find`` for a pattern whose first
+# byte is as common as LF is in text.
+_DOT_LINE = re.compile(rb"\n\.")
+_BARE_CR = re.compile(rb"\r(?!\n)")
 
 
 @dataclass
@@ -78,30 +83,64 @@ def scan_data(
         return pos, line, None
     region_end = last_nl + 1
     term = b".\r\n" if crlf else b".\n"
+    dots: int | None = 0
     if scan.can_end and buf.startswith(term, pos):
         stop = pos
     else:
-        sep = b"\r\n.\r\n" if crlf else b"\n.\n"
-        found = buf.find(sep, pos, region_end)
-        stop = found + len(sep) - len(term) if found >= 0 else -1
+        stop, dots = _dot_lines(buf, pos, region_end, crlf)
     block_end = stop if stop >= 0 else region_end
     if block_end > pos:
         line = data_block(
-            scan, buf[pos:block_end], complete=True, crlf=crlf, line=line, skip=skip, limits=limits
+            scan,
+            buf[pos:block_end],
+            complete=True,
+            crlf=crlf,
+            line=line,
+            skip=skip,
+            limits=limits,
+            dots=dots,
         )
     if stop < 0:
         return region_end, line, None
     return stop + len(term), line + 1, stop
 
 
+def _dot_lines(buf: bytes, pos: int, end: int, crlf: bool) -> tuple[int, int]:
+    """In ``buf[pos:end]`` (whole lines), where the end-of-data line begins (-1 if it is not
+    there) and how many lines before it begin with a dot after a line break, in one search:
+    the end of data is the first such line holding only the dot, its line break the file's
+    (``CRLF . CRLF`` or ``LF . LF``)."""
+    dots = 0
+    for match in _DOT_LINE.finditer(buf, pos, end):
+        at = match.start()
+        if crlf:
+            if at > pos and buf[at - 1] == 13 and buf.startswith(b"\r\n", at + 2):
+                return at + 1, dots
+        elif buf.startswith(b"\n", at + 2):
+            return at + 1, dots
+        dots += 1
+    return -1, dots
+
+
 def data_block(
-    scan: Scan, block: bytes, *, complete: bool, crlf: bool, line: int, skip: bool, limits: Limits
+    scan: Scan,
+    block: bytes,
+    *,
+    complete: bool,
+    crlf: bool,
+    line: int,
+    skip: bool,
+    limits: Limits,
+    dots: int | None = None,
 ) -> int:
     """Account for a run of message text: lines, size, and the first fault in it. Returns the
-    number of the last line read."""
+    number of the last line read. ``dots``: the lines in it that begin with a dot after a line
+    break, when the caller has counted them."""
     first_line = line + 1
     newlines = block.count(b"\n")
-    dots = block.count(b"\n.") + (1 if scan.line_start and block.startswith(b".") else 0)
+    if dots is None:
+        dots = len(_DOT_LINE.findall(block))
+    dots += 1 if scan.line_start and block.startswith(b".") else 0
     scan.size += len(block) - dots + (0 if crlf else newlines)
     scan.lines += newlines
     line += newlines
@@ -114,7 +153,9 @@ def data_block(
     if scan.in_headers:
         scan_headers(scan, block, crlf)
     if scan.fault is None:
-        scan.fault = block_fault(block, first_line, crlf, scan.line_start, limits.text_line)
+        scan.fault = block_fault(
+            block, first_line, crlf, scan.line_start, limits.text_line, newlines
+        )
     if scan.fault is None and scan.size > limits.max_message_bytes:
         scan.fault = make(
             552,
@@ -138,8 +179,15 @@ def scan_headers(scan: Scan, block: bytes, crlf: bool) -> None:
 
 
 def block_fault(
-    block: bytes, first_line: int, crlf: bool, line_start: bool, text_line: int
+    block: bytes,
+    first_line: int,
+    crlf: bool,
+    line_start: bool,
+    text_line: int,
+    newlines: int | None = None,
 ) -> Reply | None:
+    """The first fault of a block of message text (``newlines``: its LFs, if counted)."""
+
     def at(index: int) -> int:
         return first_line + block.count(b"\n", 0, index)
 
@@ -150,13 +198,18 @@ def block_fault(
     if nul >= 0:
         found.append((at(nul), 0, "NUL in message text at line {}"))
     if crlf:
-        pairs = block.count(b"\r\n")
-        if pairs != block.count(b"\n"):
+        if newlines is None:
+            newlines = block.count(b"\n")
+        # without a bare CR every CR begins a CRLF, so the CRLFs are the CRs: two searches
+        # where counting the CRLFs and comparing took three
+        crs = block.count(b"\r")
+        bare = _BARE_CR.search(block) if crs else None
+        pairs = crs if bare is None else block.count(b"\r\n")
+        if pairs != newlines:
             lone = re.search(rb"(?<!\r)\n", block)
             found.append((at(lone.start() if lone else 0), 1, "bare LF in message text at line {}"))
-        if pairs != block.count(b"\r"):
-            bare = re.search(rb"\r(?!\n)", block)
-            found.append((at(bare.start() if bare else 0), 2, "bare CR in message text at line {}"))
+        if bare is not None:
+            found.append((at(bare.start()), 2, "bare CR in message text at line {}"))
     elif b"\r" in block:
         found.append((at(block.find(b"\r")), 2, "bare CR in message text at line {}"))
     longest = text_line - (1 if crlf else 2)
