@@ -24,7 +24,7 @@ import socket
 from collections.abc import Coroutine
 from typing import Any
 
-from spoolsmtp.app import wire
+from spoolsmtp.app import reconfig, wire
 from spoolsmtp.app.adoption import Adoption
 from spoolsmtp.app.host import Summary
 from spoolsmtp.app.link import Link
@@ -126,6 +126,12 @@ class ChildWorker(Worker):
     async def close(self) -> None:
         if self._feeding is not None:
             self._feeding.cancel()
+
+    def _hangup(self) -> None:
+        """A SIGHUP sent to a delivery process alone: it reads the file as the supervisor's
+        RELOAD has it do, keeping its share of the limits (sent to the supervisor, the
+        whole reloads)."""
+        reconfig.on_hangup(lambda: self.actions.reload(lambda cfg: split(cfg, *self.share)))
 
     def _intake(self) -> IncomingWatcher | None:
         self._feeding = asyncio.create_task(self._feed())

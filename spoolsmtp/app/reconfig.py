@@ -16,12 +16,15 @@ Kept until a restart: ``RESTART``.
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from spoolsmtp.control.port import Reloaded
 from spoolsmtp.delivery.mx import MxResolver
 from spoolsmtp.model.config import Config, Route
+from spoolsmtp.model.errors import ConfigError
 
 # a key, or a section whose every key, needs a restart (and why)
 RESTART = frozenset(
@@ -137,3 +140,15 @@ def renewed_resolver(old: MxResolver, cfg: Config) -> MxResolver:
         port=cfg.delivery.port,
         _cache={},
     )
+
+
+def on_hangup(reload: Callable[[], object]) -> None:
+    """SIGHUP: RELOAD, as Postfix's master and most daemons take it (and a terminal that
+    hangs up no longer ends a worker started from it). A bad file changes nothing and is one
+    line in the log; what was applied is logged by the reload itself."""
+    log = logging.getLogger("spoolsmtp")
+    log.info("SIGHUP: reading the configuration again")
+    try:
+        reload()
+    except (ConfigError, OSError) as exc:
+        log.error("SIGHUP: config error, nothing changed: %s", exc)

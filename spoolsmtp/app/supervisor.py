@@ -22,7 +22,7 @@ import signal
 import time
 from typing import Any
 
-from spoolsmtp.app import capability, sdnotify, wire
+from spoolsmtp.app import capability, reconfig, sdnotify, wire
 from spoolsmtp.app.children import Child, child_command
 from spoolsmtp.app.host import Summary
 from spoolsmtp.app.whole import Whole, WholeServer
@@ -128,6 +128,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, reconfig.on_hangup, self.port.reload)
         # a port it cannot bind stops it too; each answer asks the processes for their counters
         metrics = await metricshttp.serve(self.port, lambda: self.port.refresh("METRICS", []))
         control = WholeServer(self.port, self.cfg.control_socket, self.cfg.operator_socket)
@@ -172,7 +173,7 @@ class Supervisor:
         await asyncio.gather(*background, return_exceptions=True)
         timeout = self.cfg.shutdown_timeout + STOP_MARGIN
         await asyncio.gather(*(c.stop(timeout) for c in self.children))
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         watchdog.cancel()
         log.info("stopped")

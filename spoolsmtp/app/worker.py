@@ -27,7 +27,7 @@ import signal
 from datetime import UTC, datetime
 from typing import Any
 
-from spoolsmtp.app import eventloop, mailevents, sdnotify
+from spoolsmtp.app import eventloop, mailevents, reconfig, sdnotify
 from spoolsmtp.app.actions import Actions
 from spoolsmtp.app.adoption import Adoption
 from spoolsmtp.app.attempt import Attempts
@@ -147,6 +147,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self._hangup)
         # the sockets first: a socket the worker cannot open stops it (78) before any mail is
         # touched, so such a stop is never taken for a crash while an envelope was read
         self._metrics = await self._metrics_server()  # a port it cannot bind stops it too
@@ -208,7 +209,7 @@ class Worker:
         except OSError as exc:  # the journal redoes what is not synced
             self.disk.failed(exc, "checkpoint")
         self.journal.close()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         watchdog.cancel()
         log.info("stopped")
@@ -305,6 +306,9 @@ class Worker:
 
     def reload(self) -> Reloaded:
         return self.actions.reload()
+
+    def _hangup(self) -> None:
+        reconfig.on_hangup(self.reload)
 
     def dead_destinations(self) -> dict[str, float]:
         return self.actions.dead_destinations()
