@@ -13,7 +13,8 @@ its lock (so that no one else adopts it at the same time, and it cannot restart 
 5. resumes the envelopes exactly as its own after a crash (``Recovery.resume``): accepted
    recipients are not sent again, the section 6.1 window is counted as possible duplicates,
    reports are not repeated, and a crash while reading one is counted as such;
-6. schedules the retries in deferred/ it did not know of (the dead node's).
+6. schedules the retries in deferred/ it did not know of (the dead node's); under a
+   supervisor, which keeps the retry schedule, the supervisor does (supervisor.py).
 
 A crash anywhere leaves something the next adoption or restart resumes: before 3, the dead
 node's area is whole (lines carried twice are the same facts); between renames, the moved
@@ -120,16 +121,15 @@ class Adoption:
             lock.release()  # cancelled by a stop: what was moved resumes at our next start
             raise
         await self._settle(taking, lock)
-        ids = taking.moved
-        deferred = self._recovery.load_deferred(self._scheduler.knows)
-        if ids or deferred:
-            log.warning(
-                "adopted node %s: %d envelope(s) in flight resumed here, %d retries scheduled",
-                nodes.shown(node),
-                len(ids),
-                deferred,
-            )
-        return Adopted(node, len(ids), deferred)
+        return self.adopted(node, len(taking.moved))
+
+    def adopted(self, node: str, envelopes: int) -> Adopted:
+        """Step 6, once the envelopes in flight are resumed: schedule the retries in deferred/
+        this worker did not know of (the dead node's), and say what was taken over. A
+        supervisor's delivery process leaves the retries to the supervisor (child.py)."""
+        done = Adopted(node, envelopes, self._recovery.load_deferred(self._scheduler.knows))
+        note(done)
+        return done
 
     async def _take(self, node: str, taking: _Taking) -> None:
         """Steps 1 to 4 (the dead node's lock held), noting in ``taking`` what was done."""
@@ -180,6 +180,17 @@ class Adoption:
         for envelope_id in here:
             await w._slots.acquire()
             w._spawn(self._recovery.resume(envelope_id, replayed.get(envelope_id, Replayed())))
+
+
+def note(done: Adopted) -> None:
+    """The adoption's log line (if it took anything over)."""
+    if done.envelopes or done.deferred:
+        log.warning(
+            "adopted node %s: %d envelope(s) in flight resumed here, %d retries scheduled",
+            nodes.shown(done.node),
+            done.envelopes,
+            done.deferred,
+        )
 
 
 @dataclass
