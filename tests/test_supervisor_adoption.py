@@ -11,6 +11,7 @@ host killed with SIGKILL, a scripted SMTP server on loopback that counts every R
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import threading
@@ -88,7 +89,11 @@ def on_spool(tmp_path: Path, name: str, port: int, **settings: Any) -> WorkerPro
     root = tmp_path / name
     root.mkdir()
     spool = {"path": str(tmp_path / "spool"), **settings.pop("spool", {})}
-    worker = WorkerProcess(root, {"smarthost": f"127.0.0.1:{port}", "spool": spool, **settings})
+    # a reply the server holds back is waited for as long as the test holds it
+    phases = ("connect", "greeting", "ehlo", "mail", "rcpt", "data", "data_block")
+    delivery = {"timeouts": {**dict.fromkeys(phases, "3s"), "data_end": "90s"}}
+    settings = {"smarthost": f"127.0.0.1:{port}", "spool": spool, "delivery": delivery, **settings}
+    worker = WorkerProcess(root, settings)
     worker.spool = tmp_path / "spool"
     return worker
 
@@ -107,6 +112,11 @@ def node_pids(supervisor: WorkerProcess) -> dict[str, int]:
 
     named: dict[str, int] = wait_for(lambda: len(now := nodes()) == 2 and now, what="2 processes")
     return named
+
+
+def holds(active: Path, rcpt: str) -> bool:
+    """Does a node's active/ hold an envelope to ``rcpt``?"""
+    return any(rcpt.encode() in p.read_bytes() for p in active.iterdir() if p.is_file())
 
 
 def next_attempt(rec: dict[str, Any]) -> float:
@@ -157,8 +167,7 @@ def test_a_retry_handed_to_a_process_stays_its_own_when_another_adopts_a_dead_no
         sup.drop_drafts("one.bsmtp", [draft("o@example.com", [one])])
         sup.drop_drafts("two.bsmtp", [draft("o@example.com", [two])])
         wait_for(lambda: sink.holding == {one, two}, what="both processes busy")
-        first = sup.spool / "nodes" / "local.1" / "active"
-        mine = one if any(one.encode() in p.read_bytes() for p in first.iterdir()) else two
+        mine = one if holds(sup.spool / "nodes" / "local.1" / "active", one) else two
         # its retry is due by its record; released, it is handed to local.1 (the first of
         # two equally loaded), which cannot take it yet
         wait_for(lambda: time.time() > next_attempt(held), what="the retry due")
@@ -259,3 +268,73 @@ def test_a_dead_hosts_deferred_mail_is_scheduled_once_by_a_supervisor_that_adopt
     assert got == Counter([mine, *theirs]), got
     for name in ("d0.bsmtp", "d1.bsmtp", "k.bsmtp"):
         assert attempts(a.record_for(name)) == 2, name
+
+
+def test_a_dead_hosts_retries_are_known_while_the_adopter_waits_for_room(tmp_path: Path) -> None:
+    """Host x dies with one envelope in flight and one deferred. The process that adopts it
+    moves the first into its area, then waits for a free slot to resume it; the supervisor
+    knows x's deferred envelope already, and still does after that process is killed in the
+    meantime (it used to be told only once the adopter had found room)."""
+    inflight, one, two = "inflight@example.org", "one@example.org", "two@example.org"
+    sink = Sink([inflight, one, two])
+    x = on_spool(tmp_path, "x", sink.port, worker={"host_id": "x"}, retry={"interval": "1h"})
+    sup = on_spool(
+        tmp_path,
+        "sup",
+        sink.port,
+        worker={"processes": 2},
+        spool={"max_active": 2, "rescan_interval": "1h"},  # one slot each; no periodic sweep
+        retry={"interval": "1h"},
+    )
+    result: list[dict[str, Any]] = []
+    try:
+        sup.start()
+        pids = node_pids(sup)
+        assert sup.ask("SUSPEND")["status"] == 200  # x takes the next files
+        x.start().drop_drafts("d.bsmtp", [draft("o@example.com", [LATER])])
+        wait_for(lambda: x.in_state("d.bsmtp", "deferred"), what="deferred by x")
+        x.drop_drafts("g.bsmtp", [draft("o@example.com", [inflight])])
+        wait_for(lambda: inflight in sink.holding, what="x's envelope in flight")
+        x.kill()
+        assert sup.ask("RESUME")["status"] == 200
+        sup.drop_drafts("one.bsmtp", [draft("o@example.com", [one])])
+        sup.drop_drafts("two.bsmtp", [draft("o@example.com", [two])])
+        wait_for(lambda: {one, two} <= sink.holding, what="both processes busy")
+
+        def adopt() -> None:  # answered once the adopter has resumed what it moved
+            try:
+                result.append(sup.ask("ADOPT x"))
+            except OSError as exc:
+                result.append({"error": str(exc)})
+
+        adopting = threading.Thread(target=adopt)
+        adopting.start()
+        area = sup.spool / "nodes" / "x"
+        wait_for(
+            lambda: (
+                not list((area / "active").iterdir()) and not list((area / "journal").glob("*.log"))
+            ),
+            what="x's area taken",
+        )
+        wait_for(
+            lambda: sup.ask("QUERY")["result"]["states"]["deferred"] == 1,
+            what="x's deferred envelope known to the supervisor",
+        )
+        taker = next(n for n in pids if holds(sup.spool / "nodes" / n / "active", inflight))
+        os.kill(pids[taker], signal.SIGKILL)  # before it found room for x's envelope
+        adopting.join(60)
+        for gate in sink.gates.values():
+            gate.set()
+        for name in ("g.bsmtp", "one.bsmtp", "two.bsmtp"):
+            wait_for(lambda name=name: sup.final(name), what=f"{name} delivered")
+        queued = sup.ask("QUERY")["result"]["states"]["deferred"]
+        flushed = sup.ask("FLUSH")["result"]["scheduled"]
+        wait_for(lambda: attempts(sup.record_for("d.bsmtp")) == 2, what="x's retry tried here")
+        assert sup.stop() == 0
+    finally:
+        x.kill()
+        sup.kill()
+        sink.stop()
+    assert not adopting.is_alive() and result, "ADOPT answered when its process died"
+    assert queued == 1 and flushed == 1
+    assert sink.rcpts[LATER] == 2
