@@ -10,10 +10,12 @@ its lock (so that no one else adopts it at the same time, and it cannot restart 
    and commits them: claim, per-recipient results, dots, reports, phases, newest record;
 3. renames each of those envelopes into its own active/ (each rename after that commit);
 4. deletes the dead node's journal segments, whose every record is now carried or restored;
-5. resumes the envelopes exactly as its own after a crash (``Recovery.resume``): accepted
+5. schedules the retries in deferred/ it did not know of (the dead node's); under a
+   supervisor, which keeps the retry schedule, the supervisor does (supervisor.py);
+6. resumes the envelopes exactly as its own after a crash (``Recovery.resume``): accepted
    recipients are not sent again, the section 6.1 window is counted as possible duplicates,
-   reports are not repeated, and a crash while reading one is counted as such;
-6. schedules the retries in deferred/ it did not know of (the dead node's).
+   reports are not repeated, and a crash while reading one is counted as such. This waits
+   for free slots, so it comes last: what is known by then is not lost if we die waiting.
 
 A crash anywhere leaves something the next adoption or restart resumes: before 3, the dead
 node's area is whole (lines carried twice are the same facts); between renames, the moved
@@ -119,17 +121,21 @@ class Adoption:
         except BaseException:
             lock.release()  # cancelled by a stop: what was moved resumes at our next start
             raise
-        await self._settle(taking, lock)
-        ids = taking.moved
-        deferred = self._recovery.load_deferred(self._scheduler.knows)
-        if ids or deferred:
-            log.warning(
-                "adopted node %s: %d envelope(s) in flight resumed here, %d retries scheduled",
-                nodes.shown(node),
-                len(ids),
-                deferred,
-            )
-        return Adopted(node, len(ids), deferred)
+        # the retries first: resuming waits for free slots, which can take long, and a
+        # process killed meanwhile must not have kept them to itself
+        try:
+            done = self.adopted(node, len(taking.moved))
+        finally:
+            await self._settle(taking, lock)
+        return done
+
+    def adopted(self, node: str, envelopes: int) -> Adopted:
+        """Step 5, as soon as the dead node's area is taken: schedule the retries in deferred/
+        this worker did not know of (the dead node's), and say what was taken over. A
+        supervisor's delivery process leaves the retries to the supervisor (child.py)."""
+        done = Adopted(node, envelopes, self._recovery.load_deferred(self._scheduler.knows))
+        note(done)
+        return done
 
     async def _take(self, node: str, taking: _Taking) -> None:
         """Steps 1 to 4 (the dead node's lock held), noting in ``taking`` what was done."""
@@ -165,7 +171,7 @@ class Adoption:
         await self._resume(taking.moved, taking.replayed)
 
     async def _resume(self, ids: list[str], replayed: dict[str, Replayed]) -> None:
-        """Step 5: as ``Worker._run`` does with what it finds in active/ at start."""
+        """Step 6: as ``Worker._run`` does with what it finds in active/ at start."""
         w = self._w
         assert w._reads is not None
         for envelope_id in set(ids).intersection(w.spool.unconverted()):
@@ -180,6 +186,17 @@ class Adoption:
         for envelope_id in here:
             await w._slots.acquire()
             w._spawn(self._recovery.resume(envelope_id, replayed.get(envelope_id, Replayed())))
+
+
+def note(done: Adopted) -> None:
+    """The adoption's log line (if it took anything over)."""
+    if done.envelopes or done.deferred:
+        log.warning(
+            "adopted node %s: %d envelope(s) in flight resumed here, %d retries scheduled",
+            nodes.shown(done.node),
+            done.envelopes,
+            done.deferred,
+        )
 
 
 @dataclass

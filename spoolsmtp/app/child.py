@@ -33,6 +33,7 @@ from spoolsmtp.control.tracer import Kind, Tracer
 from spoolsmtp.model.config import Config
 from spoolsmtp.model.record import State
 from spoolsmtp.spool import nodes
+from spoolsmtp.spool.nodes import Adopted
 from spoolsmtp.spool.watcher import IncomingWatcher
 
 log = logging.getLogger("spoolsmtp")
@@ -84,10 +85,19 @@ class _NotSiblings(Adoption):
 
     def __init__(self, worker: ChildWorker, siblings: set[str]) -> None:
         super().__init__(worker, worker.recovery, worker.pickup, worker.scheduler)
+        self._child = worker
         self._siblings = siblings
 
     def _dead(self) -> list[str]:
         return [node for node in super()._dead() if node not in self._siblings]
+
+    def adopted(self, node: str, envelopes: int) -> Adopted:
+        """The retries are the supervisor's: it alone knows which it has scheduled and which
+        it has handed to which process (one may be in deferred/ still, not yet taken). It is
+        told that deferred/ may hold some it does not know of, the dead node's; it schedules
+        those, logs the adoption and gives ADOPT its count (wire.py ``d``)."""
+        self._child.link.send("d", [node, envelopes])
+        return Adopted(node, envelopes, 0)
 
 
 class ChildWorker(Worker):

@@ -46,6 +46,8 @@ class Scheduler:
         self.putbacks = putbacks
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
+        # due and out of the schedule, not yet taken out of deferred/ (waiting for a slot)
+        self._taking: set[str] = set()
         self._wake = asyncio.Event()
 
     def schedule(self, envelope_id: str, when: float) -> None:
@@ -57,8 +59,8 @@ class Scheduler:
         self._wake.set()
 
     def knows(self, envelope_id: str) -> bool:
-        """Is a retry (or put-back) of it scheduled here?"""
-        return envelope_id in self._due
+        """Is a retry (or put-back) of it scheduled here, or due and about to be taken?"""
+        return envelope_id in self._due or envelope_id in self._taking
 
     def unschedule(self, envelope_id: str) -> None:
         self._due.pop(envelope_id, None)
@@ -77,6 +79,7 @@ class Scheduler:
                 if self._due.get(envelope_id) != when:
                     continue
                 del self._due[envelope_id]
+                self._taking.add(envelope_id)
                 await w._slots.acquire()
                 w._spawn(self._retry(envelope_id))
             # suspended, due retries wait for RESUME (which wakes us), not for a timer: with a
@@ -97,12 +100,16 @@ class Scheduler:
                 put_back = False
                 await w.spool.move(envelope_id, "deferred", "active")
         except FileNotFoundError:
-            if not w.spool.envelope("active", envelope_id).exists():
+            summary = w.index.get(envelope_id)
+            held = summary is not None and summary.state is State.HELD  # while it waited
+            if not held and not w.spool.envelope("active", envelope_id).exists():
                 w.index.pop(envelope_id, None)  # gone: on a shared spool, another node took it
             return
         except OSError as exc:
             self.put_back(envelope_id, exc)
             return
+        finally:
+            self._taking.discard(envelope_id)
         summary = w.index.get(envelope_id)
         if summary is not None:
             summary.state = State.ACTIVE

@@ -7,7 +7,8 @@ room (``wire.choose``); until then it waits here, so a child that dies holds not
 it had claimed, which its next start resumes from its own node area. The children say back
 which envelopes left them deferred (with their due time) or held: this heap of due times, and
 the operator's view of the queue (``index``), are kept from that, and from a scan of deferred/
-and hold/ at start.
+and hold/ at start, and again for what it does not know of when a child has adopted a dead
+node (that node's retries).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
-from spoolsmtp.app import capability, reconfig, sdnotify, wire
+from spoolsmtp.app import adoption, capability, reconfig, sdnotify, wire
 from spoolsmtp.app.children import Child, child_command
 from spoolsmtp.app.host import Summary
 from spoolsmtp.app.whole import Whole, WholeServer
@@ -35,12 +37,16 @@ from spoolsmtp.model.stats import Stats
 from spoolsmtp.spool import diskfull, intake, nodes
 from spoolsmtp.spool.folders import Spool
 from spoolsmtp.spool.lock import SpoolBusy
+from spoolsmtp.spool.nodes import Adopted
 from spoolsmtp.spool.watcher import IncomingWatcher
 
 log = logging.getLogger("spoolsmtp")
 BURST_RESCAN = 0.25
 HOUSEKEEPING = 5.0
 STOP_MARGIN = 15.0
+QUEUED = (("deferred", State.DEFERRED), ("hold", State.HELD))
+# an envelope of deferred/ or hold/: its id, where it is, its result record (if readable)
+Found = tuple[str, State, Record | None]
 
 
 def own_node(cfg: Config) -> str:
@@ -70,6 +76,8 @@ class Supervisor:
         self._waiting: collections.deque[tuple[str, str]] = collections.deque()
         self._names: set[str] = set()  # names waiting here or handed out
         self._refused: set[str] = set()
+        self._learning: dict[str, asyncio.Task[int]] = {}  # by node: after its adoption
+        self._tasks: set[asyncio.Task[int]] = set()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._rescan: asyncio.TimerHandle | None = None
@@ -133,7 +141,7 @@ class Supervisor:
         metrics = await metricshttp.serve(self.port, lambda: self.port.refresh("METRICS", []))
         control = WholeServer(self.port, self.cfg.control_socket, self.cfg.operator_socket)
         await control.start()
-        await asyncio.to_thread(self._load_queue)
+        self._enter(await asyncio.to_thread(self._read_queue))
         try:  # they claim other users' files: the lease that keeps a written one is theirs
             capability.pass_on_lease()
         except OSError as exc:
@@ -184,18 +192,73 @@ class Supervisor:
 
     # -- the queue: deferred and held envelopes, due times ----------------------------------
 
-    def _load_queue(self) -> None:
-        for folder, state in (("deferred", State.DEFERRED), ("hold", State.HELD)):
-            for envelope_id in self.spool.ids(folder):
-                rec = self.spool.load_record(envelope_id)
-                due = time.time()
-                if rec is not None:
-                    due = rec.next_due(due)
-                    self.index[envelope_id] = self.summarise(rec, state, due)
-                if state is State.DEFERRED:
-                    self._due[envelope_id] = due
-                    self._heap.append((due, envelope_id))
-        heapq.heapify(self._heap)
+    def _listed(self) -> list[tuple[str, State]]:
+        """The envelopes in deferred/ and hold/ (in a thread)."""
+        return [(i, state) for folder, state in QUEUED for i in self.spool.ids(folder)]
+
+    def _read(self, listed: list[tuple[str, State]]) -> list[Found]:
+        """With their result records (in a thread)."""
+        return [(i, state, self.spool.load_record(i)) for i, state in listed]
+
+    def _read_queue(self) -> list[Found]:
+        return self._read(self._listed())
+
+    def _enter(self, found: list[Found]) -> int:
+        """Into the index, and the deferred ones onto the schedule, due when their records
+        say; how many were scheduled."""
+        count = 0
+        for envelope_id, state, rec in found:
+            due = time.time()
+            if rec is not None:
+                due = rec.next_due(due)
+                self.index[envelope_id] = self.summarise(rec, state, due)
+            if state is State.DEFERRED:
+                self._due[envelope_id] = due
+                self._heap.append((due, envelope_id))
+                count += 1
+        if count:
+            heapq.heapify(self._heap)
+            self._wake.set()
+        return count
+
+    def _known(self) -> Callable[[str], bool]:
+        """Does the supervisor know of an envelope: scheduled, due and waiting for a child,
+        handed to one, or in its index (held; or being held or removed by an operator's
+        command that has taken it off the schedule for a moment)?"""
+        waiting = {key for kind, key in self._waiting if kind == "r"}
+
+        def known(envelope_id: str) -> bool:
+            return (
+                envelope_id in self._due
+                or envelope_id in self._owner
+                or envelope_id in self.index
+                or envelope_id in waiting
+            )
+
+        return known
+
+    async def _learn(self, node: str, envelopes: int) -> int:
+        """A child adopted ``node``: deferred/ and hold/ may hold envelopes the supervisor
+        does not know of (what that node had deferred or held). Those, and only those, are
+        taken in: a retry scheduled, or handed to a child that has not yet taken it out of
+        deferred/, stays as it is. Logs the adoption; how many retries it scheduled."""
+        try:
+            known = self._known()
+            listed = [x for x in await asyncio.to_thread(self._listed) if not known(x[0])]
+            found = await asyncio.to_thread(self._read, listed)
+        except OSError as exc:
+            log.error("adopted node %s, but cannot read its queue: %s", nodes.shown(node), exc)
+            found = []
+        known = self._known()  # again: the children may have told of some meanwhile
+        retries = self._enter([x for x in found if not known(x[0])])
+        adoption.note(Adopted(node, envelopes, retries))
+        return retries
+
+    async def adopted(self, node: str) -> int:
+        """The retries the last adoption of ``node`` scheduled, for the operator's ADOPT (the
+        child that adopted it told the supervisor so before it answered)."""
+        task = self._learning.pop(node, None)
+        return 0 if task is None else await task
 
     def summarise(self, rec: Record, state: State, due: float | None) -> Summary:
         return Summary.of(rec, state, due, self.router.destination)
@@ -323,6 +386,11 @@ class Supervisor:
             child.outstanding.discard(f"r:{envelope_id}")
             if self._owner.pop(envelope_id, None) is not None:
                 self._gone(envelope_id)
+        for node, envelopes in batch.get("d", ()):
+            task = asyncio.create_task(self._learn(node, envelopes))
+            self._learning[node] = task
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         for line in batch.get("t", ()):
             self.port.tracer.relay(line)
         if "up" in batch:  # a fresh process: what the operator set holds for it too

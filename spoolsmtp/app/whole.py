@@ -57,6 +57,7 @@ class Supervising(Protocol):
     children: list[Child]
 
     def owner(self, envelope_id: str) -> Child | None: ...
+    async def adopted(self, node: str) -> int: ...
     def schedule(self, envelope_id: str, when: float) -> None: ...
     def unschedule(self, envelope_id: str) -> None: ...
     def resume_work(self) -> None: ...
@@ -337,12 +338,14 @@ class Whole:
 
     async def adopt(self, node: str) -> Adopted:
         """ADOPT: done by a child (the supervisor has no journal to carry the node's into);
-        the supervisor's own node and a running child's are alive (409)."""
+        the supervisor's own node and a running child's are alive (409). The retries are
+        the supervisor's: the count is that of those it did not know of (supervisor.py)."""
         if node == self._sup.own_node:
             raise NodeAlive(node)
         said = await self._any().ask("adopt", node, timeout=ADOPT_TIMEOUT)
         if isinstance(said, dict) and isinstance(said.get("adopted"), dict):
-            return Adopted(**said["adopted"])
+            done = Adopted(**said["adopted"])
+            return dataclasses.replace(done, deferred=await self._sup.adopted(node))
         kind = said.get("kind") if isinstance(said, dict) else None
         if kind == NodeAlive.__name__:
             raise NodeAlive(node)

@@ -10,6 +10,8 @@ supervisor -> child
 child -> supervisor
     ``n``: names whose claim is over (whatever became of them); ``i``: retried ids likewise;
     ``s``: envelopes that left the child deferred or held (a ``Summary`` as a list);
+    ``d``: ``[node, envelopes]``: the child adopted a dead node and resumed that many of its
+    envelopes; deferred/ may now hold retries the supervisor does not know of;
     ``a``: answers ``[seq, value]``; ``t``: trace lines.
 
 ``Batch`` collects one side's lines, ``decode`` splits what was read, and ``choose`` and
