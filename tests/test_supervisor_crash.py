@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import draft
-from tests.smtpservers import SmtpServer
+from tests.smtpservers import Script, SmtpServer
 from tests.supervised import (
     alive,
     all_final,
@@ -134,3 +134,29 @@ def test_what_a_worker_alone_left_in_flight_is_resumed_by_the_processes(tmp_path
     assert delivered(srv) == Counter({"a@example.org": 1})
     assert worker.files("active") == []
     assert "adopted node (default): 1 envelope(s) in flight" in worker.log.read_text()
+
+
+def test_a_child_killed_before_telling_of_a_deferral_does_not_strand_it(tmp_path: Path) -> None:
+    """A delivery process defers an envelope (it is in deferred/) and is killed before it
+    tells the supervisor: the supervisor takes it in when the process dies, and its retry
+    comes when due (before, it sat unscheduled in deferred/ until the
+    supervisor itself was restarted)."""
+    srv = SmtpServer(Script(defer_first={"later@example.org": 1}))
+    worker = supervised(
+        tmp_path,
+        srv.port,
+        env={"SPOOLSMTP_CRASH_AT": "queued_untold"},
+        retry={"interval": "1s", "max_interval": "1s"},
+    ).start()
+    try:
+        worker.drop_drafts("late.bsmtp", [draft("o@example.com", ["later@example.org"])])
+        wait_for(lambda: "was killed by SIGKILL" in worker.log.read_text(), what="the kill")
+        record = wait_for(lambda: worker.final("late.bsmtp"), what="delivered by the retry")
+    finally:
+        assert worker.stop() == 0
+        srv.stop()
+    assert record["transactions"][0]["recipients"][0]["status"] == "delivered", record
+    assert [m.rcpt_tos for m in srv.messages] == [["later@example.org"]]
+    log = worker.log.read_text()
+    assert "died before telling of 1 retries" in log, log
+    assert "Traceback" not in log

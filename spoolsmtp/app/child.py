@@ -32,7 +32,7 @@ from spoolsmtp.app.worker import Worker
 from spoolsmtp.control.tracer import Kind, Tracer
 from spoolsmtp.model.config import Config
 from spoolsmtp.model.record import State
-from spoolsmtp.spool import nodes
+from spoolsmtp.spool import crashpoint, nodes
 from spoolsmtp.spool.nodes import Adopted
 from spoolsmtp.spool.watcher import IncomingWatcher
 
@@ -154,6 +154,7 @@ class ChildWorker(Worker):
         super()._summarise(record, state, next_attempt)
         if state is not State.ACTIVE:
             summary = self.index.pop(record.id)
+            crashpoint.reach("queued_untold")
             self.link.send("s", _row(summary))
 
     # -- work from the supervisor ----------------------------------------------------------

@@ -237,22 +237,40 @@ class Supervisor:
 
         return known
 
-    async def _learn(self, node: str, envelopes: int) -> int:
-        """A child adopted ``node``: deferred/ and hold/ may hold envelopes the supervisor
-        does not know of (what that node had deferred or held). Those, and only those, are
-        taken in: a retry scheduled, or handed to a child that has not yet taken it out of
-        deferred/, stays as it is. Logs the adoption; how many retries it scheduled."""
+    async def _take_in(self, why: str) -> int:
+        """deferred/ and hold/ may hold envelopes the supervisor does not know of (``why``).
+        Those, and only those, are taken in: a retry scheduled, or handed to a child that has
+        not yet taken it out of deferred/, stays as it is. How many retries it scheduled."""
         try:
             known = self._known()
             listed = [x for x in await asyncio.to_thread(self._listed) if not known(x[0])]
             found = await asyncio.to_thread(self._read, listed)
         except OSError as exc:
-            log.error("adopted node %s, but cannot read its queue: %s", nodes.shown(node), exc)
-            found = []
+            log.error("%s, but cannot read deferred/ and hold/: %s", why, exc)
+            return 0
         known = self._known()  # again: the children may have told of some meanwhile
-        retries = self._enter([x for x in found if not known(x[0])])
+        return self._enter([x for x in found if not known(x[0])])
+
+    async def _learn(self, node: str, envelopes: int) -> int:
+        """A child adopted ``node``: what that node had deferred or held is taken in. Logs
+        the adoption; how many retries it scheduled."""
+        retries = await self._take_in(f"adopted node {nodes.shown(node)}")
         adoption.note(Adopted(node, envelopes, retries))
         return retries
+
+    async def _untold(self, child: str) -> int:
+        """A child died: it may have put envelopes in deferred/ or hold/ and died before it
+        said so (its reports go once per turn of its loop). Taken in now, not at the next
+        start of the supervisor."""
+        count = await self._take_in(f"delivery process {child} died")
+        if count:
+            log.info(
+                "delivery process %s died before telling of %d retries it had queued; "
+                "scheduled here",
+                child,
+                count,
+            )
+        return count
 
     async def adopted(self, node: str) -> int:
         """The retries the last adoption of ``node`` scheduled, for the operator's ADOPT (the
@@ -431,3 +449,6 @@ class Supervisor:
         child.snapshot = {}
         if not self._stopping.is_set():
             self._rescan_soon()
+            task = asyncio.create_task(self._untold(child.name))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)

@@ -24,6 +24,9 @@ PHASES = (
 )
 # reached only where a node adopts another's work (tests/test_hosts.py), not by one worker
 ADOPTION_PHASES = ("adopting",)
+# reached only by a supervisor's delivery process (tests/test_supervisor_crash.py): an envelope
+# is in deferred/ or hold/, durably, and the supervisor has not yet been told
+SUPERVISED_PHASES = ("queued_untold",)
 
 
 # read once: the worker reaches these points many times per envelope, and the crash tests set
