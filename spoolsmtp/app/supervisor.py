@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import heapq
 import logging
 import os
 import signal
@@ -27,6 +26,7 @@ from typing import Any
 from spoolsmtp.app import adoption, capability, reconfig, sdnotify, wire
 from spoolsmtp.app.children import Child, child_command
 from spoolsmtp.app.host import Summary
+from spoolsmtp.app.schedule import Schedule
 from spoolsmtp.app.whole import Whole, WholeServer
 from spoolsmtp.control import metricshttp
 from spoolsmtp.delivery.route import Router
@@ -44,9 +44,6 @@ log = logging.getLogger("spoolsmtp")
 BURST_RESCAN = 0.25
 HOUSEKEEPING = 5.0
 STOP_MARGIN = 15.0
-QUEUED = (("deferred", State.DEFERRED), ("hold", State.HELD))
-# an envelope of deferred/ or hold/: its id, where it is, its result record (if readable)
-Found = tuple[str, State, Record | None]
 
 
 def own_node(cfg: Config) -> str:
@@ -68,11 +65,9 @@ class Supervisor:
         self.router = Router(cfg)
         self.stats = Stats()  # its own counts (names refused); the children keep the rest
         self.retired = Stats()  # the last counts of delivery processes that died
-        self.index: dict[str, Summary] = {}  # deferred and held, and retries handed out
+        self.queue = Schedule(self.spool, self.summarise)
+        self.index = self.queue.index  # the operator's view (whole.py)
         self.suspended = False
-        self._heap: list[tuple[float, str]] = []
-        self._due: dict[str, float] = {}
-        self._owner: dict[str, Child] = {}  # retries handed out, until the child reports
         self._waiting: collections.deque[tuple[str, str]] = collections.deque()
         self._names: set[str] = set()  # names waiting here or handed out
         self._refused: set[str] = set()
@@ -141,7 +136,7 @@ class Supervisor:
         metrics = await metricshttp.serve(self.port, lambda: self.port.refresh("METRICS", []))
         control = WholeServer(self.port, self.cfg.control_socket, self.cfg.operator_socket)
         await control.start()
-        self._enter(await asyncio.to_thread(self._read_queue))
+        self.queue.enter(await asyncio.to_thread(lambda: self.queue.read(self.queue.listed())))
         try:  # they claim other users' files: the lease that keeps a written one is theirs
             capability.pass_on_lease()
         except OSError as exc:
@@ -162,7 +157,7 @@ class Supervisor:
             "supervising %d delivery processes (%s); %d deferred, %d held; spool %s",
             len(self.children),
             ", ".join(c.name for c in self.children),
-            len(self._due),
+            len(self.queue),
             sum(1 for s in self.index.values() if s.state is State.HELD),
             self.cfg.spool.path,
         )
@@ -192,50 +187,8 @@ class Supervisor:
 
     # -- the queue: deferred and held envelopes, due times ----------------------------------
 
-    def _listed(self) -> list[tuple[str, State]]:
-        """The envelopes in deferred/ and hold/ (in a thread)."""
-        return [(i, state) for folder, state in QUEUED for i in self.spool.ids(folder)]
-
-    def _read(self, listed: list[tuple[str, State]]) -> list[Found]:
-        """With their result records (in a thread)."""
-        return [(i, state, self.spool.load_record(i)) for i, state in listed]
-
-    def _read_queue(self) -> list[Found]:
-        return self._read(self._listed())
-
-    def _enter(self, found: list[Found]) -> int:
-        """Into the index, and the deferred ones onto the schedule, due when their records
-        say; how many were scheduled."""
-        count = 0
-        for envelope_id, state, rec in found:
-            due = time.time()
-            if rec is not None:
-                due = rec.next_due(due)
-                self.index[envelope_id] = self.summarise(rec, state, due)
-            if state is State.DEFERRED:
-                self._due[envelope_id] = due
-                self._heap.append((due, envelope_id))
-                count += 1
-        if count:
-            heapq.heapify(self._heap)
-            self._wake.set()
-        return count
-
     def _known(self) -> Callable[[str], bool]:
-        """Does the supervisor know of an envelope: scheduled, due and waiting for a child,
-        handed to one, or in its index (held; or being held or removed by an operator's
-        command that has taken it off the schedule for a moment)?"""
-        waiting = {key for kind, key in self._waiting if kind == "r"}
-
-        def known(envelope_id: str) -> bool:
-            return (
-                envelope_id in self._due
-                or envelope_id in self._owner
-                or envelope_id in self.index
-                or envelope_id in waiting
-            )
-
-        return known
+        return self.queue.known(key for kind, key in self._waiting if kind == "r")
 
     async def _take_in(self, why: str) -> int:
         """deferred/ and hold/ may hold envelopes the supervisor does not know of (``why``).
@@ -243,13 +196,16 @@ class Supervisor:
         not yet taken it out of deferred/, stays as it is. How many retries it scheduled."""
         try:
             known = self._known()
-            listed = [x for x in await asyncio.to_thread(self._listed) if not known(x[0])]
-            found = await asyncio.to_thread(self._read, listed)
+            listed = [x for x in await asyncio.to_thread(self.queue.listed) if not known(x[0])]
+            found = await asyncio.to_thread(self.queue.read, listed)
         except OSError as exc:
             log.error("%s, but cannot read deferred/ and hold/: %s", why, exc)
             return 0
         known = self._known()  # again: the children may have told of some meanwhile
-        return self._enter([x for x in found if not known(x[0])])
+        count = self.queue.enter(x for x in found if not known(x[0]))
+        if count:
+            self._wake.set()
+        return count
 
     async def _learn(self, node: str, envelopes: int) -> int:
         """A child adopted ``node``: what that node had deferred or held is taken in. Logs
@@ -282,11 +238,7 @@ class Supervisor:
         return Summary.of(rec, state, due, self.router.destination)
 
     def schedule(self, envelope_id: str, when: float) -> None:
-        self._due[envelope_id] = when
-        heapq.heappush(self._heap, (when, envelope_id))
-        summary = self.index.get(envelope_id)
-        if summary is not None:
-            summary.state, summary.next_attempt = State.DEFERRED, when
+        self.queue.schedule(envelope_id, when)
         self._wake.set()
 
     def resume_work(self) -> None:
@@ -297,23 +249,20 @@ class Supervisor:
 
     def owner(self, envelope_id: str) -> Child | None:
         """The child a retry of it was handed to, until that child reports on it."""
-        return self._owner.get(envelope_id)
+        return self.queue.handed.get(envelope_id)
 
     def unschedule(self, envelope_id: str) -> None:
-        self._due.pop(envelope_id, None)
+        self.queue.unschedule(envelope_id)
 
     async def _retries(self) -> None:
         while True:
             self._wake.clear()
             now = time.time()
-            while self._heap and self._heap[0][0] <= now and not self.suspended:
-                when, envelope_id = heapq.heappop(self._heap)
-                if self._due.get(envelope_id) != when:
-                    continue
-                del self._due[envelope_id]
-                self._waiting.append(("r", envelope_id))
+            if not self.suspended:
+                self._waiting.extend(("r", envelope_id) for envelope_id in self.queue.due(now))
             self._pump()
-            delay = self._heap[0][0] - now if self._heap and not self.suspended else 3600.0
+            upcoming = self.queue.next_due()
+            delay = upcoming - now if upcoming is not None and not self.suspended else 3600.0
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, min(delay, 3600.0))):
                     await self._wake.wait()
@@ -350,10 +299,7 @@ class Supervisor:
             child.outstanding.add(f"{kind}:{key}")
             child.send(kind, key)
             if kind == "r":
-                self._owner[key] = child
-                summary = self.index.get(key)
-                if summary is not None:
-                    summary.state, summary.next_attempt = State.ACTIVE, None
+                self.queue.hand(key, child)
             else:
                 claims = True
         if claims and self.watcher is not None and self.watcher.may_miss:
@@ -394,7 +340,7 @@ class Supervisor:
             envelope_id, source, state, received, due, dests = row
             summary = Summary(envelope_id, source, State(state), received, due, dests)
             self.index[envelope_id] = summary
-            self._owner.pop(envelope_id, None)
+            self.queue.handed.pop(envelope_id, None)
             if summary.state is State.DEFERRED:
                 self.schedule(envelope_id, due if due is not None else time.time())
         for name in batch.get("n", ()):
@@ -402,8 +348,8 @@ class Supervisor:
             self._names.discard(name)
         for envelope_id in batch.get("i", ()):
             child.outstanding.discard(f"r:{envelope_id}")
-            if self._owner.pop(envelope_id, None) is not None:
-                self._gone(envelope_id)
+            if self.queue.handed.pop(envelope_id, None) is not None:
+                self.queue.gone(envelope_id)
         for node, envelopes in batch.get("d", ()):
             task = asyncio.create_task(self._learn(node, envelopes))
             self._learning[node] = task
@@ -419,13 +365,6 @@ class Supervisor:
         if "n" in batch or "i" in batch or "up" in batch:
             self._pump()
 
-    def _gone(self, envelope_id: str) -> None:
-        """A retry is over and the child said nothing of it: it left the queue (done, or
-        rejected), unless it is back in deferred/ (a report lost with a dead child)."""
-        summary = self.index.get(envelope_id)
-        if summary is not None and summary.state is State.ACTIVE:
-            del self.index[envelope_id]
-
     def _lost(self, child: Child) -> None:
         """A child is gone: what it had been handed and not reported comes back here. A
         name it had not claimed is still in incoming/ (the rescan finds it); a retry it had
@@ -435,11 +374,11 @@ class Supervisor:
             kind, _, value = key.partition(":")
             if kind == "c":
                 self._names.discard(value)
-            elif self._owner.pop(value, None) is not None:
+            elif self.queue.handed.pop(value, None) is not None:
                 if self.spool.envelope("deferred", value).exists():
                     self.schedule(value, time.time())
                 else:
-                    self._gone(value)
+                    self.queue.gone(value)
         child.outstanding.clear()
         # its counters so far stay counted (Prometheus counters never go back): its next
         # start counts from 0 again
