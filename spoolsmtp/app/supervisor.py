@@ -5,10 +5,10 @@ the retry schedule and the control sockets, and hands envelopes to N delivery pr
 Each name found in incoming/ and each retry that falls due goes to the least loaded child with
 room (``wire.choose``); until then it waits here, so a child that dies holds nothing but what
 it had claimed, which its next start resumes from its own node area. The children say back
-which envelopes left them deferred (with their due time) or held: this heap of due times, and
-the operator's view of the queue (``index``), are kept from that, and from a scan of deferred/
-and hold/ at start, and again for what it does not know of when a child has adopted a dead
-node (that node's retries).
+which envelopes left them deferred (with their due time) or held: the retry schedule and the
+operator's view of the queue (schedule.py) are kept from that, from a scan of deferred/ and
+hold/ at start, and from another, of what it does not know of, when a child has adopted a dead
+node (that node's retries) or died before it told of what it had queued.
 """
 
 from __future__ import annotations
