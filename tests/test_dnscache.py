@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,8 +20,9 @@ from spoolsmtp.delivery.route import Destination
 from spoolsmtp.model.config import Route, TlsPolicy
 from spoolsmtp.model.hop import Hop
 from tests.dnsserver import SERVFAIL, SILENT, Zone, serve
-from tests.helpers import make_config
-from tests.workerproc import wait_for
+from tests.helpers import draft, make_config
+from tests.smtpservers import SmtpServer
+from tests.workerproc import WorkerProcess, wait_for
 
 DOMAIN = "example.test"
 MX = "mx.example.test"
@@ -258,3 +260,26 @@ def test_a_renewed_resolver_starts_without_the_records(zone: tuple[Zone, int]) -
     lookup(fresh, TLSA, "TLSA")
     assert asked(z, TLSA, "TLSA") == 2
     assert fresh.stats is r.stats and r.stats.lookups == 3
+
+
+def test_expire_of_a_routed_domain_through_the_control_channel(
+    tmp_path: Path, zone: tuple[Zone, int]
+) -> None:
+    """EXPIRE names a domain; a routed domain's answer is kept under its route's host (found
+    by review: EXPIRE said "nothing cached" and kept it)."""
+    z, port = zone
+    z.add("relay.test", "A", "127.0.0.1")
+    srv = SmtpServer()
+    dns = {"nameservers": ["127.0.0.1"], "port": port, "allow_loopback": True}
+    routes = {DOMAIN: {"host": "relay.test", "port": srv.port}}
+    w = WorkerProcess(tmp_path, {"routes": routes, "dns": dns}).start()
+    try:
+        w.drop_drafts("a.bsmtp", [draft("o@batch.test", [f"a@{DOMAIN}"])])
+        assert wait_for(lambda: w.final("a.bsmtp"))["state"] == "done"
+        assert w.ask(f"EXPIRE {DOMAIN}")["result"] == {"forgotten": True}
+        w.drop_drafts("b.bsmtp", [draft("o@batch.test", [f"b@{DOMAIN}"])])
+        assert wait_for(lambda: w.final("b.bsmtp"))["state"] == "done"
+    finally:
+        assert w.stop() == 0
+        srv.stop()
+    assert asked(z, "relay.test", "A") == 2
