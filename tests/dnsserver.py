@@ -2,7 +2,8 @@
 
 Answers are built with dnspython's own message classes. Each name can be given records, or a
 behaviour: NXDOMAIN, SERVFAIL, silence (no answer at all), or truncation over UDP (the full
-answer only over TCP).
+answer only over TCP). With ``negative_ttl`` set, negative answers (NXDOMAIN, no such record)
+carry an SOA (RFC 2308) whose minimum field is that many seconds and whose TTL is ``ttl``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Zone:
     # names at or under these are "signed": answers to queries asking for AD or DO carry the
     # AD bit, as a validating resolver's would (the test stands in for one)
     signed: set[str] = field(default_factory=set)
+    negative_ttl: int | None = None
 
     def add(self, name: str, rdtype: str, *rdatas: str) -> None:
         self.records.setdefault((_norm(name), rdtype.upper()), []).extend(rdatas)
@@ -67,8 +69,15 @@ class Zone:
             response.answer.append(
                 dns.rrset.from_text_list(name + ".", self.ttl, "IN", rdtype, rdatas)
             )
-        elif how == NXDOMAIN or not any(key[0] == name for key in self.records):
-            response.set_rcode(dns.rcode.NXDOMAIN)
+        else:
+            if how == NXDOMAIN or not any(key[0] == name for key in self.records):
+                response.set_rcode(dns.rcode.NXDOMAIN)
+            if self.negative_ttl is not None:
+                apex = ".".join(name.split(".")[-2:]) + "."
+                soa = f"ns.{apex} hostmaster.{apex} 1 3600 600 86400 {self.negative_ttl}"
+                response.authority.append(
+                    dns.rrset.from_text_list(apex, self.ttl, "IN", "SOA", [soa])
+                )
         return response
 
 

@@ -272,3 +272,41 @@ def test_a_reload_of_the_dns_settings_reaches_the_tlsa_lookups(
     reply = rec["transactions"][0]["recipients"][0]["reply"]
     assert reply["enhanced"] == "4.7.5" and "DANE" in reply["text"]
     assert len(srv.messages) == 1
+
+
+def test_a_queue_to_a_dane_domain_asks_for_the_tlsa_records_once_until_expire(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    """Five envelopes to a DANE domain, taken together: one TLSA query for its MX host, not one
+    per envelope (the answer is kept for its TTL, and deliveries starting together share the
+    look-up); STATS counts them; EXPIRE of the domain forgets it, so the next envelope asks."""
+    ctx, der = leaf_der(ca, MX)
+    srv = SmtpServer(tls_context=ctx)
+    zone = zone_for(srv.port, tlsa_3_1_1(der))
+    tlsa = (f"_{srv.port}._tcp.{MX}", "TLSA")
+
+    def asked() -> int:
+        return sum(1 for _, name, rdtype in list(zone.queries) if (name, rdtype) == tlsa)
+
+    with dnsserver.serve(zone) as dns_port:
+        dns = {"nameservers": ["127.0.0.1"], "port": dns_port, "allow_loopback": True}
+        w = WorkerProcess(
+            tmp_path, {"delivery": {"tls": "dane", "port": srv.port}, "dns": dns}
+        ).start()
+        try:
+            names = [f"e{i}.bsmtp" for i in range(5)]
+            for i, name in enumerate(names):
+                w.drop_drafts(name, [draft("o@batch.test", [f"r{i}@{DOMAIN}"])])
+            for name in names:
+                assert wait_for(lambda n=name: w.final(n), what=name)["state"] == "done"
+            assert asked() == 1
+            stats = w.ask("STATS")["result"]
+            assert stats["dns_lookups"] == 10 and stats["dns_cache_hits"] == 8, stats
+            assert w.ask(f"EXPIRE {DOMAIN}")["result"] == {"forgotten": True}
+            w.drop_drafts("f.bsmtp", [draft("o@batch.test", [f"f@{DOMAIN}"])])
+            assert wait_for(lambda: w.final("f.bsmtp"))["state"] == "done"
+            assert asked() == 2
+        finally:
+            assert w.stop() == 0
+            srv.stop()
+    assert len(srv.messages) == 6 and all(m.tls for m in srv.messages)

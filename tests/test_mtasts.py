@@ -224,3 +224,38 @@ def test_txt_record_rules() -> None:
         parse_txt(('"v=STSv1;"',))
     assert mx_matches("mx.example.test", "*.example.test")
     assert not mx_matches("example.test", "*.example.test")
+
+
+def sts_asked(zone: dnsserver.Zone) -> int:
+    return sum(1 for _, n, t in list(zone.queries) if (n, t) == (f"_mta-sts.{DOMAIN}", "TXT"))
+
+
+@needs_root
+def test_the_txt_record_is_asked_once_for_its_ttl_not_per_message(
+    tmp_path: Path, ca: trustme.CA, stack: ExitStack
+) -> None:
+    s = site(stack, tmp_path, ca)
+    s.policy.body = policy("enforce", MX)
+    results = deliver(tmp_path, s.cfg, times=3)
+    assert [r.status for r in results] == [Status.DELIVERED] * 3
+    assert sts_asked(s.zone) == 1
+    assert len(s.policy.requests) == 1
+
+
+def test_a_domain_without_the_txt_record_is_asked_once_not_per_message(tmp_path: Path) -> None:
+    """The negative answer is kept too (no SOA here: for 60 s)."""
+    srv = SmtpServer()
+    zone = dnsserver.Zone()
+    zone.add(DOMAIN, "MX", f"10 {MX}.")
+    zone.add(MX, "A", "127.0.0.1")
+    try:
+        with dnsserver.serve(zone) as dns_port:
+            cfg = make_config(
+                delivery={"port": srv.port, "mta_sts": {"enabled": True}},
+                dns={"nameservers": ["127.0.0.1"], "port": dns_port, "allow_loopback": True},
+            )
+            results = deliver(tmp_path, cfg, times=3)
+    finally:
+        srv.stop()
+    assert [r.status for r in results] == [Status.DELIVERED] * 3
+    assert sts_asked(zone) == 1

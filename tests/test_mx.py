@@ -140,7 +140,7 @@ def test_answers_are_cached_and_expire_forgets(zone: tuple[Zone, int]) -> None:
     hops(r, "example.org")
     assert len(z.queries) == sent
     assert r.stats.cache_hits == 1
-    assert r.expire("EXAMPLE.org")
+    assert r.expire(route.Destination("example.org", "EXAMPLE.org", None, TlsPolicy.OFF))
     hops(r, "example.org")
     assert len(z.queries) > sent
 

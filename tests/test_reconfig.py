@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from spoolsmtp.app.reconfig import RESTART, flatten, plan, renewed_resolver
-from spoolsmtp.delivery.mx import MxResolver
+from spoolsmtp.delivery.mx import HOPS, Lookup, MxResolver, Resolution
 from spoolsmtp.model.config import Config, parse
 
 OLD = parse(
@@ -64,10 +64,11 @@ def test_dns_settings_renew_the_resolver_with_its_counters_and_an_empty_cache() 
     assert p.done.changed == ("dns.port",) and p.done.restart == () and p.renew_resolver
     old = MxResolver(OLD.dns, 5, 25)
     old.stats.lookups = 3
-    old._cache["example.org"] = (0.0, None)  # type: ignore[assignment]
+    old._answers.put(("example.org", HOPS), Resolution(), float("inf"), 0.0)
+    old._answers.put(("_25._tcp.mx.example.org", "TLSA"), Lookup(), float("inf"), 0.0)
     new = renewed_resolver(old, p.config)
     assert new.config.port == 5353 and new.stats is old.stats and new.cached() == []
-    assert old.cached() == ["example.org"]
+    assert old.cached() == ["example.org"] and new._answers.questions() == []
 
 
 def test_routes_and_the_smarthost_are_one_key_each_and_live() -> None:

@@ -115,10 +115,12 @@ class Actions:
         return self._w._destination(destination).key in summary.destinations
 
     def expire(self, domain: str) -> bool:
-        """Forget cached DNS answers (and the dead-destination mark) for a domain."""
+        """Forget cached DNS answers (and the dead-destination mark) for a domain: those of
+        its destination (MX, or route host), its hosts' TLSA and its MTA-STS TXT records."""
         w = self._w
-        w._dead.pop(w._destination(domain).key, None)
-        return w.resolver.expire(domain)
+        dest = w._destination(domain)
+        w._dead.pop(dest.key, None)
+        return w.resolver.expire(dest)
 
     def suspend(self) -> None:
         self._w.suspended = True

@@ -131,14 +131,15 @@ def plan(old: Config, new: Config) -> Plan:
 
 def renewed_resolver(old: MxResolver, cfg: Config) -> MxResolver:
     """A resolver with the DNS settings of ``cfg`` and the counters and trace of ``old``, with
-    an empty cache (answers found with the old settings are not kept). ``ConfigError`` if the
-    system has no resolver configuration and ``dns.nameservers`` is empty."""
+    an empty cache (answers found with the old settings are not kept, the destinations' nor
+    DANE's and MTA-STS's records: the cache is no init field, so ``replace`` makes a new one).
+    ``ConfigError`` if the system has no resolver configuration and ``dns.nameservers`` is
+    empty."""
     return dataclasses.replace(
         old,
         config=cfg.dns,
         max_addresses=cfg.delivery.max_addresses,
         port=cfg.delivery.port,
-        _cache={},
     )
 
 

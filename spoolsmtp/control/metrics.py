@@ -122,10 +122,14 @@ def families(stats: Stats, traffic: Traffic, now: Gauges) -> list[ex.Family]:
             traffic.tls_sessions,
         ),
         c("spoolsmtp_sent_bytes_total", "Bytes of message text sent.", traffic.bytes_sent),
-        c("spoolsmtp_dns_lookups_total", "Destination look-ups.", traffic.dns_lookups),
+        c(
+            "spoolsmtp_dns_lookups_total",
+            "DNS look-ups: destinations (MX or route host), DANE TLSA and MTA-STS TXT records.",
+            traffic.dns_lookups,
+        ),
         c(
             "spoolsmtp_dns_cache_hits_total",
-            "Look-ups answered from the cache.",
+            "Look-ups answered without a query of their own (the cache, or one under way).",
             traffic.dns_cache_hits,
         ),
         c("spoolsmtp_dns_queries_total", "DNS queries sent.", traffic.dns_queries),

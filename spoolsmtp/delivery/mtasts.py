@@ -13,7 +13,8 @@ The policy is fetched with a verified certificate for ``mta-sts.DOMAIN`` (the tr
 ``delivery.tls_ca_file``), no redirects, a 200 with ``text/plain``, at most
 ``max_policy_bytes``, within ``timeout``; the host's address comes from our own resolver, so
 routes and tests stay on the configured DNS. The policy is kept for its ``max_age`` and fetched
-again only when the TXT record's id changes (section 5.1); while one is cached and unexpired, a
+again only when the TXT record's id changes (section 5.1; the resolver keeps the TXT answer for
+its TTL, so a new id is seen once that has run out); while one is cached and unexpired, a
 missing TXT record or a failed fetch leaves it in force (section 5). A domain with no policy,
 or whose policy cannot be had, is delivered to as if it had none (section 5).
 """

@@ -21,6 +21,15 @@ address (no such name, no A/AAAA, or no answer at all), through the system's res
 ``smtp_host_lookup = dns, native``: so ``smarthost: localhost`` and names in the host table work.
 MX hosts are looked up in DNS only, so the checks above keep their meaning. A host-table answer
 has no TTL: it is cached for ``SYSTEM_TTL`` (capped by ``dns.max_ttl``).
+
+``lookup`` (one name and type: DANE's TLSA records, MTA-STS's ``_mta-sts`` TXT) is cached in the
+same store, so that DNS traffic follows the destinations, not the mail: an answer for its TTL
+(the smallest along a CNAME chain, capped by ``dns.max_ttl``) with whether it was authenticated;
+no such name or no such record (NXDOMAIN, NoAnswer) for the negative TTL of RFC 2308 (the SOA
+the response carries: the smaller of its TTL and its minimum field, as dnspython's
+``resolve_chaining`` computes it), or ``NEGATIVE_TTL`` when there is no SOA; a failure (SERVFAIL,
+timeout) never. Look-ups of the same question at the same time share one (``dnscache.Inflight``).
+``dns.cache_size`` bounds destinations and records together (``dnscache.Answers``).
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from tenacity import (
     wait_fixed,
 )
 
+from spoolsmtp.delivery.dnscache import Answers, Inflight, negative_ttl
 from spoolsmtp.delivery.route import Destination
 from spoolsmtp.model.config import DnsConfig
 from spoolsmtp.model.errors import ConfigError
@@ -57,6 +67,7 @@ from spoolsmtp.model.reply import Reply, make
 
 NEGATIVE_TTL = 60.0
 SYSTEM_TTL = 300.0
+HOPS = "hops"  # the kind of a destination's cache entry; a record's is its type ("TLSA")
 Trace = Callable[[str], None]
 
 
@@ -99,6 +110,9 @@ class _Budget:
 
 @dataclass
 class DnsStats:
+    """Look-ups asked for (destinations and records alike), those answered without a query of
+    their own (from the cache, or by the same look-up already under way), and queries sent."""
+
     lookups: int = 0
     cache_hits: int = 0
     queries: int = 0
@@ -116,9 +130,16 @@ class MxResolver:
     tracing: Callable[[], bool] = always
     clock: Callable[[], float] = time.monotonic
     stats: DnsStats = field(default_factory=DnsStats)
-    _cache: dict[str, tuple[float, Resolution]] = field(default_factory=dict)
+    # not init fields: a resolver made from another (dataclasses.replace, as RELOAD's
+    # renewed_resolver does) starts with nothing cached and nothing under way
+    _answers: Answers[tuple[str, str], Resolution | Lookup] = field(init=False, repr=False)
+    _asking_hops: Inflight[str, Resolution] = field(init=False, repr=False)
+    _asking: Inflight[tuple[str, str], Lookup] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._answers = Answers(self.config.cache_size)
+        self._asking_hops = Inflight()
+        self._asking = Inflight()
         try:
             self._resolver = dns.asyncresolver.Resolver(configure=not self.config.nameservers)
         except dns.resolver.NoResolverConfiguration as exc:
@@ -134,47 +155,93 @@ class MxResolver:
         self._resolver.flags = dns.flags.RD | dns.flags.AD
 
     async def lookup(self, name: str, rdtype: str) -> Lookup:
-        """Records of one name and type, not cached here (their users cache what they derive),
-        within the query budget of one look-up."""
-        budget = _Budget(self.config.max_queries)
+        """Records of one name and type, cached (see the module's docstring), within the query
+        budget of one look-up."""
+        key = (name.lower().rstrip("."), rdtype.upper())
+        self.stats.lookups += 1
+        hit = self._answers.get(key, self.clock())
+        if isinstance(hit, Lookup):
+            self.stats.cache_hits += 1
+            if self._traced():
+                self._trace(f"{rdtype} {name}: cached, {_records(hit)}")
+            return hit
+        found, shared = await self._asking.run(key, lambda: self._lookup(key))
+        if shared:
+            self.stats.cache_hits += 1
+        return found
+
+    async def _lookup(self, key: tuple[str, str]) -> Lookup:
+        """Ask, and keep the answer (not a failure) for its TTL or its negative TTL."""
+        name, rdtype = key
+        now = self.clock()
         try:
-            answer = await self._query(name, rdtype, budget)
+            answer = await self._query(name, rdtype, _Budget(self.config.max_queries))
         except dns.resolver.NXDOMAIN as exc:
             responses = list(exc.kwargs.get("responses", {}).values())
-            return Lookup(secure=bool(responses) and all(map(_authenticated, responses)))
+            found = Lookup(secure=bool(responses) and all(map(_authenticated, responses)))
+            ttl = negative_ttl(responses, NEGATIVE_TTL)
         except dns.resolver.NoAnswer as exc:
-            return Lookup(secure=_authenticated(exc.kwargs.get("response")))
+            response = exc.kwargs.get("response")
+            found = Lookup(secure=_authenticated(response))
+            ttl = negative_ttl([response] if response is not None else [], NEGATIVE_TTL)
         except _Temporary as exc:
             return Lookup(failure=str(exc))
-        assert answer.rrset is not None
-        records = tuple(r.to_text() for r in answer.rrset)
-        return Lookup(records, _authenticated(answer.response))
+        else:
+            assert answer.rrset is not None
+            records = tuple(r.to_text() for r in answer.rrset)
+            found = Lookup(records, _authenticated(answer.response))
+            ttl = float(answer.chaining_result.minimum_ttl)
+        ttl = min(ttl, self.config.max_ttl)
+        if ttl > 0:
+            self._answers.put(key, found, now + ttl, now)
+        return found
 
     async def addresses(self, host: str) -> list[str]:
         """The A and AAAA addresses of a host (for the MTA-STS policy host); [] if none."""
         found, _, _ = await self._addresses(host, _Budget(self.config.max_queries))
         return found
 
-    def expire(self, name: str) -> bool:
-        """Forget the cached answer for a domain (the EXPIRE command); True if one was cached."""
-        return self._cache.pop(name.lower().rstrip("."), None) is not None
+    def expire(self, dest: Destination) -> bool:
+        """Forget what is cached for a destination (the EXPIRE command): its hops (a domain's
+        MX answer, a route's or the smarthost's host), the TLSA records of the hosts those hops
+        name (``_PORT._tcp.HOST``) and of any host at or under the domain (its MX answer may
+        have gone before them), and the domain's ``_mta-sts`` TXT record. True if any was."""
+        domain = None if dest.domain is None else dest.domain.lower().rstrip(".")
+        entry = self._answers.pop((domain or dest.key, HOPS))
+        names = set()
+        if isinstance(entry, Resolution):
+            names = {(f"_{h.port}._tcp.{h.host}".lower().rstrip("."), "TLSA") for h in entry.hops}
+        if domain is not None:
+            names.add((f"_mta-sts.{domain}", "TXT"))
+            for name, kind in self._answers.questions():
+                host = name.split(".", 2)[-1]
+                if kind == "TLSA" and (host == domain or host.endswith("." + domain)):
+                    names.add((name, kind))
+        forgot = [self._answers.pop(key) is not None for key in names]
+        return entry is not None or any(forgot)
 
     def cached(self) -> list[str]:
-        return sorted(self._cache)
+        """The destinations with a cached answer (not the records)."""
+        return sorted(key for key, kind in self._answers.questions() if kind == HOPS)
 
     async def hops(self, dest: Destination) -> Resolution:
         """The hops to try for a destination (cached for the answers' TTL)."""
         key = dest.domain if dest.domain is not None else dest.key
         self.stats.lookups += 1
-        now = self.clock()
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] > now:
+        hit = self._answers.get((key, HOPS), self.clock())
+        if isinstance(hit, Resolution):
             self.stats.cache_hits += 1
             if self._traced():
-                self._trace(f"{key}: cached, {_describe(hit[1])}")
-            return hit[1]
-        if hit is not None:
-            del self._cache[key]
+                self._trace(f"{key}: cached, {_describe(hit)}")
+            return hit
+        result, shared = await self._asking_hops.run(key, lambda: self._resolve(dest, key))
+        if shared:
+            self.stats.cache_hits += 1
+        return result
+
+    async def _resolve(self, dest: Destination, key: str) -> Resolution:
+        """Look a destination up, and keep the answer (not a temporary failure) for its TTL."""
+        now = self.clock()
         budget = _Budget(self.config.max_queries)
         if dest.route is not None:
             port = dest.route.port if dest.route.port is not None else self.port
@@ -187,17 +254,8 @@ class MxResolver:
             ttl = result.ttl if result.failure is None else NEGATIVE_TTL
             ttl = min(ttl, self.config.max_ttl)
             if ttl > 0:
-                self._remember(key, now + ttl, result, now)
+                self._answers.put((key, HOPS), result, now + ttl, now)
         return result
-
-    def _remember(self, key: str, until: float, result: Resolution, now: float) -> None:
-        """Cache a look-up; when full, drop the expired ones, then the oldest."""
-        if len(self._cache) >= self.config.cache_size and key not in self._cache:
-            for old in [k for k, (t, _) in self._cache.items() if t <= now]:
-                del self._cache[old]
-            while len(self._cache) >= self.config.cache_size:
-                del self._cache[next(iter(self._cache))]
-        self._cache[key] = (until, result)
 
     def _refused(self, address: str) -> str | None:
         """Why an address found through DNS is not used, or None if it may be."""
@@ -372,6 +430,12 @@ class MxResolver:
 
 def _authenticated(response: dns.message.Message | None) -> bool:
     return response is not None and bool(response.flags & dns.flags.AD)
+
+
+def _records(found: Lookup) -> str:
+    if not found.records:
+        return "none" + (" (authenticated)" if found.secure else "")
+    return ", ".join(found.records) + (" (authenticated)" if found.secure else "")
 
 
 def _describe(result: Resolution) -> str:

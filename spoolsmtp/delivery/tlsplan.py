@@ -13,6 +13,9 @@ looked up directly):
 * the TLSA look-up failed (SERVFAIL, timeout): the hop is not tried now (section 2.1.1: an
   attacker able to block the look-up must not get plain text), 4.7.5.
 
+The resolver caches TLSA answers (with their AD flag) for their TTL and failures not at all
+(``MxResolver.lookup``), so a queue to one domain costs one query per host and TTL.
+
 MTA-STS applies to MX deliveries (not routes) when ``delivery.mta_sts.enabled``: under an
 ``enforce`` policy a hop whose host the policy does not list is not tried, and a listed one
 needs a certificate valid for its name (``verify``); a ``testing`` policy's mismatches are
