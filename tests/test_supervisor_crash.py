@@ -4,6 +4,7 @@ after the dot, flagged ``possible_duplicate``."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -13,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import draft
-from tests.smtpservers import Script, SmtpServer
+from tests.smtpservers import RawServer, Script, SmtpServer, read_line
 from tests.supervised import (
+    TWO,
     alive,
     all_final,
     delivered,
@@ -158,5 +160,66 @@ def test_a_child_killed_before_telling_of_a_deferral_does_not_strand_it(tmp_path
     assert record["transactions"][0]["recipients"][0]["status"] == "delivered", record
     assert [m.rcpt_tos for m in srv.messages] == [["later@example.org"]]
     log = worker.log.read_text()
-    assert "died before telling of 1 retries" in log, log
+    assert "1 retries in deferred/ no process had told of (delivery process" in log, log
     assert "Traceback" not in log
+
+
+def test_deferrals_of_the_processes_of_a_killed_supervisor_are_retried(tmp_path: Path) -> None:
+    """The supervisor is killed while its processes wait for a slow server; they go on
+    draining (SIGTERM) while a new supervisor starts and loads the queue, and defer what
+    they had only after that. The new supervisor takes those in when its own processes get
+    their nodes, and retries them when due (before, they sat in deferred/ unscheduled, and
+    HOLD, FLUSH and DELETE said "no queued envelope", until another restart)."""
+    gate = threading.Event()
+    held = [0]
+    tries: Counter[bytes] = Counter()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 slow.test ready\r\n")
+        while True:
+            line = await read_line(reader)
+            verb = line[:4].upper()
+            if verb == b"RCPT":
+                tries[line] += 1
+                if tries[line] == 1:  # the first try: held until the gate opens, then 451
+                    held[0] += 1
+                    await asyncio.get_running_loop().run_in_executor(None, gate.wait, 30)
+                    writer.write(b"451 4.3.0 try later\r\n")
+                else:
+                    writer.write(b"250 ok\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go ahead\r\n")
+                await reader.readuntil(b"\r\n.\r\n")
+                writer.write(b"250 2.0.0 ok\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                await writer.drain()
+                return
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+
+    srv = RawServer(script)
+    more = {"retry": {"interval": "1s", "max_interval": "1s"}, "shutdown_timeout": "30s"}
+    more["delivery"] = {"timeouts": {"rcpt": "30s"}}
+    first = supervised(tmp_path, srv.port, **more).start()
+    second = WorkerProcess(tmp_path, {"smarthost": f"127.0.0.1:{srv.port}", **TWO, **more})
+    try:
+        drop_burst(first, 2)
+        wait_for(lambda: held[0] == 2, what="both first tries held at the server")
+        assert first.proc is not None
+        first.proc.kill()
+        first.proc.wait()
+        second.start()
+        wait_for(
+            lambda: second.log.read_text().count("supervising 2 delivery processes") == 2,
+            what="the new supervisor ready",
+        )
+        gate.set()  # now the old processes get 451 and defer
+        wait_for(lambda: all_final(second, 2), what="both retried and delivered")
+    finally:
+        gate.set()
+        second.stop()
+        srv.stop()
+    assert sorted(tries.values()) == [2, 2]
+    assert "Traceback" not in second.log.read_text()

@@ -145,6 +145,9 @@ class ChildWorker(Worker):
 
     def _intake(self) -> IncomingWatcher | None:
         self._feeding = asyncio.create_task(self._feed())
+        # the node is ours (its lock held, what it had in flight resumed): whatever had it
+        # before has exited, and what it queued is on disk for the supervisor to look at
+        self.link.send("h", self.node)
         return None  # the supervisor watches incoming/ and keeps the deferred queue
 
     def schedule(self, envelope_id: str, when: float) -> None:

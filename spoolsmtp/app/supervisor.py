@@ -20,7 +20,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from spoolsmtp.app import adoption, capability, reconfig, sdnotify, wire
@@ -214,19 +214,28 @@ class Supervisor:
         adoption.note(Adopted(node, envelopes, retries))
         return retries
 
-    async def _untold(self, child: str) -> int:
-        """A child died: it may have put envelopes in deferred/ or hold/ and died before it
-        said so (its reports go once per turn of its loop). Taken in now, not at the next
-        start of the supervisor."""
-        count = await self._take_in(f"delivery process {child} died")
+    async def _untold(self, child: str, why: str) -> int:
+        """Envelopes put in deferred/ or hold/ by a process that did not say so: one that
+        died before it did (its reports go once per turn of its loop), or, when a process
+        starts on its node, the one that had that node before it (a process of an earlier
+        supervisor, killed, that went on draining what it had in flight while this one
+        loaded the queue; the node's lock kept ours from starting until it was gone). Taken
+        in now, not at the next start of a supervisor."""
+        count = await self._take_in(f"delivery process {child} {why}")
         if count:
             log.info(
-                "delivery process %s died before telling of %d retries it had queued; "
+                "%d retries in deferred/ no process had told of (delivery process %s %s); "
                 "scheduled here",
-                child,
                 count,
+                child,
+                why,
             )
         return count
+
+    def _spawn(self, work: Coroutine[Any, Any, int]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def adopted(self, node: str) -> int:
         """The retries the last adoption of ``node`` scheduled, for the operator's ADOPT (the
@@ -357,6 +366,8 @@ class Supervisor:
             task.add_done_callback(self._tasks.discard)
         for line in batch.get("t", ()):
             self.port.tracer.relay(line)
+        if "h" in batch:
+            self._spawn(self._untold(child.name, "started"))
         if "up" in batch:  # a fresh process: what the operator set holds for it too
             if self.port.tracer.enabled:
                 child.send("o", [0, "trace", sorted(k.value for k in self.port.tracer.enabled)])
@@ -388,6 +399,4 @@ class Supervisor:
         child.snapshot = {}
         if not self._stopping.is_set():
             self._rescan_soon()
-            task = asyncio.create_task(self._untold(child.name))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._untold(child.name, "died"))

@@ -12,6 +12,8 @@ child -> supervisor
     ``s``: envelopes that left the child deferred or held (a ``Summary`` as a list);
     ``d``: ``[node, envelopes]``: the child adopted a dead node and resumed that many of its
     envelopes; deferred/ may now hold retries the supervisor does not know of;
+    ``h``: the child holds its node (started, what it had in flight resumed): what the node's
+    previous process queued is on disk;
     ``a``: answers ``[seq, value]``; ``t``: trace lines.
 
 ``Batch`` collects one side's lines, ``decode`` splits what was read, and ``choose`` and
