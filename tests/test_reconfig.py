@@ -80,3 +80,12 @@ def test_routes_and_the_smarthost_are_one_key_each_and_live() -> None:
 def test_every_restart_key_is_a_key_of_the_configuration() -> None:
     keys = set(flatten(Config()))
     assert keys >= RESTART, RESTART - keys
+
+
+def test_the_number_of_processes_and_the_host_need_a_restart() -> None:
+    """The supervisor and its processes are started so: RELOAD names them and keeps them
+    (an operator trial found worker.processes applied in name only, 3 said, 2 running)."""
+    p = plan(OLD, _new("worker: {processes: 3, host_id: mail1}\n"))
+    assert p.done.restart == ("worker.host_id", "worker.processes")
+    assert p.config.worker.processes == OLD.worker.processes
+    assert p.config.worker.host_id == OLD.worker.host_id

@@ -223,3 +223,31 @@ def test_deferrals_of_the_processes_of_a_killed_supervisor_are_retried(tmp_path:
         srv.stop()
     assert sorted(tries.values()) == [2, 2]
     assert "Traceback" not in second.log.read_text()
+
+
+def test_a_process_started_again_runs_on_the_configuration_of_the_whole(tmp_path: Path) -> None:
+    """The file is edited for the next restart (another spool) and then broken; a delivery
+    process killed meanwhile starts again on what the supervisor runs on, the same spool,
+    and delivers (before, it read the file: it ran on another spool, or could not start)."""
+    srv = SmtpServer()
+    worker = supervised(tmp_path, srv.port).start()
+    try:
+        kids = two_children(worker)
+        good = worker.config.read_text()
+        elsewhere = tmp_path / "elsewhere"
+        worker.config.write_text(good.replace(str(worker.spool), str(elsewhere)))
+        os.kill(kids[0], signal.SIGKILL)
+        wait_for(lambda: kids[0] not in two_children(worker), what="started again")
+        worker.config.write_text("spool: [broken\n")
+        os.kill(kids[1], signal.SIGKILL)
+        wait_for(lambda: kids[1] not in two_children(worker), what="started again")
+        rcpts = drop_burst(worker, 6)
+        wait_for(lambda: all_final(worker, 6), what="6 envelopes done")
+        worker.config.write_text(good)
+    finally:
+        assert worker.stop() == 0
+        srv.stop()
+    assert set(delivered(srv)) == set(rcpts)
+    assert not elsewhere.exists()
+    log = worker.log.read_text()
+    assert "config error" not in log and "Traceback" not in log, log

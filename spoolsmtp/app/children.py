@@ -47,13 +47,15 @@ class Child:
         self,
         index: int,
         name: str,
-        command: Callable[[int], list[str]],
+        command: Callable[[int, int], list[str]],
+        config: Callable[[], str],
         handle: Callable[[Child, dict[str, list[Any]]], None],
         lost: Callable[[Child], None],
     ) -> None:
         self.index = index
         self.name = name
         self._command = command
+        self._config = config  # the configuration the whole runs on, as YAML
         self._handle = handle
         self._lost = lost
         self.proc: subprocess.Popen[bytes] | None = None
@@ -101,12 +103,17 @@ class Child:
             env.pop(name, None)
         if self.starts:
             env.pop(CRASH_HOOK, None)
+        config = -1
         try:
+            # the configuration the supervisor runs on, not the file: it may have been
+            # edited since (for the next restart) or broken, and one process started again
+            # must not run on something else than its siblings
+            config = _in_memory(self._config())
             # a group of its own: a ^C at the terminal reaches the supervisor alone, which
             # then drains its children in order (and not restarts them as they exit)
             self.proc = subprocess.Popen(
-                self._command(theirs.fileno()),
-                pass_fds=(theirs.fileno(),),
+                self._command(theirs.fileno(), config),
+                pass_fds=(theirs.fileno(), config),
                 env=env,
                 process_group=0,
             )
@@ -119,6 +126,8 @@ class Child:
             return
         finally:
             theirs.close()
+            if config >= 0:
+                os.close(config)
         self.starts += 1
         self._started_at = time.monotonic()
         ours.setblocking(False)
@@ -222,10 +231,25 @@ class Child:
             await self._life
 
 
-def child_command(config: str, node: str, children: int, index: int) -> Callable[[int], list[str]]:
-    """The command line of a delivery process, given the descriptor of its end of the pair."""
+def _in_memory(text: str) -> int:
+    """A descriptor of a file in memory holding ``text``, read from its start."""
+    fd = os.memfd_create("spoolsmtp-config")
+    try:
+        os.write(fd, text.encode())
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
-    def command(fd: int) -> list[str]:
+
+def child_command(
+    config: str, node: str, children: int, index: int
+) -> Callable[[int, int], list[str]]:
+    """The command line of a delivery process, given the descriptors of its end of the pair
+    and of its configuration (``config`` names the file, for RELOAD and the log)."""
+
+    def command(fd: int, config_fd: int) -> list[str]:
         return [
             sys.executable,
             "-m",
@@ -233,6 +257,8 @@ def child_command(config: str, node: str, children: int, index: int) -> Callable
             "child",
             "--config",
             config,
+            "--config-fd",
+            str(config_fd),
             "--node",
             node,
             "--fd",

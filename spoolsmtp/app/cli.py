@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 
     kid = sub.add_parser("child", help=argparse.SUPPRESS)  # a supervisor's delivery process
     kid.add_argument("--config", type=Path, required=True)
+    kid.add_argument("--config-fd", type=int, help="the configuration to run on, as YAML")
     kid.add_argument("--node", required=True)
     kid.add_argument("--fd", type=int, required=True)
     kid.add_argument("--parent", type=int, required=True)
@@ -146,6 +148,10 @@ def _main(argv: Sequence[str] | None) -> int:
 
 def _config(args: argparse.Namespace) -> configmod.Config:
     """submit and ctl never read a config from the current folder (see ``configpath``)."""
+    if args.command == "child" and args.config_fd is not None:
+        # what the supervisor runs on (children.py), named after its file
+        with os.fdopen(args.config_fd, encoding="utf-8") as given:
+            return configmod.parse(given.read(), str(args.config))
     if args.command == "submit":
         return configpath.load_for_callers(args.config, control=args.wait is not None)
     if args.command in ("ctl", "top") and args.socket is not None:

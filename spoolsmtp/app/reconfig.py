@@ -65,6 +65,8 @@ RESTART = frozenset(
         "control.operator_group",
         # the node it runs as: its area, lock and sockets are taken at start
         "worker.host_id",
+        # the supervisor and its processes are started so (the limits split among them)
+        "worker.processes",
         # incoming/ and results/ are given to the submitters' group (and the umask set) at start
         "submit.group",
         # the process: its user, its log set-up, its event loop

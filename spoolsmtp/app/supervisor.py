@@ -32,6 +32,7 @@ from spoolsmtp.control import metricshttp
 from spoolsmtp.delivery.route import Router
 from spoolsmtp.model import exitcodes
 from spoolsmtp.model.config import Config
+from spoolsmtp.model.config import dumps as config_dumps
 from spoolsmtp.model.record import Record, State
 from spoolsmtp.model.stats import Stats
 from spoolsmtp.spool import diskfull, intake, nodes
@@ -88,6 +89,7 @@ class Supervisor:
                 k,
                 name,
                 child_command(source, name, len(names), k),
+                lambda: config_dumps(self.cfg),
                 self._report,
                 self._lost,
             )

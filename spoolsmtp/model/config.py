@@ -287,3 +287,35 @@ def _show(value: object) -> str:
     if isinstance(value, list):
         return "a list"
     return f"{value!r} ({type(value).__name__})"
+
+
+def dump(config: Config) -> dict[str, Any]:
+    """The configuration as YAML data that ``parse`` reads back to an equal ``Config``: what a
+    supervisor hands its delivery processes, so that one started again runs on the
+    configuration the whole runs on (the file may have been edited meanwhile, for the next
+    restart, or broken)."""
+    data: dict[str, Any] = _dumped(config)
+    return data
+
+
+def dumps(config: Config) -> str:
+    """``dump`` as YAML text."""
+    return yaml.safe_dump(dump(config), sort_keys=False, allow_unicode=True)
+
+
+def _dumped(value: object) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: _dumped(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if not f.metadata.get("internal")
+        }
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [_dumped(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _dumped(v) for k, v in value.items()}
+    return value
