@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 import resource
@@ -16,6 +17,8 @@ import pytest
 from spoolsmtp.app import cli
 from spoolsmtp.app.submit import Submission, build, recipients_from_headers
 from spoolsmtp.model import config
+from spoolsmtp.spool import durable
+from spoolsmtp.spool.watcher import LoopInotify
 from tests.helpers import SENDMAIL
 from tests.smtpservers import Message, Script, SmtpServer
 from tests.workerproc import WorkerProcess, run, spoolsmtp, wait_for
@@ -271,3 +274,34 @@ def test_a_read_only_spool_fails_with_73_and_leaves_nothing() -> None:
         for path in sorted(base.rglob("*"), reverse=True):
             path.rmdir()
         base.rmdir()
+
+
+def test_a_submitted_file_arrives_closed_for_writing(tmp_path: Path) -> None:
+    """What submit writes into incoming/ arrives by rename and is already closed for
+    writing: inotify tells of it once, as renamed in (taken at once), and never as closed
+    after writing under its own name. Before, submit closed it only after the rename: that
+    close came as a file written in place, and a worker that tried to take the file in
+    between found a writer (its read lease failed) and let it wait out settle_seconds (an
+    operator trial saw every submit wait 2 s)."""
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    seen: list[tuple[str, bool]] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        watch = LoopInotify(folder, loop, lambda name, moved: seen.append((name, moved)), list)
+        try:
+            at = durable.open_folder(folder)
+            try:
+                durable.write_new_at(at, "ID.bsmtp", b"HELO x\r\n")
+            finally:
+                os.close(at)
+            async with asyncio.timeout(10):
+                while ("ID.bsmtp", True) not in seen:
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0)  # one more turn: the events of one read are all handled
+        finally:
+            watch.close()
+
+    asyncio.run(main())
+    assert [event for event in seen if event[0] == "ID.bsmtp"] == [("ID.bsmtp", True)]

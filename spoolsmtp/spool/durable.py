@@ -167,8 +167,9 @@ def sync_folder_at(dir_fd: int, file_fd: int) -> None:
 def write_new_at(dir_fd: int, name: str, data: bytes, *, mode: int = 0o640) -> None:
     """Write ``name`` in the folder ``dir_fd`` (from ``open_folder``) atomically and durably,
     reading nothing of the folder: an unpredictable dot-named temp file made with O_EXCL and
-    O_NOFOLLOW, fsynced, renamed into place, the rename made durable. OSError: nothing was
-    placed (the temp file is gone). NotDurable: the file IS in place, only its sync failed."""
+    O_NOFOLLOW, fsynced and closed for writing, renamed into place, the rename made durable.
+    OSError: nothing was placed (the temp file is gone). NotDurable: the file IS in place, only
+    its sync failed."""
     tmp = _temp(name)
     fd = os.open(tmp, _CREATE | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
@@ -180,6 +181,12 @@ def write_new_at(dir_fd: int, name: str, data: bytes, *, mode: int = 0o640) -> N
             while view:
                 view = view[os.write(fd, view) :]
             os.fsync(fd)
+            # closed for writing before it is renamed into place: a worker that sees it
+            # arrive takes it at once only if no writer has it open (its read lease); a
+            # descriptor that only reads is kept for the sync of a folder we cannot open
+            reading = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            os.close(fd)
+            fd = reading
             os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except BaseException:
             with contextlib.suppress(OSError):

@@ -8,7 +8,7 @@ unchanged mtime means neither size nor content changed since. Files the rescan f
 treated so: it cannot tell how they got there.
 
 On Linux the folder is watched through watchdog's inotify bindings (``inotify_c``), read on
-the event loop's own thread (``_LoopInotify``): inotify is asked for renames into the folder
+the event loop's own thread (``LoopInotify``): inotify is asked for renames into the folder
 and closes after writing only, and one read serves every event the kernel has queued. No
 thread, no lock, no hand-over per event: watchdog's observer runs three threads (the reader,
 the emitter that pairs the halves of each rename, the dispatcher), and in a burst of 10,000
@@ -56,7 +56,7 @@ _READ_SIZE = 64 * 1024
 _READS_PER_TURN = 8  # then the loop runs its other callbacks before reading on
 
 
-class _LoopInotify:
+class LoopInotify:
     """One inotify instance watching one folder, read on the event loop: ``named(name,
     moved)`` for each file renamed into it (moved) or closed after writing (not moved),
     ``overflowed()`` when the kernel dropped events."""
@@ -161,7 +161,7 @@ class IncomingWatcher:
         self.known = known
         self.refused = refused
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._inotify: _LoopInotify | None = None
+        self._inotify: LoopInotify | None = None
         self._observer: Observer | None = None  # type: ignore[valid-type]
         self._lock = threading.Lock()
         self._pending: list[tuple[str, bool]] = []
@@ -170,7 +170,7 @@ class IncomingWatcher:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         if _INOTIFY:
-            self._inotify = _LoopInotify(self.folder, self._loop, self._named, self._overflowed)
+            self._inotify = LoopInotify(self.folder, self._loop, self._named, self._overflowed)
             return
         observer = Observer()
         # only creations and moves: watchdog then asks for nothing else, so a writer's
