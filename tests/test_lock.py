@@ -92,3 +92,27 @@ def test_a_lock_left_by_a_killed_worker_does_not_block_a_restart(tmp_path: Path)
     assert rec["state"] == "done"
     assert again.proc is not None
     assert holder_of(first.spool / "active") == ""  # released at the second one's exit
+
+
+def test_a_worker_alone_started_beside_a_supervisor_is_refused_as_in_use(tmp_path: Path) -> None:
+    """worker.processes: 1 on the spool and socket a supervisor runs on: it takes no node of
+    the supervisor's, so its control socket is what tells; exit 75 naming the supervisor's
+    pid, as for a spool in use (an operator trial saw 78, a configuration error, which the
+    systemd unit does not restart on)."""
+    srv = SmtpServer()
+    settings: dict[str, Any] = {"smarthost": f"127.0.0.1:{srv.port}"}
+    first = WorkerProcess(tmp_path, {**settings, "worker": {"processes": 2}}).start()
+    try:
+        (tmp_path / "alone").mkdir()
+        alone = WorkerProcess(tmp_path / "alone", {**settings, "spool": {"path": str(first.spool)}})
+        alone.config.write_text(first.config.read_text().replace("processes: 2", "processes: 1"))
+        try:
+            assert alone.start().wait_exit(timeout=20) == exitcodes.TEMPFAIL
+        finally:
+            alone.kill()
+        assert first.proc is not None
+        text = alone.log.read_text()
+        assert f"pid {first.proc.pid}" in text and "config error" not in text, text
+    finally:
+        assert first.stop() == 0
+        srv.stop()

@@ -27,6 +27,7 @@ from spoolsmtp.app.supervisor import Supervisor
 from spoolsmtp.app.worker import Worker
 from spoolsmtp.bsmtp import response
 from spoolsmtp.control import client as ctl
+from spoolsmtp.control.sockets import SocketInUse
 from spoolsmtp.delivery import deliverer, tlsplan
 from spoolsmtp.model import config as configmod
 from spoolsmtp.model import exitcodes
@@ -185,6 +186,9 @@ def _run(cfg: configmod.Config, args: argparse.Namespace) -> int:
         if Reboot.requested and code == exitcodes.OK:
             Reboot.execute()  # REBOOT: the spool released, the same command line again
         return code
+    except SocketInUse as exc:  # a worker runs there already: as for a spool in use
+        print(f"spoolsmtp: {exc}", file=sys.stderr)
+        return exitcodes.TEMPFAIL
     except ConfigError as exc:
         print(f"spoolsmtp: config error: {exc}", file=sys.stderr)
         return exitcodes.CONFIG

@@ -17,6 +17,7 @@ import errno
 import os
 import socket
 import stat
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,17 +90,30 @@ def _via_fd(fd: int, name: str = "") -> str:
     return f"/proc/self/fd/{fd}/{name}" if name else f"/proc/self/fd/{fd}"
 
 
-def answers(fd: int, name: str) -> bool:
-    """Whether some process accepts connections on the socket ``name`` in folder ``fd``."""
+class SocketInUse(Exception):
+    """Another live process answers on the control socket: a worker already runs there (exit
+    75, as for a spool in use, not a configuration error)."""
+
+    def __init__(self, path: Path, key: str, pid: int | None) -> None:
+        self.path = path
+        holder = f"another process (pid {pid})" if pid else "another process"
+        super().__init__(f"{path} ({key}): {holder} is answering on this socket; not starting")
+
+
+def _answering(fd: int, name: str) -> int | bool:
+    """The pid of the process that accepts connections on the socket (SO_PEERCRED), True if
+    it is alive but not known, False if none does."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(2.0)
     try:
         probe.connect(_via_fd(fd, name))
+        creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     except OSError as exc:
         return exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK)  # a full backlog is alive
     finally:
         probe.close()
-    return True
+    pid: int = struct.unpack("3i", creds)[0]
+    return pid or True
 
 
 def clear_stale(fd: int, name: str, path: Path, key: str, source: str) -> None:
@@ -110,8 +124,18 @@ def clear_stale(fd: int, name: str, path: Path, key: str, source: str) -> None:
         return
     if not stat.S_ISSOCK(info.st_mode):
         raise ConfigError(source, key, f"{path} exists and is not a socket; not touching it")
-    if answers(fd, name):
-        raise ConfigError(source, key, f"{path}: another process is answering on this socket")
+    alive = _answering(fd, name)
+    if alive is not False:
+        pid = None if alive is True else alive
+        if info.st_uid == os.geteuid():  # ours: a worker already runs there
+            raise SocketInUse(path, key, pid)
+        shown = f"pid {pid}, " if pid else ""
+        raise ConfigError(
+            source,
+            key,
+            f"{path}: another process is answering on this socket ({shown}uid {info.st_uid}),"
+            " not a worker of ours",
+        )
     if info.st_uid != os.geteuid():
         raise ConfigError(
             source, key, f"{path} is a dead socket of uid {info.st_uid}, not ours; remove it"
