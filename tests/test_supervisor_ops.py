@@ -5,6 +5,7 @@ processes' counters summed) and speaks to systemd (its processes are started wit
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -15,8 +16,14 @@ import threading
 import urllib.request
 from pathlib import Path
 
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from spoolsmtp.app import wire
+from spoolsmtp.app.supervisor import Supervisor
+from spoolsmtp.control.port import Traffic
+from spoolsmtp.model import config
+from spoolsmtp.model.stats import Stats
 from tests.helpers import draft
 from tests.smtpservers import Script, SmtpServer
 from tests.supervised import gated_sink, supervised, two_children
@@ -190,3 +197,28 @@ def test_queue_lists_what_the_delivery_processes_are_delivering(tmp_path: Path) 
         gate.set()
         assert worker.stop() == 0
         sink.stop()
+
+
+def test_what_a_dead_process_last_told_stays_counted(tmp_path: Path) -> None:
+    """A delivery process tells its counters every second when they move (wire ``c``), not
+    only when STATS or METRICS asks: when it dies, what it last told stays counted, traffic
+    included (an operator trial lost what was counted after the last question; the bytes
+    sent of a dead process fell out of METRICS altogether)."""
+    cfg = config.parse(
+        yaml.safe_dump({"spool": {"path": str(tmp_path / "spool")}, "worker": {"processes": 2}}),
+        str(tmp_path / "conf.yaml"),
+    )
+    told = Stats(files_taken=4, delivered=7)
+
+    async def main() -> tuple[Stats, Traffic]:
+        sup = Supervisor(cfg)
+        sup.spool.ensure()
+        child = sup.children[0]
+        sup._report(child, {"c": [{"stats": wire.counters(told), "traffic": {"bytes_sent": 900}}]})
+        sup._lost(child)
+        await asyncio.gather(*sup._tasks)
+        return sup.port.stats, sup.port.traffic()
+
+    stats, traffic = asyncio.run(main())
+    assert (stats.files_taken, stats.delivered) == (4, 7)
+    assert traffic.bytes_sent == 900

@@ -37,6 +37,7 @@ from spoolsmtp.spool.nodes import Adopted
 from spoolsmtp.spool.watcher import IncomingWatcher
 
 log = logging.getLogger("spoolsmtp")
+COUNTERS_EVERY = 1.0
 PR_SET_PDEATHSIG = 1
 LATENCY_SAMPLES = 1000
 
@@ -120,6 +121,7 @@ class ChildWorker(Worker):
         self._feeding: asyncio.Task[None] | None = None
         self._ops: set[asyncio.Task[None]] = set()
         self._watching: asyncio.Task[None] | None = None
+        self._pushing: asyncio.Task[None] | None = None
 
     # -- the worker's hooks ----------------------------------------------------------------
 
@@ -132,10 +134,27 @@ class ChildWorker(Worker):
     async def start(self) -> None:
         await self.link.open()
         self._watching = asyncio.create_task(self._orphaned())
+        self._pushing = asyncio.create_task(self._push_counters())
 
     async def close(self) -> None:
-        if self._feeding is not None:
-            self._feeding.cancel()
+        for task in (self._feeding, self._pushing):
+            if task is not None:
+                task.cancel()
+
+    def counters(self) -> dict[str, Any]:
+        """What it has counted since it started: kept by the supervisor if it dies."""
+        return {"stats": wire.counters(self.stats), "traffic": dataclasses.asdict(self.traffic())}
+
+    async def _push_counters(self) -> None:
+        """Its counters, every ``COUNTERS_EVERY`` when they moved: a process killed loses
+        at most that much of its counts (the supervisor adds a dead one's last to its own)."""
+        last: dict[str, Any] | None = None
+        while True:
+            await asyncio.sleep(COUNTERS_EVERY)
+            now = self.counters()
+            if now != last:
+                self.link.send("c", now)
+                last = now
 
     def _hangup(self) -> None:
         """A SIGHUP sent to a delivery process alone: it reads the file as the supervisor's
@@ -264,10 +283,9 @@ class ChildWorker(Worker):
         ordered = sorted(s._latencies)
         step = max(1, len(ordered) // LATENCY_SAMPLES)
         return {
-            "stats": wire.counters(s),
+            **self.counters(),
             "rate": s.rate(60.0),
             "latencies": ordered[::step],
-            "traffic": dataclasses.asdict(self.traffic()),
             "index": [_row(x) for x in self.index.values()],
             "dead": self.dead_destinations(),
             "disk": [self.disk.since, self.disk.reason, self.disk.full],

@@ -62,6 +62,7 @@ class Child:
         self.link: Link | None = None
         self.outstanding: set[str] = set()  # names and ids handed over, not yet reported back
         self.snapshot: dict[str, Any] = {}
+        self.counters: dict[str, Any] = {}  # its latest counters, from a snapshot or pushed
         self.starts = 0
         self._failures = 0
         self._started_at = 0.0

@@ -66,6 +66,7 @@ class Supervisor:
         self.router = Router(cfg)
         self.stats = Stats()  # its own counts (names refused); the children keep the rest
         self.retired = Stats()  # the last counts of delivery processes that died
+        self.retired_traffic: dict[str, Any] = {}  # and their traffic counters
         self.queue = Schedule(self.spool, self.summarise)
         self.index = self.queue.index  # the operator's view (whole.py)
         self.suspended = False
@@ -368,6 +369,8 @@ class Supervisor:
             task.add_done_callback(self._tasks.discard)
         for line in batch.get("t", ()):
             self.port.tracer.relay(line)
+        for counters in batch.get("c", ()):
+            child.counters = counters
         if "h" in batch:
             self._spawn(self._untold(child.name, "started"))
         if "up" in batch:  # a fresh process: what the operator set holds for it too
@@ -395,10 +398,14 @@ class Supervisor:
         child.outstanding.clear()
         # its counters so far stay counted (Prometheus counters never go back): its next
         # start counts from 0 again
-        last = child.snapshot.get("stats")
-        if last:
-            self.retired = wire.summed([wire.counters(self.retired), last], self.retired.started)
-        child.snapshot = {}
+        last = child.counters
+        if last.get("stats"):
+            self.retired = wire.summed(
+                [wire.counters(self.retired), last["stats"]], self.retired.started
+            )
+        if last.get("traffic"):
+            self.retired_traffic = wire.add_up([self.retired_traffic, last["traffic"]])
+        child.snapshot, child.counters = {}, {}
         if not self._stopping.is_set():
             self._rescan_soon()
             self._spawn(self._untold(child.name, "died"))

@@ -52,6 +52,7 @@ class Supervising(Protocol):
     router: Router
     stats: Stats
     retired: Stats
+    retired_traffic: dict[str, Any]
     index: dict[str, Summary]
     suspended: bool
     children: list[Child]
@@ -149,6 +150,7 @@ class Whole:
         for child, snap in zip(children, snaps, strict=True):
             if isinstance(snap, dict) and "stats" in snap:
                 child.snapshot = snap
+                child.counters = {k: snap[k] for k in ("stats", "traffic") if k in snap}
         self._merged = None
 
     def _parts(self) -> list[dict[str, Any]]:
@@ -198,7 +200,8 @@ class Whole:
         return WholeStats([*self._parts(), own, retired], self._started)
 
     def traffic(self) -> Traffic:
-        summed = wire.add_up(p.get("traffic", {}) for p in self._parts())
+        parts = [p.get("traffic", {}) for p in self._parts()]
+        summed = wire.add_up([*parts, self._sup.retired_traffic])
         names = {f.name for f in dataclasses.fields(Traffic)}
         return Traffic(**{k: v for k, v in summed.items() if k in names})
 

@@ -12,6 +12,7 @@ child -> supervisor
     ``s``: envelopes that left the child deferred or held (a ``Summary`` as a list);
     ``d``: ``[node, envelopes]``: the child adopted a dead node and resumed that many of its
     envelopes; deferred/ may now hold retries the supervisor does not know of;
+    ``c``: its counters (``stats``, ``traffic``), every second when they moved;
     ``h``: the child holds its node (started, what it had in flight resumed): what the node's
     previous process queued is on disk;
     ``a``: answers ``[seq, value]``; ``t``: trace lines.
