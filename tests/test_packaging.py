@@ -32,6 +32,16 @@ def test_version_comes_from_the_installed_metadata() -> None:
     assert done.stdout.strip() == f"spoolsmtp {metadata.version('spoolsmtp')}"
 
 
+def test_help_lists_the_operators_commands_only() -> None:
+    """The supervisor's internal ``child`` command is not offered (it showed as
+    ``child ==SUPPRESS==``)."""
+    done = _run(spoolsmtp("--help"))
+    assert done.returncode == 0, done.stderr
+    assert "SUPPRESS" not in done.stdout and "child" not in done.stdout, done.stdout
+    for command in ("run", "deliver", "ctl", "submit", "check", "queue", "top"):
+        assert f"\n    {command} " in done.stdout, done.stdout
+
+
 def test_the_wheel_builds_installs_and_runs_from_a_fresh_environment(tmp_path: Path) -> None:
     # a copy of the source, so the build leaves nothing in the checkout; built offline
     source = tmp_path / "src"

@@ -50,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, help="YAML config (default conf/spoolsmtp.yaml)")
     run.add_argument("--check-config", action="store_true", help="validate the config and exit")
 
-    kid = sub.add_parser("child", help=argparse.SUPPRESS)  # a supervisor's delivery process
+    # a supervisor's delivery process: no help, so that --help does not list it (argparse
+    # shows help=SUPPRESS as "==SUPPRESS=="), and left out of the usage line below
+    kid = sub.add_parser("child")
     kid.add_argument("--config", type=Path, required=True)
     kid.add_argument("--config-fd", type=int, help="the configuration to run on, as YAML")
     kid.add_argument("--node", required=True)
@@ -98,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("files", nargs="+", type=Path, metavar="FILE")
     queue_cmd.add_parser(sub)
     top_cmd.add_parser(sub, _CALLER_CONFIG)
+    sub.metavar = "{" + ",".join(c for c in sub.choices if c != "child") + "}"
     return parser
 
 
