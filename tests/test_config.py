@@ -145,3 +145,15 @@ def test_uvloop_asked_for_but_missing_stops_start_up(monkeypatch: pytest.MonkeyP
     assert info.value.key == "event_loop"
     assert "not installed" in info.value.problem
     assert eventloop.factory(config.parse("event_loop: auto\n", "c.yaml")) == ("asyncio", None)
+
+
+def test_tls_off_unquoted_means_off() -> None:
+    """``tls: off`` as the shipped config's comment writes it: YAML reads a bare off as
+    false, which was refused ("got False (bool)"); a route's and delivery's tls take it."""
+    cfg = config.parse(
+        "delivery: {tls: off}\nroutes: {example.org: {host: mx.example.org, tls: off}}\n"
+    )
+    assert cfg.delivery.tls is TlsPolicy.OFF
+    assert cfg.routes["example.org"].tls is TlsPolicy.OFF
+    with pytest.raises(ConfigError, match=r"delivery\.tls"):
+        config.parse("delivery: {tls: on}\n")  # no policy is called on

@@ -202,6 +202,8 @@ def _convert(tp: Any, meta: typing.Mapping[str, Any], value: object, name: str, 
             result = Path(value)
         elif isinstance(tp, type) and issubclass(tp, Enum):
             choices = [m.value for m in tp]
+            if value is False and "off" in choices:
+                value = "off"  # YAML 1.1 reads a bare off (or no, false) as false
             if value not in choices:
                 raise ValueError(f"expected one of {', '.join(choices)}, got {_show(value)}")
             result = tp(value)
