@@ -49,18 +49,30 @@ class Actions:
         if summary.state is State.HELD:
             return f"{envelope_id} is already held"
         if summary.state is State.ACTIVE:
-            w._hold_after.add(envelope_id)
+            await self.hold_after(envelope_id, True)
             return f"{envelope_id} is being delivered; it will be held after this attempt"
         self._scheduler.unschedule(envelope_id)
         try:
             await w.spool.move(envelope_id, "deferred", "hold")
         except FileNotFoundError:
-            w._hold_after.add(envelope_id)
+            await self.hold_after(envelope_id, True)
             return f"{envelope_id} is being delivered; it will be held after this attempt"
         await self._restate(envelope_id, State.HELD, "hold")
         summary.state, summary.next_attempt = State.HELD, None
         w._spool_trace(f"{envelope_id}: held by operator")
         return f"{envelope_id} held"
+
+    async def hold_after(self, envelope_id: str, on: bool) -> None:
+        """Hold an envelope being delivered once this attempt is over (or not, after all).
+        Journaled while it is in flight here, so that a crash does not forget the operator's
+        word: the attempt resumed after a restart ends held too (recovery.py)."""
+        w = self._w
+        if on:
+            w._hold_after.add(envelope_id)
+        else:
+            w._hold_after.discard(envelope_id)
+        if envelope_id in w._active:  # else the journal would keep the line for good
+            await w._journal({"t": "hold", "id": envelope_id, "on": on})
 
     async def release(self, envelope_id: str) -> str:
         """Move a held envelope back to deferred/ and try it at once."""
@@ -69,7 +81,7 @@ class Actions:
         if summary is None:
             raise LookupError(f"no queued envelope {envelope_id}")
         if envelope_id in w._hold_after:
-            w._hold_after.discard(envelope_id)
+            await self.hold_after(envelope_id, False)
             return f"{envelope_id} will not be held after all"
         if summary.state is not State.HELD:
             return f"{envelope_id} is not held ({summary.state.value})"

@@ -236,13 +236,13 @@ class ChildWorker(Worker):
             known = envelope_id in self._active or envelope_id in self.index
             if not (known or sure):
                 return None
-            self._hold_after.add(envelope_id)
+            await self.actions.hold_after(envelope_id, True)
             return f"{envelope_id} is being delivered; it will be held after this attempt"
         if op == "unhold":
             (envelope_id,) = args
             if envelope_id not in self._hold_after:
                 return None
-            self._hold_after.discard(envelope_id)
+            await self.actions.hold_after(envelope_id, False)
             return f"{envelope_id} will not be held after all"
         if op == "move":  # hold <-> deferred, for HOLD and RELEASE of a queued envelope
             envelope_id, source, target = args

@@ -94,6 +94,8 @@ class Recovery:
                 return
             await self._records.write(rec)
             await self._pickup.batch_outputs(envelope_id, env, rec, replayed)
+            if replayed.hold:  # the operator's HOLD while it was in flight holds still
+                w._hold_after.add(envelope_id)
             await w._attempt(envelope_id, env, rec, data)
         except Exception as exc:
             w.scheduler.put_back(envelope_id, exc)

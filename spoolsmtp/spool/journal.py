@@ -68,6 +68,7 @@ class Replayed:
     crashes: int = 0
     alone: bool = False
     owner: tuple[int, int] | None = None  # uid, gid of incoming/name when it was claimed
+    hold: bool = False  # an operator's HOLD while it was being delivered: held after it
 
 
 def replay(folder: Path) -> dict[str, Replayed]:
@@ -100,6 +101,8 @@ def _read_lines(out: dict[str, Replayed], lines: Iterable[bytes]) -> None:
                 entry.owner = (rec["uid"], rec["gid"])
         elif rec["t"] == "record":
             entry.record = rec["record"]
+        elif rec["t"] == "hold":
+            entry.hold = bool(rec.get("on", True))
         elif rec["t"] == "phase":
             entry.phase = rec["phase"]
             entry.crashes = 0 if rec["phase"] == "read" else rec.get("crashes", 0)
