@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import yaml
-from benchkit import Mail, free_port, tree_cpu
+from benchkit import Mail, free_port, own_cpu, tree_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ("smtp-sink", "smtp-source", "postfix")
@@ -98,8 +98,9 @@ def drop(incoming: str, n: int, size: int, rcpts: int) -> None:
 
 def spoolsmtp_run(
     tmp: Path, n: int, processes: int, mail: Mail, timeout: float
-) -> tuple[float, float]:
-    """One worker (``processes`` delivery processes) fed by the dropper: env/s, CPU s/1000."""
+) -> tuple[float, float, float]:
+    """One worker (``processes`` delivery processes) fed by the dropper: env/s, CPU s/1000, and
+    the part of that CPU the top process spent itself (the supervisor, with processes > 1)."""
     spool = tmp / "spool"
     (spool / "incoming").mkdir(parents=True)
     sink = Sink(n)
@@ -119,7 +120,7 @@ def spoolsmtp_run(
         while not (spool / "active").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(1.0 + processes * 0.5)  # started and watching
-        cpu0 = tree_cpu(worker.pid)
+        cpu0, own0 = tree_cpu(worker.pid), own_cpu(worker.pid)
         dropper = subprocess.run(
             [sys.executable, __file__, "drop", str(spool / "incoming"), str(n), *mail.args()],
             stdout=subprocess.PIPE,
@@ -128,13 +129,13 @@ def spoolsmtp_run(
         )
         first = float(dropper.stdout.split()[1])
         end = sink.end(timeout)
-        cpu = tree_cpu(worker.pid) - cpu0
+        cpu, own = tree_cpu(worker.pid) - cpu0, own_cpu(worker.pid) - own0
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(60)
         if sink.proc.poll() is None:
             sink.proc.kill()
-    return n / (end - first), cpu / n * 1000
+    return n / (end - first), cpu / n * 1000, own / n * 1000
 
 
 MAIN_CF = """\
@@ -280,26 +281,29 @@ def main() -> None:
         )
         sys.exit(2)
     mail = Mail(args.size, args.rcpts)
-    rows: list[tuple[str, float, float]] = []
+    rows: list[tuple[str, float, float, float | None]] = []
     outer = tempfile.TemporaryDirectory(prefix="spoolsmtp-outsider-")
     os.chmod(outer.name, 0o755)  # Postfix's daemons (user postfix) walk into their queue
     try:
         for processes in dict.fromkeys(args.processes):
             tmp = Path(outer.name) / f"p{processes}"
             tmp.mkdir()
-            rate, cpu = spoolsmtp_run(tmp, args.n, processes, mail, args.timeout)
-            rows.append((f"spoolsmtp, processes {processes}", rate, cpu))
+            rate, cpu, own = spoolsmtp_run(tmp, args.n, processes, mail, args.timeout)
+            rows.append((f"spoolsmtp, processes {processes}", rate, cpu, own))
         if not args.no_postfix:
             rate, cpu = postfix_run(Path(outer.name), args.n, mail, args.timeout)
-            rows.append(("Postfix smtpd -> queue -> smtp", rate, cpu))
+            rows.append(("Postfix smtpd -> queue -> smtp", rate, cpu, None))
     finally:
         outer.cleanup()
     print(f"N={args.n}, {mail}; drop (or first connection) to the sink's N-th message")
-    print(f"{'path':34} {'env/s':>7} {'CPU s/1000':>10} {'x first':>8} {'x Postfix':>9}")
+    # "top": of the CPU, what the top process spent itself (with processes > 1: the supervisor)
+    head = f"{'path':34} {'env/s':>7} {'CPU s/1000':>10} {'top':>5} {'x first':>8} {'x Postfix':>9}"
+    print(head)
     postfix = rows[-1][1] if not args.no_postfix else None
-    for label, rate, cpu in rows:
+    for label, rate, cpu, by_top in rows:
         vs_pf = f"{rate / postfix:9.2f}" if postfix else "        -"
-        print(f"{label:34} {rate:7.0f} {cpu:10.2f} {rate / rows[0][1]:8.2f} {vs_pf}")
+        top = f"{by_top:5.2f}" if by_top is not None else "    -"
+        print(f"{label:34} {rate:7.0f} {cpu:10.2f} {top} {rate / rows[0][1]:8.2f} {vs_pf}")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,12 @@ def tree_cpu(root: int) -> float:
     return total / TICK
 
 
+def own_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` alone, its threads included, not its children (utime + stime)."""
+    fields = _stat(pid)
+    return 0.0 if fields is None else sum(int(x) for x in fields[11:13]) / TICK
+
+
 def free_port() -> int:
     """A loopback TCP port free right now (for a server that cannot say which it took)."""
     with socket.socket() as s:

@@ -9,6 +9,7 @@ import asyncio
 import subprocess
 import sys
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -298,7 +299,7 @@ def test_a_queue_to_a_dane_domain_asks_for_the_tlsa_records_once_until_expire(
             for i, name in enumerate(names):
                 w.drop_drafts(name, [draft("o@batch.test", [f"r{i}@{DOMAIN}"])])
             for name in names:
-                assert wait_for(lambda n=name: w.final(n), what=name)["state"] == "done"
+                assert wait_for(partial(w.final, name), what=name)["state"] == "done"
             assert asked() == 1
             stats = w.ask("STATS")["result"]
             assert stats["dns_lookups"] == 10 and stats["dns_cache_hits"] == 8, stats

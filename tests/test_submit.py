@@ -289,7 +289,9 @@ def test_a_submitted_file_arrives_closed_for_writing(tmp_path: Path) -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        watch = LoopInotify(folder, loop, lambda name, moved: seen.append((name, moved)), list)
+        watch = LoopInotify(
+            folder, loop, lambda name, moved: seen.append((name, moved)), lambda: None
+        )
         try:
             at = durable.open_folder(folder)
             try:

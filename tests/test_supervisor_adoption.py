@@ -18,6 +18,7 @@ import threading
 import time
 from collections import Counter
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -238,7 +239,7 @@ def test_a_dead_hosts_deferred_mail_is_scheduled_once_by_a_supervisor_that_adopt
         for i, rcpt in enumerate(theirs):
             b.drop_drafts(f"d{i}.bsmtp", [draft("o@example.com", [rcpt])])
         for i in range(len(theirs)):
-            wait_for(lambda i=i: b.in_state(f"d{i}.bsmtp", "deferred"), what="deferred by b")
+            wait_for(partial(b.in_state, f"d{i}.bsmtp", "deferred"), what="deferred by b")
         assert b.ask("SUSPEND")["status"] == 200
         assert a.ask("RESUME")["status"] == 200
         a.drop_drafts("k.bsmtp", [draft("o@example.com", [mine])])
@@ -250,7 +251,7 @@ def test_a_dead_hosts_deferred_mail_is_scheduled_once_by_a_supervisor_that_adopt
         queued = a.ask("QUERY")["result"]["states"]["deferred"]
         flushed = a.ask("FLUSH")["result"]["scheduled"]
         for name in ("d0.bsmtp", "d1.bsmtp", "k.bsmtp"):
-            wait_for(lambda name=name: a.final(name), what=f"{name} delivered")
+            wait_for(partial(a.final, name), what=f"{name} delivered")
         assert a.stop() == 0
     finally:
         a.kill()
@@ -326,7 +327,7 @@ def test_a_dead_hosts_retries_are_known_while_the_adopter_waits_for_room(tmp_pat
         for gate in sink.gates.values():
             gate.set()
         for name in ("g.bsmtp", "one.bsmtp", "two.bsmtp"):
-            wait_for(lambda name=name: sup.final(name), what=f"{name} delivered")
+            wait_for(partial(sup.final, name), what=f"{name} delivered")
         queued = sup.ask("QUERY")["result"]["states"]["deferred"]
         flushed = sup.ask("FLUSH")["result"]["scheduled"]
         wait_for(lambda: attempts(sup.record_for("d.bsmtp")) == 2, what="x's retry tried here")

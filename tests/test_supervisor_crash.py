@@ -10,6 +10,7 @@ import signal
 import threading
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -200,7 +201,10 @@ def test_deferrals_of_the_processes_of_a_killed_supervisor_are_retried(tmp_path:
             await writer.drain()
 
     srv = RawServer(script)
-    more = {"retry": {"interval": "1s", "max_interval": "1s"}, "shutdown_timeout": "30s"}
+    more: dict[str, Any] = {
+        "retry": {"interval": "1s", "max_interval": "1s"},
+        "shutdown_timeout": "30s",
+    }
     more["delivery"] = {"timeouts": {"rcpt": "30s"}}
     first = supervised(tmp_path, srv.port, **more).start()
     second = WorkerProcess(tmp_path, {"smarthost": f"127.0.0.1:{srv.port}", **TWO, **more})
