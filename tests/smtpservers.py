@@ -239,15 +239,21 @@ async def read_line(reader: asyncio.StreamReader) -> bytes:
 
 
 async def standard_dialogue(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, received: list[bytes]
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    received: list[bytes],
+    rcpt: Callable[[bytes], Awaitable[bytes]] | None = None,
 ) -> None:
-    """A minimal well-behaved server (no extensions) for raw scripts to build on."""
+    """A minimal well-behaved server (no extensions) for raw scripts to build on; ``rcpt``,
+    when given, answers each RCPT line (a reply line, CRLF included)."""
     writer.write(b"220 raw.test ready\r\n")
     while True:
         line = await read_line(reader)
         received.append(line)
         verb = line[:4].upper()
-        if verb == b"DATA":
+        if verb == b"RCPT" and rcpt is not None:
+            writer.write(await rcpt(line))
+        elif verb == b"DATA":
             writer.write(b"354 go ahead\r\n")
             body = await reader.readuntil(b"\r\n.\r\n")
             received.append(body)

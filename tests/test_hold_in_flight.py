@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import draft
-from tests.smtpservers import RawServer, read_line
+from tests.smtpservers import RawServer, standard_dialogue
 from tests.supervised import TWO, two_children
 from tests.workerproc import WorkerProcess, request, wait_for
 
@@ -25,24 +25,15 @@ def _later_server(gate: threading.Event, held: list[int]) -> RawServer:
     """Answers every recipient 451; the first try of each only once ``gate`` opens."""
     tries: Counter[bytes] = Counter()
 
+    async def rcpt(line: bytes) -> bytes:
+        tries[line] += 1
+        if tries[line] == 1:
+            held[0] += 1
+            await asyncio.get_running_loop().run_in_executor(None, gate.wait, 30)
+        return b"451 4.3.0 try later\r\n"
+
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 later.test ready\r\n")
-        while True:
-            line = await read_line(reader)
-            verb = line[:4].upper()
-            if verb == b"RCPT":
-                tries[line] += 1
-                if tries[line] == 1:
-                    held[0] += 1
-                    await asyncio.get_running_loop().run_in_executor(None, gate.wait, 30)
-                writer.write(b"451 4.3.0 try later\r\n")
-            elif verb == b"QUIT":
-                writer.write(b"221 bye\r\n")
-                await writer.drain()
-                return
-            else:
-                writer.write(b"250 ok\r\n")
-            await writer.drain()
+        await standard_dialogue(reader, writer, [], rcpt)
 
     return RawServer(script)
 

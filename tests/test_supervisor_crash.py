@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import draft
-from tests.smtpservers import RawServer, Script, SmtpServer, read_line
+from tests.smtpservers import RawServer, Script, SmtpServer, standard_dialogue
 from tests.supervised import (
     TWO,
     alive,
@@ -175,30 +175,16 @@ def test_deferrals_of_the_processes_of_a_killed_supervisor_are_retried(tmp_path:
     held = [0]
     tries: Counter[bytes] = Counter()
 
+    async def rcpt(line: bytes) -> bytes:
+        tries[line] += 1
+        if tries[line] > 1:
+            return b"250 ok\r\n"
+        held[0] += 1  # the first try: held until the gate opens, then 451
+        await asyncio.get_running_loop().run_in_executor(None, gate.wait, 30)
+        return b"451 4.3.0 try later\r\n"
+
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 slow.test ready\r\n")
-        while True:
-            line = await read_line(reader)
-            verb = line[:4].upper()
-            if verb == b"RCPT":
-                tries[line] += 1
-                if tries[line] == 1:  # the first try: held until the gate opens, then 451
-                    held[0] += 1
-                    await asyncio.get_running_loop().run_in_executor(None, gate.wait, 30)
-                    writer.write(b"451 4.3.0 try later\r\n")
-                else:
-                    writer.write(b"250 ok\r\n")
-            elif verb == b"DATA":
-                writer.write(b"354 go ahead\r\n")
-                await reader.readuntil(b"\r\n.\r\n")
-                writer.write(b"250 2.0.0 ok\r\n")
-            elif verb == b"QUIT":
-                writer.write(b"221 bye\r\n")
-                await writer.drain()
-                return
-            else:
-                writer.write(b"250 ok\r\n")
-            await writer.drain()
+        await standard_dialogue(reader, writer, [], rcpt)
 
     srv = RawServer(script)
     more: dict[str, Any] = {
