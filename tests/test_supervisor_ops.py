@@ -222,3 +222,27 @@ def test_what_a_dead_process_last_told_stays_counted(tmp_path: Path) -> None:
     stats, traffic = asyncio.run(main())
     assert (stats.files_taken, stats.delivered) == (4, 7)
     assert traffic.bytes_sent == 900
+
+
+def test_a_process_that_does_not_answer_is_named_once(tmp_path: Path) -> None:
+    """A delivery process stopped (SIGSTOP) does not answer the snapshot each command asks
+    for: the command is still answered (after the snapshot's timeout), and the log names the
+    process once for the whole episode, and once when it answers again (an operator trial saw
+    every command take 5.6 s and nothing said why)."""
+    srv = SmtpServer()
+    worker = supervised(tmp_path, srv.port).start()
+    try:
+        kids = two_children(worker)
+        os.kill(kids[0], signal.SIGSTOP)
+        try:
+            assert worker.ask("STATS")["status"] == 200
+            assert worker.ask("QUERY")["status"] == 200
+        finally:
+            os.kill(kids[0], signal.SIGCONT)
+        assert worker.ask("STATS")["status"] == 200
+    finally:
+        assert worker.stop() == 0
+        srv.stop()
+    log = worker.log.read_text()
+    assert log.count(f"(pid {kids[0]}) did not answer within") == 1, log
+    assert log.count("answers again") == 1, log

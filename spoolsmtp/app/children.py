@@ -63,6 +63,7 @@ class Child:
         self.outstanding: set[str] = set()  # names and ids handed over, not yet reported back
         self.snapshot: dict[str, Any] = {}
         self.counters: dict[str, Any] = {}  # its latest counters, from a snapshot or pushed
+        self.silent = False  # it did not answer the last snapshot asked of it
         self.starts = 0
         self._failures = 0
         self._started_at = 0.0

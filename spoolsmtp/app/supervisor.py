@@ -405,7 +405,7 @@ class Supervisor:
             )
         if last.get("traffic"):
             self.retired_traffic = wire.add_up([self.retired_traffic, last["traffic"]])
-        child.snapshot, child.counters = {}, {}
+        child.snapshot, child.counters, child.silent = {}, {}, False
         if not self._stopping.is_set():
             self._rescan_soon()
             self._spawn(self._untold(child.name, "died"))

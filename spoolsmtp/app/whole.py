@@ -151,6 +151,18 @@ class Whole:
             if isinstance(snap, dict) and "stats" in snap:
                 child.snapshot = snap
                 child.counters = {k: snap[k] for k in ("stats", "traffic") if k in snap}
+                if child.silent:
+                    child.silent = False
+                    log.info("delivery process %s answers again", child.name)
+            elif child.up and not child.silent:  # once per episode: stopped, or stuck
+                child.silent = True
+                log.warning(
+                    "delivery process %s (pid %s) did not answer within %.0f s (stopped or "
+                    "stuck?); what it has in hand waits for it, and its figures are its last",
+                    child.name,
+                    child.proc.pid if child.proc is not None else "?",
+                    SNAPSHOT_TIMEOUT,
+                )
         self._merged = None
 
     def _parts(self) -> list[dict[str, Any]]:
