@@ -10,11 +10,11 @@ told). Not thread-safe: the supervisor's loop owns it; the folder reads run in t
 
 from __future__ import annotations
 
-import heapq
 import time
 from collections.abc import Callable, Iterable
 
 from spoolsmtp.app.children import Child
+from spoolsmtp.app.duetimes import DueTimes
 from spoolsmtp.app.host import Summary
 from spoolsmtp.model.record import Record, State
 from spoolsmtp.spool.folders import Spool
@@ -33,8 +33,7 @@ class Schedule:
         self.summarise = summarise
         self.index: dict[str, Summary] = {}  # deferred and held, and retries handed out
         self.handed: dict[str, Child] = {}  # retries handed out, until the child reports
-        self._heap: list[tuple[float, str]] = []
-        self._due: dict[str, float] = {}
+        self._due = DueTimes()
 
     def __len__(self) -> int:
         """How many retries are scheduled."""
@@ -55,19 +54,17 @@ class Schedule:
     def enter(self, found: Iterable[Found]) -> int:
         """Into the index, and the deferred ones onto the schedule, due when their records
         say; how many were scheduled."""
-        count = 0
+        scheduled: list[tuple[str, float]] = []
         for envelope_id, state, rec in found:
             due = time.time()
             if rec is not None:
                 due = rec.next_due(due)
                 self.index[envelope_id] = self.summarise(rec, state, due)
             if state is State.DEFERRED:
-                self._due[envelope_id] = due
-                self._heap.append((due, envelope_id))
-                count += 1
-        if count:
-            heapq.heapify(self._heap)
-        return count
+                scheduled.append((envelope_id, due))
+        if scheduled:
+            self._due.set_all(scheduled)
+        return len(scheduled)
 
     def known(self, waiting: Iterable[str]) -> Callable[[str], bool]:
         """Whether an envelope is known: scheduled, due and ``waiting`` for a process,
@@ -86,27 +83,23 @@ class Schedule:
         return known
 
     def schedule(self, envelope_id: str, when: float) -> None:
-        self._due[envelope_id] = when
-        heapq.heappush(self._heap, (when, envelope_id))
+        self._due.set(envelope_id, when)
         summary = self.index.get(envelope_id)
         if summary is not None:
             summary.state, summary.next_attempt = State.DEFERRED, when
 
     def unschedule(self, envelope_id: str) -> None:
-        self._due.pop(envelope_id, None)
+        self._due.discard(envelope_id)
 
     def due(self, now: float) -> list[str]:
         """Take off the schedule every retry due by ``now``."""
         out: list[str] = []
-        while self._heap and self._heap[0][0] <= now:
-            when, envelope_id = heapq.heappop(self._heap)
-            if self._due.get(envelope_id) == when:  # else rescheduled or unscheduled since
-                del self._due[envelope_id]
-                out.append(envelope_id)
+        while (envelope_id := self._due.pop_due(now)) is not None:
+            out.append(envelope_id)
         return out
 
     def next_due(self) -> float | None:
-        return self._heap[0][0] if self._heap else None
+        return self._due.next_time()
 
     def hand(self, envelope_id: str, child: Child) -> None:
         """A due retry is handed to ``child``: active in the operator's view until it

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import time
 from typing import TYPE_CHECKING
 
+from spoolsmtp.app.duetimes import DueTimes
 from spoolsmtp.model.record import Record, State
 from spoolsmtp.spool import journal
 from spoolsmtp.spool.folders import SUFFIX
@@ -44,8 +44,7 @@ class Scheduler:
         self._recovery = recovery
         self._pickup = pickup
         self.putbacks = putbacks
-        self._heap: list[tuple[float, str]] = []
-        self._due: dict[str, float] = {}
+        self._due = DueTimes()
         # due and out of the schedule, not yet taken out of deferred/ (waiting for a slot)
         self._taking: set[str] = set()
         self._wake = asyncio.Event()
@@ -54,8 +53,7 @@ class Scheduler:
         summary = self._w.index.get(envelope_id)
         if summary is not None:
             summary.next_attempt = when
-        self._due[envelope_id] = when
-        heapq.heappush(self._heap, (when, envelope_id))
+        self._due.set(envelope_id, when)
         self._wake.set()
 
     def knows(self, envelope_id: str) -> bool:
@@ -63,7 +61,7 @@ class Scheduler:
         return envelope_id in self._due or envelope_id in self._taking
 
     def unschedule(self, envelope_id: str) -> None:
-        self._due.pop(envelope_id, None)
+        self._due.discard(envelope_id)
 
     def wake(self) -> None:
         self._wake.set()
@@ -74,18 +72,14 @@ class Scheduler:
             self._wake.clear()
             now = time.time()
             halted = w.suspended or w.disk.full
-            while self._heap and self._heap[0][0] <= now and not halted:
-                when, envelope_id = heapq.heappop(self._heap)
-                if self._due.get(envelope_id) != when:
-                    continue
-                del self._due[envelope_id]
+            while not halted and (envelope_id := self._due.pop_due(now)) is not None:
                 self._taking.add(envelope_id)
                 await w._slots.acquire()
                 w._spawn(self._retry(envelope_id))
             # suspended, due retries wait for RESUME (which wakes us), not for a timer: with a
             # past due time that would be a busy loop
-            waiting = self._heap and not halted
-            delay = self._heap[0][0] - now if waiting else 3600.0
+            upcoming = self._due.next_time()
+            delay = upcoming - now if upcoming is not None and not halted else 3600.0
             # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation that
             # arrives as the event is set, and the scheduler then outlived SIGTERM
             with contextlib.suppress(TimeoutError):

@@ -235,10 +235,11 @@ class Supervisor:
             )
         return count
 
-    def _spawn(self, work: Coroutine[Any, Any, int]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, int]) -> asyncio.Task[int]:
         task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def adopted(self, node: str) -> int:
         """The retries the last adoption of ``node`` scheduled, for the operator's ADOPT (the
@@ -363,10 +364,7 @@ class Supervisor:
             if self.queue.handed.pop(envelope_id, None) is not None:
                 self.queue.gone(envelope_id)
         for node, envelopes in batch.get("d", ()):
-            task = asyncio.create_task(self._learn(node, envelopes))
-            self._learning[node] = task
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._learning[node] = self._spawn(self._learn(node, envelopes))
         for line in batch.get("t", ()):
             self.port.tracer.relay(line)
         for counters in batch.get("c", ()):
