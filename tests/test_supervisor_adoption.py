@@ -298,7 +298,11 @@ def test_a_dead_hosts_retries_are_known_while_the_adopter_waits_for_room(tmp_pat
         wait_for(lambda: inflight in sink.holding, what="x's envelope in flight")
         x.kill()
         assert sup.ask("RESUME")["status"] == 200
+        # one after the other: the names of x's files, seen during the SUSPEND and handed out
+        # at RESUME, are done with (x took the files) by the time the first is at the server,
+        # so the second goes to the idle process, not behind the first in the busy one
         sup.drop_drafts("one.bsmtp", [draft("o@example.com", [one])])
+        wait_for(lambda: one in sink.holding, what="one process busy")
         sup.drop_drafts("two.bsmtp", [draft("o@example.com", [two])])
         wait_for(lambda: {one, two} <= sink.holding, what="both processes busy")
 
