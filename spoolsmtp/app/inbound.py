@@ -17,7 +17,6 @@ import os
 import pwd
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from spoolsmtp.bsmtp import netdata, writer
@@ -75,14 +74,14 @@ async def unwrapped(
 # -- who sent it (policy/restrict.py decides) ---------------------------------------------------
 
 
-def claim_owner(path: Path) -> dict[str, int]:
+def claim_owner(path: str) -> dict[str, int]:
     """``uid``/``gid`` of ``incoming/NAME`` for its claim record ({} if it cannot be seen): the
     owner survives a crash that leaves only the worker's copy in active/."""
     owner = owner_of(path)
     return {} if owner is None else {"uid": owner[0], "gid": owner[1]}
 
 
-def owner_of(path: Path) -> tuple[int, int] | None:
+def owner_of(path: str) -> tuple[int, int] | None:
     """The uid and gid of the file at ``path`` (not following a link); None if it is gone."""
     try:
         info = os.lstat(path)
@@ -119,7 +118,7 @@ def submitter(
     """Who submitted ``active/ID``: the file's owner while it is not yet the worker's copy,
     else ``known`` (from the record or the journal), else the worker. Raises
     ``EnvelopeFault`` when that owner may not submit at all."""
-    info = os.lstat(w.spool.path("active", f"{envelope_id}{SUFFIX}"))
+    info = os.lstat(w.spool.file("active", f"{envelope_id}{SUFFIX}"))
     me = os.geteuid()
     if info.st_uid != me or known is None:
         uid, gid = info.st_uid, info.st_gid

@@ -110,7 +110,7 @@ class Pickup:
                 w._reads.mark(envelope_id)
                 # committed by the same batch, before the rename: a restart knows the name
                 claim = {"t": "claim", "id": envelope_id, "name": name}
-                w.journal.append(claim | inbound.claim_owner(w.spool.path("incoming", name)))
+                w.journal.append(claim | inbound.claim_owner(w.spool.file("incoming", name)))
                 suffix = ORIGINAL if w._legacy else SUFFIX
                 try:
                     claimed = await self._claim(name, envelope_id, suffix)
@@ -122,7 +122,7 @@ class Pickup:
                     w.journal.finished(envelope_id)
                     return
                 # its owner, before a conversion or a copy makes it the worker's
-                owner = inbound.owner_of(w.spool.path("active", f"{envelope_id}{suffix}"))
+                owner = inbound.owner_of(w.spool.file("active", f"{envelope_id}{suffix}"))
         finally:
             self._queued.discard(name)
         if envelope_id is None:
@@ -215,8 +215,8 @@ class Pickup:
             crashpoint.reach("reading")
             try:
                 who = inbound.submitter(w, envelope_id, source, owner)
-                await w.spool.make_own(envelope_id)  # what is read and sent is ours from here
-                opened = w.spool.open_envelope("active", envelope_id, whole=INLINE_READ_BYTES)
+                # what is read and sent is ours from here
+                opened = await w.spool.open_own(envelope_id, whole=INLINE_READ_BYTES)
                 opened = await inbound.unwrapped(w, envelope_id, source, opened)
                 local = inbound.unqualified(w)
                 data: bytes | None

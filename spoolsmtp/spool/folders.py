@@ -95,8 +95,12 @@ class Spool:
         except OSError:
             return None
 
-    def _file(self, folder: str, name: str) -> str:
+    def file(self, folder: str, name: str) -> str:
+        """``path`` as a string: for what runs per envelope (building a Path and turning it
+        back into a string for a system call costs several times the call itself)."""
         return f"{self._dir[folder]}/{name}"
+
+    _file = file
 
     # -- moves -----------------------------------------------------------------------------
 
@@ -249,33 +253,25 @@ class Spool:
 
     # -- files -----------------------------------------------------------------------------
 
-    def open_envelope(self, folder: str, envelope_id: str, whole: int = 0) -> bytes | BinaryIO:
-        """Open without following links, and insist on a regular file. A file of at most
-        ``whole`` bytes is read at once and returned as bytes (no file object is built for it:
-        most envelopes are a few KB); a larger one is returned open, for streaming."""
-        fd = os.open(
-            self._file(folder, f"{envelope_id}{SUFFIX}"),
-            os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK,
-        )
+    async def open_own(self, envelope_id: str, whole: int = 0) -> bytes | BinaryIO:
+        """``active/ID.bsmtp`` made a file only the worker can change, then opened (not
+        following links; a regular file only). A file someone else owns, or that has another
+        link, is first copied (``intake.copy_own``, in a thread: a large copy must not hold up
+        the loop) and the copy opened; the worker's own file is read through the descriptor
+        that checked it. A file of at most ``whole`` bytes is read at once and returned as
+        bytes (most envelopes are a few KB); a larger one is returned open, for streaming."""
+        path = self._file("active", f"{envelope_id}{SUFFIX}")
+        fd, info = intake.open_regular(path)
+        if intake.foreign(info):
+            await asyncio.to_thread(intake.copy_own, fd, info, path)
+            fd, info = intake.open_regular(path)
         try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise NotRegular(envelope_id)
             if info.st_size <= whole:
                 return _read_all(fd, info)
         except BaseException:
             os.close(fd)
             raise
         return os.fdopen(fd, "rb")
-
-    async def make_own(self, envelope_id: str) -> None:
-        """Make ``active/ID.bsmtp`` a file only the worker can change: a file someone else
-        owns, or that has another link, is copied (``intake.copy_own``), in a thread: a large
-        copy must not hold up the I/O batch. The worker's own files are left as they are."""
-        path = self._file("active", f"{envelope_id}{SUFFIX}")
-        found = intake.to_copy(path)
-        if found is not None:
-            await asyncio.to_thread(intake.copy_own, *found, path)
 
     async def write(self, folder: str, name: str, data: bytes, *, private: bool = False) -> Path:
         """Durably write a file into a folder (temp, fsync, rename, coalesced dir fsync).

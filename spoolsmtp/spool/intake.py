@@ -194,16 +194,6 @@ def foreign(info: os.stat_result) -> bool:
     return info.st_uid != os.geteuid() or info.st_nlink > 1
 
 
-def to_copy(path: str) -> tuple[int, os.stat_result] | None:
-    """The open file at ``path`` if it is ``foreign`` (to give to ``copy_own``), else None:
-    two system calls and a close, cheap enough for the event loop's thread."""
-    fd, info = open_regular(path)
-    if foreign(info):
-        return fd, info
-    os.close(fd)
-    return None
-
-
 def copy_own(fd: int, info: os.stat_result, path: str) -> None:
     """Replace ``path`` with a worker-owned 0600 copy of what ``fd`` reads, and close ``fd``.
     Blocking; the copy is fsynced, the folder is not (a lost rename only means copying the
