@@ -310,8 +310,15 @@ class Journal:
         with self._lock:
             self._buffer.append(line)
             self._buffer_ids.append(envelope_id)
-            self._live.setdefault(self._segment, set()).add(envelope_id)
-            carry = self._carry.setdefault(envelope_id, _Lines())
+            # get, then build only what is missing: ``setdefault`` would build a set and a
+            # ``_Lines`` for every line, and this runs several times per envelope
+            live = self._live.get(self._segment)
+            if live is None:
+                live = self._live[self._segment] = set()
+            live.add(envelope_id)
+            carry = self._carry.get(envelope_id)
+            if carry is None:
+                carry = self._carry[envelope_id] = _Lines()
             if record:
                 carry.record = line
             else:
