@@ -14,7 +14,7 @@ import functools
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -99,8 +99,19 @@ def received_header(
         parts.append(f"for <{recipients[0].address}>;")
     else:
         parts[-1] += ";"
-    parts.append(format_datetime(now))
+    parts.append(date_text(now))
     return fold_received(parts)
+
+
+def date_text(now: datetime) -> str:
+    """``format_datetime(now)``, formatted once per second: every message of the second
+    shares it. The offset is part of the key, as equal instants in other zones read apart."""
+    return _formatted(now.replace(microsecond=0), now.utcoffset())
+
+
+@functools.lru_cache(maxsize=4)
+def _formatted(now: datetime, offset: timedelta | None) -> str:
+    return format_datetime(now)
 
 
 def usable(cfg: Config) -> wiresecrets.Secrets:
