@@ -334,7 +334,7 @@ class Deliverer:
             tls[0],
             demand=tls[1],
             trace=self._trace_session,
-            tracing=self.tracing,
+            tracing=self._session_tracing,
             stats=self.stats,
             ca_file=str(self.cfg.delivery.tls_ca_file) if self.cfg.delivery.tls_ca_file else None,
             reach=crashpoint.reach,
@@ -383,6 +383,11 @@ class Deliverer:
     def _login(self, dest: route.Destination) -> Login | None:
         name = dest.route.auth if dest.route is not None else None
         return self.secrets.logins[name] if name is not None else None
+
+    def _session_tracing(self) -> bool:
+        """Whether a session's trace lines go anywhere: not without a ``trace`` (so a session
+        does not format lines only to drop them)."""
+        return self.trace is not None and self.tracing()
 
     def _trace_session(self, text: str) -> None:
         if self.trace is not None:
