@@ -9,10 +9,9 @@ retries over hours are the spool's business, not this module's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from email.utils import format_datetime
@@ -58,19 +57,46 @@ class DestinationLimits:
         """The destinations in use now."""
         return len(self._limits)
 
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
+    def hold(self, key: str) -> _Held:
+        """``async with limits.hold(key):`` one of ``key``'s places, waited for if need be."""
+        return _Held(self, key)
+
+    def _join(self, key: str) -> _Limit:
         entry = self._limits.get(key)
         if entry is None:
             entry = self._limits[key] = _Limit(asyncio.Semaphore(self.limit))
         entry.users += 1
+        return entry
+
+    def _leave(self, key: str, entry: _Limit) -> None:
+        entry.users -= 1
+        if entry.users == 0:
+            del self._limits[key]
+
+
+class _Held:
+    """One hold of a destination's place: a plain async context manager (no generator and
+    wrapper per delivery, as ``contextlib.asynccontextmanager`` makes)."""
+
+    def __init__(self, limits: DestinationLimits, key: str) -> None:
+        self._limits = limits
+        self._key = key
+        self._entry: _Limit | None = None
+
+    async def __aenter__(self) -> None:
+        entry = self._limits._join(self._key)
         try:
-            async with entry.semaphore:
-                yield
-        finally:
-            entry.users -= 1
-            if entry.users == 0:
-                del self._limits[key]
+            await entry.semaphore.acquire()
+        except BaseException:
+            self._limits._leave(self._key, entry)
+            raise
+        self._entry = entry
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        entry = self._entry
+        assert entry is not None
+        entry.semaphore.release()
+        self._limits._leave(self._key, entry)
 
 
 def fold_received(parts: Iterator[str] | list[str]) -> bytes:
