@@ -12,7 +12,7 @@ import asyncio
 import functools
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -423,4 +423,4 @@ class Deliverer:
 def _timed(results: list[RecipientResult], started: float, sending: float) -> list[RecipientResult]:
     """The results with the attempt's set-up time (all but the sending) and sending time."""
     setup = max(0.0, time.monotonic() - started - sending)
-    return [replace(r, setup=setup, transfer=sending) for r in results]
+    return [r.timed(setup, sending) for r in results]
