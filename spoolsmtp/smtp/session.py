@@ -401,12 +401,9 @@ class Session:
             raise SessionBroken(connection_lost(""))
 
     async def _next(self) -> Event:
-        """The next reply, waiting at most the timeout of the command it answers in all.
-
-        The deadline covers the whole reply, so a server that drips a byte at a time cannot
-        hold the connection beyond it. A reply already received (the rest of a pipelined
-        flight's) is taken without a wait.
-        """
+        """The next reply (one already received, the rest of a pipelined flight's, at once),
+        waiting at most the timeout of the command it answers in all: the deadline covers the
+        whole reply, so a server that drips a byte at a time cannot hold the connection."""
         event = self._parsed()
         if event is not NEED_DATA:
             return event
