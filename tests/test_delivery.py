@@ -7,14 +7,15 @@ import gc
 import ssl
 import warnings
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
 
-from spoolsmtp.delivery.deliverer import Deliverer
+from spoolsmtp.delivery.deliverer import Deliverer, date_text
 from spoolsmtp.delivery.mx import MxResolver
 from spoolsmtp.model.config import Config
 from spoolsmtp.model.envelope import MailParams
@@ -84,6 +85,16 @@ def test_delivers_message_with_one_received_header(tmp_path: Path, server: SmtpS
     assert got.content.endswith(message)
     assert got.content.count(b"Received:") == 1
     assert b"id ENV1.1" in got.content and b"for <alice@example.org>" in got.content
+
+
+def test_the_received_date_is_format_datetimes_in_every_zone() -> None:
+    """The date is formatted once per second and kept: equal instants in other zones, and a
+    naive time, still read as ``format_datetime`` writes them, whatever was asked first."""
+    later = NOW.replace(microsecond=999_999)
+    east = NOW.astimezone(timezone(timedelta(hours=1)))
+    naive = NOW.replace(tzinfo=None)
+    for when in (NOW, later, east, naive, NOW + timedelta(seconds=1), east, NOW):
+        assert date_text(when) == format_datetime(when)
 
 
 def test_a_message_larger_than_one_write_arrives_whole(tmp_path: Path, server: SmtpServer) -> None:

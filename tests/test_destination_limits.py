@@ -125,3 +125,20 @@ def test_a_holder_that_fails_still_leaves() -> None:
         return len(limits)
 
     assert asyncio.run(run()) == 0
+
+
+def test_a_waiter_cancelled_before_its_turn_leaves_no_place_taken() -> None:
+    async def run() -> int:
+        limits = DestinationLimits(1)
+        async with limits.hold("a"):
+            waiter = asyncio.create_task(limits.hold("a").__aenter__())
+            await asyncio.sleep(0)  # one step: the waiter now waits for the place
+            assert not waiter.done()
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+        async with limits.hold("a"):  # the place is free, not given to the cancelled one
+            pass
+        return len(limits)
+
+    assert asyncio.run(run()) == 0

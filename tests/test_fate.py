@@ -3,6 +3,7 @@ with a fake ``now`` and a seeded random source; no worker, no sockets, no clock.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -426,3 +427,25 @@ def test_applying_a_change_round_trips_through_the_record(status: str) -> None:
     fate = Fate(again, env, T0, CFG, key)
     assert fate.rcpt(1, "a@x.test") == Fate(record, env, T0, CFG, key).rcpt(1, "a@x.test")
     assert fate.rcpt(1, "a@x.test").reply == reply
+
+
+def test_a_timed_result_keeps_every_other_field() -> None:
+    """``timed`` builds the copy field by field: a field added to ``RecipientResult`` and not
+    to ``timed`` would be lost, and fails here (every field is given a value not its default)."""
+    samples: dict[str, object] = {
+        "recipient": Recipient("a@example.org"),
+        "status": Status.DEFERRED,
+        "reply": make(451, "4.4.2", "connection lost after the final dot"),
+        "host": "mx.example.org",
+        "address": "192.0.2.1",
+        "after_dot": True,
+        "local": True,
+        "dsn_relayed": True,
+        "setup": 1.5,
+        "transfer": 2.5,
+    }
+    assert [f.name for f in dataclasses.fields(RecipientResult)] == list(samples)
+    res = RecipientResult(**samples)  # type: ignore[arg-type]
+    for f in dataclasses.fields(RecipientResult):
+        assert getattr(res, f.name) != f.default, f.name
+    assert res.timed(0.25, 0.5) == dataclasses.replace(res, setup=0.25, transfer=0.5)

@@ -9,12 +9,11 @@ retries over hours are the spool's business, not this module's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, replace
-from datetime import datetime
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -58,19 +57,46 @@ class DestinationLimits:
         """The destinations in use now."""
         return len(self._limits)
 
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
+    def hold(self, key: str) -> _Held:
+        """``async with limits.hold(key):`` one of ``key``'s places, waited for if need be."""
+        return _Held(self, key)
+
+    def _join(self, key: str) -> _Limit:
         entry = self._limits.get(key)
         if entry is None:
             entry = self._limits[key] = _Limit(asyncio.Semaphore(self.limit))
         entry.users += 1
+        return entry
+
+    def _leave(self, key: str, entry: _Limit) -> None:
+        entry.users -= 1
+        if entry.users == 0:
+            del self._limits[key]
+
+
+class _Held:
+    """One hold of a destination's place: a plain async context manager (no generator and
+    wrapper per delivery, as ``contextlib.asynccontextmanager`` makes)."""
+
+    def __init__(self, limits: DestinationLimits, key: str) -> None:
+        self._limits = limits
+        self._key = key
+        self._entry: _Limit | None = None
+
+    async def __aenter__(self) -> None:
+        entry = self._limits._join(self._key)
         try:
-            async with entry.semaphore:
-                yield
-        finally:
-            entry.users -= 1
-            if entry.users == 0:
-                del self._limits[key]
+            await entry.semaphore.acquire()
+        except BaseException:
+            self._limits._leave(self._key, entry)
+            raise
+        self._entry = entry
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        entry = self._entry
+        assert entry is not None
+        entry.semaphore.release()
+        self._limits._leave(self._key, entry)
 
 
 def fold_received(parts: Iterator[str] | list[str]) -> bytes:
@@ -99,8 +125,19 @@ def received_header(
         parts.append(f"for <{recipients[0].address}>;")
     else:
         parts[-1] += ";"
-    parts.append(format_datetime(now))
+    parts.append(date_text(now))
     return fold_received(parts)
+
+
+def date_text(now: datetime) -> str:
+    """``format_datetime(now)``, formatted once per second: every message of the second
+    shares it. The offset is part of the key, as equal instants in other zones read apart."""
+    return _formatted(now.replace(microsecond=0), now.utcoffset())
+
+
+@functools.lru_cache(maxsize=4)
+def _formatted(now: datetime, offset: timedelta | None) -> str:
+    return format_datetime(now)
 
 
 def usable(cfg: Config) -> wiresecrets.Secrets:
@@ -323,7 +360,7 @@ class Deliverer:
             tls[0],
             demand=tls[1],
             trace=self._trace_session,
-            tracing=self.tracing,
+            tracing=self._session_tracing,
             stats=self.stats,
             ca_file=str(self.cfg.delivery.tls_ca_file) if self.cfg.delivery.tls_ca_file else None,
             reach=crashpoint.reach,
@@ -373,6 +410,11 @@ class Deliverer:
         name = dest.route.auth if dest.route is not None else None
         return self.secrets.logins[name] if name is not None else None
 
+    def _session_tracing(self) -> bool:
+        """Whether a session's trace lines go anywhere: not without a ``trace`` (so a session
+        does not format lines only to drop them)."""
+        return self.trace is not None and self.tracing()
+
     def _trace_session(self, text: str) -> None:
         if self.trace is not None:
             self.trace(text)
@@ -381,4 +423,4 @@ class Deliverer:
 def _timed(results: list[RecipientResult], started: float, sending: float) -> list[RecipientResult]:
     """The results with the attempt's set-up time (all but the sending) and sending time."""
     setup = max(0.0, time.monotonic() - started - sending)
-    return [replace(r, setup=setup, transfer=sending) for r in results]
+    return [r.timed(setup, sending) for r in results]

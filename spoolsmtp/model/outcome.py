@@ -47,6 +47,22 @@ class RecipientResult:
     setup: float = 0.0
     transfer: float = 0.0
 
+    def timed(self, setup: float, transfer: float) -> RecipientResult:
+        """This result with the attempt's ``setup`` and ``transfer``: ``dataclasses.replace``'s
+        result, built directly (it runs for every recipient; replace costs twice as much)."""
+        return RecipientResult(
+            self.recipient,
+            self.status,
+            self.reply,
+            self.host,
+            self.address,
+            self.after_dot,
+            self.local,
+            self.dsn_relayed,
+            setup,
+            transfer,
+        )
+
 
 def status_of(reply: Reply) -> Status:
     """The fate a final reply gives a recipient."""

@@ -9,7 +9,10 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+# an enhanced status code at the start of a line, by its class digit (RFC 3463: 2, 4 or 5)
+_ENHANCED_OF_CLASS = {
+    digit: re.compile(rf"^({digit}\.\d{{1,3}}\.\d{{1,3}})(?:\s+|$)") for digit in (2, 4, 5)
+}
 
 
 class Kind(Enum):
@@ -73,12 +76,15 @@ def with_enhanced(code: int, lines: list[str]) -> Reply:
 
     The enhanced code is kept only when its class digit matches the reply code's (RFC 3463).
     """
+    pattern = _ENHANCED_OF_CLASS.get(code // 100)
+    if pattern is None:  # a 354 (or no class RFC 3463 gives): no enhanced code to look for
+        return Reply(code, None, tuple(lines))
     enhanced: str | None = None
     out: list[str] = []
     for line in lines:
-        m = _ENHANCED.match(line)
-        if m and m.group(1) == str(code // 100):
-            enhanced = enhanced or f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
+        m = pattern.match(line)
+        if m:
+            enhanced = enhanced or m.group(1)
             out.append(line[m.end() :])
         else:
             out.append(line)
@@ -91,6 +97,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 def escape_controls(text: str) -> str:
     """Control characters (C0, DEL, C1) as ``\\xNN``: remote text kept whole but unable to
     move a terminal's cursor, retitle it or ring its bell when an operator reads it."""
+    if text.isprintable():  # the usual reply: no control character (they are not printable)
+        return text
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 

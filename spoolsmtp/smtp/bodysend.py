@@ -58,18 +58,29 @@ async def as_stored(
 ) -> bytes:
     """Our Received header, then the message as the file holds it: from memory in one write,
     or from the file by ``send_file`` (sendfile(2)); the rest, unsent, is returned (a small
-    message goes out with the final dot)."""
+    message goes out with the final dot: from a file, read with one pread(2), which costs
+    less than a write and a sendfile of its own)."""
     size = body.end - body.start
+    small = len(received) + size < BODY_WRITE
     if isinstance(body.source, bytes):
         view = memoryview(body.source)[body.start : body.end]
-        if len(received) + size < BODY_WRITE:
+        if small:
             return received + view
         await write(received)
         await write(view)
+    elif small:
+        return received + _pread(body.source, body.start, size)
     else:
         await write(received)
         await send_file(body.source, body.start, size)
     return b""
+
+
+def _pread(fh: BinaryIO, offset: int, count: int) -> bytes:
+    data = os.pread(fh.fileno(), count, offset)
+    if len(data) < count:
+        raise OSError(f"envelope file shorter than recorded (offset {offset + count})")
+    return data
 
 
 class SocketFailed(Exception):

@@ -34,6 +34,7 @@ from spoolsmtp.smtp.protocol import (
     Command,
     Event,
     Extensions,
+    NeedData,
     RemoteProtocolError,
     Verb,
     timeout_for,
@@ -400,34 +401,37 @@ class Session:
             raise SessionBroken(connection_lost(""))
 
     async def _next(self) -> Event:
-        """The next reply, waiting at most the timeout of the command it answers in all.
-
-        The deadline covers the whole reply, so a server that drips a byte at a time cannot
-        hold the connection beyond it.
-        """
+        """The next reply (one already received, the rest of a pipelined flight's, at once),
+        waiting at most the timeout of the command it answers in all: the deadline covers the
+        whole reply, so a server that drips a byte at a time cannot hold the connection."""
+        event = self._parsed()
+        if event is not NEED_DATA:
+            return event
         wire = self._wire
         assert wire is not None
         verb = self.proto.awaiting or Verb.NOOP
         deadline_loop = asyncio.get_running_loop().time() + timeout_for(verb, self.config.timeouts)
         while True:
-            try:
-                event = self.proto.next_event()
-            except RemoteProtocolError as exc:
-                self._trace(f"protocol error: {exc}")
-                raise SessionBroken(make(451, "4.5.0", f"bad reply from server: {exc}")) from exc
-            if event is not NEED_DATA:
-                if self._traced():
-                    for line in event.reply.render():
-                        self._trace(f"< {line}")
-                return event
             if wire.closed and not wire.buffer:
                 raise SessionBroken(connection_lost(""))
-            try:
-                async with asyncio.timeout_at(deadline_loop):
-                    await wire.wait_data()
-            except TimeoutError:
-                raise SessionBroken(timed_out(f"waiting for the reply to {verb.name}")) from None
+            if not await wire.wait_data(deadline_loop):
+                raise SessionBroken(timed_out(f"waiting for the reply to {verb.name}"))
             self.proto.receive_data(wire.take())
+            event = self._parsed()
+            if event is not NEED_DATA:
+                return event
+
+    def _parsed(self) -> Event | NeedData:
+        """The next reply among the bytes received so far, traced; ``NEED_DATA`` if none."""
+        try:
+            event = self.proto.next_event()
+        except RemoteProtocolError as exc:
+            self._trace(f"protocol error: {exc}")
+            raise SessionBroken(make(451, "4.5.0", f"bad reply from server: {exc}")) from exc
+        if event is not NEED_DATA and self._traced():
+            for line in event.reply.render():
+                self._trace(f"< {line}")
+        return event
 
     @property
     def where(self) -> str:

@@ -26,7 +26,7 @@ class Wire(asyncio.Protocol):
     def __init__(self) -> None:
         self.buffer = bytearray()
         self.closed = False
-        self._arrived = asyncio.Event()
+        self._waiter: asyncio.Future[bool] | None = None
         self._writable = asyncio.Event()
         self._writable.set()
         self._lost = asyncio.Event()
@@ -37,16 +37,16 @@ class Wire(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        self._arrived.set()
+        self._wake()
 
     def eof_received(self) -> bool | None:
         self.closed = True
-        self._arrived.set()
+        self._wake()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._arrived.set()
+        self._wake()
         self._writable.set()
         self._lost.set()
 
@@ -63,12 +63,27 @@ class Wire(asyncio.Protocol):
     def take(self) -> bytes:
         data = bytes(self.buffer)
         self.buffer.clear()
-        self._arrived.clear()
         return data
 
-    async def wait_data(self) -> None:
-        if not self.buffer and not self.closed:
-            await self._arrived.wait()
+    async def wait_data(self, deadline: float) -> bool:
+        """Until bytes arrive or the connection closes (True), or the loop's clock reaches
+        ``deadline`` (False). One future and one timer per wait: no ``asyncio.timeout``
+        (a task cancelled and uncancelled) for every reply."""
+        if self.buffer or self.closed:
+            return True
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiter = waiter
+        timer = loop.call_at(deadline, _settle, waiter, False)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None:
+            _settle(self._waiter, True)
 
     @property
     def writable(self) -> bool:
@@ -76,6 +91,11 @@ class Wire(asyncio.Protocol):
 
     async def drained(self) -> None:
         await self._writable.wait()
+
+
+def _settle(waiter: asyncio.Future[bool], value: bool) -> None:
+    if not waiter.done():
+        waiter.set_result(value)
 
 
 def tls_context(tls: TlsPolicy, minimum_version: TlsVersion, ca_file: str | None) -> ssl.SSLContext:
