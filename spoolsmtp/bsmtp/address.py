@@ -16,10 +16,15 @@ from spoolsmtp.model.reply import Reply, make
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]"
 _DOT_STRING = re.compile(rf"^{_ATEXT}+(?:\.{_ATEXT}+)*$")
 _QUOTED = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"$')
-_LABEL = re.compile(
-    r"^(?:[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\-\u0080-\U0010ffff]{0,61}"
-    r"[A-Za-z0-9\u0080-\U0010ffff])?)$"
+_LABEL_TEXT = (
+    r"(?:[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\-\u0080-\U0010ffff]{0,61}"
+    r"[A-Za-z0-9\u0080-\U0010ffff])?)"
 )
+_LABEL = re.compile(rf"^{_LABEL_TEXT}$")
+# A whole domain of such labels in one match: what nearly every domain is, checked without a
+# split and a match per label. Only a shortcut to "valid": what it does not take is checked
+# label by label as before (where ``$`` lets a label end in a newline).
+_LDH_DOMAIN = re.compile(rf"{_LABEL_TEXT}(?:\.{_LABEL_TEXT})*")
 _IPV6 = re.compile(r"^[0-9A-Fa-f:.]+$")
 _SOURCE_ROUTE = re.compile(r"^@[^:,]+(?:,@[^:,]+)*:")
 
@@ -54,7 +59,8 @@ def parse_path(
         if sender:
             return None, None
         return None, make(501, status, "bad recipient address syntax: empty address")
-    inner = _SOURCE_ROUTE.sub("", inner, count=1)
+    if inner.startswith("@"):  # the pattern is anchored there; a sub costs a microsecond
+        inner = _SOURCE_ROUTE.sub("", inner, count=1)
     local, at, domain = inner.rpartition("@")
     if not at or not local:
         return None, make(501, status, f"bad {role} address syntax: expected local@domain")
@@ -86,6 +92,8 @@ def check_domain(domain: str, role: str, status: str) -> Reply | None:
                 ipaddress.IPv4Address(literal)
         except ValueError:
             return make(501, status, f"bad {role} address syntax: bad address literal")
+        return None
+    if _LDH_DOMAIN.fullmatch(domain):
         return None
     labels = domain.split(".")
     if not domain or not all(_LABEL.match(label) for label in labels):
