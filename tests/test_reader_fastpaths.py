@@ -95,3 +95,57 @@ def test_a_source_route_is_dropped_only_where_it_leads_the_path(route: str, rest
         assert fault is None and str(mailbox) == "a@b.c"
     else:
         assert mailbox is None and fault is not None
+
+
+_ADDRESSISH = st.text(alphabet='ab.-_@<>"\\[]:é +', max_size=30).map(lambda s: f"<{s}>")
+_SMALL = Limits(path=16, local_part=6, domain=10)
+_EDGES = [
+    "<a@b@c.d>",
+    "<a@" + "b" * 63 + ".c>",
+    "<a@" + "b" * 64 + ".c>",
+    "<a..b@c.d>",
+    "<.a@c.d>",
+    "<a.@c.d>",
+    "<a@c..d>",
+    "<a@-c.d>",
+    "<a@c-.d>",
+    "<a@c.d.>",
+    "<a@.c.d>",
+    "<a b@c.d>",
+    '<"a"@c.d>',
+    "<a@[1.2.3.4]>",
+    "<@r:a@c.d>",
+    "<a@c.d> SIZE=1",
+    "<abcdef@abcdefg.h>",
+    "<a#b!c@d-1.e2>",
+]
+
+
+@settings(max_examples=2000)
+@given(
+    st.one_of(
+        _ADDRESSISH,
+        st.from_regex(r"<[a-z.\-]{1,8}@[a-z0-9.\-]{1,12}>", fullmatch=True),
+        st.sampled_from(_EDGES),
+    ),
+    st.sampled_from([Limits(), _SMALL]),
+    st.booleans(),
+    st.booleans(),
+)
+def test_a_plain_path_is_one_the_general_parse_accepts_as_the_same_mailbox(
+    text: str, limits: Limits, sender: bool, utf8: bool
+) -> None:
+    plain = address.plain_path(text, limits)
+    mailbox, fault = address.parse_path(text, limits, sender=sender, utf8=utf8)
+    if plain is not None:
+        assert (mailbox, fault) == (plain, None)
+        assert params.split_path(text) == (text, "")  # no parameters follow it
+
+
+def test_the_usual_paths_are_plain_and_those_at_a_limit_are_left_to_the_general_parse() -> None:
+    for text in ("<bench@example.com>", "<r3-0@example.org>", "<a.b+c@x-y.example>"):
+        assert address.plain_path(text, Limits()) is not None
+    assert address.plain_path("<abcdef@abcdefg.h>", _SMALL) is None  # path over 16 octets
+    for text in ("<abcdefg@b.c>", "<a@bcdefghijk.c>", "<abcdef@abcdefgh.c.d.e.f>"):
+        assert address.plain_path(text, _SMALL) is None
+        assert address.parse_path(text, _SMALL, sender=False, utf8=False)[1] is not None

@@ -25,6 +25,13 @@ _LABEL = re.compile(rf"^{_LABEL_TEXT}$")
 # split and a match per label. Only a shortcut to "valid": what it does not take is checked
 # label by label as before (where ``$`` lets a label end in a newline).
 _LDH_DOMAIN = re.compile(rf"{_LABEL_TEXT}(?:\.{_LABEL_TEXT})*")
+# The path nearly every MAIL and RCPT carries, in one match: ``<dot-string@domain>`` in ASCII,
+# nothing quoted, no source route, no address literal (what ``parse_path`` takes, narrowed).
+_ASCII_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]"
+_ASCII_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?"
+_PLAIN_PATH = re.compile(
+    rf"<({_ASCII_ATEXT}+(?:\.{_ASCII_ATEXT}+)*)@({_ASCII_LABEL}(?:\.{_ASCII_LABEL})*)>"
+)
 _IPV6 = re.compile(r"^[0-9A-Fa-f:.]+$")
 _SOURCE_ROUTE = re.compile(r"^@[^:,]+(?:,@[^:,]+)*:")
 
@@ -76,6 +83,19 @@ def parse_path(
     if len(domain.encode("utf-8")) > limits.domain:
         return None, make(553, status, f"domain longer than {limits.domain} octets")
     return Mailbox(local, domain), None
+
+
+def plain_path(text: str, limits: Limits) -> Mailbox | None:
+    """``text`` when it is the usual path, ``<dot-string@domain>`` in ASCII within the limits,
+    as ``parse_path`` would accept it; else None, and ``parse_path`` decides. A shortcut to
+    acceptance only, one match instead of a dozen steps: it refuses nothing itself."""
+    match = _PLAIN_PATH.fullmatch(text)
+    if match is None or len(text) > limits.path:
+        return None
+    local, domain = match.groups()
+    if len(local) > limits.local_part or len(domain) > limits.domain:
+        return None
+    return Mailbox(local, domain)
 
 
 def check_domain(domain: str, role: str, status: str) -> Reply | None:

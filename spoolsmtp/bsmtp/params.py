@@ -19,7 +19,7 @@ _XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*$")
 _ADDR_TYPE = re.compile(r"^[A-Za-z0-9!#$%&'*/=?^_`{|}~\-]+$")
 _HEX = re.compile(r"\+([0-9A-F]{2})|\\x\{([0-9A-Fa-f]{1,6})\}")
 # MAIL FROM without parameters, the usual case: one shared value, not one built per command
-_NO_PARAMS = MailParams()
+NO_PARAMS = MailParams()
 
 
 def split_path(text: str) -> tuple[str, str]:
@@ -61,7 +61,7 @@ def _params(text: str) -> tuple[dict[str, str | None], Reply | None]:
 
 def mail_params(text: str, limits: Limits) -> tuple[MailParams, Reply | None]:
     if not text:
-        return _NO_PARAMS, None
+        return NO_PARAMS, None
     params, fault = _params(text)
     if fault is not None:
         return MailParams(), fault
