@@ -149,3 +149,36 @@ def test_the_usual_paths_are_plain_and_those_at_a_limit_are_left_to_the_general_
     for text in ("<abcdefg@b.c>", "<a@bcdefghijk.c>", "<abcdef@abcdefgh.c.d.e.f>"):
         assert address.plain_path(text, _SMALL) is None
         assert address.parse_path(text, _SMALL, sender=False, utf8=False)[1] is not None
+
+
+def _first_long_line_at(block: bytes, longest: int, line_start: bool) -> int | None:
+    """The rule, line by line: the offset of the first line longer than ``longest`` (its CR
+    counted), a leading dot not counted where it begins a line."""
+    at = 0
+    for i, line in enumerate(block.split(b"\n")):
+        stuffed = line.startswith(b".") and (i > 0 or line_start)
+        if len(line) - stuffed > longest:
+            return at
+        at += len(line) + 1
+    return None
+
+
+@settings(max_examples=2000)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([b"", b".", b".."]), st.integers(0, 40)),
+        max_size=12,
+    ),
+    st.sampled_from([b"\n", b"\r\n"]),
+    st.integers(-1, 40),
+    st.integers(1, 30),
+    st.booleans(),
+)
+def test_the_long_line_search_finds_the_first_line_the_rule_names(
+    lines: list[tuple[bytes, int]], ending: bytes, tail: int, longest: int, line_start: bool
+) -> None:
+    from spoolsmtp.bsmtp.datascan import _long_line
+
+    block = b"".join(dots + b"a" * n + ending for dots, n in lines)
+    block += b"" if tail < 0 else b"." * (tail % 2) + b"b" * tail  # an unfinished last line
+    assert _long_line(block, longest, line_start) == _first_long_line_at(block, longest, line_start)
