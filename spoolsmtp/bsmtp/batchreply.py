@@ -8,8 +8,8 @@ that is too long or whose line ending differs from the file's.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
-from spoolsmtp.model.config import Limits
 from spoolsmtp.model.reply import Reply, make
 
 _TICK = re.compile(r"^[\x21-\x7e]{1,64}$")
@@ -20,6 +20,7 @@ _ESCAPED = re.compile("[\x00-\x08\x0a-\x1f]")
 SEND_DATA = make(354, None, "end data with <CR><LF>.<CR><LF>")
 BARE_CR = make(500, "5.5.2", "bare CR in command line")
 NOT_UTF8 = make(500, "5.5.2", "command line is not valid UTF-8")
+RESET = make(250, "2.0.0", "reset")
 _NOOP = make(250, "2.0.0", "OK")
 _HELP = make(214, "2.0.0", "commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VERB TICK HELP")
 
@@ -40,7 +41,13 @@ def stateless(verb: str, arg: str) -> Reply:
     return make(500, "5.5.2", f"command unrecognized: {echo(verb.encode(), 40)}")
 
 
-def greeting(verb: str, arg: str, hostname: str, limits: Limits) -> Reply:
+# The replies below depend on a few values that recur from file to file (the job's own name,
+# our hostname, the sender): each is built once and shared, a lookup instead of a Reply built
+# per file. Replies are immutable values, so sharing them changes nothing but the cost.
+
+
+@lru_cache(maxsize=64)
+def greeting(verb: str, arg: str, hostname: str, max_message_bytes: int) -> Reply:
     """The 250 to an accepted HELO (one line) or EHLO (with the extensions we offer)."""
     if verb == "HELO":
         return Reply(250, None, (f"{hostname} hello {arg}",))
@@ -49,13 +56,25 @@ def greeting(verb: str, arg: str, hostname: str, limits: Limits) -> Reply:
         None,
         (
             f"{hostname} hello {arg}",
-            f"SIZE {limits.max_message_bytes}",
+            f"SIZE {max_message_bytes}",
             "8BITMIME",
             "SMTPUTF8",
             "DSN",
             "ENHANCEDSTATUSCODES",
         ),
     )
+
+
+@lru_cache(maxsize=256)
+def sender_ok(sender: str) -> Reply:
+    """The 250 to an accepted MAIL FROM (``sender`` "" for ``<>``)."""
+    return make(250, "2.1.0", f"<{sender}> sender ok")
+
+
+@lru_cache(maxsize=16)
+def closing(hostname: str) -> Reply:
+    """The 221 to QUIT."""
+    return make(221, "2.0.0", f"{hostname} closing")
 
 
 def too_long(limit: int) -> Reply:

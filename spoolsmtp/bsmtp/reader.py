@@ -274,7 +274,7 @@ class Reader:
             self._open = None
             if self._state is _MAIL:
                 self._state = _READY
-            return make(250, "2.0.0", "reset")
+            return batchreply.RESET
         if verb == "QUIT":
             return self._quit(arg, line)
         if verb == "VERB":
@@ -302,7 +302,7 @@ class Reader:
                 "5.5.1",
                 f"transaction begun at line {begun} abandoned without DATA: {verb} resets it",
             )
-        return batchreply.greeting(verb, arg, self.hostname, self.limits)
+        return batchreply.greeting(verb, arg, self.hostname, self.limits.max_message_bytes)
 
     def _mail(self, arg: str, line: int) -> Reply:
         if self._state is _NO_HELO:
@@ -325,7 +325,7 @@ class Reader:
         self._last_sender = sender
         if self._first_sender is None:
             self._first_sender = sender
-        return make(250, "2.1.0", f"<{sender}> sender ok")
+        return batchreply.sender_ok(sender)
 
     def _rcpt(self, arg: str, line: int) -> Reply:
         if self._open is None:
@@ -375,7 +375,7 @@ class Reader:
         if self._open is not None:
             begun, self._open = self._open.line, None
             return make(503, "5.5.1", f"transaction begun at line {begun} abandoned without DATA")
-        return make(221, "2.0.0", f"{self.hostname} closing")
+        return batchreply.closing(self.hostname)
 
     def _verb(self, arg: str) -> Reply:
         mode = arg.upper() or "ON"
