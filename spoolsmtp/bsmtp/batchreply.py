@@ -86,6 +86,11 @@ def mixed(crlf: bool | None) -> Reply:
     return make(500, "5.5.2", f"line ending differs from the file's ({expected}): bare LF or CR")
 
 
+def abandoned(begun: int) -> Reply:
+    """The 503 to QUIT or end of file inside a transaction (MAIL at line ``begun``)."""
+    return make(503, "5.5.1", f"transaction begun at line {begun} abandoned without DATA")
+
+
 def echo(content: bytes, limit: int, text: str | None = None) -> str:
     """A command as the batch response echoes it: control characters but tab as ``\\xNN``.
 

@@ -139,15 +139,7 @@ class Reader:
         if not self._seen_content:
             raise EnvelopeFault(self.source, 1, "empty file: no commands")
         if self._open is not None:
-            self._answer(
-                self._line + 1,
-                "(end of file)",
-                make(
-                    503,
-                    "5.5.1",
-                    f"transaction begun at line {self._open.line} abandoned without DATA",
-                ),
-            )
+            self._answer(self._line + 1, "(end of file)", batchreply.abandoned(self._open.line))
             self._open = None
         errors = tuple(
             e if e.sender is not None else Entry(e.line, e.echo, e.reply, self._first_sender)
@@ -374,7 +366,7 @@ class Reader:
         self._quit_line = line
         if self._open is not None:
             begun, self._open = self._open.line, None
-            return make(503, "5.5.1", f"transaction begun at line {begun} abandoned without DATA")
+            return batchreply.abandoned(begun)
         return batchreply.closing(self.hostname)
 
     def _verb(self, arg: str) -> Reply:
