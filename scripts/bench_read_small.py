@@ -6,7 +6,7 @@ are the benchmark's envelopes (``benchkit.Mail``): 2 KB with 1 and 5 recipients,
 Each repeat reads ``--count`` distinct envelopes once and reports the mean per envelope; the
 table gives the best and the median of the repeats and their spread (max - min).
 
-``--against DIR`` compares with another checkout (say ``git worktree add /tmp/reader-base``):
+``--against DIR`` compares with another copy of the code (``git archive BASE | tar -x -C DIR``):
 child processes with ``PYTHONPATH=DIR`` and without alternate, round by round, so a busy spell
 of the machine falls on both. Usage:
 
