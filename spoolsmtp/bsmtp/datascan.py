@@ -226,23 +226,23 @@ def block_fault(
 
 def _long_line(block: bytes, longest: int, line_start: bool) -> int | None:
     """Where the first line longer than ``longest`` begins, found by C searches over the
-    block: a line that long holds a whole window of ``(longest + 1) // 2`` bytes however the
-    windows are laid, so only windows without a newline are looked at (one ``find`` per
-    window, a few thousand per MB, none per line). RFC 5321 4.5.3.1.6: the dot added by
-    dot-stuffing does not count toward the limit, so a line one over it that begins with a
-    dot is not too long (the block's first line only if it begins a line)."""
-    step = max(1, (longest + 1) // 2)
+    block: from a line's start, the last newline within ``longest + 1`` bytes ends every line
+    begun before it within the limit, so the search jumps past it (one ``rfind`` per
+    ``longest`` bytes or so, none per line); with no newline there, the line at hand is too
+    long. RFC 5321 4.5.3.1.6: the dot added by dot-stuffing does not count toward the limit,
+    so a line one over it that begins with a dot is not too long (the block's first line only
+    if it begins a line)."""
     end = len(block)
-    pos = 0
-    while pos < end:
-        if block.find(b"\n", pos, pos + step) >= 0:
-            pos += step
+    start = 0
+    while end - start > longest:
+        newline = block.rfind(b"\n", start, start + longest + 1)
+        if newline >= 0:
+            start = newline + 1
             continue
-        start = block.rfind(b"\n", 0, pos) + 1
-        stop = block.find(b"\n", pos)
+        stop = block.find(b"\n", start)
         stop = end if stop < 0 else stop
         stuffed = block.startswith(b".", start) and (start > 0 or line_start)
         if stop - start - stuffed > longest:
             return start
-        pos = stop + 1
+        start = stop + 1
     return None

@@ -18,6 +18,8 @@ from spoolsmtp.model.reply import Reply, make
 _XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*$")
 _ADDR_TYPE = re.compile(r"^[A-Za-z0-9!#$%&'*/=?^_`{|}~\-]+$")
 _HEX = re.compile(r"\+([0-9A-F]{2})|\\x\{([0-9A-Fa-f]{1,6})\}")
+# MAIL FROM without parameters, the usual case: one shared value, not one built per command
+NO_PARAMS = MailParams()
 
 
 def split_path(text: str) -> tuple[str, str]:
@@ -25,6 +27,11 @@ def split_path(text: str) -> tuple[str, str]:
     if not text.startswith("<"):
         path, _, rest = text.partition(" ")
         return path, rest
+    if '"' not in text:
+        # nothing quoted, so nothing escaped: the first '>' ends the path, found in C rather
+        # than by the walk below, a Python step per character of every MAIL and RCPT
+        end = text.find(">")
+        return (text, "") if end < 0 else (text[: end + 1], text[end + 1 :])
     quoted = False
     escaped = False
     for i, ch in enumerate(text):
@@ -53,6 +60,8 @@ def _params(text: str) -> tuple[dict[str, str | None], Reply | None]:
 
 
 def mail_params(text: str, limits: Limits) -> tuple[MailParams, Reply | None]:
+    if not text:
+        return NO_PARAMS, None
     params, fault = _params(text)
     if fault is not None:
         return MailParams(), fault
@@ -97,6 +106,8 @@ def mail_params(text: str, limits: Limits) -> tuple[MailParams, Reply | None]:
 
 
 def rcpt_params(text: str) -> tuple[frozenset[Notify] | None, str | None, Reply | None]:
+    if not text:
+        return None, None, None
     params, fault = _params(text)
     if fault is not None:
         return None, None, fault

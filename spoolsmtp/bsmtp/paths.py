@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from spoolsmtp.bsmtp.address import Mailbox, parse_path
-from spoolsmtp.bsmtp.params import mail_params, rcpt_params, split_path
+from spoolsmtp.bsmtp.address import Mailbox, parse_path, plain_path
+from spoolsmtp.bsmtp.params import NO_PARAMS, mail_params, rcpt_params, split_path
 from spoolsmtp.model.config import Limits
 from spoolsmtp.model.envelope import MailParams, Notify
 from spoolsmtp.model.reply import Reply
@@ -23,6 +23,9 @@ def sender(
 ) -> tuple[MailParams, Mailbox | None, Reply | None]:
     """MAIL's argument after ``FROM:``: its parameters, and its mailbox (None for ``<>``) or
     the reply that refuses it."""
+    plain = plain_path(arg, limits)
+    if plain is not None:  # the usual <a@b.c> alone: no parameters, nothing to qualify
+        return NO_PARAMS, plain, None
     path, rest = split_path(arg)
     params, fault = mail_params(rest, limits)
     if fault is not None:
@@ -38,6 +41,9 @@ def recipient(
 ) -> tuple[Mailbox | None, frozenset[Notify] | None, str | None, Reply | None]:
     """RCPT's argument after ``TO:``: its mailbox, NOTIFY and ORCPT, or the reply that refuses
     it. ``<postmaster>`` without a domain is accepted and is ours (``hostname``)."""
+    plain = plain_path(arg, limits)
+    if plain is not None:  # the usual <a@b.c> alone: no parameters, nothing to qualify
+        return plain, None, None, None
     path, rest = split_path(arg)
     notify, orcpt, fault = rcpt_params(rest)
     if fault is not None:
