@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,67 @@ def test_when_the_log_cannot_be_committed_no_operation_runs(tmp_path: Path) -> N
     with pytest.raises(OSError, match="No space"):
         asyncio.run(main())
     assert ran == []
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_quick_operations_run_after_the_commit_on_the_loop_only_when_inline(
+    tmp_path: Path, inline: bool
+) -> None:
+    """On a local disk a rename runs on the loop (no hand-over of the interpreter lock per
+    system call); elsewhere in the I/O thread. Either way after the log's commit, and a slow
+    operation of the same batch still runs in the thread."""
+    events: list[str] = []
+    where: dict[str, bool] = {}
+    batch = IoBatch(inline=inline)
+    log = RecordingLog(events)
+    batch.log = log
+
+    def op(name: str) -> Callable[[], tuple[Path]]:
+        def run() -> tuple[Path]:
+            where[name] = threading.current_thread() is threading.main_thread()
+            events.append(f"ran {name}")
+            return (tmp_path,)
+
+        return run
+
+    async def main() -> None:
+        log.append("quick")
+        log.append("slow")
+        await asyncio.gather(batch.run(op("quick"), quick=True), batch.run(op("slow")))
+
+    asyncio.run(main())
+    assert where == {"quick": inline, "slow": False}
+    assert events.index("committed quick") < events.index("ran quick")
+    assert events.index("committed slow") < events.index("ran slow")
+
+
+def test_a_failing_quick_operation_fails_only_its_own_waiter(tmp_path: Path) -> None:
+    def good() -> tuple[Path]:
+        return (tmp_path,)
+
+    def full() -> tuple[Path]:
+        raise OSError(28, "No space left on device")
+
+    async def main() -> tuple[BaseException | None, ...]:
+        batch = IoBatch(inline=True)
+        return await asyncio.gather(
+            batch.run(good, quick=True),
+            batch.run(full, quick=True),
+            batch.run(good),
+            return_exceptions=True,
+        )
+
+    results = asyncio.run(main())
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], OSError) and results[1].errno == 28
+
+
+def test_a_quick_operation_whose_folder_cannot_be_synced_fails(tmp_path: Path) -> None:
+    """The folder's fsync (in the thread) is part of the operation: it failing fails it."""
+    gone = tmp_path / "gone"
+
+    async def main() -> None:
+        await IoBatch(inline=True).run(lambda: (gone,), quick=True)
+
+    with pytest.raises(FileNotFoundError):
+        asyncio.run(main())

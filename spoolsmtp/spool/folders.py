@@ -23,7 +23,7 @@ from typing import BinaryIO
 from spoolsmtp.model import record
 from spoolsmtp.model.config import SpoolConfig
 from spoolsmtp.model.record import Record
-from spoolsmtp.spool import crashpoint, intake, nodes
+from spoolsmtp.spool import crashpoint, fskind, intake, nodes
 from spoolsmtp.spool.durable import fsync_dir, write_file
 from spoolsmtp.spool.intake import NotRegular as NotRegular  # noqa: PLC0414 - where it used to live
 from spoolsmtp.spool.iobatch import IoBatch
@@ -76,7 +76,7 @@ class Spool:
         # the same folders as strings, for the operations done per envelope: joining strings
         # costs a fraction of building a Path, and these run thousands of times a second
         self._dir: dict[str, str] = {name: str(path) for name, path in self.dirs.items()}
-        self.batch = batch or IoBatch()
+        self.batch = batch or IoBatch(inline=fskind.is_local(cfg.path))
 
     def ensure(self) -> None:
         for path in self.dirs.values():
@@ -208,7 +208,7 @@ class Spool:
             os.rename(self._file("active", name), self._file(target, name))
             return (self._dir["active"], self._dir[target]) if durable else ()
 
-        await self.batch.run(op)
+        await self.batch.run(op, quick=True)
 
     def unsynced(self) -> list[Path]:
         """The folders ``conclude`` writes without syncing, for the checkpoint to sync (not
@@ -226,7 +226,7 @@ class Spool:
             os.rename(src, dest)
             return dirs
 
-        await self.batch.run(op)
+        await self.batch.run(op, quick=True)
 
     async def take_from(self, peer: Spool, name: str) -> None:
         """Adoption: rename ``name`` from a dead node's active/ (``peer``'s) into ours,

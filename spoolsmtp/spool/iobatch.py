@@ -8,6 +8,12 @@ Under load one fsync of ``active/`` covers the claims of dozens of envelopes, an
 fdatasync of the journal their final replies. Because the log is committed before the
 operations run, a caller may append a record and queue the operation it must precede, and pay
 for one round trip instead of two.
+
+Quick operations (a rename, a small file written without fsync) run on the event loop instead,
+once the thread has committed the log, when the batch is ``inline`` (the spool is on a local
+disk: fskind.py); only the fsyncs of their folders go back to the thread. Run in the thread,
+every such call hands the interpreter lock to and from the busy loop: measured, twice the
+context switches per envelope and about a tenth more CPU.
 """
 
 from __future__ import annotations
@@ -37,16 +43,18 @@ def nothing() -> tuple[()]:
 class IoBatch:
     """Runs operations in I/O threads, in batches, after committing the log."""
 
-    def __init__(self, lanes: int = 1) -> None:
+    def __init__(self, lanes: int = 1, *, inline: bool = False) -> None:
         self.log: Log | None = None
-        self._ops: list[tuple[Op, asyncio.Future[None]]] = []
+        self.inline = inline
+        self._ops: list[_Queued] = []
         self._lanes: set[asyncio.Task[None]] = set()
         self._max_lanes = lanes
         self.batches = 0
         self.operations = 0
 
-    async def run(self, op: Op = nothing) -> None:
+    async def run(self, op: Op = nothing, *, quick: bool = False) -> None:
         """Run ``op`` in an I/O thread; return once the log, it and its directories are durable.
+        ``quick``: a few fast system calls that never fsync, run on the loop when ``inline``.
 
         Up to ``lanes`` batches run at once (operations are independent: each caller awaits
         its own before issuing the next). One is the default: with the journal standing in
@@ -54,7 +62,7 @@ class IoBatch:
         interpreter lock (measured: 1,290 against 930 to 1,180 envelopes/s).
         """
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._ops.append((op, waiter))
+        self._ops.append((op, waiter, quick))
         if len(self._lanes) < self._max_lanes:
             self._lanes.add(asyncio.create_task(self._drive()))
         await waiter
@@ -67,10 +75,10 @@ class IoBatch:
         try:
             while self._ops:
                 ops, self._ops = self._ops, []
-                errors = await asyncio.to_thread(self._execute, [op for op, _ in ops])
+                errors = await self._batch(ops)
                 self.batches += 1
                 self.operations += len(ops)
-                for (_, waiter), error in zip(ops, errors, strict=True):
+                for (_, waiter, _), error in zip(ops, errors, strict=True):
                     if waiter.done():
                         continue
                     if error is None:
@@ -82,26 +90,67 @@ class IoBatch:
             assert lane is not None
             self._lanes.discard(lane)
 
+    async def _batch(self, ops: list[_Queued]) -> list[BaseException | None]:
+        if not self.inline or not any(quick for _, _, quick in ops):
+            return await asyncio.to_thread(self._execute, [op for op, _, _ in ops])
+        if self.log is not None:
+            try:
+                await asyncio.to_thread(self.log.sync)
+            except OSError as exc:
+                return [exc for _ in ops]
+        errors: list[BaseException | None] = [None] * len(ops)
+        targets: dict[str | Path, list[int]] = {}
+        slow = [index for index, (_, _, quick) in enumerate(ops) if not quick]
+        _run_ops([(i, op) for i, (op, _, quick) in enumerate(ops) if quick], errors, targets)
+        if slow or targets:
+            await asyncio.to_thread(self._finish, [(i, ops[i][0]) for i in slow], errors, targets)
+        return errors
+
+    @staticmethod
+    def _finish(
+        slow: list[tuple[int, Op]],
+        errors: list[BaseException | None],
+        targets: dict[str | Path, list[int]],
+    ) -> None:
+        """In the thread: the batch's other operations, then every folder's fsync."""
+        _run_ops(slow, errors, targets)
+        _sync_folders(errors, targets)
+
     def _execute(self, ops: list[Op]) -> list[BaseException | None]:
         if self.log is not None:
             try:
                 self.log.sync()
             except OSError as exc:
                 return [exc for _ in ops]
-        errors: list[BaseException | None] = []
+        errors: list[BaseException | None] = [None] * len(ops)
         targets: dict[str | Path, list[int]] = {}
-        for index, op in enumerate(ops):
-            try:
-                for target in op():
-                    targets.setdefault(target, []).append(index)
-            except Exception as exc:
-                errors.append(exc)
-            else:
-                errors.append(None)
-        for target, users in targets.items():
-            try:
-                fsync_dir(target)
-            except OSError as exc:
-                for index in users:
-                    errors[index] = errors[index] or exc
+        _run_ops(list(enumerate(ops)), errors, targets)
+        _sync_folders(errors, targets)
         return errors
+
+
+_Queued = tuple[Op, "asyncio.Future[None]", bool]
+
+
+def _run_ops(
+    ops: list[tuple[int, Op]],
+    errors: list[BaseException | None],
+    targets: dict[str | Path, list[int]],
+) -> None:
+    """Run each operation, noting its failure and the folders it asks to be synced."""
+    for index, op in ops:
+        try:
+            for target in op():
+                targets.setdefault(target, []).append(index)
+        except Exception as exc:
+            errors[index] = exc
+
+
+def _sync_folders(errors: list[BaseException | None], targets: dict[str | Path, list[int]]) -> None:
+    """fsync each folder once; a failure fails every operation that asked for it."""
+    for target, users in targets.items():
+        try:
+            fsync_dir(target)
+        except OSError as exc:
+            for index in users:
+                errors[index] = errors[index] or exc

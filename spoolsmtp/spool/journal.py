@@ -327,7 +327,7 @@ class Journal:
 
     async def commit(self) -> None:
         """Return once everything appended so far is on disk (shared fdatasync)."""
-        await self.batch.run()
+        await self.batch.run(quick=True)
 
     def sync(self) -> None:
         """Write what is buffered and fdatasync it (in an I/O thread, first in every batch).
