@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import yaml
-from benchkit import Mail, free_port, own_cpu, tree_cpu
+from benchkit import Mail, free_port, own_cpu, tree_cpu, tree_switches
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ("smtp-sink", "smtp-source", "postfix")
@@ -98,9 +98,10 @@ def drop(incoming: str, n: int, size: int, rcpts: int) -> None:
 
 def spoolsmtp_run(
     tmp: Path, n: int, processes: int, mail: Mail, timeout: float
-) -> tuple[float, float, float]:
-    """One worker (``processes`` delivery processes) fed by the dropper: env/s, CPU s/1000, and
-    the part of that CPU the top process spent itself (the supervisor, with processes > 1)."""
+) -> tuple[float, float, float, float]:
+    """One worker (``processes`` delivery processes) fed by the dropper: env/s, CPU s/1000, the
+    part of that CPU the top process spent itself (the supervisor, with processes > 1), and
+    the worker's context switches per envelope."""
     spool = tmp / "spool"
     (spool / "incoming").mkdir(parents=True)
     sink = Sink(n)
@@ -120,7 +121,7 @@ def spoolsmtp_run(
         while not (spool / "active").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(1.0 + processes * 0.5)  # started and watching
-        cpu0, own0 = tree_cpu(worker.pid), own_cpu(worker.pid)
+        cpu0, own0, cs0 = tree_cpu(worker.pid), own_cpu(worker.pid), tree_switches(worker.pid)
         dropper = subprocess.run(
             [sys.executable, __file__, "drop", str(spool / "incoming"), str(n), *mail.args()],
             stdout=subprocess.PIPE,
@@ -130,12 +131,13 @@ def spoolsmtp_run(
         first = float(dropper.stdout.split()[1])
         end = sink.end(timeout)
         cpu, own = tree_cpu(worker.pid) - cpu0, own_cpu(worker.pid) - own0
+        switches = tree_switches(worker.pid) - cs0
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(60)
         if sink.proc.poll() is None:
             sink.proc.kill()
-    return n / (end - first), cpu / n * 1000, own / n * 1000
+    return n / (end - first), cpu / n * 1000, own / n * 1000, switches / n
 
 
 MAIN_CF = """\
@@ -281,29 +283,36 @@ def main() -> None:
         )
         sys.exit(2)
     mail = Mail(args.size, args.rcpts)
-    rows: list[tuple[str, float, float, float | None]] = []
+    rows: list[tuple[str, float, float, float | None, float | None]] = []
     outer = tempfile.TemporaryDirectory(prefix="spoolsmtp-outsider-")
     os.chmod(outer.name, 0o755)  # Postfix's daemons (user postfix) walk into their queue
     try:
         for processes in dict.fromkeys(args.processes):
             tmp = Path(outer.name) / f"p{processes}"
             tmp.mkdir()
-            rate, cpu, own = spoolsmtp_run(tmp, args.n, processes, mail, args.timeout)
-            rows.append((f"spoolsmtp, processes {processes}", rate, cpu, own))
+            rate, cpu, own, cs = spoolsmtp_run(tmp, args.n, processes, mail, args.timeout)
+            rows.append((f"spoolsmtp, processes {processes}", rate, cpu, own, cs))
         if not args.no_postfix:
             rate, cpu = postfix_run(Path(outer.name), args.n, mail, args.timeout)
-            rows.append(("Postfix smtpd -> queue -> smtp", rate, cpu, None))
+            rows.append(("Postfix smtpd -> queue -> smtp", rate, cpu, None, None))
     finally:
         outer.cleanup()
     print(f"N={args.n}, {mail}; drop (or first connection) to the sink's N-th message")
-    # "top": of the CPU, what the top process spent itself (with processes > 1: the supervisor)
-    head = f"{'path':34} {'env/s':>7} {'CPU s/1000':>10} {'top':>5} {'x first':>8} {'x Postfix':>9}"
+    # "top": of the CPU, what the top process spent itself (with processes > 1: the supervisor);
+    # "cs/env": the worker's context switches per envelope (every thread of every process)
+    head = (
+        f"{'path':34} {'env/s':>7} {'CPU s/1000':>10} {'top':>5} {'cs/env':>6}"
+        f" {'x first':>8} {'x Postfix':>9}"
+    )
     print(head)
     postfix = rows[-1][1] if not args.no_postfix else None
-    for label, rate, cpu, by_top in rows:
+    for label, rate, cpu, by_top, per_env in rows:
         vs_pf = f"{rate / postfix:9.2f}" if postfix else "        -"
         top = f"{by_top:5.2f}" if by_top is not None else "    -"
-        print(f"{label:34} {rate:7.0f} {cpu:10.2f} {top} {rate / rows[0][1]:8.2f} {vs_pf}")
+        switches = f"{per_env:6.2f}" if per_env is not None else "     -"
+        print(
+            f"{label:34} {rate:7.0f} {cpu:10.2f} {top} {switches} {rate / rows[0][1]:8.2f} {vs_pf}"
+        )
 
 
 if __name__ == "__main__":

@@ -69,6 +69,36 @@ def tree_cpu(root: int) -> float:
     return total / TICK
 
 
+def tree_switches(root: int) -> int:
+    """Context switches (voluntary and not) of every thread of ``root`` and its live
+    descendants so far, from /proc/PID/task/TID/status: a hand-over of the interpreter lock
+    between threads is one or two of them."""
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as fh:
+                todo.extend(int(c) for c in fh.read().split())
+        except OSError:
+            continue
+    total = 0
+    for pid in pids:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/status") as fh:
+                    for line in fh:
+                        if "ctxt_switches:" in line:  # voluntary_ and nonvoluntary_
+                            total += int(line.split()[1])
+            except OSError:
+                continue
+    return total
+
+
 def own_cpu(pid: int) -> float:
     """CPU seconds of ``pid`` alone, its threads included, not its children (utime + stime)."""
     fields = _stat(pid)
