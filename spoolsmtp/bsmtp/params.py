@@ -29,9 +29,16 @@ def split_path(text: str) -> tuple[str, str]:
         return path, rest
     if '"' not in text:
         # nothing quoted, so nothing escaped: the first '>' ends the path, found in C rather
-        # than by the walk below, a Python step per character of every MAIL and RCPT
+        # than by the walk (split_at_close), a Python step per character of every MAIL and RCPT
         end = text.find(">")
         return (text, "") if end < 0 else (text[: end + 1], text[end + 1 :])
+    return split_at_close(text)
+
+
+def split_at_close(text: str) -> tuple[str, str]:
+    """``<path>`` and what follows: the path ends at the first '>' outside a quoted string (a
+    backslash quotes within one), found by walking the text; ``split_path`` takes a C search
+    instead when nothing is quoted, which must find the same end."""
     quoted = False
     escaped = False
     for i, ch in enumerate(text):
