@@ -100,15 +100,13 @@ class Spool:
         back into a string for a system call costs several times the call itself)."""
         return f"{self._dir[folder]}/{name}"
 
-    _file = file
-
     # -- moves -----------------------------------------------------------------------------
 
     def choose_id(self, name: str) -> str | None:
         """The id ``incoming/name`` will be claimed under; None if it is gone or is not a
         regular file (which is then left alone)."""
         try:
-            info = os.lstat(self._file("incoming", name))
+            info = os.lstat(self.file("incoming", name))
         except FileNotFoundError:
             return None
         if not stat.S_ISREG(info.st_mode):
@@ -122,7 +120,7 @@ class Spool:
         until the file is in active/ (see ``intake``). A move that failed (a full disk, EIO)
         but whose rename was done is a claim: the envelope is in active/ and goes on."""
         try:
-            lease = intake.hold_still(self._file("incoming", name))
+            lease = intake.hold_still(self.file("incoming", name))
         except FileNotFoundError:
             return False
         try:
@@ -130,7 +128,7 @@ class Spool:
         except OSError as exc:
             # ours after all when it is in active/: the rename was done before the fsync
             # failed, or an NFS client resent a RENAME whose reply was lost and heard ENOENT
-            if os.path.lexists(self._file("active", f"{envelope_id}{suffix}")):
+            if os.path.lexists(self.file("active", f"{envelope_id}{suffix}")):
                 return True
             if isinstance(exc, FileNotFoundError):
                 return False  # gone, or (on a shared spool) another node renamed it first
@@ -196,7 +194,7 @@ class Spool:
         is resumed from it) until the next checkpoint syncs them.
         """
         name = f"{envelope_id}{SUFFIX}"
-        results = self._file("results", f"{envelope_id}.json")
+        results = self.file("results", f"{envelope_id}.json")
         if target is not None:
             check(Folder.ACTIVE, target, name)
 
@@ -205,7 +203,7 @@ class Spool:
             if target is None:
                 return ()
             crashpoint.reach("before_final_rename")
-            os.rename(self._file("active", name), self._file(target, name))
+            os.rename(self.file("active", name), self.file(target, name))
             return (self._dir["active"], self._dir[target]) if durable else ()
 
         await self.batch.run(op, quick=True)
@@ -219,7 +217,7 @@ class Spool:
         """Rename one file between (or within) folders, durably: the one move every other
         goes through, checked against the legal transitions (``folders.check``)."""
         check(source, target, name)
-        src, dest = self._file(source, name), self._file(target, new_name)
+        src, dest = self.file(source, name), self.file(target, new_name)
         dirs = (self._dir[source], self._dir[target])
 
         def op() -> tuple[str, ...]:
@@ -232,7 +230,7 @@ class Spool:
         """Adoption: rename ``name`` from a dead node's active/ (``peer``'s) into ours,
         durably, after the journal records appended so far (the state carried with it)."""
         check(Folder.ACTIVE, Folder.ACTIVE, name)
-        src, dest = f"{peer._dir['active']}/{name}", self._file("active", name)
+        src, dest = f"{peer._dir['active']}/{name}", self.file("active", name)
         dirs = (peer._dir["active"], self._dir["active"])
 
         def op() -> tuple[str, ...]:
@@ -246,7 +244,7 @@ class Spool:
     def restore_record(self, envelope_id: str, record: bytes) -> None:
         """Put back ``results/ID.json`` from the journal (at start, blocking; the folder is
         synced by ``sync_results``)."""
-        write_file(self._file("results", f"{envelope_id}.json"), record, sync_dir=False)
+        write_file(self.file("results", f"{envelope_id}.json"), record, sync_dir=False)
 
     def sync_results(self) -> None:
         fsync_dir(self._dir["results"])
@@ -260,7 +258,7 @@ class Spool:
         the loop) and the copy opened; the worker's own file is read through the descriptor
         that checked it. A file of at most ``whole`` bytes is read at once and returned as
         bytes (most envelopes are a few KB); a larger one is returned open, for streaming."""
-        path = self._file("active", f"{envelope_id}{SUFFIX}")
+        path = self.file("active", f"{envelope_id}{SUFFIX}")
         fd, info = intake.open_regular(path)
         if intake.foreign(info):
             await asyncio.to_thread(intake.copy_own, fd, info, path)
