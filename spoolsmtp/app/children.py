@@ -5,6 +5,11 @@ started again when it dies, with backoff while it keeps dying (one log line per 
 A child keeps its node name across restarts, so the next one resumes what the last one had in
 flight exactly as a restarted worker does. What the supervisor had handed it and not yet heard
 back about (``outstanding``) is given back to the supervisor when it dies (``lost``).
+
+A child that holds its node and then answers nothing for ``worker.watchdog`` seconds (stopped,
+or its event loop stuck) is killed with SIGKILL and so started again (``watch``, called on every
+tick of the supervisor's watchdog; ``verdict`` is its pure decision): what it had been handed
+goes back, and its node resumes as after any kill -9.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from enum import Enum
 from typing import Any
 
 from spoolsmtp.app import sdnotify
@@ -27,8 +33,31 @@ from spoolsmtp.app.link import Link
 
 log = logging.getLogger("spoolsmtp")
 STEADY = 10.0  # a child up this long has stopped dying: the next death starts a new episode
+WATCH_TICK_MAX = 1.0  # the supervisor's watchdog looks at least this often
 BACKOFF_MAX = 30.0
 CRASH_HOOK = "SPOOLSMTP_CRASH_AT"  # the crash tests' (crashpoint.py): the first start only
+
+
+class Verdict(Enum):
+    """What the watchdog does about one child on one tick."""
+
+    NOTHING = "nothing"
+    PING = "ping"  # quiet for a tick: ask it something, so that a live one answers
+    KILL = "kill"  # quiet for the whole timeout
+
+
+def watch_tick(timeout: float) -> float:
+    """How often the watchdog looks: a quarter of the timeout, at most ``WATCH_TICK_MAX``."""
+    return min(timeout / 4, WATCH_TICK_MAX) if timeout > 0 else WATCH_TICK_MAX
+
+
+def verdict(quiet: float, timeout: float) -> Verdict:
+    """A child that holds its node and has said nothing for ``quiet`` seconds."""
+    if timeout <= 0:
+        return Verdict.NOTHING
+    if quiet >= timeout:
+        return Verdict.KILL
+    return Verdict.PING if quiet >= watch_tick(timeout) else Verdict.NOTHING
 
 
 def describe(code: int) -> str:
@@ -64,6 +93,9 @@ class Child:
         self.snapshot: dict[str, Any] = {}
         self.counters: dict[str, Any] = {}  # its latest counters, from a snapshot or pushed
         self.silent = False  # it did not answer the last snapshot asked of it
+        self.heard = 0.0  # when it last said anything (monotonic)
+        self.holding = False  # it said it holds its node: from then on it must answer
+        self.killed = False  # the watchdog killed the process now in the slot
         self.starts = 0
         self._failures = 0
         self._started_at = 0.0
@@ -131,7 +163,8 @@ class Child:
             if config >= 0:
                 os.close(config)
         self.starts += 1
-        self._started_at = time.monotonic()
+        self._started_at = self.heard = time.monotonic()
+        self.holding = self.killed = False
         ours.setblocking(False)
         link = Link(ours, self._received)
         await link.open()
@@ -144,7 +177,7 @@ class Child:
             if not future.done():
                 future.set_result(None)
         self._answers.clear()
-        if not self._stopping:
+        if not self._stopping and not self.killed:  # the watchdog's kill is logged already
             if self._episode:
                 log.debug("delivery process %s %s again", self.name, describe(code))
             else:
@@ -178,7 +211,39 @@ class Child:
             os.close(pidfd)
         return proc.wait()
 
+    def watch(self, now: float, timeout: float) -> None:
+        """One tick of the watchdog (``verdict``): a child that holds its node and has been
+        quiet is pinged; one quiet for ``timeout`` is killed, once, with one log line, and its
+        slot started again as after any death. Not while it starts (resuming a large node, or
+        waiting for a previous process of its node to let go), nor while it drains to stop."""
+        if not self.up or not self.holding or self.killed or self._stopping or self.proc is None:
+            return
+        quiet = now - self.heard
+        action = verdict(quiet, timeout)
+        if action is Verdict.PING:
+            self.send("o", [0, "ping", []])
+        elif action is Verdict.KILL:
+            self.killed = True
+            self._episode = True  # its exit is not logged again, its steady run is
+            log.warning(
+                "delivery process %s (pid %d) has answered nothing for %.0f s (stopped, or its "
+                "event loop stuck): killed, to be started again; what it had in flight resumes "
+                "from its node",
+                self.name,
+                self.proc.pid,
+                quiet,
+            )
+            self.proc.kill()  # not yet reaped (its pidfd is waited on): the pid is still its
+
+    def forgive(self, now: float) -> None:
+        """The supervisor itself did not run for a while (stopped, starved): what its children
+        said meanwhile is unread, so none is blamed for that time."""
+        self.heard = max(self.heard, now)
+
     def _received(self, batch: dict[str, list[Any]]) -> None:
+        self.heard = time.monotonic()
+        if "h" in batch:
+            self.holding = True
         for seq, value in batch.get("a", ()):
             future = self._answers.pop(seq, None)
             if future is not None and not future.done():

@@ -24,7 +24,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from spoolsmtp.app import adoption, capability, reconfig, sdnotify, wire
-from spoolsmtp.app.children import Child, child_command
+from spoolsmtp.app.children import Child, child_command, watch_tick
 from spoolsmtp.app.host import Summary
 from spoolsmtp.app.schedule import Schedule
 from spoolsmtp.app.whole import Whole, WholeServer
@@ -45,6 +45,7 @@ log = logging.getLogger("spoolsmtp")
 BURST_RESCAN = 0.25
 HOUSEKEEPING = 5.0
 STOP_MARGIN = 15.0
+STALL_MARGIN = 1.0  # a watchdog tick this much later than twice its interval: we were stalled
 
 
 def own_node(cfg: Config) -> str:
@@ -155,7 +156,11 @@ class Supervisor:
         )
         self.watcher.start()
         self.watcher.rescan()
-        background = [asyncio.create_task(self._retries()), asyncio.create_task(self._chores())]
+        background = [
+            asyncio.create_task(self._retries()),
+            asyncio.create_task(self._chores()),
+            asyncio.create_task(self._watchdog()),
+        ]
         log.info(
             "supervising %d delivery processes (%s); %d deferred, %d held; spool %s",
             len(self.children),
@@ -345,6 +350,24 @@ class Supervisor:
 
     def _in_incoming(self, name: str) -> bool:
         return os.path.lexists(self.spool.path("incoming", name))
+
+    async def _watchdog(self) -> None:
+        """Every tick, each child that has been quiet is pinged, and one quiet for
+        ``worker.watchdog`` is killed and started again (``Child.watch``). A tick that comes
+        much later than asked means the supervisor itself did not run (stopped, starved of
+        CPU): the children's answers are still unread, so the time is not held against them."""
+        last = time.monotonic()
+        while True:
+            tick = watch_tick(self.cfg.worker.watchdog)  # RELOAD may change it
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            stalled = now - last > 2 * tick + STALL_MARGIN
+            last = now
+            for child in self.children:
+                if stalled:
+                    child.forgive(now)
+                else:
+                    child.watch(now, self.cfg.worker.watchdog)
 
     # -- what the children say ---------------------------------------------------------------
 

@@ -297,6 +297,8 @@ class WorkerConfig:
 
     processes: int = field(default=1, metadata={"min": 1, "max": 64, "auto": True})
     host_id: str = field(default="", metadata={"name": True})
+    # a delivery process that answers nothing this long is killed and started again (0: never)
+    watchdog: float = _duration(30.0)
 
 
 @dataclass(frozen=True)
