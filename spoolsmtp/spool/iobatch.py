@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Protocol
 
 from spoolsmtp.spool.durable import fsync_dir
+from spoolsmtp.spool.iothread import IoThread
 
 
 class Log(Protocol):
@@ -49,6 +50,10 @@ class IoBatch:
         self._ops: list[_Queued] = []
         self._lanes: set[asyncio.Task[None]] = set()
         self._max_lanes = lanes
+        # one thread of our own per lane (iothread.py: a round trip costs a quarter of
+        # asyncio.to_thread's); each lane has one call in flight at a time
+        self._threads = [IoThread(f"spoolsmtp-io-{k}") for k in range(lanes)]
+        self._free = list(self._threads)
         self.batches = 0
         self.operations = 0
 
@@ -72,10 +77,11 @@ class IoBatch:
         lanes in the same step as it finds the queue empty, so an operation queued a moment
         later always starts a new lane (with a done-callback instead, one queued between the
         lane's last look and the callback would wait forever)."""
+        thread = self._free.pop()
         try:
             while self._ops:
                 ops, self._ops = self._ops, []
-                errors = await self._batch(ops)
+                errors = await self._batch(ops, thread)
                 self.batches += 1
                 self.operations += len(ops)
                 for (_, waiter, _), error in zip(ops, errors, strict=True):
@@ -86,16 +92,17 @@ class IoBatch:
                     else:
                         waiter.set_exception(error)
         finally:
+            self._free.append(thread)
             lane = asyncio.current_task()
             assert lane is not None
             self._lanes.discard(lane)
 
-    async def _batch(self, ops: list[_Queued]) -> list[BaseException | None]:
+    async def _batch(self, ops: list[_Queued], thread: IoThread) -> list[BaseException | None]:
         if not self.inline or not any(quick for _, _, quick in ops):
-            return await asyncio.to_thread(self._execute, [op for op, _, _ in ops])
+            return await thread.call(lambda: self._execute([op for op, _, _ in ops]))
         if self.log is not None:
             try:
-                await asyncio.to_thread(self.log.sync)
+                await thread.call(self.log.sync)
             except OSError as exc:
                 return [exc for _ in ops]
         errors: list[BaseException | None] = [None] * len(ops)
@@ -103,7 +110,8 @@ class IoBatch:
         slow = [index for index, (_, _, quick) in enumerate(ops) if not quick]
         _run_ops([(i, op) for i, (op, _, quick) in enumerate(ops) if quick], errors, targets)
         if slow or targets:
-            await asyncio.to_thread(self._finish, [(i, ops[i][0]) for i in slow], errors, targets)
+            rest = [(i, ops[i][0]) for i in slow]
+            await thread.call(lambda: self._finish(rest, errors, targets))
         return errors
 
     @staticmethod
