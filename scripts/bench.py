@@ -19,7 +19,7 @@ scripts/bench_outsider.py, also run as ``bench.py --outsider [-n N] [--processes
 
     .venv/bin/python scripts/bench.py [--burst 10000] [--backlog 100000] [--idle 200]
                                       [--processes 1 2] [--hosts 1 2] [--size 2048] [--rcpts 1]
-                                      [--event-loop auto|asyncio|uvloop]
+                                      [--event-loop auto|asyncio|uvloop] [--dir PATH]
 """
 
 from __future__ import annotations
@@ -240,6 +240,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048, help="bytes per message")
     parser.add_argument("--rcpts", type=int, default=1, help="recipients per envelope")
     parser.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto")
+    parser.add_argument(
+        "--dir", type=Path, default=ROOT, help="where the spools go (its file system is measured)"
+    )
     args = parser.parse_args()
     settings = list(dict.fromkeys(Setting(p, h) for h in args.hosts for p in args.processes))
     mail = Mail(args.size, args.rcpts)
@@ -253,9 +256,10 @@ def main() -> None:
     port = int(sink.stdout.readline().split()[1])
     rows: list[Row] = []
     # One folder for all cases, removed at the very end: ext4 without a journal (this
-    # machine's disk) skips inodes freed in the last 30 s when it allocates one, so deleting a
+    # machine's disk) skips inodes freed in the last 60 s (360 s while their inode table block
+    # is not yet written back) when it allocates one, looking at each in turn, so deleting a
     # finished case's 30,000 files would slow down every file the next case creates.
-    outer = tempfile.TemporaryDirectory(dir=ROOT, prefix=".bench-")
+    outer = tempfile.TemporaryDirectory(dir=args.dir, prefix=".bench-")
     try:
         for n, setting in enumerate(settings):
             base = Path(outer.name) / f"s{n}"

@@ -11,7 +11,15 @@ first connection to the sink's N-th message. Printed: envelopes/s and CPU second
 of each (the worker's process tree; Postfix's master and every daemon under it), and the ratios.
 
     .venv/bin/python scripts/bench_outsider.py [-n 10000] [--processes 1 2] [--size 2048]
-                                               [--rcpts 1] [--no-postfix]
+                                               [--rcpts 1] [--no-postfix] [--dir PATH] [--keep]
+
+``--dir`` puts the spools and Postfix's queue on another file system (default: the system's
+temporary folder). On ext4 without a journal (this machine's disk) every file created costs a
+look at each inode freed in the last 60 s (360 s while its inode table block is unwritten),
+so the cleanup of one run slows the next run's file creations, Postfix's most of all (it
+creates and deletes a queue file per message); ``--keep`` leaves the folders (remove them
+later), and the first line printed is what creating a file cost there before the runs.
+README, Benchmarks, has the figures.
 
 Needs Postfix's smtp-sink, smtp-source and postfix (Debian: apt-get install postfix); only
 127.0.0.1 is used. Run as root (Postfix's daemons drop to the ``postfix`` user).
@@ -31,7 +39,7 @@ import time
 from pathlib import Path
 
 import yaml
-from benchkit import Mail, free_port, own_cpu, tree_cpu, tree_switches
+from benchkit import Mail, create_cost, free_port, own_cpu, tree_cpu, tree_switches
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ("smtp-sink", "smtp-source", "postfix")
@@ -274,6 +282,10 @@ def main() -> None:
     parser.add_argument("--rcpts", type=int, default=1, help="recipients per envelope")
     parser.add_argument("--no-postfix", action="store_true", help="skip the Postfix run")
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--dir", default=None, help="where the runs' folders go")
+    parser.add_argument(
+        "--keep", action="store_true", help="leave the runs' folders (no inodes freed)"
+    )
     args = parser.parse_args()
     if missing():
         print(
@@ -284,20 +296,25 @@ def main() -> None:
         sys.exit(2)
     mail = Mail(args.size, args.rcpts)
     rows: list[tuple[str, float, float, float | None, float | None]] = []
-    outer = tempfile.TemporaryDirectory(prefix="spoolsmtp-outsider-")
-    os.chmod(outer.name, 0o755)  # Postfix's daemons (user postfix) walk into their queue
+    outer = tempfile.mkdtemp(prefix="spoolsmtp-outsider-", dir=args.dir)
+    os.chmod(outer, 0o755)  # Postfix's daemons (user postfix) walk into their queue
+    creating = create_cost(os.path.join(outer, "probe"))
     try:
         for processes in dict.fromkeys(args.processes):
-            tmp = Path(outer.name) / f"p{processes}"
+            tmp = Path(outer) / f"p{processes}"
             tmp.mkdir()
             rate, cpu, own, cs = spoolsmtp_run(tmp, args.n, processes, mail, args.timeout)
             rows.append((f"spoolsmtp, processes {processes}", rate, cpu, own, cs))
         if not args.no_postfix:
-            rate, cpu = postfix_run(Path(outer.name), args.n, mail, args.timeout)
+            rate, cpu = postfix_run(Path(outer), args.n, mail, args.timeout)
             rows.append(("Postfix smtpd -> queue -> smtp", rate, cpu, None, None))
     finally:
-        outer.cleanup()
+        if args.keep:  # several runs in a row: the next one's file creations pay for none
+            print(f"kept {outer}")
+        else:
+            shutil.rmtree(outer, ignore_errors=True)
     print(f"N={args.n}, {mail}; drop (or first connection) to the sink's N-th message")
+    print(f"creating a file in {outer}: {creating:.0f} us CPU (before the runs)")
     # "top": of the CPU, what the top process spent itself (with processes > 1: the supervisor);
     # "cs/env": the worker's context switches per envelope (every thread of every process)
     head = (
