@@ -5,12 +5,16 @@ starts another, and neither a cancelled waiter nor a closed loop stops it servin
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+from spoolsmtp.spool import iothread
 from spoolsmtp.spool.iothread import IoThread
+from tests.hostile import PLAIN_PYTHON, needs_root, reachable_by_others, run_as_nobody
 from tests.workerproc import wait_for
 
 
@@ -65,7 +69,10 @@ def test_a_cancelled_waiter_does_not_stop_the_thread() -> None:
         gate.wait(10)
         ran.append("first")
 
+    problems: list[dict[str, object]] = []
+
     async def main() -> str:
+        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: problems.append(ctx))
         first = asyncio.ensure_future(thread.call(slow))
         await asyncio.sleep(0)
         first.cancel()
@@ -74,6 +81,7 @@ def test_a_cancelled_waiter_does_not_stop_the_thread() -> None:
 
     assert asyncio.run(main()) == "second"
     assert ran == ["first"]  # it ran (as with to_thread); only its result was dropped
+    assert problems == []  # and dropping it raised nothing in the loop
 
 
 def test_a_loop_closed_before_the_result_is_no_error_in_the_thread() -> None:
@@ -97,3 +105,45 @@ def test_a_loop_closed_before_the_result_is_no_error_in_the_thread() -> None:
     finally:
         threading.excepthook = hook
     assert errors == []
+
+
+_NO_THREADS = """
+import asyncio, resource, sys
+sys.path.insert(0, sys.argv[1])
+from iothread import IoThread
+
+soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+thread = IoThread("test-io")
+
+
+async def main() -> None:
+    resource.setrlimit(resource.RLIMIT_NPROC, (1, hard))  # this process is one already
+    try:
+        thread.call(lambda: 1)
+    except RuntimeError as exc:
+        print("first:", exc)
+    resource.setrlimit(resource.RLIMIT_NPROC, (hard, hard))
+    print("second:", await asyncio.wait_for(thread.call(lambda: 2), 10))
+
+
+asyncio.run(main())
+"""
+
+
+@needs_root
+def test_a_thread_that_cannot_start_fails_that_call_and_the_next_one_starts(
+    tmp_path: Path,
+) -> None:
+    """No more tasks allowed (RLIMIT_NPROC of an unprivileged user, as a systemd TasksMax
+    would): the call that needed a thread fails, with nothing left queued, and once threads
+    can be started again the next call gets one (it used to queue behind a thread that never
+    ran, and the group commit waited for ever)."""
+    shutil.copy(iothread.__file__, tmp_path / "iothread.py")
+    reachable_by_others(tmp_path)
+    tmp_path.chmod(0o755)  # the import system lists the folder
+    done = run_as_nobody(
+        [PLAIN_PYTHON, "-c", _NO_THREADS, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "first: can't start new thread" in done.stdout
+    assert "second: 2" in done.stdout

@@ -10,6 +10,8 @@ import signal
 import time
 from pathlib import Path
 
+import yaml
+
 from spoolsmtp.app.children import WATCH_TICK_MAX, Verdict, verdict, watch_tick
 from tests.smtpservers import SmtpServer
 from tests.supervised import (
@@ -21,9 +23,22 @@ from tests.supervised import (
     supervised,
     two_children,
 )
-from tests.workerproc import wait_for
+from tests.workerproc import WorkerProcess, wait_for
 
 QUICK = {"processes": 2, "watchdog": 1.0}
+
+
+def holding(worker: WorkerProcess, kids: list[int]) -> None:
+    """Wait until both processes hold their nodes, and the supervisor knows it: each logs
+    "ready" once it has told the supervisor so ("h"), and a QUERY answered after that needs
+    an answer from each, which comes over the same link after the "h"."""
+    wait_for(
+        lambda: all(f"spoolsmtp[{pid}] INFO ready" in worker.log.read_text() for pid in kids),
+        what="both processes ready",
+    )
+    assert worker.ask("QUERY")["status"] == 200
+
+
 STALL = 2.5  # how long the supervisor is stopped: more than the watchdog's 1 s
 
 
@@ -50,9 +65,9 @@ def test_a_stopped_process_is_killed_and_what_it_was_handed_is_delivered(
         assert worker.proc is not None
         sup = worker.proc.pid
         kids = two_children(worker)
-        # both hold their nodes (they answer QUERY), then the first is stopped for good: on a
-        # tie the supervisor hands the next name to the first, so it is handed some of these
-        assert worker.ask("QUERY")["status"] == 200
+        # both hold their nodes, then the first is stopped for good: on a tie the supervisor
+        # hands the next name to the first, so it is handed some of these
+        holding(worker, kids)
         kids.sort(key=lambda pid: b"local.1" not in Path(f"/proc/{pid}/cmdline").read_bytes())
         os.kill(kids[0], signal.SIGSTOP)
         rcpts = drop_burst(worker, 12)
@@ -81,6 +96,7 @@ def test_a_process_that_answers_is_left_alone(tmp_path: Path) -> None:
         assert worker.proc is not None
         sup = worker.proc.pid
         kids = two_children(worker)
+        holding(worker, kids)
         rcpts = drop_burst(worker, 40)
         wait_for(lambda: all_final(worker, 40), what="every envelope delivered")
         assert delivered(srv) == dict.fromkeys(rcpts, 1)
@@ -100,7 +116,7 @@ def test_the_supervisors_own_stall_is_not_held_against_its_processes(tmp_path: P
         assert worker.proc is not None
         sup = worker.proc.pid
         kids = two_children(worker)
-        assert worker.ask("QUERY")["status"] == 200  # both hold their nodes
+        holding(worker, kids)
         os.kill(sup, signal.SIGSTOP)
         try:
             time.sleep(STALL)  # the scenario itself, not a wait for something to happen
@@ -117,3 +133,29 @@ def test_the_supervisors_own_stall_is_not_held_against_its_processes(tmp_path: P
     finally:
         assert worker.stop() == 0
         srv.stop()
+
+
+def test_reload_changes_the_watchdog(tmp_path: Path) -> None:
+    """RELOAD lowers ``worker.watchdog`` from 30 s to 1 s: a process stopped afterwards is
+    killed under the new timeout (long before the old one), and the idle, healthy one beside
+    it is left alone."""
+    srv = SmtpServer()
+    worker = supervised(tmp_path, srv.port, worker={"processes": 2, "watchdog": 30}).start()
+    try:
+        assert worker.proc is not None
+        sup = worker.proc.pid
+        kids = two_children(worker)
+        holding(worker, kids)
+        data = yaml.safe_load(worker.config.read_text())
+        data["worker"]["watchdog"] = 1
+        worker.config.write_text(yaml.safe_dump(data))
+        assert worker.ask("RELOAD")["status"] == 200
+        os.kill(kids[0], signal.SIGSTOP)
+        wait_for(lambda: not alive(kids[0]), what="the stopped process killed")
+        assert alive(kids[1])
+        assert kids[1] in children_of(sup)
+    finally:
+        assert worker.stop() == 0
+        srv.stop()
+    log = worker.log.read_text()
+    assert log.count("has answered nothing for") == 1, log

@@ -108,7 +108,10 @@ class Child:
 
     @property
     def up(self) -> bool:
-        return self.link is not None and not self.link.closed.is_set()
+        """Running and answering for all we know: not once the watchdog has killed it (a
+        process stuck in the kernel dies only when its system call returns; meanwhile it is
+        handed nothing, asked nothing, and not said to be running again)."""
+        return self.link is not None and not self.link.closed.is_set() and not self.killed
 
     def start(self) -> None:
         self._life = asyncio.create_task(self._keep_running())
@@ -235,10 +238,10 @@ class Child:
             )
             self.proc.kill()  # not yet reaped (its pidfd is waited on): the pid is still its
 
-    def forgive(self, now: float) -> None:
-        """The supervisor itself did not run for a while (stopped, starved): what its children
-        said meanwhile is unread, so none is blamed for that time."""
-        self.heard = max(self.heard, now)
+    def forgive(self, late: float, now: float) -> None:
+        """The supervisor itself did not run for ``late`` seconds (stopped, starved of CPU):
+        what the child said meanwhile is unread, so that time is not held against it."""
+        self.heard = min(self.heard + late, now)
 
     def _received(self, batch: dict[str, list[Any]]) -> None:
         self.heard = time.monotonic()

@@ -45,7 +45,6 @@ log = logging.getLogger("spoolsmtp")
 BURST_RESCAN = 0.25
 HOUSEKEEPING = 5.0
 STOP_MARGIN = 15.0
-STALL_MARGIN = 1.0  # a watchdog tick this much later than twice its interval: we were stalled
 
 
 def own_node(cfg: Config) -> str:
@@ -353,21 +352,26 @@ class Supervisor:
 
     async def _watchdog(self) -> None:
         """Every tick, each child that has been quiet is pinged, and one quiet for
-        ``worker.watchdog`` is killed and started again (``Child.watch``). A tick that comes
-        much later than asked means the supervisor itself did not run (stopped, starved of
-        CPU): the children's answers are still unread, so the time is not held against them."""
+        ``worker.watchdog`` is killed and started again (``Child.watch``). Whatever a tick
+        comes later than asked is time the supervisor itself did not run (stopped, starved of
+        CPU), when what the children said is still unread: it is not held against them. A
+        timeout changed by RELOAD starts every child's count afresh, so that a quiet spell that
+        was fine under the old one is not judged by the new one (each process answers the
+        RELOAD itself, so this matters only for one that answered it late)."""
         last = time.monotonic()
+        timeout = self.cfg.worker.watchdog
         while True:
-            tick = watch_tick(self.cfg.worker.watchdog)  # RELOAD may change it
+            tick = watch_tick(timeout)
             await asyncio.sleep(tick)
             now = time.monotonic()
-            stalled = now - last > 2 * tick + STALL_MARGIN
-            last = now
+            late, last = max(0.0, now - last - tick), now
+            if self.cfg.worker.watchdog != timeout:  # RELOAD changed it
+                timeout = self.cfg.worker.watchdog
+                late = now  # all forgiven
             for child in self.children:
-                if stalled:
-                    child.forgive(now)
-                else:
-                    child.watch(now, self.cfg.worker.watchdog)
+                if late:
+                    child.forgive(late, now)
+                child.watch(now, timeout)
 
     # -- what the children say ---------------------------------------------------------------
 

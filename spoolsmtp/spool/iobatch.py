@@ -81,7 +81,10 @@ class IoBatch:
         try:
             while self._ops:
                 ops, self._ops = self._ops, []
-                errors = await self._batch(ops, thread)
+                try:
+                    errors = await self._batch(ops, thread)
+                except Exception as exc:  # no thread could be started: each waiter hears it
+                    errors = [exc for _ in ops]
                 self.batches += 1
                 self.operations += len(ops)
                 for (_, waiter, _), error in zip(ops, errors, strict=True):

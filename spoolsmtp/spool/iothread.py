@@ -5,27 +5,34 @@ flight at a time (a lane of ``iobatch``), without the executor's machinery.
 chains the executor's concurrent future to an asyncio one with callbacks on both sides. Here a
 call is put on a ``SimpleQueue`` (C) that one thread of our own takes from, and its result
 comes back by one ``call_soon_threadsafe``. Measured on this machine with uvloop: about 70 us
-of CPU per round trip through ``to_thread``, 19 us through this (``scripts/bench_iothread.py``);
+of CPU per round trip through ``to_thread``, 32 us through this (``scripts/bench_iothread.py``);
 the group commit makes one or two of them per batch, and with two delivery processes a batch
 holds only a few envelopes.
 
 The thread is started by the first call and ends after ``idle`` seconds without one (so the
 many spools a test run opens leave no threads behind); a call after that starts another. A
-call whose awaiting task was cancelled still runs (as with ``to_thread``): its result is
-dropped. A loop closed before the result comes back is no error in the thread.
+thread that cannot be started (no more tasks allowed) fails that call alone, with nothing
+queued, and the next call tries again. A call whose awaiting task was cancelled still runs (as
+with ``to_thread``): its result is dropped. A loop closed before the result comes back is no
+error in the thread. At exit the interpreter waits (up to ``EXIT_WAIT``) for a call still
+running, as ``asyncio.run`` waits for its executor: a batch begun is finished, not cut off
+between its journal commit and its renames (which a restart would redo, as after a crash).
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 IDLE = 5.0
+EXIT_WAIT = 30.0
 
 _Call = tuple[Callable[[], Any], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
 
@@ -39,23 +46,33 @@ class IoThread:
         self._calls: queue.SimpleQueue[_Call] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._pending = 0  # calls queued or running
+        self._quiet = threading.Condition(self._lock)
         self.started = 0  # threads started so far (the tests look)
+        _ALL.add(self)
 
     def call(self, fn: Callable[[], T]) -> asyncio.Future[T]:
         """Run ``fn()`` in the thread; the future has its result or its exception."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         with self._lock:
-            self._calls.put((fn, future, loop))
             if self._thread is None:
-                self._start()
+                self._start()  # may raise: then nothing is queued and the next call retries
+            self._pending += 1
+            self._calls.put((fn, future, loop))
         return future
 
     def _start(self) -> None:
-        """(Under the lock.)"""
-        self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
-        self._thread.start()
+        """(Under the lock.) The thread is ours only once it has started."""
+        thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
+        thread.start()
+        self._thread = thread
         self.started += 1
+
+    def wait_quiet(self, timeout: float) -> bool:
+        """Wait until no call is queued or running; False if ``timeout`` passed first."""
+        with self._quiet:
+            return self._quiet.wait_for(lambda: self._pending == 0, timeout)
 
     @property
     def running(self) -> bool:
@@ -86,7 +103,21 @@ class IoThread:
                 _hand_back(loop, future, None, exc)
             else:
                 _hand_back(loop, future, result, None)
+            finally:
+                with self._quiet:
+                    self._pending -= 1
+                    self._quiet.notify_all()
             del fn, future, loop  # hold nothing of a finished call while waiting
+
+
+_ALL: weakref.WeakSet[IoThread] = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_calls() -> None:
+    """At exit, a call still running (a batch) is finished before the interpreter goes."""
+    for thread in list(_ALL):
+        thread.wait_quiet(EXIT_WAIT)
 
 
 def _hand_back(
