@@ -5,9 +5,11 @@ against its processes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -39,6 +41,24 @@ def holding(worker: WorkerProcess, kids: list[int]) -> None:
     assert worker.ask("QUERY")["status"] == 200
 
 
+@contextlib.contextmanager
+def supervising(
+    tmp_path: Path, settings: dict[str, float] = QUICK
+) -> Iterator[tuple[WorkerProcess, SmtpServer, int, list[int]]]:
+    """A supervisor with ``settings`` as its ``worker:`` section and a sink: the worker, the
+    sink, the supervisor's pid and its two processes (holding their nodes); stopped after."""
+    srv = SmtpServer()
+    worker = supervised(tmp_path, srv.port, worker=settings).start()
+    try:
+        assert worker.proc is not None
+        kids = two_children(worker)
+        holding(worker, kids)
+        yield worker, srv, worker.proc.pid, kids
+    finally:
+        assert worker.stop() == 0
+        srv.stop()
+
+
 STALL = 2.5  # how long the supervisor is stopped: more than the watchdog's 1 s
 
 
@@ -59,15 +79,9 @@ def test_a_stopped_process_is_killed_and_what_it_was_handed_is_delivered(
     had been handed for ever, while the others idled: now the supervisor kills it after
     ``worker.watchdog``, logs it once, starts the slot again, and every envelope is delivered
     exactly once."""
-    srv = SmtpServer()
-    worker = supervised(tmp_path, srv.port, worker=QUICK).start()
-    try:
-        assert worker.proc is not None
-        sup = worker.proc.pid
-        kids = two_children(worker)
-        # both hold their nodes, then the first is stopped for good: on a tie the supervisor
-        # hands the next name to the first, so it is handed some of these
-        holding(worker, kids)
+    with supervising(tmp_path) as (worker, srv, sup, kids):
+        # the first is stopped for good: on a tie the supervisor hands the next name to the
+        # first, so it is handed some of these
         kids.sort(key=lambda pid: b"local.1" not in Path(f"/proc/{pid}/cmdline").read_bytes())
         os.kill(kids[0], signal.SIGSTOP)
         rcpts = drop_burst(worker, 12)
@@ -79,9 +93,6 @@ def test_a_stopped_process_is_killed_and_what_it_was_handed_is_delivered(
         assert kids[1] in fresh
         wait_for(lambda: all_final(worker, 12), what="every envelope delivered")
         assert delivered(srv) == dict.fromkeys(rcpts, 1)
-    finally:
-        assert worker.stop() == 0
-        srv.stop()
     log = worker.log.read_text()
     assert log.count(f"(pid {kids[0]}) has answered nothing for") == 1, log
     assert "was killed by SIGKILL" not in log  # one line for the episode, not two
@@ -90,33 +101,18 @@ def test_a_stopped_process_is_killed_and_what_it_was_handed_is_delivered(
 def test_a_process_that_answers_is_left_alone(tmp_path: Path) -> None:
     """Busy processes answer the watchdog's pings: a burst delivered under a 1 s watchdog
     kills nobody."""
-    srv = SmtpServer()
-    worker = supervised(tmp_path, srv.port, worker=QUICK).start()
-    try:
-        assert worker.proc is not None
-        sup = worker.proc.pid
-        kids = two_children(worker)
-        holding(worker, kids)
+    with supervising(tmp_path) as (worker, srv, sup, kids):
         rcpts = drop_burst(worker, 40)
         wait_for(lambda: all_final(worker, 40), what="every envelope delivered")
         assert delivered(srv) == dict.fromkeys(rcpts, 1)
         assert children_of(sup) == kids
-    finally:
-        assert worker.stop() == 0
-        srv.stop()
     assert "has answered nothing" not in worker.log.read_text()
 
 
 def test_the_supervisors_own_stall_is_not_held_against_its_processes(tmp_path: Path) -> None:
     """The supervisor stopped for longer than the watchdog (SIGSTOP, or starved of CPU) has
     not read what its processes said meanwhile: when it runs again it kills none of them."""
-    srv = SmtpServer()
-    worker = supervised(tmp_path, srv.port, worker=QUICK).start()
-    try:
-        assert worker.proc is not None
-        sup = worker.proc.pid
-        kids = two_children(worker)
-        holding(worker, kids)
+    with supervising(tmp_path) as (worker, srv, sup, kids):
         os.kill(sup, signal.SIGSTOP)
         try:
             time.sleep(STALL)  # the scenario itself, not a wait for something to happen
@@ -130,22 +126,13 @@ def test_the_supervisors_own_stall_is_not_held_against_its_processes(tmp_path: P
         wait_for(lambda: all_final(worker, 6), what="every envelope delivered")
         assert delivered(srv) == dict.fromkeys(rcpts, 1)
         assert children_of(sup) == kids
-    finally:
-        assert worker.stop() == 0
-        srv.stop()
 
 
 def test_reload_changes_the_watchdog(tmp_path: Path) -> None:
     """RELOAD lowers ``worker.watchdog`` from 30 s to 1 s: a process stopped afterwards is
     killed under the new timeout (long before the old one), and the idle, healthy one beside
     it is left alone."""
-    srv = SmtpServer()
-    worker = supervised(tmp_path, srv.port, worker={"processes": 2, "watchdog": 30}).start()
-    try:
-        assert worker.proc is not None
-        sup = worker.proc.pid
-        kids = two_children(worker)
-        holding(worker, kids)
+    with supervising(tmp_path, {"processes": 2, "watchdog": 30}) as (worker, _, sup, kids):
         data = yaml.safe_load(worker.config.read_text())
         data["worker"]["watchdog"] = 1
         worker.config.write_text(yaml.safe_dump(data))
@@ -154,8 +141,5 @@ def test_reload_changes_the_watchdog(tmp_path: Path) -> None:
         wait_for(lambda: not alive(kids[0]), what="the stopped process killed")
         assert alive(kids[1])
         assert kids[1] in children_of(sup)
-    finally:
-        assert worker.stop() == 0
-        srv.stop()
     log = worker.log.read_text()
     assert log.count("has answered nothing for") == 1, log

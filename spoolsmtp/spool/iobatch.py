@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Protocol
 
 from spoolsmtp.spool.durable import fsync_dir
-from spoolsmtp.spool.iothread import IoThread
+from spoolsmtp.spool.iothread import IoThread, settle
 
 
 class Log(Protocol):
@@ -88,12 +88,7 @@ class IoBatch:
                 self.batches += 1
                 self.operations += len(ops)
                 for (_, waiter, _), error in zip(ops, errors, strict=True):
-                    if waiter.done():
-                        continue
-                    if error is None:
-                        waiter.set_result(None)
-                    else:
-                        waiter.set_exception(error)
+                    settle(waiter, None, error)
         finally:
             self._free.append(thread)
             lane = asyncio.current_task()

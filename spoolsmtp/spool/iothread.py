@@ -127,11 +127,12 @@ def _hand_back(
     error: BaseException | None,
 ) -> None:
     with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-        loop.call_soon_threadsafe(_settle, future, result, error)
+        loop.call_soon_threadsafe(settle, future, result, error)
 
 
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.cancelled():
+def settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    """Give ``future`` its result, or ``error``, unless it is done already (cancelled)."""
+    if future.done():
         return
     if error is None:
         future.set_result(result)
