@@ -219,7 +219,7 @@ class Child:
         quiet is pinged; one quiet for ``timeout`` is killed, once, with one log line, and its
         slot started again as after any death. Not while it starts (resuming a large node, or
         waiting for a previous process of its node to let go), nor while it drains to stop."""
-        if not self.up or not self.holding or self.killed or self._stopping or self.proc is None:
+        if not self.up or not self.holding or self._stopping or self.proc is None:
             return
         quiet = now - self.heard
         action = verdict(quiet, timeout)

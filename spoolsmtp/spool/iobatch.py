@@ -129,9 +129,7 @@ class IoBatch:
             except OSError as exc:
                 return [exc for _ in ops]
         errors: list[BaseException | None] = [None] * len(ops)
-        targets: dict[str | Path, list[int]] = {}
-        _run_ops(list(enumerate(ops)), errors, targets)
-        _sync_folders(errors, targets)
+        self._finish(list(enumerate(ops)), errors, {})
         return errors
 
 
