@@ -21,6 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from spoolsmtp.app import eventloop
+from spoolsmtp.model.config import Config
 from spoolsmtp.spool.iothread import IoThread
 
 
@@ -43,12 +45,11 @@ async def per_call(kind: str, calls: int) -> tuple[float, float]:
     return (time.process_time() - cpu) / calls * 1e6, (time.perf_counter() - wall) / calls * 1e6
 
 
-def run(coro: Awaitable[tuple[float, float]]) -> tuple[float, float]:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)  # type: ignore[arg-type]
-    return uvloop.run(coro)  # type: ignore[arg-type]
+def run(kind: str, calls: int) -> tuple[float, float]:
+    """On the loop the worker would choose by default (``eventloop.factory``)."""
+    _, loop_factory = eventloop.factory(Config())
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(per_call(kind, calls))
 
 
 def main() -> None:
@@ -60,7 +61,7 @@ def main() -> None:
     figures: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
     for _ in range(args.rounds):
         for kind in kinds:
-            figures[kind].append(run(per_call(kind, args.calls)))
+            figures[kind].append(run(kind, args.calls))
     print(f"{args.calls} round trips x {args.rounds} rounds, alternated; microseconds per call")
     print(f"{'':10} {'CPU median':>10} {'CPU min-max':>14} {'wall median':>11}")
     for kind in kinds:
