@@ -314,12 +314,14 @@ def _in_memory(text: str) -> int:
 
 
 def child_command(
-    config: str, node: str, children: int, index: int
+    config: str, node: str, children: int, index: int, sched: int | None = None
 ) -> Callable[[int, int], list[str]]:
     """The command line of a delivery process, given the descriptors of its end of the pair
-    and of its configuration (``config`` names the file, for RELOAD and the log)."""
+    and of its configuration (``config`` names the file, for RELOAD and the log); ``sched``
+    is the CPU scheduling policy it is to run under (cpusched.py)."""
 
     def command(fd: int, config_fd: int) -> list[str]:
+        policy = [] if sched is None else ["--sched", str(sched)]
         return [
             sys.executable,
             "-m",
@@ -337,6 +339,7 @@ def child_command(
             str(os.getpid()),
             "--of",
             f"{index}/{children}",
+            *policy,
         ]
 
     return command

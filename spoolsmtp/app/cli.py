@@ -13,6 +13,7 @@ from typing import Any
 from spoolsmtp.app import (
     child,
     configpath,
+    cpusched,
     deliver_cmd,
     eventloop,
     logsetup,
@@ -59,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     kid.add_argument("--fd", type=int, required=True)
     kid.add_argument("--parent", type=int, required=True)
     kid.add_argument("--of", required=True, help="INDEX/COUNT")
+    kid.add_argument("--sched", type=int, help="the CPU scheduling policy to deliver under")
 
     deliver = sub.add_parser(
         "deliver", help="one delivery attempt for an envelope, in the foreground"
@@ -207,6 +209,7 @@ def _run(cfg: configmod.Config, args: argparse.Namespace) -> int:
 
 def _child(cfg: configmod.Config, args: argparse.Namespace, loop_factory: Any) -> int:
     index, _, count = args.of.partition("/")
+    cpusched.deliver(args.sched)  # the supervisor's first policy, not its batch one
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(child.run(cfg, args.node, args.fd, args.parent, int(count), int(index)))
 

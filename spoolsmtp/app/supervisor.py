@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from spoolsmtp.app import adoption, capability, reconfig, sdnotify, wire
+from spoolsmtp.app import adoption, capability, cpusched, reconfig, sdnotify, wire
 from spoolsmtp.app.children import Child, child_command, watch_tick
 from spoolsmtp.app.host import Summary
 from spoolsmtp.app.schedule import Schedule
@@ -85,11 +85,12 @@ class Supervisor:
         self.room = max(2 * cfg.spool.max_active // max(cfg.worker.processes, 1), 1)
         names = nodes.delivery_nodes(cfg)
         source = str(cfg.source)
+        sched = cpusched.current()  # what the processes deliver under (the supervisor: batch)
         self.children = [
             Child(
                 k,
                 name,
-                child_command(source, name, len(names), k),
+                child_command(source, name, len(names), k, sched),
                 lambda: config_dumps(self.cfg),
                 self._report,
                 self._lost,
@@ -117,6 +118,7 @@ class Supervisor:
                 len(self.children),
             )
             return exitcodes.CONFIG
+        cpusched.supervise()
         lock = nodes.lock(self.cfg.spool, self.own_node)
         try:
             lock.acquire()
