@@ -12,6 +12,7 @@ of each (the worker's process tree; Postfix's master and every daemon under it),
 
     .venv/bin/python scripts/bench_outsider.py [-n 10000] [--processes 1 2] [--size 2048]
                                                [--rcpts 1] [--no-postfix] [--dir PATH] [--keep]
+                                               [--twins] [--set SECTION.KEY=VALUE ...]
 
 ``--dir`` puts the spools and Postfix's queue on another file system (default: the system's
 temporary folder). On ext4 without a journal (this machine's disk) every file created costs a
@@ -19,7 +20,10 @@ look at each inode freed in the last 60 s (360 s while its inode table block is 
 so the cleanup of one run slows the next run's file creations, Postfix's most of all (it
 creates and deletes a queue file per message); ``--keep`` leaves the folders (remove them
 later), and the first line printed is what creating a file cost there before the runs.
-README, Benchmarks, has the figures.
+``--twins`` adds a run of two workers of one process each, each on its own spool, the dropper
+writing in turn into both: two that share nothing, the ceiling for a supervisor and two
+delivery processes on the same cores. ``--set delivery.max_per_destination=40`` (again for
+more) sets a config key for every worker run. README, Benchmarks, has the figures.
 
 Needs Postfix's smtp-sink, smtp-source and postfix (Debian: apt-get install postfix); only
 127.0.0.1 is used. Run as root (Postfix's daemons drop to the ``postfix`` user).
@@ -37,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 from benchkit import Mail, create_cost, free_port, own_cpu, tree_cpu, tree_switches
@@ -89,13 +94,15 @@ class Sink:
         return time.time()
 
 
-def drop(incoming: str, n: int, size: int, rcpts: int) -> None:
+def drop(incomings: list[str], n: int, size: int, rcpts: int) -> None:
     """The dropper (its own process): every envelope rendered first, then written by tmp +
-    rename one after another; prints the time of the first rename."""
+    rename one after another, in turn into each of ``incomings``; prints the time of the first
+    rename."""
     mail = Mail(size, rcpts)
     data = [mail.envelope(i) for i in range(n)]
     first = 0.0
     for i, body in enumerate(data):
+        incoming = incomings[i % len(incomings)]
         tmp = os.path.join(incoming, f".b{i:06d}.bsmtp")
         with open(tmp, "wb") as fh:
             fh.write(body)
@@ -104,45 +111,87 @@ def drop(incoming: str, n: int, size: int, rcpts: int) -> None:
     print(f"FIRST {first:.6f}", flush=True)
 
 
+def overrides(pairs: list[str]) -> dict[str, Any]:
+    """``--set section.key=value`` (the value read as YAML) as nested config sections."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            sys.exit(f"bench_outsider: --set {pair!r}: expected section.key=value")
+        *path, last = key.split(".")
+        place = out
+        for part in path:
+            place = place.setdefault(part, {})
+        place[last] = yaml.safe_load(value)
+    return out
+
+
+def merged(base: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in more.items():
+        inner = out.get(key)
+        fits = isinstance(inner, dict) and isinstance(value, dict)
+        out[key] = merged(inner, value) if fits and inner is not None else value
+    return out
+
+
 def spoolsmtp_run(
-    tmp: Path, n: int, processes: int, mail: Mail, timeout: float
+    tmp: Path,
+    n: int,
+    processes: int,
+    mail: Mail,
+    timeout: float,
+    more: dict[str, Any],
+    workers: int = 1,
 ) -> tuple[float, float, float, float]:
-    """One worker (``processes`` delivery processes) fed by the dropper: env/s, CPU s/1000, the
-    part of that CPU the top process spent itself (the supervisor, with processes > 1), and
-    the worker's context switches per envelope."""
-    spool = tmp / "spool"
-    (spool / "incoming").mkdir(parents=True)
+    """``workers`` workers (each ``processes`` delivery processes, its own spool: with two, the
+    ceiling of two that share nothing) fed by the dropper: env/s, CPU s/1000, the part of that
+    CPU the top processes spent themselves (the supervisor, with processes > 1), and the
+    workers' context switches per envelope."""
     sink = Sink(n)
-    conf = {
-        "hostname": "bench.example",
-        "smarthost": f"127.0.0.1:{sink.port}",
-        "log_level": "warning",
-        "spool": {"path": str(spool)},
-        "worker": {"processes": processes},
-    }
-    (tmp / "conf.yaml").write_text(yaml.safe_dump(conf))
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "spoolsmtp", "run", "--config", str(tmp / "conf.yaml")], cwd=ROOT
-    )
+    started: list[subprocess.Popen[bytes]] = []
+    incomings = []
     try:
+        for k in range(workers):
+            spool = tmp / ("spool" if workers == 1 else f"spool{k}")
+            (spool / "incoming").mkdir(parents=True)
+            incomings.append(str(spool / "incoming"))
+            conf = {
+                "hostname": "bench.example",
+                "smarthost": f"127.0.0.1:{sink.port}",
+                "log_level": "warning",
+                "spool": {"path": str(spool)},
+                "worker": {"processes": processes},
+            }
+            config = tmp / ("conf.yaml" if workers == 1 else f"conf{k}.yaml")
+            config.write_text(yaml.safe_dump(merged(conf, more)))
+            command = [sys.executable, "-m", "spoolsmtp", "run", "--config", str(config)]
+            started.append(subprocess.Popen(command, cwd=ROOT))
         deadline = time.monotonic() + 30
-        while not (spool / "active").exists() and time.monotonic() < deadline:
+        while time.monotonic() < deadline and not all(
+            (Path(i).parent / "active").exists() for i in incomings
+        ):
             time.sleep(0.1)
         time.sleep(1.0 + processes * 0.5)  # started and watching
-        cpu0, own0, cs0 = tree_cpu(worker.pid), own_cpu(worker.pid), tree_switches(worker.pid)
+        pids = [w.pid for w in started]
+        cpu0, own0 = sum(map(tree_cpu, pids)), sum(map(own_cpu, pids))
+        cs0 = sum(map(tree_switches, pids))
         dropper = subprocess.run(
-            [sys.executable, __file__, "drop", str(spool / "incoming"), str(n), *mail.args()],
+            [sys.executable, __file__, "drop", os.pathsep.join(incomings), str(n), *mail.args()],
             stdout=subprocess.PIPE,
             text=True,
             check=True,
         )
         first = float(dropper.stdout.split()[1])
         end = sink.end(timeout)
-        cpu, own = tree_cpu(worker.pid) - cpu0, own_cpu(worker.pid) - own0
-        switches = tree_switches(worker.pid) - cs0
+        cpu = sum(map(tree_cpu, pids)) - cpu0
+        own = sum(map(own_cpu, pids)) - own0
+        switches = sum(map(tree_switches, pids)) - cs0
     finally:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(60)
+        for worker in started:
+            worker.send_signal(signal.SIGTERM)
+        for worker in started:
+            worker.wait(60)
         if sink.proc.poll() is None:
             sink.proc.kill()
     return n / (end - first), cpu / n * 1000, own / n * 1000, switches / n
@@ -272,8 +321,8 @@ def postfix_run(tmp: Path, n: int, mail: Mail, timeout: float) -> tuple[float, f
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "drop":
-        incoming, n, size, rcpts = sys.argv[2], *map(int, sys.argv[3:6])
-        drop(incoming, n, size, rcpts)
+        incomings, n, size, rcpts = sys.argv[2], *map(int, sys.argv[3:6])
+        drop(incomings.split(os.pathsep), n, size, rcpts)
         return
     parser = argparse.ArgumentParser()
     parser.add_argument("-n", type=int, default=10_000, help="envelopes per run")
@@ -286,7 +335,20 @@ def main() -> None:
     parser.add_argument(
         "--keep", action="store_true", help="leave the runs' folders (no inodes freed)"
     )
+    parser.add_argument(
+        "--twins",
+        action="store_true",
+        help="also two workers of one process each, own spools, one dropper: the ceiling",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a config setting for the workers (again for more)",
+    )
     args = parser.parse_args()
+    more = overrides(args.set)
     if missing():
         print(
             f"bench_outsider: needs {', '.join(missing())} from Postfix: apt-get install postfix"
@@ -303,8 +365,13 @@ def main() -> None:
         for processes in dict.fromkeys(args.processes):
             tmp = Path(outer) / f"p{processes}"
             tmp.mkdir()
-            rate, cpu, own, cs = spoolsmtp_run(tmp, args.n, processes, mail, args.timeout)
+            rate, cpu, own, cs = spoolsmtp_run(tmp, args.n, processes, mail, args.timeout, more)
             rows.append((f"spoolsmtp, processes {processes}", rate, cpu, own, cs))
+        if args.twins:
+            tmp = Path(outer) / "twins"
+            tmp.mkdir()
+            rate, cpu, own, cs = spoolsmtp_run(tmp, args.n, 1, mail, args.timeout, more, 2)
+            rows.append(("spoolsmtp, 2 workers, own spools", rate, cpu, own, cs))
         if not args.no_postfix:
             rate, cpu = postfix_run(Path(outer), args.n, mail, args.timeout)
             rows.append(("Postfix smtpd -> queue -> smtp", rate, cpu, None, None))
