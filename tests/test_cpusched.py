@@ -83,3 +83,26 @@ def test_a_process_started_again_delivers_under_the_first_policy(tmp_path: Path)
     finally:
         assert worker.stop() == 0
         srv.stop()
+
+
+def test_after_reboot_the_processes_still_deliver_under_the_first_policy(tmp_path: Path) -> None:
+    """REBOOT re-executes the supervisor, and a process keeps its policy across exec: the
+    supervisor goes back to the policy it was started with before it does, or the new one
+    would take SCHED_BATCH for the policy it was started with and pass it on (found by
+    review)."""
+    srv = SmtpServer()
+    worker, pid, kids = start(tmp_path, srv, os.SCHED_OTHER)
+    try:
+        assert worker.ask("REBOOT")["status"] == 200
+        ready = f"spoolsmtp[{pid}] INFO ready\n"  # the supervisor's, not its processes'
+        wait_for(
+            lambda: worker.log.read_text().count(ready) == 2 and worker.answers(),
+            what="the re-executed supervisor",
+        )
+        after = two_children(worker)
+        assert set(after).isdisjoint(kids)
+        wait_for(lambda: all(policies(k) == {os.SCHED_OTHER} for k in after), what="their policy")
+        assert policies(pid) == {os.SCHED_BATCH}
+    finally:
+        assert worker.stop() == 0
+        srv.stop()

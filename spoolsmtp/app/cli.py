@@ -209,7 +209,7 @@ def _run(cfg: configmod.Config, args: argparse.Namespace) -> int:
 
 def _child(cfg: configmod.Config, args: argparse.Namespace, loop_factory: Any) -> int:
     index, _, count = args.of.partition("/")
-    cpusched.deliver(args.sched)  # the supervisor's first policy, not its batch one
+    cpusched.back_to(args.sched)  # the supervisor's first policy, not its batch one
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(child.run(cfg, args.node, args.fd, args.parent, int(count), int(index)))
 

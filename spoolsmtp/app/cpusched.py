@@ -35,16 +35,18 @@ def current() -> int | None:
 
 def supervise() -> int | None:
     """The supervisor's: put every thread of this process under SCHED_BATCH (threads started
-    later inherit it); the policy it had, for its delivery processes to return to."""
+    later inherit it); the policy it had, for its delivery processes to return to, and for
+    ``back_to`` when it stops (so that REBOOT, which re-executes it, starts it under the
+    policy it was first started with)."""
     started = current()
     if started is not None and started == _OTHER:
         _set_all(_BATCH)
     return started
 
 
-def deliver(policy: int | None) -> None:
-    """A delivery process's: go back to the supervisor's first ``policy``, if the supervisor
-    had changed it (it runs under SCHED_BATCH, which this process inherited)."""
+def back_to(policy: int | None) -> None:
+    """Every thread of this process back under ``policy`` (what ``supervise`` returned, or
+    a delivery process's ``--sched``), if it had been moved from it to SCHED_BATCH."""
     now = current()
     if policy is not None and now is not None and now == _BATCH and policy == _OTHER:
         _set_all(policy)

@@ -118,7 +118,7 @@ class Supervisor:
                 len(self.children),
             )
             return exitcodes.CONFIG
-        cpusched.supervise()
+        started = cpusched.supervise()
         lock = nodes.lock(self.cfg.spool, self.own_node)
         try:
             lock.acquire()
@@ -129,6 +129,7 @@ class Supervisor:
             return await self._run()
         finally:
             lock.release()
+            cpusched.back_to(started)  # a REBOOT re-executes it: under its first policy
 
     async def _run(self) -> int:
         diskfull.check_writable(self.spool.dirs.values())
