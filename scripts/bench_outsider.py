@@ -49,6 +49,7 @@ from benchkit import Mail, create_cost, free_port, own_cpu, tree_cpu, tree_switc
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ("smtp-sink", "smtp-source", "postfix")
 SESSIONS = 20  # smtp-source's sessions, as the worker's delivery.max_per_destination
+FIXED = ("worker.processes", "spool.path", "smarthost", "hostname")  # not for --set
 
 
 def tool(name: str) -> str:
@@ -118,10 +119,14 @@ def overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             sys.exit(f"bench_outsider: --set {pair!r}: expected section.key=value")
+        if key in FIXED or any(key.startswith(f"{f}.") for f in FIXED):
+            sys.exit(f"bench_outsider: --set {key}: the harness sets it (use --processes)")
         *path, last = key.split(".")
         place = out
         for part in path:
             place = place.setdefault(part, {})
+            if not isinstance(place, dict):
+                sys.exit(f"bench_outsider: --set {pair!r}: {part} is set to a value already")
         place[last] = yaml.safe_load(value)
     return out
 
@@ -177,7 +182,7 @@ def spoolsmtp_run(
         cpu0, own0 = sum(map(tree_cpu, pids)), sum(map(own_cpu, pids))
         cs0 = sum(map(tree_switches, pids))
         dropper = subprocess.run(
-            [sys.executable, __file__, "drop", os.pathsep.join(incomings), str(n), *mail.args()],
+            [sys.executable, __file__, "drop", str(n), *mail.args(), *incomings],
             stdout=subprocess.PIPE,
             text=True,
             check=True,
@@ -191,7 +196,12 @@ def spoolsmtp_run(
         for worker in started:
             worker.send_signal(signal.SIGTERM)
         for worker in started:
-            worker.wait(60)
+            try:
+                worker.wait(60)
+            except subprocess.TimeoutExpired:
+                print(f"bench_outsider: {worker.pid} ignored SIGTERM; killed", file=sys.stderr)
+                worker.kill()
+                worker.wait()
         if sink.proc.poll() is None:
             sink.proc.kill()
     return n / (end - first), cpu / n * 1000, own / n * 1000, switches / n
@@ -321,8 +331,8 @@ def postfix_run(tmp: Path, n: int, mail: Mail, timeout: float) -> tuple[float, f
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "drop":
-        incomings, n, size, rcpts = sys.argv[2], *map(int, sys.argv[3:6])
-        drop(incomings.split(os.pathsep), n, size, rcpts)
+        n, size, rcpts = map(int, sys.argv[2:5])
+        drop(sys.argv[5:], n, size, rcpts)
         return
     parser = argparse.ArgumentParser()
     parser.add_argument("-n", type=int, default=10_000, help="envelopes per run")
@@ -370,8 +380,8 @@ def main() -> None:
         if args.twins:
             tmp = Path(outer) / "twins"
             tmp.mkdir()
-            rate, cpu, own, cs = spoolsmtp_run(tmp, args.n, 1, mail, args.timeout, more, 2)
-            rows.append(("spoolsmtp, 2 workers, own spools", rate, cpu, own, cs))
+            rate, cpu, _, cs = spoolsmtp_run(tmp, args.n, 1, mail, args.timeout, more, 2)
+            rows.append(("spoolsmtp, 2 workers, own spools", rate, cpu, None, cs))
         if not args.no_postfix:
             rate, cpu = postfix_run(Path(outer), args.n, mail, args.timeout)
             rows.append(("Postfix smtpd -> queue -> smtp", rate, cpu, None, None))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Iterator
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,26 +19,34 @@ from tests.supervised import alive, children_of, delivered, drop_burst, supervis
 from tests.workerproc import WorkerProcess, wait_for
 
 
-@contextlib.contextmanager
-def started_under(policy: int) -> Iterator[None]:
-    """This thread under ``policy`` while the worker is started (a child inherits it)."""
-    before = os.sched_getscheduler(0)
-    os.sched_setscheduler(0, policy, os.sched_param(0))
-    try:
-        yield
-    finally:
-        os.sched_setscheduler(0, before, os.sched_param(0))
-
-
 def policies(pid: int) -> set[int]:
-    """The policy of every thread of ``pid``."""
-    return {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+    """The policy of every thread of ``pid`` (a thread that ends meanwhile is left out)."""
+    found = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            found.add(os.sched_getscheduler(int(tid)))
+    return found
 
 
 def start(tmp_path: Path, srv: SmtpServer, policy: int) -> tuple[WorkerProcess, int, list[int]]:
+    """The worker started from a thread of its own under ``policy`` (a process inherits the
+    policy of the thread that forked it), so that pytest's own thread is never changed: an
+    unprivileged one could not come back from SCHED_IDLE."""
     worker = supervised(tmp_path, srv.port)
-    with started_under(policy):
-        worker.start()
+    failed: list[BaseException] = []
+
+    def starter() -> None:
+        try:
+            os.sched_setscheduler(0, policy, os.sched_param(0))
+            worker.start()
+        except BaseException as exc:  # re-raised in the test's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=starter)
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
     assert worker.proc is not None
     return worker, worker.proc.pid, two_children(worker)
 

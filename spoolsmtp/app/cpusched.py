@@ -12,7 +12,9 @@ may choose it for itself, and go back, without privilege.
 The delivery processes inherit the supervisor's policy; each puts itself back under the one
 the supervisor was started with (``--sched``), so what systemd's ``CPUSchedulingPolicy=`` or
 ``chrt`` set for the service is what delivers. Only SCHED_OTHER and SCHED_BATCH are switched
-between: a supervisor started under another policy (idle, or a real-time one) keeps it.
+between: a supervisor started under another policy (idle, a real-time one, or any with
+reset-on-fork set) keeps it, as does one whose system calls to read or set it are refused
+with an error.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ def current() -> int | None:
     """This process's policy, or None where the platform has none to set (not Linux)."""
     if _BATCH is None or not hasattr(os, "sched_getscheduler"):
         return None
-    return os.sched_getscheduler(0)
+    try:
+        return os.sched_getscheduler(0)
+    except OSError:  # refused (a seccomp filter, say): the policy is left as it is
+        return None
 
 
 def supervise() -> int | None:
