@@ -272,3 +272,27 @@ def test_processes_started_by_a_supervisor_that_dropped_root_keep_the_lease(
         w.kill()
         srv.stop()
     assert sorted(m.rcpt_tos[0] for m in srv.messages) == ["a@example.org", "b@example.org"]
+
+
+def test_an_envelope_in_a_process_says_where_its_file_is(tmp_path: Path) -> None:
+    """An envelope a delivery process is delivering is in that process's own
+    nodes/NAME/active/, and its record and QUERY ID say so: they said active/ID, a folder
+    where the operator looking for it found nothing."""
+    gate = threading.Event()
+    srv = SmtpServer(Script(gate=gate))
+    worker = supervised(tmp_path, srv.port).start()
+    try:
+        worker.drop_drafts("j.bsmtp", [draft("o@example.com", ["a@example.org"])])
+        during = wait_for(lambda: worker.in_state("j.bsmtp", "active"), what="record while active")
+        where = during["location"]
+        assert re.fullmatch(rf"nodes/local\.[12]/active/{during['id']}\.bsmtp", where), where
+        assert (worker.spool / where).is_file()
+        answer = worker.ask(f"QUERY {during['id']}")
+        assert answer["result"]["location"] == where, answer
+        gate.set()
+        after = wait_for(lambda: worker.final("j.bsmtp"), what="delivered")
+        assert after["location"] == f"done/{during['id']}.bsmtp"
+    finally:
+        gate.set()
+        assert worker.stop() == 0
+        srv.stop()

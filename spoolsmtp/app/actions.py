@@ -16,7 +16,6 @@ from spoolsmtp.control.port import Reloaded
 from spoolsmtp.model.config import Config
 from spoolsmtp.model.config import load as config_load
 from spoolsmtp.model.record import State, iso
-from spoolsmtp.spool.folders import SUFFIX
 
 if TYPE_CHECKING:
     from spoolsmtp.app.host import Summary, WorkerHost
@@ -96,7 +95,7 @@ class Actions:
         record = self._w.spool.load_record(envelope_id)
         if record is not None:
             record.state = state
-            record.location = f"{folder}/{envelope_id}{SUFFIX}"
+            record.location = self._w.spool.location(folder, envelope_id)
             record.updated_at = iso(datetime.now(UTC))
             await self._records.write(record)
             self._records.finished(envelope_id)

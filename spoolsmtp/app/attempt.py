@@ -25,7 +25,6 @@ from spoolsmtp.model.stats import Stats
 from spoolsmtp.policy.dsn import delivery_report
 from spoolsmtp.policy.fate import Counts, Fate, Plan, Report, Reporting
 from spoolsmtp.spool import crashpoint, envfile
-from spoolsmtp.spool.folders import SUFFIX
 
 
 def utcnow() -> datetime:
@@ -180,7 +179,7 @@ class Attempts:
         record.updated_at = iso(utcnow())
         record.crashes = 0
         record.state = plan.state
-        record.location = f"{plan.folder}/{envelope_id}{SUFFIX}"
+        record.location = host.spool.location(plan.folder, envelope_id)
         if plan.state is not State.DONE:
             assert plan.due is not None
             held = plan.state is State.HELD

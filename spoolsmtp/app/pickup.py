@@ -269,7 +269,12 @@ class Pickup:
     def new_record(self, envelope_id: str, source: str, env: Envelope) -> Record:
         now = iso(utcnow())
         record = Record(
-            envelope_id, source, State.ACTIVE, now, now, f"active/{envelope_id}{SUFFIX}"
+            envelope_id,
+            source,
+            State.ACTIVE,
+            now,
+            now,
+            self._w.spool.location("active", envelope_id),
         )
         record.batch_errors = response.error_lines(env)
         if env.owner is not None:

@@ -66,7 +66,7 @@ class Recovery:
         env, data = loaded
         found = found or self._pickup.new_record(envelope_id, source, env)
         found.state = State.ACTIVE
-        found.location = f"active/{envelope_id}{SUFFIX}"
+        found.location = self._w.spool.location("active", envelope_id)
         return env, found, data
 
     async def resume(self, envelope_id: str, replayed: Replayed) -> None:

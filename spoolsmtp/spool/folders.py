@@ -88,6 +88,14 @@ class Spool:
     def envelope(self, folder: str, envelope_id: str) -> Path:
         return self.dirs[folder] / f"{envelope_id}{SUFFIX}"
 
+    def location(self, folder: str, envelope_id: str) -> str:
+        """Where an envelope file is, as its result record and QUERY say it: the folder's
+        name, or for a node's own active/, ``nodes/NODE/active``, the file's name."""
+        where = (
+            f"{nodes.NODES}/{self.node}/{folder}" if self.node and folder in nodes.OWN else folder
+        )
+        return f"{where}/{envelope_id}{SUFFIX}"
+
     def load_record(self, envelope_id: str) -> Record | None:
         """``results/ID.json``; None when there is none, it is not whole, or cannot be read."""
         try:
