@@ -1,10 +1,12 @@
 """Whole-pipeline benchmark: envelopes dropped into incoming/ until every result is final.
 
-The worker runs as its own process (`spoolsmtp run`) with fsync on, against the local sink
-(scripts/sink.py, another process). Reported: envelopes/s, drop-to-final latency p50/p99
-(from the rename into incoming/ to the final result record), CPU seconds per 1,000 envelopes
-of the worker's whole process tree (a supervisor and its delivery processes; both hosts in the
-two-host mode) and peak RSS (from wait4). Cases:
+The worker runs as its own process (`spoolsmtp run`) with fsync on, against a local receiver:
+Postfix's smtp-sink where it is installed (a C program, so that the receiver takes little of
+the cores the worker is measured on), else scripts/sink.py (``--sink`` chooses). Reported:
+envelopes/s, drop-to-final latency p50/p99 (from the rename into incoming/ to the final result
+record), CPU seconds per 1,000 envelopes of the worker's whole process tree (a supervisor and
+its delivery processes; both hosts in the two-host mode; in the burst, from the first drop,
+in the backlog, from the start) and peak RSS (from wait4). Cases:
 
 * ``idle``: envelopes dropped one at a time, each after the previous is final (latency when idle);
 * ``burst``: N envelopes dropped as fast as possible;
@@ -20,6 +22,7 @@ scripts/bench_outsider.py, also run as ``bench.py --outsider [-n N] [--processes
     .venv/bin/python scripts/bench.py [--burst 10000] [--backlog 100000] [--idle 200]
                                       [--processes 1 2] [--hosts 1 2] [--size 2048] [--rcpts 1]
                                       [--event-loop auto|asyncio|uvloop] [--dir PATH]
+                                      [--sink auto|smtp-sink|python]
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -37,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from benchkit import Mail, tree_cpu
+from benchkit import Mail, free_port, tree_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -175,6 +180,44 @@ def reap(proc: subprocess.Popen[bytes], grace: float = 60.0) -> resource.struct_
     return usage
 
 
+def start_sink(kind: str) -> tuple[subprocess.Popen[str], int]:
+    """The receiver and its port: Postfix's smtp-sink, a C program that takes little of the
+    two cores the worker is measured on, or scripts/sink.py (asyncio) where it is not
+    installed or ``--sink python`` asks for it."""
+    found = shutil.which("smtp-sink") or shutil.which("smtp-sink", path="/usr/sbin")
+    if kind == "smtp-sink" and found is None:
+        sys.exit("bench: --sink smtp-sink: not installed (Debian: apt-get install postfix)")
+    if kind != "python" and found is not None:
+        port = free_port()
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        proc = subprocess.Popen([found, *user, f"127.0.0.1:{port}", "256"], text=True)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return proc, port
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    sys.exit(f"bench: smtp-sink does not listen on 127.0.0.1:{port}")
+                time.sleep(0.05)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "sink.py")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    return proc, int(proc.stdout.readline().split()[1])
+
+
+def stop_sink(proc: subprocess.Popen[str]) -> None:
+    if proc.stdin is not None:  # scripts/sink.py: exits at the end of its input
+        proc.stdin.close()
+    else:
+        proc.terminate()
+    proc.wait(10)
+
+
 def quantile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
@@ -201,11 +244,15 @@ def run_setting(
         run = Run(base / "burst", port, args.event_loop, setting, mail)
         run.start()
         time.sleep(1.0 + setting.processes * 0.5)
+        # the CPU the envelopes cost: not the start of the processes (three of them with two
+        # delivery processes), which the backlog's figure includes
+        started_cpu = sum(tree_cpu(proc.pid) for proc in run.procs)
         start = time.time()
         for i in range(args.burst):
             run.drop(i)
         run.wait_done(args.burst)
         cpu, rss = run.stop()
+        cpu -= started_cpu
         finals = run.finals()
         rate = args.burst / (max(finals.values()) - start)
         rows.append((f"burst, {tag}", args.burst, rate, run.latencies(finals), cpu, rss, None))
@@ -243,17 +290,16 @@ def main() -> None:
     parser.add_argument(
         "--dir", type=Path, default=ROOT, help="where the spools go (its file system is measured)"
     )
+    parser.add_argument(
+        "--sink",
+        choices=("auto", "smtp-sink", "python"),
+        default="auto",
+        help="the receiver: Postfix's smtp-sink (auto: where installed) or scripts/sink.py",
+    )
     args = parser.parse_args()
     settings = list(dict.fromkeys(Setting(p, h) for h in args.hosts for p in args.processes))
     mail = Mail(args.size, args.rcpts)
-    sink = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "sink.py")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert sink.stdout is not None and sink.stdin is not None
-    port = int(sink.stdout.readline().split()[1])
+    sink, port = start_sink(args.sink)
     rows: list[Row] = []
     # One folder for all cases, removed at the very end: ext4 without a journal (this
     # machine's disk) skips inodes freed in the last 60 s (360 s while their inode table block
@@ -269,10 +315,10 @@ def main() -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        sink.stdin.close()
-        sink.wait(10)
+        stop_sink(sink)
         outer.cleanup()
     print(f"event loop: {args.event_loop} (auto: uvloop where installed); {mail}")
+    print(f"receiver: {'scripts/sink.py' if sink.stdin is not None else 'smtp-sink (C)'}")
     heads = ("N", "env/s", "p50 ms", "p99 ms", "CPU s/1000", "peak RSS MB", "first s")
     print(f"{'case':32} " + " ".join(f"{h:>{max(7, len(h))}}" for h in heads))
     for label, n, rate, latencies, cpu, rss, first_s in rows:
