@@ -198,6 +198,8 @@ def start_sink(kind: str) -> tuple[subprocess.Popen[str], int]:
                 return proc, port
             except OSError:
                 if time.monotonic() > deadline or proc.poll() is not None:
+                    proc.kill()
+                    proc.wait()
                     sys.exit(f"bench: smtp-sink does not listen on 127.0.0.1:{port}")
                 time.sleep(0.05)
     proc = subprocess.Popen(
@@ -243,7 +245,7 @@ def run_setting(
     if args.burst:
         run = Run(base / "burst", port, args.event_loop, setting, mail)
         run.start()
-        time.sleep(1.0 + setting.processes * 0.5)
+        time.sleep(1.0 + setting.processes * setting.hosts * 0.5)
         # the CPU the envelopes cost: not the start of the processes (three of them with two
         # delivery processes), which the backlog's figure includes
         started_cpu = sum(tree_cpu(proc.pid) for proc in run.procs)

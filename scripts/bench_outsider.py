@@ -49,7 +49,11 @@ from benchkit import Mail, create_cost, free_port, own_cpu, tree_cpu, tree_switc
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ("smtp-sink", "smtp-source", "postfix")
 SESSIONS = 20  # smtp-source's sessions, as the worker's delivery.max_per_destination
-FIXED = ("worker.processes", "spool.path", "smarthost", "hostname")  # not for --set
+# not for --set (nor their sections whole, nor where a spool folder is: the dropper writes there)
+FIXED = ("worker.processes", "spool.path", "smarthost", "hostname")
+FOLDERS = frozenset(
+    "incoming active deferred hold done results bounces rejected deadletter journal".split()
+)
 
 
 def tool(name: str) -> str:
@@ -119,8 +123,10 @@ def overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             sys.exit(f"bench_outsider: --set {pair!r}: expected section.key=value")
-        if key in FIXED or any(key.startswith(f"{f}.") for f in FIXED):
-            sys.exit(f"bench_outsider: --set {key}: the harness sets it (use --processes)")
+        parents = {f.partition(".")[0] for f in FIXED}
+        section, _, name = key.partition(".")
+        if key in FIXED or key in parents or (section == "spool" and name in FOLDERS):
+            sys.exit(f"bench_outsider: --set {key}: the harness sets it")
         *path, last = key.split(".")
         place = out
         for part in path:

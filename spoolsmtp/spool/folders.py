@@ -90,7 +90,8 @@ class Spool:
 
     def location(self, folder: str, envelope_id: str) -> str:
         """Where an envelope file is, as its result record and QUERY say it: the folder's
-        name, or for a node's own active/, ``nodes/NODE/active``, the file's name."""
+        name (in the spool's layout; ``spool.<folder>`` may put one elsewhere), or for a
+        node's own active/ its place, ``nodes/NODE/active``; then the file's name."""
         where = (
             f"{nodes.NODES}/{self.node}/{folder}" if self.node and folder in nodes.OWN else folder
         )
