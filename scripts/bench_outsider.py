@@ -52,7 +52,18 @@ SESSIONS = 20  # smtp-source's sessions, as the worker's delivery.max_per_destin
 # not for --set (nor their sections whole, nor where a spool folder is: the dropper writes there)
 FIXED = ("worker.processes", "spool.path", "smarthost", "hostname")
 FOLDERS = frozenset(
-    "incoming active deferred hold done results bounces rejected deadletter journal".split()
+    [
+        "incoming",
+        "active",
+        "deferred",
+        "hold",
+        "done",
+        "results",
+        "bounces",
+        "rejected",
+        "deadletter",
+        "journal",
+    ]
 )
 
 
