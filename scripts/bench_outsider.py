@@ -46,25 +46,14 @@ from typing import Any
 import yaml
 from benchkit import Mail, create_cost, free_port, own_cpu, tree_cpu, tree_switches
 
+from spoolsmtp.spool.folders import FOLDERS as FOLDER_NAMES
+
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ("smtp-sink", "smtp-source", "postfix")
 SESSIONS = 20  # smtp-source's sessions, as the worker's delivery.max_per_destination
 # not for --set (nor their sections whole, nor where a spool folder is: the dropper writes there)
 FIXED = ("worker.processes", "spool.path", "smarthost", "hostname")
-FOLDERS = frozenset(
-    [
-        "incoming",
-        "active",
-        "deferred",
-        "hold",
-        "done",
-        "results",
-        "bounces",
-        "rejected",
-        "deadletter",
-        "journal",
-    ]
-)
+FOLDERS = frozenset(FOLDER_NAMES)
 
 
 def tool(name: str) -> str:
