@@ -420,3 +420,46 @@ def test_what_an_adoption_moved_before_it_failed_is_delivered_at_once(tmp_path: 
     assert [m.rcpt_tos for m in srv.messages] == [["first@example.org"]]
     errors = [line for line in c.log.read_text().splitlines() if " ERROR " in line]
     assert len(errors) == 1 and "adopting node y" in errors[0], errors
+
+
+def test_an_adopted_envelope_waiting_for_a_slot_says_where_it_is(tmp_path: Path) -> None:
+    """Adopted while the adopter's one slot is busy, an envelope waits in the adopter's
+    active/ before it is resumed: its record and QUERY ID say so meanwhile (they named the
+    dead host's area, where the operator found nothing; found by review)."""
+    gate = Gate()
+    srv = SmtpServer(Script(gate=gate))
+    spool = {"path": str(tmp_path / "spool"), "rescan_interval": "300ms", "max_active": 1}
+    # its busy delivery waits at the gate until the test has looked
+    b = host(tmp_path, srv, "b", spool=spool, delivery={"timeouts": {"data_end": "60s"}})
+    try:
+        b.start()
+        assert b.ask("SUSPEND")["status"] == 200  # so that the dying host has the file
+        a = host(tmp_path, srv, "a").start()
+        a.drop_drafts("one.bsmtp", [draft("o@example.com", ["one@example.org"])])
+        wait_for(lambda: gate.waiting == 1, what="its final dot at the server")
+        before = wait_for(lambda: a.in_state("one.bsmtp", "active"), what="its record")
+        assert before["location"].startswith("nodes/a/active/")
+        assert a.ask("SUSPEND")["status"] == 200  # the next file is b's
+        assert b.ask("RESUME")["status"] == 200
+        b.drop_drafts("busy.bsmtp", [draft("o@example.com", ["busy@example.org"])])
+        wait_for(lambda: gate.waiting == 2, what="b's one slot busy at the server")
+        a.kill()
+        wait_for(lambda: "adopted node a" in b.log.read_text(), what="the adoption")
+
+        def adopted() -> dict[str, Any] | None:
+            rec = b.record_for("one.bsmtp")
+            return rec if rec is not None and rec["location"].startswith("nodes/b/") else None
+
+        # written at the adoption; the slot it waits for is held at the gate for 30 s
+        rec = wait_for(adopted, timeout=15, what="the adopted envelope's record")
+        assert rec["location"] == f"nodes/b/active/{rec['id']}{SUFFIX}"
+        assert (tmp_path / "spool" / rec["location"]).is_file()
+        assert b.ask(f"QUERY {rec['id']}")["result"]["location"] == rec["location"]
+        gate.set()
+        one = wait_for(lambda: b.final("one.bsmtp"), what="one adopted and finished")
+        wait_for(lambda: b.final("busy.bsmtp"), what="busy finished")
+    finally:
+        gate.set()
+        b.stop()
+        srv.stop()
+    ledger(srv, one, ["one@example.org"])

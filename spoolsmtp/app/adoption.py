@@ -28,6 +28,7 @@ Adoption runs at start, every ``spool.rescan_interval`` and on the operator's ``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -183,6 +184,9 @@ class Adoption:
                 await w.spool.move_file("active", name, "active", f"{envelope_id}{SUFFIX}")
         here = [i for i in ids if w.spool.envelope("active", i).exists()]
         w._reads.verdicts.update(quarantine.assess(replayed, here))
+        for envelope_id in here:  # each may wait for a slot: its record says where it is
+            with contextlib.suppress(OSError):  # a full disk: resuming it writes it again
+                await self._recovery.relocate(envelope_id, replayed.get(envelope_id, Replayed()))
         for envelope_id in here:
             await w._slots.acquire()
             w._spawn(self._recovery.resume(envelope_id, replayed.get(envelope_id, Replayed())))

@@ -69,6 +69,21 @@ class Recovery:
         found.location = self._w.spool.location("active", envelope_id)
         return env, found, data
 
+    async def relocate(self, envelope_id: str, replayed: Replayed) -> None:
+        """An envelope adopted from a dead node, in our active/ now and waiting for a slot:
+        its record named the dead node's area, where the operator would find nothing. It
+        says where it is from now on (the journal's results applied, as ``resume`` does)."""
+        w = self._w
+        journaled = Record.from_dict(replayed.record) if replayed.record else None
+        found = journaled or w.spool.load_record(envelope_id)
+        here = w.spool.location("active", envelope_id)
+        if found is None or found.location == here:
+            return
+        self.apply_journal(found, replayed)
+        found.state = State.ACTIVE
+        found.location = here
+        await self._records.write(found)
+
     async def resume(self, envelope_id: str, replayed: Replayed) -> None:
         w = self._w
         try:
