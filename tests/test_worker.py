@@ -264,6 +264,12 @@ def test_a_file_moved_in_whole_is_taken_without_settling(
     system) puts a whole file there: it is taken at once, however long the settle time for
     files written in place (test_a_file_written_in_place_is_taken_only_when_settled)."""
     w = start_worker(tmp_path, server, spool={"settle_seconds": "1h"})
+    # the control socket answers a moment before incoming/ is watched: a file renamed in
+    # that moment is found by the first look, as one written in place (it settles); "ready"
+    # comes once the watch is armed (a race the fresh-clone CI hit once)
+    assert w.proc is not None
+    ready = f"spoolsmtp[{w.proc.pid}] INFO ready"
+    wait_for(lambda: ready in w.log.read_text(), what="the worker watching incoming/")
     outside = tmp_path / "outside"
     outside.mkdir()
     message = writer.render([draft("o@example.com", ["b@example.org"])], "batch.test")
