@@ -31,9 +31,7 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,8 +39,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import bench_outsider
 import yaml
-from benchkit import Mail, free_port, tree_cpu
+from benchkit import Mail, tree_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -180,28 +179,19 @@ def reap(proc: subprocess.Popen[bytes], grace: float = 60.0) -> resource.struct_
     return usage
 
 
-def start_sink(kind: str) -> tuple[subprocess.Popen[str], int]:
+Receiver = subprocess.Popen[str] | bench_outsider.Sink
+
+
+def start_sink(kind: str) -> tuple[Receiver, int]:
     """The receiver and its port: Postfix's smtp-sink, a C program that takes little of the
     two cores the worker is measured on, or scripts/sink.py (asyncio) where it is not
     installed or ``--sink python`` asks for it."""
-    found = shutil.which("smtp-sink") or shutil.which("smtp-sink", path="/usr/sbin")
-    if kind == "smtp-sink" and found is None:
+    installed = not bench_outsider.missing_tool("smtp-sink")
+    if kind == "smtp-sink" and not installed:
         sys.exit("bench: --sink smtp-sink: not installed (Debian: apt-get install postfix)")
-    if kind != "python" and found is not None:
-        port = free_port()
-        user = ["-u", "nobody"] if os.geteuid() == 0 else []
-        proc = subprocess.Popen([found, *user, f"127.0.0.1:{port}", "256"], text=True)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return proc, port
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    proc.kill()
-                    proc.wait()
-                    sys.exit(f"bench: smtp-sink does not listen on 127.0.0.1:{port}")
-                time.sleep(0.05)
+    if kind != "python" and installed:
+        sink = bench_outsider.Sink(None)
+        return sink, sink.port
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "sink.py")],
         stdin=subprocess.PIPE,
@@ -212,12 +202,13 @@ def start_sink(kind: str) -> tuple[subprocess.Popen[str], int]:
     return proc, int(proc.stdout.readline().split()[1])
 
 
-def stop_sink(proc: subprocess.Popen[str]) -> None:
-    if proc.stdin is not None:  # scripts/sink.py: exits at the end of its input
-        proc.stdin.close()
-    else:
-        proc.terminate()
-    proc.wait(10)
+def stop_sink(sink: Receiver) -> None:
+    if isinstance(sink, bench_outsider.Sink):
+        sink.stop()
+        return
+    assert sink.stdin is not None  # scripts/sink.py: exits at the end of its input
+    sink.stdin.close()
+    sink.wait(10)
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -275,8 +266,6 @@ def run_setting(
 
 def main() -> None:
     if "--outsider" in sys.argv:  # the outsider's measure: scripts/bench_outsider.py
-        import bench_outsider
-
         sys.argv.remove("--outsider")
         bench_outsider.main()
         return
@@ -320,7 +309,8 @@ def main() -> None:
         stop_sink(sink)
         outer.cleanup()
     print(f"event loop: {args.event_loop} (auto: uvloop where installed); {mail}")
-    print(f"receiver: {'scripts/sink.py' if sink.stdin is not None else 'smtp-sink (C)'}")
+    python = not isinstance(sink, bench_outsider.Sink)
+    print(f"receiver: {'scripts/sink.py' if python else 'smtp-sink (C)'}")
     heads = ("N", "env/s", "p50 ms", "p99 ms", "CPU s/1000", "peak RSS MB", "first s")
     print(f"{'case':32} " + " ".join(f"{h:>{max(7, len(h))}}" for h in heads))
     for label, n, rate, latencies, cpu, rss, first_s in rows:

@@ -62,33 +62,50 @@ def tool(name: str) -> str:
     return found
 
 
+def missing_tool(name: str) -> bool:
+    return not (shutil.which(name) or shutil.which(name, path="/usr/sbin"))
+
+
 def missing() -> list[str]:
-    return [t for t in TOOLS if not (shutil.which(t) or shutil.which(t, path="/usr/sbin"))]
+    return [t for t in TOOLS if missing_tool(t)]
 
 
-def wait_listening(port: int, deadline: float = 30.0) -> None:
+def wait_listening(
+    port: int, proc: subprocess.Popen[bytes] | None = None, deadline: float = 30.0
+) -> None:
+    """Until something (``proc``) listens on ``port``; the run stopped (``proc`` killed) if
+    nothing does."""
     end = time.monotonic() + deadline
     while True:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return
         except OSError:
-            if time.monotonic() > end:
+            if time.monotonic() > end or (proc is not None and proc.poll() is not None):
+                if proc is not None:
+                    proc.kill()
+                    proc.wait()
                 sys.exit(f"bench_outsider: nothing listens on 127.0.0.1:{port}")
             time.sleep(0.05)
 
 
 class Sink:
-    """smtp-sink that exits on the N-th message; ``end()`` is when it did."""
+    """smtp-sink, which exits on the N-th message (``end()`` is when it did), or with ``n``
+    None runs until ``stop()``."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int | None) -> None:
         self.port = free_port()
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        count = [] if n is None else ["-M", str(n)]
         self.proc = subprocess.Popen(
-            [tool("smtp-sink"), *user, "-M", str(n), f"127.0.0.1:{self.port}", "256"],
+            [tool("smtp-sink"), *user, *count, f"127.0.0.1:{self.port}", "256"],
             stdout=subprocess.DEVNULL,
         )
-        wait_listening(self.port)
+        wait_listening(self.port, self.proc)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
 
     def end(self, timeout: float) -> float:
         try:
