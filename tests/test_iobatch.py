@@ -96,21 +96,60 @@ def test_a_failing_operation_fails_only_its_own_waiter(tmp_path: Path) -> None:
     assert isinstance(results[1], FileNotFoundError)
 
 
-def test_when_the_log_cannot_be_committed_no_operation_runs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("inline", [True, False])
+def test_when_the_log_cannot_be_committed_no_operation_runs(tmp_path: Path, inline: bool) -> None:
+    """Neither the batch's operations nor a commit of its own (the mark before a final
+    dot, which must then not be sent) hear success."""
     ran: list[str] = []
-    batch = IoBatch()
+    batch = IoBatch(inline=inline)
     batch.log = RecordingLog([], fail=True)
 
     def op() -> tuple[Path]:
         ran.append("op")
         return (tmp_path,)
 
-    async def main() -> None:
-        await batch.run(op)
+    async def main() -> list[BaseException | None]:
+        runs = (batch.run(op), batch.run(op, quick=True), batch.run(quick=True))
+        return list(await asyncio.gather(*runs, return_exceptions=True))
 
-    with pytest.raises(OSError, match="No space"):
-        asyncio.run(main())
+    results = asyncio.run(main())
+    assert [type(r) for r in results] == [OSError, OSError, OSError]
+    assert all("No space" in str(r) for r in results)
     assert ran == []
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_a_commit_returns_once_the_log_is_synced_not_after_its_batch(
+    tmp_path: Path, inline: bool
+) -> None:
+    """A journal commit (the mark before a final dot, on which a connection waits) shares
+    its batch's fdatasync but not the rest: it returns while an operation of the same batch
+    is still running (here one that cannot end until the commit has returned)."""
+    events: list[str] = []
+    log = RecordingLog(events)
+    commit_returned = threading.Event()
+
+    def slow() -> tuple[Path]:
+        events.append("slow began")
+        if not commit_returned.wait(10):
+            raise TimeoutError("the commit waited for the rest of its batch")
+        return (tmp_path,)
+
+    async def main() -> None:
+        batch = IoBatch(inline=inline)
+        batch.log = log
+        log.append("mark")
+        slow_op = asyncio.ensure_future(batch.run(slow))
+        commit = asyncio.ensure_future(batch.run(quick=True))
+        async with asyncio.timeout(10):
+            await commit
+            assert "committed mark" in events
+            commit_returned.set()
+            await slow_op
+        assert batch.batches == 1  # the two shared one batch, as under load
+
+    asyncio.run(main())
+    assert events[0] == "committed mark"
 
 
 @pytest.mark.parametrize("inline", [True, False])

@@ -130,6 +130,17 @@ def _hand_back(
         loop.call_soon_threadsafe(settle, future, result, error)
 
 
+def done_soon(loop: asyncio.AbstractEventLoop, futures: list[asyncio.Future[None]]) -> None:
+    """(From a thread.) Give each of ``futures`` its result (None) on ``loop``, in one hop."""
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+        loop.call_soon_threadsafe(_all_done, futures)
+
+
+def _all_done(futures: list[asyncio.Future[None]]) -> None:
+    for future in futures:
+        settle(future, None, None)
+
+
 def settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
     """Give ``future`` its result, or ``error``, unless it is done already (cancelled)."""
     if future.done():
