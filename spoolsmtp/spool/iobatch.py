@@ -3,15 +3,15 @@
 Each operation is a blocking callable run in the I/O thread; it returns the directories to fsync
 afterwards (after renames and creations). A batch first commits the write-ahead log (the
 journal: whatever was appended before the batch's operations were queued), then runs every
-operation queued so far, then fsyncs each distinct directory once, then wakes every waiter.
+operation queued so far, then fsyncs each distinct directory once, then wakes their waiters.
 Under load one fsync of ``active/`` covers the claims of dozens of envelopes, and one
 fdatasync of the journal their final replies. Because the log is committed before the
 operations run, a caller may append a record and queue the operation it must precede, and pay
 for one round trip instead of two. A waiter that asked only for the commit (``nothing``: the
 mark journaled before a final dot, on which a connection waits) is woken as soon as the log is
-durable, in one hop from the thread to the loop, not after the rest of its batch: with two
-delivery processes this took the mark's wait from about 16 to 13 ms and the connections'
-throughput up by a fifteenth.
+durable, in one hop from the thread to the loop, not after the rest of its batch (README,
+Benchmarks: the sixth session). So a commit is no barrier for operations queued beside it: a
+caller that needs one done awaits it.
 
 Quick operations (a rename, a small file written without fsync) run on the event loop instead,
 once the thread has committed the log, when the batch is ``inline`` (the spool is on a local
