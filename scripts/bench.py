@@ -22,7 +22,11 @@ scripts/bench_outsider.py, also run as ``bench.py --outsider [-n N] [--processes
     .venv/bin/python scripts/bench.py [--burst 10000] [--backlog 100000] [--idle 200]
                                       [--processes 1 2] [--hosts 1 2] [--size 2048] [--rcpts 1]
                                       [--event-loop auto|asyncio|uvloop] [--dir PATH]
-                                      [--sink auto|smtp-sink|python]
+                                      [--sink auto|smtp-sink|python] [--keep]
+
+``--keep`` leaves the spools (remove them yourself): on this machine's disk (ext4 without a
+journal) a run's clean-up slows every file the next run creates for minutes (README,
+Benchmarks), so runs one after another keep theirs, as ``bench_outsider.py --keep`` does.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -287,6 +292,9 @@ def main() -> None:
         default="auto",
         help="the receiver: Postfix's smtp-sink (auto: where installed) or scripts/sink.py",
     )
+    parser.add_argument(
+        "--keep", action="store_true", help="leave the spools (no inodes freed for the next run)"
+    )
     args = parser.parse_args()
     settings = list(dict.fromkeys(Setting(p, h) for h in args.hosts for p in args.processes))
     mail = Mail(args.size, args.rcpts)
@@ -296,10 +304,10 @@ def main() -> None:
     # machine's disk) skips inodes freed in the last 60 s (360 s while their inode table block
     # is not yet written back) when it allocates one, looking at each in turn, so deleting a
     # finished case's 30,000 files would slow down every file the next case creates.
-    outer = tempfile.TemporaryDirectory(dir=args.dir, prefix=".bench-")
+    outer = Path(tempfile.mkdtemp(dir=args.dir, prefix=".bench-"))
     try:
         for n, setting in enumerate(settings):
-            base = Path(outer.name) / f"s{n}"
+            base = outer / f"s{n}"
             rows += run_setting(args, base, port, setting, mail, idle=n == 0)
     finally:
         for proc in STARTED:
@@ -307,7 +315,10 @@ def main() -> None:
                 proc.kill()
                 proc.wait()
         stop_sink(sink)
-        outer.cleanup()
+        if args.keep:
+            print(f"kept {outer}")
+        else:
+            shutil.rmtree(outer, ignore_errors=True)
     print(f"event loop: {args.event_loop} (auto: uvloop where installed); {mail}")
     python = not isinstance(sink, bench_outsider.Sink)
     print(f"receiver: {'scripts/sink.py' if python else 'smtp-sink (C)'}")
