@@ -114,10 +114,11 @@ class IoBatch:
 
         if not self.inline or not any(quick for _, _, quick in ops):
             return await thread.call(lambda: self._execute(commit, [op for op, _, _ in ops]))
-        try:
-            await thread.call(commit)
-        except OSError as exc:
-            return [exc for _ in ops]
+        if self.log is not None:  # none yet (start-up): no round trip to the thread for it
+            try:
+                await thread.call(commit)
+            except OSError as exc:
+                return [exc for _ in ops]
         errors: list[BaseException | None] = [None] * len(ops)
         targets: dict[str | Path, list[int]] = {}
         slow = [index for index, (_, _, quick) in enumerate(ops) if not quick]
