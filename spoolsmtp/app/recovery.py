@@ -69,13 +69,17 @@ class Recovery:
         found.location = self._w.spool.location("active", envelope_id)
         return env, found, data
 
+    @staticmethod
+    def journaled(replayed: Replayed | None) -> Record | None:
+        """The newest result record the journal holds of an envelope, if any."""
+        return Record.from_dict(replayed.record) if replayed and replayed.record else None
+
     async def relocate(self, envelope_id: str, replayed: Replayed) -> None:
         """An envelope adopted from a dead node, in our active/ now and waiting for a slot:
         its record named the dead node's area, where the operator would find nothing. It
         says where it is from now on (the journal's results applied, as ``resume`` does)."""
         w = self._w
-        journaled = Record.from_dict(replayed.record) if replayed.record else None
-        found = journaled or w.spool.load_record(envelope_id)
+        found = self.journaled(replayed) or w.spool.load_record(envelope_id)
         here = w.spool.location("active", envelope_id)
         if found is None or found.location == here:
             return
@@ -87,7 +91,7 @@ class Recovery:
     async def resume(self, envelope_id: str, replayed: Replayed) -> None:
         w = self._w
         try:
-            journaled = Record.from_dict(replayed.record) if replayed.record else None
+            journaled = self.journaled(replayed)
             fallback = replayed.source or f"{envelope_id}{SUFFIX}"
             assert w._reads is not None
             crashes = w._reads.crashes(envelope_id)

@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING
 
 from spoolsmtp.app.duetimes import DueTimes
-from spoolsmtp.model.record import Record, State
+from spoolsmtp.model.record import State
 from spoolsmtp.spool import journal
 from spoolsmtp.spool.folders import SUFFIX
 from spoolsmtp.spool.journal import Replayed
@@ -109,7 +109,7 @@ class Scheduler:
             summary.state = State.ACTIVE
         try:
             known = await self._known_of(envelope_id) if put_back else None
-            journaled = Record.from_dict(known.record) if known and known.record else None
+            journaled = self._recovery.journaled(known)
             source = known.source if known and known.source else f"{envelope_id}{SUFFIX}"
             owner = known.owner if known else None
             opened = await self._recovery.open(envelope_id, source, journaled, owner)
