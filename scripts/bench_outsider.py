@@ -56,14 +56,19 @@ FIXED = ("worker.processes", "spool.path", "smarthost", "hostname")
 FOLDERS = frozenset(FOLDER_NAMES)
 
 
+def _which(name: str) -> str | None:
+    """Postfix's tools are in /usr/sbin, often not on a user's PATH."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
+
+
 def tool(name: str) -> str:
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
+    found = _which(name)
     assert found is not None
     return found
 
 
 def missing_tool(name: str) -> bool:
-    return not (shutil.which(name) or shutil.which(name, path="/usr/sbin"))
+    return _which(name) is None
 
 
 def missing() -> list[str]:
