@@ -102,9 +102,8 @@ def test_after_reboot_the_processes_still_deliver_under_the_first_policy(tmp_pat
     worker, pid, kids = start(tmp_path, srv, os.SCHED_OTHER)
     try:
         assert worker.ask("REBOOT")["status"] == 200
-        ready = f"spoolsmtp[{pid}] INFO ready\n"  # the supervisor's, not its processes'
         wait_for(
-            lambda: worker.log.read_text().count(ready) == 2 and worker.answers(),
+            lambda: worker.readies() == 2 and worker.answers(),
             what="the re-executed supervisor",
         )
         after = two_children(worker)

@@ -113,9 +113,8 @@ def test_reboot_re_executes_the_supervisor_and_its_processes(tmp_path: Path) -> 
         before = two_children(worker)
         answer = worker.ask("REBOOT")
         assert answer["status"] == 200, answer
-        ready = f"spoolsmtp[{worker.proc.pid}] INFO ready\n"  # the supervisor's, not its processes'
         wait_for(
-            lambda: worker.log.read_text().count(ready) == 2 and worker.answers(),
+            lambda: worker.readies() == 2 and worker.answers(),
             what="the re-executed supervisor",
         )
         after = two_children(worker)

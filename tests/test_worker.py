@@ -267,9 +267,7 @@ def test_a_file_moved_in_whole_is_taken_without_settling(
     # the control socket answers a moment before incoming/ is watched: a file renamed in
     # that moment is found by the first look, as one written in place (it settles); "ready"
     # comes once the watch is armed (a race the fresh-clone CI hit once)
-    assert w.proc is not None
-    ready = f"spoolsmtp[{w.proc.pid}] INFO ready"
-    wait_for(lambda: ready in w.log.read_text(), what="the worker watching incoming/")
+    wait_for(lambda: w.readies() >= 1, what="the worker watching incoming/")
     outside = tmp_path / "outside"
     outside.mkdir()
     message = writer.render([draft("o@example.com", ["b@example.org"])], "batch.test")

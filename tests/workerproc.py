@@ -141,6 +141,13 @@ class WorkerProcess:
         except OSError:
             return False
 
+    def readies(self) -> int:
+        """How many times the process this started (a supervisor, not its delivery
+        processes) logged "ready": once incoming/ is watched, a moment after ``answers``;
+        again after each REBOOT."""
+        assert self.proc is not None
+        return self.log.read_text().count(f"spoolsmtp[{self.proc.pid}] INFO ready\n")
+
     def ask(self, line: str) -> dict[str, Any]:
         """One command on this worker's operator socket (every command is allowed there)."""
         return ask(self.operator_socket, line)
