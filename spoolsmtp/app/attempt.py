@@ -10,6 +10,7 @@ the marks that say its recipients were reported; the record and the move come la
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from datetime import UTC, datetime
@@ -18,13 +19,14 @@ from typing import Any
 from spoolsmtp.app import mailevents
 from spoolsmtp.app.host import WorkerHost
 from spoolsmtp.control.tracer import Kind as TraceKind
-from spoolsmtp.model.envelope import Envelope, Recipient, Transaction
+from spoolsmtp.model.envelope import Envelope, Transaction
 from spoolsmtp.model.outcome import RecipientResult
 from spoolsmtp.model.record import RcptRecord, Record, State, iso, parse_iso, reply_dict
 from spoolsmtp.model.stats import Stats
 from spoolsmtp.policy.dsn import delivery_report
 from spoolsmtp.policy.fate import Counts, Fate, Plan, Report, Reporting
 from spoolsmtp.spool import crashpoint, envfile
+from spoolsmtp.spool.journal import DotMark
 
 
 def utcnow() -> datetime:
@@ -63,17 +65,7 @@ class Attempts:
             results: list[RecipientResult] = []
             tx_started = time.time()
             if todo.alive:
-
-                async def journal_dot(rcpts: list[Recipient], tx: Transaction = tx) -> None:
-                    await host._journal(
-                        {
-                            "t": "dot",
-                            "id": envelope_id,
-                            "tx": tx.number,
-                            "rcpts": [r.address for r in rcpts],
-                        }
-                    )
-
+                journal_dot = functools.partial(DotMark, journal, envelope_id, tx.number)
                 results = await host.deliverer.deliver(
                     path, tx, envelope_id, now, list(todo.alive), before_dot=journal_dot, data=data
                 )

@@ -16,7 +16,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from spoolsmtp.model.config import DeliveryConfig, TlsPolicy
 from spoolsmtp.model.envelope import Recipient
@@ -43,7 +43,23 @@ from spoolsmtp.smtp.transaction import DATA, MailTransaction, Stage
 from spoolsmtp.smtp.transport import Wire
 
 Trace = Callable[[str], None]
-DotHook = Callable[[list[Recipient]], Awaitable[None]]
+
+
+class DotMark(Protocol):
+    """The caller's record that a final dot may be sent (the journal's ``dot``), begun when the
+    transaction starts so that it is durable by the time the dot is due: its commit runs
+    while MAIL, RCPT and DATA are in flight instead of after them."""
+
+    async def ready(self, accepted: list[Recipient]) -> None:
+        """Return once the mark is durable, or raise why it is not (then it is taken back).
+        Recipients it names that were not ``accepted`` are taken back: no dot goes to them."""
+
+    def withdraw(self) -> None:
+        """The transaction ended without its dot (or the connection failed between
+        ``ready`` and the dot): what is still marked is taken back. Idempotent."""
+
+
+DotHook = Callable[[list[Recipient]], DotMark]
 CrashPoint = Callable[[str], None]
 
 
@@ -241,10 +257,11 @@ class Session:
 
         ``out`` is what goes out (``outgoing.decide`` for this connection's extensions): the
         transaction, our header and the text as DATA sends it (CRLF, dot-stuffed). ``before_dot``
-        is awaited with the accepted recipients just before the final dot, so the caller can
-        journal that a duplicate is possible from here on. ``verbatim``, when given, is the
-        same text as it lies in the file: sent as it is when ``out`` says the bytes are as
-        stored and the wire carries them unchanged (not under TLS).
+        is called with the recipients as the transaction starts, so the caller can begin to
+        journal that a duplicate is possible; the final dot waits until that mark is durable,
+        and a transaction that ends without its dot takes the mark back. ``verbatim``, when
+        given, is the same text as it lies in the file: sent as it is when ``out`` says the
+        bytes are as stored and the wire carries them unchanged (not under TLS).
         """
         self.last_used = time.monotonic()
         self.transactions += 1
@@ -256,6 +273,7 @@ class Session:
         if mt.stage is Stage.DONE:
             return mt.results(), []
         self.dirty = True
+        mark = before_dot(recipients) if before_dot is not None else None
         try:
             if self.proto.pipelining:
                 await self._flight([*mt.commands(), DATA], mt.receive)
@@ -270,7 +288,7 @@ class Session:
             if mt.stage is Stage.DURING_DATA:
                 # the file's bytes go out as they lie only when nothing transforms them
                 raw = verbatim if out.as_stored and not self.encrypted else None
-                await self._message(mt, out.message(), out.head, before_dot, raw)
+                await self._message(mt, out.message(), out.head, mark, raw)
             elif mt.drop_connection:
                 self.abort()
         except SessionBroken as exc:
@@ -278,6 +296,9 @@ class Session:
             if mt.stale(reused=self.transactions > 1):
                 raise StaleSession(str(exc.reply)) from exc
             mt.broken(exc.reply)
+        finally:
+            if mark is not None and not mt.dotted:
+                mark.withdraw()
         return mt.results(), mt.again
 
     async def _message(
@@ -285,10 +306,11 @@ class Session:
         mt: MailTransaction,
         chunks: Iterable[bytes],
         received: bytes,
-        before_dot: DotHook | None,
+        mark: DotMark | None,
         verbatim: Verbatim | None = None,
     ) -> None:
-        """After the 354: the message text, the final dot, and the reply to it."""
+        """After the 354: the message text, the final dot once ``mark`` is durable, and the
+        reply to it."""
         if self._traced():
             self._trace(f"> (message: {received.decode('utf-8', 'replace').splitlines()[0]} ...)")
         if verbatim is not None:
@@ -297,9 +319,9 @@ class Session:
         else:
             tail = await bodysend.stuffed(received, chunks, self.proto.send_body, self._write)
         self.reach("mid_data")
-        if before_dot is not None:
+        if mark is not None:
             try:
-                await before_dot(mt.accepted)
+                await mark.ready(mt.accepted)
             except BaseException:
                 # the dot record could not be written (a full disk): the server waits
                 # for a dot that must not come, so the connection cannot be used again

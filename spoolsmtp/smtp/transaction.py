@@ -84,6 +84,7 @@ class MailTransaction:
         self.stage = Stage.AFTER_MAIL
         self.mail_refused = False
         self.drop_connection = False
+        self.dotted = False  # the final dot was (begun to be) written
         self._final: dict[int, RecipientResult] = {}
         self._accepted: list[int] = []
         self._resend: list[int] = []
@@ -155,6 +156,7 @@ class MailTransaction:
         if self.stage is not Stage.DURING_DATA:
             raise LocalProtocolError(f"final dot {self.stage.value}")
         self.stage = Stage.AFTER_DOT
+        self.dotted = True
 
     def stale(self, *, reused: bool) -> bool:
         """Whether a break now means only that a reused connection had gone stale."""

@@ -70,11 +70,18 @@ class IoBatch:
         for per-file fsyncs a batch is short, and a second lane mostly adds contention for the
         interpreter lock (measured: 1,290 against 930 to 1,180 envelopes/s).
         """
+        await self.request(op, quick=quick)
+
+    def request(self, op: Op = nothing, *, quick: bool = False) -> asyncio.Future[None]:
+        """``run`` without waiting: queue ``op`` and return the future its batch settles. A
+        caller that starts a commit early (the mark before a final dot, begun while MAIL,
+        RCPT and DATA are in flight) awaits it when it must; one that never does must still
+        take its exception."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._ops.append((op, waiter, quick))
         if len(self._lanes) < self._max_lanes:
             self._lanes.add(asyncio.create_task(self._drive()))
-        await waiter
+        return waiter
 
     async def _drive(self) -> None:
         """A lane: runs batches while there are operations queued. It leaves the set of

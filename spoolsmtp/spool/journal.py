@@ -5,8 +5,13 @@ that one fsync commits the records of every envelope that wrote since the last o
 commit). Records:
 
 * ``{"t": "rcpt", "id", "tx", "rcpt", "result": {...}}``: a recipient's final result.
-* ``{"t": "dot", "id", "tx", "rcpts": [...]}``: the final dot is about to be sent; a restart
-  that finds it without the recipients' results counts them as possible duplicates.
+* ``{"t": "dot", "id", "tx", "rcpts": [...]}``: the final dot may be sent from here on; a
+  restart that finds it without the recipients' results counts them as possible duplicates.
+  Its commit is begun with MAIL, RCPT and DATA, and the dot waits for it (README, Design).
+* ``{"t": "undot", "id", "tx", "rcpts": [...]}`` takes back one earlier ``dot`` of each of
+  these recipients: the transaction ended without the dot for them (refused, or lost before
+  it). It needs no commit of its own; lost in a crash, the restart counts a duplicate that
+  cannot be one, which is the safe side.
 * ``{"t": "report", "id", "kind"}``: a report was durably written.
 * ``{"t": "requeue", "id", "kind", "as"}``: the report ``kind`` is to be queued for delivery
   as envelope ``as`` (committed before that envelope is written: see app/requeue.py).
@@ -37,16 +42,18 @@ offset, so the lines stay pending and nothing is ever appended to a torn line.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spoolsmtp.model.envelope import Recipient
 from spoolsmtp.spool import crashpoint
 from spoolsmtp.spool.durable import fsync_dir, sync_filesystems
 from spoolsmtp.spool.iobatch import IoBatch
@@ -59,7 +66,8 @@ class Replayed:
     """What the journal says of one envelope."""
 
     results: dict[tuple[int, str], dict[str, Any]] = field(default_factory=dict)
-    dots: set[tuple[int, str]] = field(default_factory=set)
+    # (tx, recipient): its ``dot`` records less its ``undot`` records, when more than none
+    marks: dict[tuple[int, str], int] = field(default_factory=dict)
     reports: set[str] = field(default_factory=set)
     requeued: dict[str, str] = field(default_factory=dict)
     source: str | None = None
@@ -69,6 +77,11 @@ class Replayed:
     alone: bool = False
     owner: tuple[int, int] | None = None  # uid, gid of incoming/name when it was claimed
     hold: bool = False  # an operator's HOLD while it was being delivered: held after it
+
+    @property
+    def dots(self) -> set[tuple[int, str]]:
+        """The recipients a final dot may have been sent to (a mark not taken back)."""
+        return set(self.marks)
 
 
 def replay(folder: Path) -> dict[str, Replayed]:
@@ -90,7 +103,19 @@ def _read_lines(out: dict[str, Replayed], lines: Iterable[bytes]) -> None:
         if rec["t"] == "rcpt":
             entry.results[(rec["tx"], rec["rcpt"])] = rec["result"]
         elif rec["t"] == "dot":
-            entry.dots.update((rec["tx"], r) for r in rec["rcpts"])
+            marks = entry.marks
+            for r in rec["rcpts"]:
+                key = (rec["tx"], r)
+                marks[key] = marks.get(key, 0) + 1
+        elif rec["t"] == "undot":
+            marks = entry.marks
+            for r in rec["rcpts"]:
+                key = (rec["tx"], r)
+                left = marks.get(key, 0) - 1
+                if left > 0:
+                    marks[key] = left
+                else:
+                    marks.pop(key, None)
         elif rec["t"] == "report":
             entry.reports.add(rec["kind"])
         elif rec["t"] == "requeue":
@@ -329,6 +354,11 @@ class Journal:
         """Return once everything appended so far is on disk (shared fdatasync)."""
         await self.batch.run(quick=True)
 
+    def commit_soon(self) -> asyncio.Future[None]:
+        """``commit`` begun now, awaited later: the future is done once everything appended
+        so far is on disk (or holds the error that kept it off)."""
+        return self.batch.request(quick=True)
+
     def sync(self) -> None:
         """Write what is buffered and fdatasync it (in an I/O thread, first in every batch).
 
@@ -412,6 +442,61 @@ class Journal:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+
+
+class DotMark:
+    """The ``dot`` record of one transaction, begun as it starts (``smtp.session.DotMark``):
+    appended and its commit queued at once, so the fdatasync runs while MAIL, RCPT and DATA
+    are in flight; the final dot waits in ``ready``. What is taken back (recipients refused,
+    or the whole mark when no dot is sent) is one ``undot`` line, committed with whatever
+    commits next."""
+
+    def __init__(
+        self, journal: Journal, envelope_id: str, tx: int, recipients: Iterable[Recipient]
+    ) -> None:
+        self._journal = journal
+        self._id = envelope_id
+        self._tx = tx
+        self._marked = [r.address for r in recipients]
+        journal.append({"t": "dot", "id": envelope_id, "tx": tx, "rcpts": self._marked})
+        self._commit = journal.commit_soon()
+
+    async def ready(self, accepted: list[Recipient]) -> None:
+        try:
+            await self._commit
+        except BaseException:
+            self.withdraw()
+            raise
+        left = Counter(r.address for r in accepted)
+        keep: list[str] = []
+        back: list[str] = []
+        for address in self._marked:
+            if left[address] > 0:
+                left[address] -= 1
+                keep.append(address)
+            else:
+                back.append(address)
+        self._marked = keep
+        self._undot(back)
+
+    def withdraw(self) -> None:
+        back, self._marked = self._marked, []
+        self._undot(back)
+        # nobody awaits the commit now: its error (a full disk) is taken here, not left for
+        # asyncio to report as never retrieved (the next commit meets the same error)
+        if self._commit.done():
+            _taken(self._commit)
+        else:
+            self._commit.add_done_callback(_taken)
+
+    def _undot(self, addresses: list[str]) -> None:
+        if addresses:
+            self._journal.append({"t": "undot", "id": self._id, "tx": self._tx, "rcpts": addresses})
+
+
+def _taken(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 # one encoder for every line (json.dumps with options would build one per call)

@@ -1,0 +1,126 @@
+"""The journal's mark before a final dot (RFC 5321 section 6.1: from the dot on, a loss may
+leave a duplicate) is begun as the transaction starts, so its fdatasync runs while MAIL, RCPT
+and DATA are in flight instead of after the 354; the dot still waits until it is on disk. A
+transaction that ends without its dot takes the mark back (``undot``), so a crash after it does
+not count a duplicate that cannot be one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from spoolsmtp.model.envelope import Recipient
+from spoolsmtp.spool.iobatch import IoBatch
+from spoolsmtp.spool.journal import DotMark, Journal, replay
+from tests.helpers import draft
+from tests.smtpservers import RawServer, Script, SmtpServer, standard_dialogue
+from tests.workerproc import WorkerProcess, wait_for
+
+GOOD = "a@example.org"
+LATER = "later@example.org"
+
+
+def _marked(spool: Path) -> bool:
+    return any(b'"t":"dot"' in p.read_bytes() for p in (spool / "journal").glob("*.log"))
+
+
+def test_the_mark_is_on_disk_while_the_server_still_answers_the_envelope(tmp_path: Path) -> None:
+    """The server answers RCPT only once the journal on disk holds the dot mark (else 451):
+    the mark was begun before the 354, not after it."""
+    spool = tmp_path / "spool"
+    waited: list[bool] = []
+
+    def mark_written(deadline: float) -> bool:
+        while time.monotonic() < deadline:
+            if _marked(spool):
+                return True
+            time.sleep(0.01)
+        return False
+
+    async def rcpt(line: bytes) -> bytes:
+        loop = asyncio.get_running_loop()
+        seen = await loop.run_in_executor(None, mark_written, time.monotonic() + 10)
+        waited.append(seen)
+        return b"250 2.1.5 ok\r\n" if seen else b"451 4.3.0 no dot mark on disk yet\r\n"
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await standard_dialogue(reader, writer, [], rcpt)
+
+    srv = RawServer(script)
+    w = WorkerProcess(tmp_path, {"smarthost": f"127.0.0.1:{srv.port}"}).start()
+    try:
+        w.drop_drafts("job.bsmtp", [draft("o@example.com", [GOOD])])
+        rec = wait_for(lambda: w.in_state("job.bsmtp", "done", "deferred"), what="an outcome")
+    finally:
+        assert w.stop() == 0
+        srv.stop()
+    (result,) = rec["transactions"][0]["recipients"]
+    assert waited == [True], (waited, result)
+    assert result["status"] == "delivered", result
+
+
+@pytest.mark.parametrize(
+    "script",
+    [Script(defer_first={LATER: 1}), Script(mail="451 4.3.0 not now")],
+    ids=["one-recipient-refused", "mail-refused"],
+)
+def test_no_possible_duplicate_is_counted_for_a_recipient_no_dot_went_to(
+    tmp_path: Path, script: Script
+) -> None:
+    """Killed once the attempt's results are journaled; the restart must not flag a recipient
+    that was refused before the dot (its mark was taken back), nor one delivered once."""
+    srv = SmtpServer(script)
+    settings = {"smarthost": f"127.0.0.1:{srv.port}", "retry": {"interval": "1h"}}
+    again: WorkerProcess | None = None
+    try:
+        crashing = WorkerProcess(tmp_path, settings, env={"SPOOLSMTP_CRASH_AT": "after_journal"})
+        crashing.start().drop_drafts("job.bsmtp", [draft("o@example.com", [GOOD, LATER])])
+        assert crashing.wait_exit() == -signal.SIGKILL
+        again = WorkerProcess(tmp_path, settings).start()
+        rec = wait_for(lambda: again.in_state("job.bsmtp", "done", "deferred"), what="resumed")
+        stats = again.ask("STATS")["result"]
+    finally:
+        if again is not None:
+            assert again.stop() == 0
+        srv.stop()
+    got = Counter(r for m in srv.messages for r in m.rcpt_tos)
+    recipients = {r["address"]: r for r in rec["transactions"][0]["recipients"]}
+    assert all(n == 1 for n in got.values()), got
+    for address, r in recipients.items():
+        assert not r.get("possible_duplicate"), (address, r)
+    assert stats["possible_duplicates"] == 0
+    if script.mail is None:
+        assert {a: r["status"] for a, r in recipients.items()} == {
+            GOOD: "delivered",
+            LATER: "delivered",
+        }
+
+
+def test_a_mark_taken_back_counts_down_not_away(tmp_path: Path) -> None:
+    """A mark taken back cancels one mark, not every earlier one: a recipient whose dot went
+    out in an earlier attempt (its reply lost) stays counted when a later attempt's mark is
+    withdrawn before its dot."""
+    folder = tmp_path / "journal"
+    folder.mkdir()
+    rcpts = [Recipient(GOOD), Recipient(LATER)]
+
+    async def go() -> None:
+        batch = IoBatch()
+        journal = Journal(folder, batch)
+        try:
+            first = DotMark(journal, "E", 1, rcpts)
+            await first.ready(rcpts[:1])  # LATER refused: taken back at once
+            second = DotMark(journal, "E", 1, rcpts)  # a later attempt, ended before its dot
+            second.withdraw()
+            await journal.commit()
+        finally:
+            journal.close()
+
+    asyncio.run(go())
+    assert replay(folder)["E"].dots == {(1, GOOD)}
