@@ -157,9 +157,10 @@ def once_or_flagged(records: list[dict[str, Any] | None], sink: Sink) -> None:
 
 @needs_root
 def test_disk_full_at_the_dot_then_kill_sends_nothing_twice_unflagged(tmp_path: Path) -> None:
-    """The disk fills while envelopes wait for the server's 354; the dot records cannot be
-    written. Space is freed, the worker is killed (-9) and restarted: every recipient got the
-    message once, or twice with ``possible_duplicate`` set."""
+    """The disk fills while the first envelopes wait for the server's 354 (their dot marks,
+    begun with MAIL, are on disk already, so their dots go out); the marks of the transactions
+    after them cannot be written. Space is freed, the worker is killed (-9) and restarted:
+    every recipient got the message once, or twice with ``possible_duplicate`` set."""
     sink = Sink()
     sink.close_gate()
     try:

@@ -17,8 +17,9 @@ import pytest
 
 from spoolsmtp.model.envelope import Recipient
 from spoolsmtp.spool.iobatch import IoBatch
-from spoolsmtp.spool.journal import DotMark, Journal, replay
+from spoolsmtp.spool.journal import Journal, JournalMark, replay
 from tests.helpers import draft
+from tests.hostile import fill, needs_root, small_tmpfs
 from tests.smtpservers import RawServer, Script, SmtpServer, standard_dialogue
 from tests.workerproc import WorkerProcess, wait_for
 
@@ -102,25 +103,53 @@ def test_no_possible_duplicate_is_counted_for_a_recipient_no_dot_went_to(
         }
 
 
-def test_a_mark_taken_back_counts_down_not_away(tmp_path: Path) -> None:
-    """A mark taken back cancels one mark, not every earlier one: a recipient whose dot went
-    out in an earlier attempt (its reply lost) stays counted when a later attempt's mark is
-    withdrawn before its dot."""
+def test_a_mark_taken_back_is_that_mark_only(tmp_path: Path) -> None:
+    """Taking a mark back cancels that mark, not an earlier one: a recipient whose dot went out
+    in an earlier attempt (its reply lost) stays counted when a later attempt's mark is
+    withdrawn before its dot, even when the journal holds the withdrawal twice (a segment
+    rotation can copy forward a line the same commit writes)."""
     folder = tmp_path / "journal"
-    folder.mkdir()
     rcpts = [Recipient(GOOD), Recipient(LATER)]
 
     async def go() -> None:
-        batch = IoBatch()
-        journal = Journal(folder, batch)
+        journal = Journal(folder, IoBatch())
         try:
-            first = DotMark(journal, "E", 1, rcpts)
-            await first.ready(rcpts[:1])  # LATER refused: taken back at once
-            second = DotMark(journal, "E", 1, rcpts)  # a later attempt, ended before its dot
+            first = JournalMark(journal, "E", 1, rcpts)
+            await first.ready(rcpts[:1])  # LATER refused at RCPT: its mark taken back
+            second = JournalMark(journal, "E", 1, rcpts)  # a later attempt, ended before its dot
             second.withdraw()
             await journal.commit()
         finally:
             journal.close()
 
     asyncio.run(go())
+    (segment,) = folder.glob("*.log")
+    undots = [line for line in segment.read_bytes().splitlines(True) if b'"undot"' in line]
+    assert len(undots) == 2
     assert replay(folder)["E"].dots == {(1, GOOD)}
+    with open(segment, "ab") as fh:
+        fh.writelines(undots)
+    assert replay(folder)["E"].dots == {(1, GOOD)}
+
+
+@needs_root
+def test_a_mark_that_met_a_full_disk_is_ready_once_there_is_room(tmp_path: Path) -> None:
+    """The mark's commit, begun with MAIL, fails on a full disk; by the dot there is room
+    again: the dot goes out (its mark committed then), the transaction is not given up."""
+    with small_tmpfs(tmp_path / "fs", size="1m") as fs:
+        folder = fs / "journal"
+
+        async def go() -> None:
+            journal = Journal(folder, IoBatch())
+            try:
+                filler = fill(fs)
+                mark = JournalMark(journal, "E", 1, [Recipient(GOOD)])
+                with pytest.raises(OSError):
+                    await journal.commit()  # the mark's own commit failed with it
+                filler.unlink()
+                await mark.ready([Recipient(GOOD)])
+            finally:
+                journal.close()
+
+        asyncio.run(go())
+        assert replay(folder)["E"].dots == {(1, GOOD)}

@@ -26,7 +26,7 @@ from spoolsmtp.model.stats import Stats
 from spoolsmtp.policy.dsn import delivery_report
 from spoolsmtp.policy.fate import Counts, Fate, Plan, Report, Reporting
 from spoolsmtp.spool import crashpoint, envfile
-from spoolsmtp.spool.journal import DotMark
+from spoolsmtp.spool.journal import JournalMark
 
 
 def utcnow() -> datetime:
@@ -65,7 +65,7 @@ class Attempts:
             results: list[RecipientResult] = []
             tx_started = time.time()
             if todo.alive:
-                journal_dot = functools.partial(DotMark, journal, envelope_id, tx.number)
+                journal_dot = functools.partial(JournalMark, journal, envelope_id, tx.number)
                 results = await host.deliverer.deliver(
                     path, tx, envelope_id, now, list(todo.alive), before_dot=journal_dot, data=data
                 )

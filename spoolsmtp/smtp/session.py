@@ -323,8 +323,9 @@ class Session:
             try:
                 await mark.ready(mt.accepted)
             except BaseException:
-                # the dot record could not be written (a full disk): the server waits
-                # for a dot that must not come, so the connection cannot be used again
+                # the dot record could not be written (a full disk), or we were cancelled:
+                # the server waits for a dot that must not come, so the connection cannot be
+                # used again
                 self.abort()
                 raise
         self._check_open()

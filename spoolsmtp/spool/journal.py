@@ -5,12 +5,13 @@ that one fsync commits the records of every envelope that wrote since the last o
 commit). Records:
 
 * ``{"t": "rcpt", "id", "tx", "rcpt", "result": {...}}``: a recipient's final result.
-* ``{"t": "dot", "id", "tx", "rcpts": [...]}``: the final dot may be sent from here on; a
+* ``{"t": "dot", "id", "tx", "rcpts": [...], "m"}``: the final dot may be sent from here on; a
   restart that finds it without the recipients' results counts them as possible duplicates.
   Its commit is begun with MAIL, RCPT and DATA, and the dot waits for it (README, Design).
-* ``{"t": "undot", "id", "tx", "rcpts": [...]}`` takes back one earlier ``dot`` of each of
-  these recipients: the transaction ended without the dot for them (refused, or lost before
-  it). It needs no commit of its own; lost in a crash, the restart counts a duplicate that
+  Each mark has its own random ``m``.
+* ``{"t": "undot", "id", "tx", "rcpts": [...], "m"}`` takes back mark ``m`` of these
+  recipients: the transaction ended without the dot for them (refused, or lost before it).
+  It needs no commit of its own; lost in a crash, the restart counts a duplicate that
   cannot be one, which is the safe side.
 * ``{"t": "report", "id", "kind"}``: a report was durably written.
 * ``{"t": "requeue", "id", "kind", "as"}``: the report ``kind`` is to be queued for delivery
@@ -47,7 +48,7 @@ import contextlib
 import json
 import os
 import threading
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,8 +67,9 @@ class Replayed:
     """What the journal says of one envelope."""
 
     results: dict[tuple[int, str], dict[str, Any]] = field(default_factory=dict)
-    # (tx, recipient): its ``dot`` records less its ``undot`` records, when more than none
-    marks: dict[tuple[int, str], int] = field(default_factory=dict)
+    # (tx, recipient): the ``m`` of each ``dot`` of it not taken back by an ``undot``
+    # (None: a line written before marks had one; it is never taken back)
+    marks: dict[tuple[int, str], set[str | None]] = field(default_factory=dict)
     reports: set[str] = field(default_factory=set)
     requeued: dict[str, str] = field(default_factory=dict)
     source: str | None = None
@@ -103,19 +105,16 @@ def _read_lines(out: dict[str, Replayed], lines: Iterable[bytes]) -> None:
         if rec["t"] == "rcpt":
             entry.results[(rec["tx"], rec["rcpt"])] = rec["result"]
         elif rec["t"] == "dot":
-            marks = entry.marks
             for r in rec["rcpts"]:
-                key = (rec["tx"], r)
-                marks[key] = marks.get(key, 0) + 1
+                entry.marks.setdefault((rec["tx"], r), set()).add(rec.get("m"))
         elif rec["t"] == "undot":
-            marks = entry.marks
             for r in rec["rcpts"]:
                 key = (rec["tx"], r)
-                left = marks.get(key, 0) - 1
-                if left > 0:
-                    marks[key] = left
-                else:
-                    marks.pop(key, None)
+                marks = entry.marks.get(key)
+                if marks is not None:
+                    marks.discard(rec["m"])
+                    if not marks:
+                        del entry.marks[key]
         elif rec["t"] == "report":
             entry.reports.add(rec["kind"])
         elif rec["t"] == "requeue":
@@ -356,7 +355,8 @@ class Journal:
 
     def commit_soon(self) -> asyncio.Future[None]:
         """``commit`` begun now, awaited later: the future is done once everything appended
-        so far is on disk (or holds the error that kept it off)."""
+        so far is on disk (or holds the error that kept it off). A caller that stops caring
+        must still take that error (``IoBatch.request``)."""
         return self.batch.request(quick=True)
 
     def sync(self) -> None:
@@ -444,12 +444,13 @@ class Journal:
                 self._fd = -1
 
 
-class DotMark:
+class JournalMark:
     """The ``dot`` record of one transaction, begun as it starts (``smtp.session.DotMark``):
     appended and its commit queued at once, so the fdatasync runs while MAIL, RCPT and DATA
-    are in flight; the final dot waits in ``ready``. What is taken back (recipients refused,
-    or the whole mark when no dot is sent) is one ``undot`` line, committed with whatever
-    commits next."""
+    are in flight; the final dot waits in ``ready``. What is taken back (recipients refused
+    at RCPT, then everything still marked if no dot is sent) goes in ``undot`` lines naming
+    this mark's own ``m``, committed with whatever commits next: a line the journal happens
+    to hold twice takes back nothing more, and no other mark of the recipient."""
 
     def __init__(
         self, journal: Journal, envelope_id: str, tx: int, recipients: Iterable[Recipient]
@@ -457,33 +458,35 @@ class DotMark:
         self._journal = journal
         self._id = envelope_id
         self._tx = tx
-        self._marked = [r.address for r in recipients]
-        journal.append({"t": "dot", "id": envelope_id, "tx": tx, "rcpts": self._marked})
+        self._mark = os.urandom(6).hex()  # one envelope has a handful of marks, never 2**24
+        self._marked = list(dict.fromkeys(r.address for r in recipients))
+        journal.append(
+            {"t": "dot", "id": envelope_id, "tx": tx, "rcpts": self._marked, "m": self._mark}
+        )
         self._commit = journal.commit_soon()
 
     async def ready(self, accepted: list[Recipient]) -> None:
+        """Return once the mark is on disk. Its commit may have failed (a full disk) while
+        MAIL, RCPT and DATA were answered; the line is then still pending, and one more
+        commit, now, decides (as when the mark was written at the dot)."""
         try:
-            await self._commit
+            try:
+                await self._commit
+            except Exception:
+                await self._journal.commit()
         except BaseException:
             self.withdraw()
             raise
-        left = Counter(r.address for r in accepted)
-        keep: list[str] = []
-        back: list[str] = []
-        for address in self._marked:
-            if left[address] > 0:
-                left[address] -= 1
-                keep.append(address)
-            else:
-                back.append(address)
-        self._marked = keep
+        taken = {r.address for r in accepted}
+        back = [a for a in self._marked if a not in taken]
+        self._marked = [a for a in self._marked if a in taken]
         self._undot(back)
 
     def withdraw(self) -> None:
         back, self._marked = self._marked, []
         self._undot(back)
         # nobody awaits the commit now: its error (a full disk) is taken here, not left for
-        # asyncio to report as never retrieved (the next commit meets the same error)
+        # asyncio to report as never retrieved (the lines stay pending for the next commit)
         if self._commit.done():
             _taken(self._commit)
         else:
@@ -491,7 +494,9 @@ class DotMark:
 
     def _undot(self, addresses: list[str]) -> None:
         if addresses:
-            self._journal.append({"t": "undot", "id": self._id, "tx": self._tx, "rcpts": addresses})
+            self._journal.append(
+                {"t": "undot", "id": self._id, "tx": self._tx, "rcpts": addresses, "m": self._mark}
+            )
 
 
 def _taken(future: asyncio.Future[None]) -> None:
