@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import ssl
 import warnings
@@ -18,7 +19,7 @@ import trustme
 from spoolsmtp.delivery.deliverer import Deliverer, date_text
 from spoolsmtp.delivery.mx import MxResolver
 from spoolsmtp.model.config import Config
-from spoolsmtp.model.envelope import MailParams
+from spoolsmtp.model.envelope import MailParams, Recipient
 from spoolsmtp.model.outcome import RecipientResult, Status
 from tests.helpers import draft, make_config, write_envelope
 from tests.smtpservers import Script, SmtpServer
@@ -433,3 +434,52 @@ def test_tls_sessions_are_closed_completely(tmp_path: Path, ca: trustme.CA) -> N
         srv.stop()
     leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
     assert leaks == []
+
+
+class _JournalFull:
+    """A dot mark that cannot be made durable (the journal's disk full) for the recipients at
+    example.org; the others' is."""
+
+    def __init__(self, recipients: list[Recipient]) -> None:
+        self.fails = any(r.domain == "example.org" for r in recipients)
+
+    async def ready(self, accepted: list[Recipient]) -> None:
+        if self.fails:
+            raise OSError(errno.ENOSPC, "No space left on device", "journal/00000001.log")
+
+    def withdraw(self) -> None:
+        pass
+
+
+def test_one_destination_failing_leaves_no_other_delivery_running(tmp_path: Path) -> None:
+    """A transaction for two destinations: one delivery fails at its dot (the journal full),
+    the other's server is slow to take the message. ``deliver`` raises only once the other
+    has ended: the caller then puts the envelope back with what the journal knows, and a
+    delivery still running could send its dot after that, to be sent again unflagged."""
+    failing = SmtpServer()
+    slow = SmtpServer(Script(data_delay=0.5))
+    try:
+        cfg = make_config(
+            routes={
+                "example.org": f"{failing.host}:{failing.port}",
+                "example.net": f"{slow.host}:{slow.port}",
+            }
+        )
+        path = tmp_path / "e.bsmtp"
+        env = write_envelope(path, [draft("o@example.com", ["a@example.org", "b@example.net"])])
+
+        async def run() -> None:
+            d = Deliverer(cfg, MxResolver(cfg.dns, cfg.delivery.max_addresses, cfg.delivery.port))
+            try:
+                await d.deliver(path, env.transactions[0], "ENV1", NOW, before_dot=_JournalFull)
+            finally:
+                await d.close_all()
+
+        with pytest.raises(OSError, match="No space left"):
+            asyncio.run(run())
+        delivered = [m.rcpt_tos for m in slow.messages]  # as deliver() raised
+    finally:
+        failing.stop()
+        slow.stop()
+    assert delivered == [["b@example.net"]]
+    assert failing.messages == []

@@ -215,12 +215,22 @@ class Deliverer:
                 await self.deliver_to(dest, group, path, tx, envelope_id, now, before_dot, data)
             ]
         else:
-            outcomes = await asyncio.gather(
+            # every destination's delivery ends before this does, even when one fails (the
+            # journal full at its dot): the caller then puts the envelope back and takes what
+            # the journal knows of it, and a delivery left running could send a dot after that
+            # (its recipients sent again, unflagged). Each still ran to its own end.
+            settled = await asyncio.gather(
                 *(
                     self.deliver_to(dest, group, path, tx, envelope_id, now, before_dot, data)
                     for dest, group in groups.items()
-                )
+                ),
+                return_exceptions=True,
             )
+            outcomes = []
+            for outcome in settled:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                outcomes.append(outcome)
         by_rcpt = {r.recipient: r for results in outcomes for r in results}
         return [by_rcpt[r] for r in rcpts]
 
