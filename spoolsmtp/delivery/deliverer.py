@@ -218,7 +218,9 @@ class Deliverer:
             # every destination's delivery ends before this does, even when one fails (the
             # journal full at its dot): the caller then puts the envelope back and takes what
             # the journal knows of it, and a delivery left running could send a dot after that
-            # (its recipients sent again, unflagged). Each still ran to its own end.
+            # (its recipients sent again, unflagged). What the others delivered is not kept:
+            # their marks are in the journal, so the retry sends them again, flagged (README,
+            # Reliability, "The seventh session's broken promise").
             settled = await asyncio.gather(
                 *(
                     self.deliver_to(dest, group, path, tx, envelope_id, now, before_dot, data)
@@ -226,11 +228,12 @@ class Deliverer:
                 ),
                 return_exceptions=True,
             )
-            outcomes = []
-            for outcome in settled:
-                if isinstance(outcome, BaseException):
-                    raise outcome
-                outcomes.append(outcome)
+            errors = [o for o in settled if isinstance(o, BaseException)]
+            if errors:
+                # an error of ours (the disk full) before a branch's cancellation, so that
+                # the caller puts the envelope back and sees the disk full
+                raise next((e for e in errors if isinstance(e, Exception)), errors[0])
+            outcomes = [o for o in settled if not isinstance(o, BaseException)]
         by_rcpt = {r.recipient: r for results in outcomes for r in results}
         return [by_rcpt[r] for r in rcpts]
 
