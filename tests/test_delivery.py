@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import trustme
 
-from spoolsmtp.delivery.deliverer import Deliverer, date_text
+from spoolsmtp.delivery.deliverer import Deliverer, PartlyDelivered, date_text
 from spoolsmtp.delivery.mx import MxResolver
 from spoolsmtp.model.config import Config
 from spoolsmtp.model.envelope import MailParams, Recipient
@@ -454,8 +454,9 @@ class _JournalFull:
 def test_one_destination_failing_leaves_no_other_delivery_running(tmp_path: Path) -> None:
     """A transaction for two destinations: one delivery fails at its dot (the journal full),
     the other's server is slow to take the message. ``deliver`` raises only once the other
-    has ended: the caller then puts the envelope back with what the journal knows, and a
-    delivery still running could send its dot after that, to be sent again unflagged."""
+    has ended (the caller then puts the envelope back with what the journal knows, and a
+    delivery still running could send its dot after that, to be sent again unflagged), and
+    its error carries what the other did, for the caller to journal first."""
     failing = SmtpServer()
     slow = SmtpServer(Script(data_delay=0.5))
     try:
@@ -468,20 +469,24 @@ def test_one_destination_failing_leaves_no_other_delivery_running(tmp_path: Path
         path = tmp_path / "e.bsmtp"
         env = write_envelope(path, [draft("o@example.com", ["a@example.org", "b@example.net"])])
 
-        async def run() -> tuple[list[list[str]], list[asyncio.Task[Any]]]:
+        async def run() -> tuple[list[list[str]], list[asyncio.Task[Any]], PartlyDelivered]:
             d = Deliverer(cfg, MxResolver(cfg.dns, cfg.delivery.max_addresses, cfg.delivery.port))
             try:
-                with pytest.raises(OSError, match="No space left"):
+                with pytest.raises(PartlyDelivered) as raised:
                     await d.deliver(path, env.transactions[0], "ENV1", NOW, before_dot=_JournalFull)
                 # as deliver() raised: what the slow server had, and what still runs
                 running = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-                return [m.rcpt_tos for m in slow.messages], running
+                return [m.rcpt_tos for m in slow.messages], running, raised.value
             finally:
                 await d.close_all()
 
-        delivered, running = asyncio.run(run())
+        delivered, running, partly = asyncio.run(run())
     finally:
         failing.stop()
         slow.stop()
     assert running == []
     assert delivered == [["b@example.net"]]
+    assert isinstance(partly.error, OSError) and partly.error.errno == errno.ENOSPC
+    assert [(r.recipient.address, r.status) for r in partly.results] == [
+        ("b@example.net", Status.DELIVERED)
+    ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -153,3 +154,85 @@ def test_a_mark_that_met_a_full_disk_is_ready_once_there_is_room(tmp_path: Path)
 
         asyncio.run(go())
         assert replay(folder)["E"].dots == {(1, GOOD)}
+
+
+class _HeldServer:
+    """A plain server (no extensions) whose first connection waits for ``gate`` before its
+    greeting; it counts the connections waiting and the recipients of each message taken."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.waiting = 0
+        self.closed = threading.Event()  # the first connection ended
+        self.taken: Counter[str] = Counter()
+        self._first = True
+
+        async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            first, self._first = self._first, False
+            if first:
+                self.waiting += 1
+                await asyncio.get_running_loop().run_in_executor(None, self.gate.wait, 60)
+            seen: list[bytes] = []
+            try:
+                await standard_dialogue(reader, writer, seen)
+            finally:
+                rcpts = [line for line in seen if line[:4].upper() == b"RCPT"]
+                if any(part.endswith(b"\r\n.\r\n") for part in seen):
+                    for line in rcpts:
+                        self.taken[line[9:].split(b">")[0].decode()] += 1
+                if first:
+                    self.closed.set()
+
+        self.raw = RawServer(script)
+        self.port = self.raw.port
+
+    def stop(self) -> None:
+        self.gate.set()
+        self.raw.stop()
+
+
+@needs_root
+def test_what_one_destination_took_is_not_sent_again_when_another_failed(tmp_path: Path) -> None:
+    """One transaction for two destinations. The first begins while the journal's disk is
+    full, so its dot mark cannot be written and it gives up at the dot; the second begins
+    once there is room and its server takes the message. The envelope is put back and tried
+    again: only the first destination's recipients are sent again (before, both were: the
+    second's a second time, flagged)."""
+    many = [f"r{i:02d}-{'x' * 56}@example.org" for i in range(64)]  # a dot mark over 4 KB
+    org, net = _HeldServer(), _HeldServer()
+    try:
+        with small_tmpfs(tmp_path / "fs", size="4m") as fs:
+            settings = {
+                "routes": {
+                    "example.org": f"127.0.0.1:{org.port}",
+                    "example.net": f"127.0.0.1:{net.port}",
+                },
+                "spool": {"path": str(fs / "spool"), "min_free_space": 0, "min_free_inodes": 0},
+                "delivery": {"timeouts": {"greeting": "60s"}},
+                "retry": {"interval": "1s", "max_interval": "2s"},
+            }
+            w = WorkerProcess(tmp_path, settings)
+            w.spool = fs / "spool"
+            (w.spool / "incoming").mkdir(parents=True, exist_ok=True)
+            w.start()
+            try:
+                w.drop_drafts("job.bsmtp", [draft("o@example.com", [*many, "b@example.net"])])
+                wait_for(lambda: org.waiting == 1 and net.waiting == 1, what="both connected")
+                filler = fill(fs)
+                org.gate.set()  # its mark fails, and again at its dot
+                assert org.closed.wait(30), "the first destination gave up"
+                filler.unlink()
+                net.gate.set()  # room again: its mark is written and the message taken
+                rec = wait_for(lambda: w.final("job.bsmtp"), 60, what="all delivered")
+                stats = w.ask("STATS")["result"]
+            finally:
+                assert w.stop() == 0
+    finally:
+        org.stop()
+        net.stop()
+    assert net.taken == Counter({"b@example.net": 1}), net.taken
+    assert org.taken == Counter(dict.fromkeys(many, 1))
+    statuses = {r["address"]: r for r in rec["transactions"][0]["recipients"]}
+    assert all(r["status"] == "delivered" for r in statuses.values())
+    assert not statuses["b@example.net"]["possible_duplicate"]
+    assert stats["possible_duplicates"] == 0

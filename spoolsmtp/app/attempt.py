@@ -19,12 +19,13 @@ from typing import Any
 from spoolsmtp.app import mailevents
 from spoolsmtp.app.host import WorkerHost
 from spoolsmtp.control.tracer import Kind as TraceKind
+from spoolsmtp.delivery.deliverer import PartlyDelivered
 from spoolsmtp.model.envelope import Envelope, Transaction
 from spoolsmtp.model.outcome import RecipientResult
 from spoolsmtp.model.record import RcptRecord, Record, State, iso, parse_iso, reply_dict
 from spoolsmtp.model.stats import Stats
 from spoolsmtp.policy.dsn import delivery_report
-from spoolsmtp.policy.fate import Counts, Fate, Plan, Report, Reporting
+from spoolsmtp.policy.fate import Counts, Fate, Plan, Report, Reporting, Tried
 from spoolsmtp.spool import crashpoint, envfile
 from spoolsmtp.spool.journal import JournalMark
 
@@ -66,41 +67,22 @@ class Attempts:
             tx_started = time.time()
             if todo.alive:
                 journal_dot = functools.partial(JournalMark, journal, envelope_id, tx.number)
-                results = await host.deliverer.deliver(
-                    path, tx, envelope_id, now, list(todo.alive), before_dot=journal_dot, data=data
-                )
-            results += todo.not_tried
-            tried = fate.tried(tx, results, at := utcnow())
-            mailevents.tried(
-                host,
-                envelope_id,
-                tx.number,
-                record,
-                results,
-                tried.recipients,
-                started,
-                tx_started,
-                at.timestamp(),
-            )
-            for rcpt in tried.recipients:
-                rec = record.find(tx.number, rcpt.address)
-                rcpt.apply(rec)
-                if rec.final:
-                    journal.append(
-                        {
-                            "t": "rcpt",
-                            "id": envelope_id,
-                            "tx": tx.number,
-                            "rcpt": rec.address,
-                            "result": final_fields(rec),
-                        }
+                try:
+                    results = await host.deliverer.deliver(
+                        path, tx, envelope_id, now, list(todo.alive), journal_dot, data
                     )
-            count(host.stats, tried.counts)
+                except PartlyDelivered as partly:
+                    # one destination failed, the others ended: what they did is journaled
+                    # before the envelope is put back, so the retry does not send it again
+                    # (the commit may fail too: their marks then flag them, as after a crash)
+                    self._tried(envelope_id, record, fate, tx, partly.results, started, tx_started)
+                    await journal.commit()
+                    raise partly.error from None
+            results += todo.not_tried
+            tried = self._tried(envelope_id, record, fate, tx, results, started, tx_started)
             if tried.delivered:
                 last_delivery = time.time()
             await journal.commit()
-            for mark in tried.dead:
-                host._dead[mark.key] = mark.until.timestamp()
             crashpoint.reach("after_journal")
         settled = fate.settle()
         for rcpt in settled.expired:
@@ -111,6 +93,52 @@ class Attempts:
         plan = fate.conclude(hold=envelope_id in host._hold_after, rng=self.random)
         mailevents.concluded(envelope_id, plan)
         await self._finish(envelope_id, record, plan, last_delivery)
+
+    def _tried(
+        self,
+        envelope_id: str,
+        record: Record,
+        fate: Fate,
+        tx: Transaction,
+        results: list[RecipientResult],
+        started: float,
+        tx_started: float,
+    ) -> Tried:
+        """One transaction's results: into the record, the mail log and the counters, the
+        final ones appended to the journal (committed by the caller), dead destinations
+        marked."""
+        host = self.host
+        tried = fate.tried(tx, results, at := utcnow())
+        mailevents.tried(
+            host,
+            envelope_id,
+            tx.number,
+            record,
+            results,
+            tried.recipients,
+            started,
+            tx_started,
+            at.timestamp(),
+        )
+        journal = host.journal
+        assert journal is not None
+        for rcpt in tried.recipients:
+            rec = record.find(tx.number, rcpt.address)
+            rcpt.apply(rec)
+            if rec.final:
+                journal.append(
+                    {
+                        "t": "rcpt",
+                        "id": envelope_id,
+                        "tx": tx.number,
+                        "rcpt": rec.address,
+                        "result": final_fields(rec),
+                    }
+                )
+        count(host.stats, tried.counts)
+        for mark in tried.dead:
+            host._dead[mark.key] = mark.until.timestamp()
+        return tried
 
     async def reports(self, envelope_id: str, env: Envelope, record: Record, now: datetime) -> None:
         """Write the reports the record calls for now, and nothing else (a quarantine)."""

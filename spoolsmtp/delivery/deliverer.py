@@ -38,6 +38,18 @@ _PoolKey = tuple[str, int, str, TlsPolicy, TlsDemand | None, str | None]
 _NO_HOST = make(451, "4.4.0", "no host tried")
 
 
+class PartlyDelivered(Exception):
+    """A transaction for several destinations: ``error`` ended one destination's delivery
+    (the journal's disk full at its dot); ``results`` are the other destinations', each run
+    to its end. The caller journals them (what a server accepted is not sent again), then
+    raises ``error``."""
+
+    def __init__(self, error: Exception, results: list[RecipientResult]) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.results = results
+
+
 @dataclass
 class _Limit:
     semaphore: asyncio.Semaphore
@@ -218,9 +230,8 @@ class Deliverer:
             # every destination's delivery ends before this does, even when one fails (the
             # journal full at its dot): the caller then puts the envelope back and takes what
             # the journal knows of it, and a delivery left running could send a dot after that
-            # (its recipients sent again, unflagged). What the others delivered is not kept:
-            # their marks are in the journal, so the retry sends them again, flagged (README,
-            # Reliability, "The seventh session's broken promise").
+            # (its recipients sent again, unflagged). What the others did comes with the error
+            # (PartlyDelivered), for the caller to journal before it puts the envelope back.
             settled = await asyncio.gather(
                 *(
                     self.deliver_to(dest, group, path, tx, envelope_id, now, before_dot, data)
@@ -228,12 +239,15 @@ class Deliverer:
                 ),
                 return_exceptions=True,
             )
+            outcomes = [o for o in settled if not isinstance(o, BaseException)]
             errors = [o for o in settled if isinstance(o, BaseException)]
             if errors:
                 # an error of ours (the disk full) before a branch's cancellation, so that
                 # the caller puts the envelope back and sees the disk full
-                raise next((e for e in errors if isinstance(e, Exception)), errors[0])
-            outcomes = [o for o in settled if not isinstance(o, BaseException)]
+                error = next((e for e in errors if isinstance(e, Exception)), errors[0])
+                if outcomes and isinstance(error, Exception):
+                    raise PartlyDelivered(error, [r for results in outcomes for r in results])
+                raise error
         by_rcpt = {r.recipient: r for results in outcomes for r in results}
         return [by_rcpt[r] for r in rcpts]
 
