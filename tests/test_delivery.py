@@ -490,3 +490,51 @@ def test_one_destination_failing_leaves_no_other_delivery_running(tmp_path: Path
     assert [(r.recipient.address, r.status) for r in partly.results] == [
         ("b@example.net", Status.DELIVERED)
     ]
+
+
+class _SecondMarkFails:
+    """Dot marks whose second one cannot be made durable (the journal's disk filled up)."""
+
+    made = 0
+
+    def __init__(self, recipients: list[Recipient]) -> None:
+        type(self).made += 1
+        self.fails = type(self).made == 2
+
+    async def ready(self, accepted: list[Recipient]) -> None:
+        if self.fails:
+            raise OSError(errno.ENOSPC, "No space left on device", "journal/00000001.log")
+
+    def withdraw(self) -> None:
+        pass
+
+
+def test_what_a_failed_destination_had_finished_comes_out_with_its_error(tmp_path: Path) -> None:
+    """The server takes one recipient per transaction (452 for the next): the first goes out,
+    the second transaction fails at its dot. The error carries the first one's delivery, for
+    the caller to journal before it puts the envelope back (else it is sent again)."""
+    srv = SmtpServer(Script(max_rcpts=1))
+    try:
+        cfg = routed(srv)
+        path = tmp_path / "e.bsmtp"
+        env = write_envelope(path, [draft("o@example.com", ["a1@example.org", "a2@example.org"])])
+
+        async def run() -> PartlyDelivered:
+            d = Deliverer(cfg, MxResolver(cfg.dns, cfg.delivery.max_addresses, cfg.delivery.port))
+            try:
+                with pytest.raises(PartlyDelivered) as raised:
+                    await d.deliver(
+                        path, env.transactions[0], "ENV1", NOW, before_dot=_SecondMarkFails
+                    )
+                return raised.value
+            finally:
+                await d.close_all()
+
+        partly = asyncio.run(run())
+    finally:
+        srv.stop()
+    assert [m.rcpt_tos for m in srv.messages] == [["a1@example.org"]]
+    assert isinstance(partly.error, OSError) and partly.error.errno == errno.ENOSPC
+    assert [(r.recipient.address, r.status) for r in partly.results] == [
+        ("a1@example.org", Status.DELIVERED)
+    ]

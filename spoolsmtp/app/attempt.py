@@ -10,6 +10,7 @@ the marks that say its recipients were reported; the record and the move come la
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import random
 import time
@@ -72,10 +73,13 @@ class Attempts:
                         path, tx, envelope_id, now, list(todo.alive), journal_dot, data
                     )
                 except PartlyDelivered as partly:
-                    # one destination failed, the others ended: what they did is journaled
-                    # before the envelope is put back, so the retry does not send it again
-                    # (the commit may fail too: their marks then flag them, as after a crash)
-                    self._tried(envelope_id, record, fate, tx, partly.results, started, tx_started)
+                    # part of the transaction was decided before one delivery failed: that is
+                    # journaled before the envelope is put back (the retry commits it before
+                    # it reads the journal), so the retry does not send it again. A duplicate
+                    # possible after a dot is counted by the retry, from its mark, not here.
+                    self._tried(
+                        envelope_id, record, fate, tx, partly.results, started, tx_started, False
+                    )
                     await journal.commit()
                     raise partly.error from None
             results += todo.not_tried
@@ -103,6 +107,7 @@ class Attempts:
         results: list[RecipientResult],
         started: float,
         tx_started: float,
+        count_duplicates: bool = True,
     ) -> Tried:
         """One transaction's results: into the record, the mail log and the counters, the
         final ones appended to the journal (committed by the caller), dead destinations
@@ -135,7 +140,10 @@ class Attempts:
                         "result": final_fields(rec),
                     }
                 )
-        count(host.stats, tried.counts)
+        counts = tried.counts
+        if not count_duplicates:
+            counts = dataclasses.replace(counts, possible_duplicates=0)
+        count(host.stats, counts)
         for mark in tried.dead:
             host._dead[mark.key] = mark.until.timestamp()
         return tried

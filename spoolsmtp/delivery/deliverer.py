@@ -242,11 +242,18 @@ class Deliverer:
             outcomes = [o for o in settled if not isinstance(o, BaseException)]
             errors = [o for o in settled if isinstance(o, BaseException)]
             if errors:
+                # what the failed destinations had finished comes along too
+                done = [r for results in outcomes for r in results]
+                for e in errors:
+                    if isinstance(e, PartlyDelivered):
+                        done.extend(e.results)
                 # an error of ours (the disk full) before a branch's cancellation, so that
                 # the caller puts the envelope back and sees the disk full
                 error = next((e for e in errors if isinstance(e, Exception)), errors[0])
-                if outcomes and isinstance(error, Exception):
-                    raise PartlyDelivered(error, [r for results in outcomes for r in results])
+                if isinstance(error, PartlyDelivered):
+                    error = error.error
+                if done and isinstance(error, Exception):
+                    raise PartlyDelivered(error, done) from error
                 raise error
         by_rcpt = {r.recipient: r for results in outcomes for r in results}
         return [by_rcpt[r] for r in rcpts]
@@ -283,9 +290,25 @@ class Deliverer:
                         for r in pending:
                             latest[r] = result(r, how, hop.host, hop.address)
                         continue
-                    pending = await self._try_hop(
-                        hop, dest, how, tx, pending, fh, received, done, latest, before_dot, sending
-                    )
+                    try:
+                        pending = await self._try_hop(
+                            hop,
+                            dest,
+                            how,
+                            tx,
+                            pending,
+                            fh,
+                            received,
+                            done,
+                            latest,
+                            before_dot,
+                            sending,
+                        )
+                    except Exception as exc:
+                        # what an earlier hop or transaction (the 452 split) decided stands
+                        if done:
+                            raise PartlyDelivered(exc, list(done.values())) from exc
+                        raise
                     if not pending:
                         break
             for r in pending:
