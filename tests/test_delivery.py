@@ -436,12 +436,11 @@ def test_tls_sessions_are_closed_completely(tmp_path: Path, ca: trustme.CA) -> N
     assert leaks == []
 
 
-class _JournalFull:
-    """A dot mark that cannot be made durable (the journal's disk full) for the recipients at
-    example.org; the others' is."""
+class _FailingMark:
+    """A dot mark that cannot be made durable (the journal's disk full) when ``fails``."""
 
-    def __init__(self, recipients: list[Recipient]) -> None:
-        self.fails = any(r.domain == "example.org" for r in recipients)
+    def __init__(self, fails: bool) -> None:
+        self.fails = fails
 
     async def ready(self, accepted: list[Recipient]) -> None:
         if self.fails:
@@ -449,6 +448,10 @@ class _JournalFull:
 
     def withdraw(self) -> None:
         pass
+
+
+def _journal_full_for_example_org(recipients: list[Recipient]) -> _FailingMark:
+    return _FailingMark(any(r.domain == "example.org" for r in recipients))
 
 
 def test_one_destination_failing_leaves_no_other_delivery_running(tmp_path: Path) -> None:
@@ -473,7 +476,13 @@ def test_one_destination_failing_leaves_no_other_delivery_running(tmp_path: Path
             d = Deliverer(cfg, MxResolver(cfg.dns, cfg.delivery.max_addresses, cfg.delivery.port))
             try:
                 with pytest.raises(PartlyDelivered) as raised:
-                    await d.deliver(path, env.transactions[0], "ENV1", NOW, before_dot=_JournalFull)
+                    await d.deliver(
+                        path,
+                        env.transactions[0],
+                        "ENV1",
+                        NOW,
+                        before_dot=_journal_full_for_example_org,
+                    )
                 # as deliver() raised: what the slow server had, and what still runs
                 running = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
                 return [m.rcpt_tos for m in slow.messages], running, raised.value
@@ -492,23 +501,6 @@ def test_one_destination_failing_leaves_no_other_delivery_running(tmp_path: Path
     ]
 
 
-class _SecondMarkFails:
-    """Dot marks whose second one cannot be made durable (the journal's disk filled up)."""
-
-    made = 0
-
-    def __init__(self, recipients: list[Recipient]) -> None:
-        type(self).made += 1
-        self.fails = type(self).made == 2
-
-    async def ready(self, accepted: list[Recipient]) -> None:
-        if self.fails:
-            raise OSError(errno.ENOSPC, "No space left on device", "journal/00000001.log")
-
-    def withdraw(self) -> None:
-        pass
-
-
 def test_what_a_failed_destination_had_finished_comes_out_with_its_error(tmp_path: Path) -> None:
     """The server takes one recipient per transaction (452 for the next): the first goes out,
     the second transaction fails at its dot. The error carries the first one's delivery, for
@@ -522,10 +514,14 @@ def test_what_a_failed_destination_had_finished_comes_out_with_its_error(tmp_pat
         async def run() -> PartlyDelivered:
             d = Deliverer(cfg, MxResolver(cfg.dns, cfg.delivery.max_addresses, cfg.delivery.port))
             try:
+                made: list[list[Recipient]] = []
+
+                def second_fails(recipients: list[Recipient]) -> _FailingMark:
+                    made.append(recipients)
+                    return _FailingMark(len(made) == 2)
+
                 with pytest.raises(PartlyDelivered) as raised:
-                    await d.deliver(
-                        path, env.transactions[0], "ENV1", NOW, before_dot=_SecondMarkFails
-                    )
+                    await d.deliver(path, env.transactions[0], "ENV1", NOW, before_dot=second_fails)
                 return raised.value
             finally:
                 await d.close_all()
