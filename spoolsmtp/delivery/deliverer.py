@@ -39,10 +39,10 @@ _NO_HOST = make(451, "4.4.0", "no host tried")
 
 
 class PartlyDelivered(Exception):
-    """A transaction for several destinations: ``error`` ended one destination's delivery
-    (the journal's disk full at its dot); ``results`` are the other destinations', each run
-    to its end. The caller journals them (what a server accepted is not sent again), then
-    raises ``error``."""
+    """``error`` ended a delivery (the journal's disk full at a dot) after part of the
+    transaction was decided: ``results`` are that part (the other destinations', each run to
+    its end; the failed destination's earlier transactions, a 452 split, or hosts). The
+    caller journals them (what a server accepted is not sent again), then raises ``error``."""
 
     def __init__(self, error: Exception, results: list[RecipientResult]) -> None:
         super().__init__(str(error))
