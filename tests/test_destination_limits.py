@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from spoolsmtp.delivery.deliverer import Deliverer, DestinationLimits
+from spoolsmtp.delivery.deliverer import Deliverer
+from spoolsmtp.delivery.limits import DestinationLimits
 from spoolsmtp.delivery.mx import MxResolver
 from spoolsmtp.model.outcome import Status
 from spoolsmtp.spool import envfile

@@ -18,7 +18,8 @@ import pytest
 
 from spoolsmtp.model.envelope import Recipient
 from spoolsmtp.spool.iobatch import IoBatch
-from spoolsmtp.spool.journal import Journal, JournalMark, replay
+from spoolsmtp.spool.journal import Journal, replay
+from spoolsmtp.spool.journalmark import JournalMark
 from tests.helpers import draft
 from tests.hostile import fill, needs_root, small_tmpfs
 from tests.smtpservers import RawServer, Script, SmtpServer, read_line, standard_dialogue

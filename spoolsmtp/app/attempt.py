@@ -28,7 +28,7 @@ from spoolsmtp.model.stats import Stats
 from spoolsmtp.policy.dsn import delivery_report
 from spoolsmtp.policy.fate import Counts, Fate, Plan, Report, Reporting, Tried
 from spoolsmtp.spool import crashpoint, envfile
-from spoolsmtp.spool.journal import JournalMark
+from spoolsmtp.spool.journalmark import JournalMark
 
 
 def utcnow() -> datetime:

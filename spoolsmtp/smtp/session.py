@@ -16,7 +16,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
 from spoolsmtp.model.config import DeliveryConfig, TlsPolicy
 from spoolsmtp.model.envelope import Recipient
@@ -28,6 +28,8 @@ from spoolsmtp.model.stats import SessionStats
 from spoolsmtp.model.tlsdemand import TlsDemand
 from spoolsmtp.smtp import auth, bodysend, outgoing, starttls
 from spoolsmtp.smtp.bodysend import Verbatim
+from spoolsmtp.smtp.broken import SessionBroken, StaleSession
+from spoolsmtp.smtp.dotmark import DotHook, DotMark
 from spoolsmtp.smtp.protocol import (
     NEED_DATA,
     ClientProtocol,
@@ -45,34 +47,7 @@ from spoolsmtp.smtp.transport import Wire
 Trace = Callable[[str], None]
 
 
-class DotMark(Protocol):
-    """The caller's record that a final dot may be sent (the journal's ``dot``), begun when the
-    transaction starts so that it is durable by the time the dot is due: its commit runs
-    while MAIL, RCPT and DATA are in flight instead of after them."""
-
-    async def ready(self, accepted: list[Recipient]) -> None:
-        """Return once the mark is durable, or raise why it is not (then it is taken back).
-        Recipients it names that were not ``accepted`` are taken back: no dot goes to them."""
-
-    def withdraw(self) -> None:
-        """The transaction ended without its dot (or the connection failed between
-        ``ready`` and the dot): what is still marked is taken back. Idempotent."""
-
-
-DotHook = Callable[[list[Recipient]], DotMark]
 CrashPoint = Callable[[str], None]
-
-
-class SessionBroken(Exception):
-    """The session cannot go on; ``reply`` says why (a 421, a synthetic 451 for loss/timeout)."""
-
-    def __init__(self, reply: Reply) -> None:
-        self.reply = reply
-        super().__init__(str(reply))
-
-
-class StaleSession(Exception):
-    """A reused connection was found closed before it answered anything: open a new one."""
 
 
 def _nowhere(phase: str) -> None:

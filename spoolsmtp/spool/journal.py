@@ -54,7 +54,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spoolsmtp.model.envelope import Recipient
 from spoolsmtp.spool import crashpoint
 from spoolsmtp.spool.durable import fsync_dir, sync_filesystems
 from spoolsmtp.spool.iobatch import IoBatch
@@ -442,66 +441,6 @@ class Journal:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
-
-
-class JournalMark:
-    """The ``dot`` record of one transaction, begun as it starts (``smtp.session.DotMark``):
-    appended and its commit queued at once, so the fdatasync runs while MAIL, RCPT and DATA
-    are in flight; the final dot waits in ``ready``. What is taken back (recipients refused
-    at RCPT, then everything still marked if no dot is sent) goes in ``undot`` lines naming
-    this mark's own ``m``, committed with whatever commits next: a line the journal happens
-    to hold twice takes back nothing more, and no other mark of the recipient."""
-
-    def __init__(
-        self, journal: Journal, envelope_id: str, tx: int, recipients: Iterable[Recipient]
-    ) -> None:
-        self._journal = journal
-        self._id = envelope_id
-        self._tx = tx
-        self._mark = os.urandom(6).hex()  # one envelope has a handful of marks, never 2**24
-        self._marked = list(dict.fromkeys(r.address for r in recipients))
-        journal.append(
-            {"t": "dot", "id": envelope_id, "tx": tx, "rcpts": self._marked, "m": self._mark}
-        )
-        self._commit = journal.commit_soon()
-
-    async def ready(self, accepted: list[Recipient]) -> None:
-        """Return once the mark is on disk. Its commit may have failed (a full disk) while
-        MAIL, RCPT and DATA were answered; the line is then still pending, and one more
-        commit, now, decides (as when the mark was written at the dot)."""
-        try:
-            try:
-                await self._commit
-            except Exception:
-                await self._journal.commit()
-        except BaseException:
-            self.withdraw()
-            raise
-        taken = {r.address for r in accepted}
-        back = [a for a in self._marked if a not in taken]
-        self._marked = [a for a in self._marked if a in taken]
-        self._undot(back)
-
-    def withdraw(self) -> None:
-        back, self._marked = self._marked, []
-        self._undot(back)
-        # nobody awaits the commit now: its error (a full disk) is taken here, not left for
-        # asyncio to report as never retrieved (the lines stay pending for the next commit)
-        if self._commit.done():
-            _taken(self._commit)
-        else:
-            self._commit.add_done_callback(_taken)
-
-    def _undot(self, addresses: list[str]) -> None:
-        if addresses:
-            self._journal.append(
-                {"t": "undot", "id": self._id, "tx": self._tx, "rcpts": addresses, "m": self._mark}
-            )
-
-
-def _taken(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 # one encoder for every line (json.dumps with options would build one per call)

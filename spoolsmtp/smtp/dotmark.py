@@ -1,0 +1,28 @@
+"""What a session asks of its caller around a final dot (RFC 5321 section 6.1: from the dot on,
+a loss may leave a duplicate): a mark, begun as the transaction starts, that the dot waits for
+and that is taken back when no dot is sent. The journal's ``JournalMark`` is the one in use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from spoolsmtp.model.envelope import Recipient
+
+
+class DotMark(Protocol):
+    """The caller's record that a final dot may be sent (the journal's ``dot``), begun when the
+    transaction starts so that it is durable by the time the dot is due: its commit runs
+    while MAIL, RCPT and DATA are in flight instead of after them."""
+
+    async def ready(self, accepted: list[Recipient]) -> None:
+        """Return once the mark is durable, or raise why it is not (then it is taken back).
+        Recipients it names that were not ``accepted`` are taken back: no dot goes to them."""
+
+    def withdraw(self) -> None:
+        """The transaction ended without its dot (or the connection failed between
+        ``ready`` and the dot): what is still marked is taken back. Idempotent."""
+
+
+DotHook = Callable[[list[Recipient]], DotMark]
