@@ -77,8 +77,9 @@ class Attempts:
                     # journaled before the envelope is put back (the retry commits it before
                     # it reads the journal), so the retry does not send it again. A duplicate
                     # possible after a dot is counted by the retry, from its mark, not here.
+                    done = partly.results
                     self._tried(
-                        envelope_id, record, fate, tx, partly.results, started, tx_started, False
+                        envelope_id, record, fate, tx, done, started, tx_started, duplicates=False
                     )
                     await journal.commit()
                     raise partly.error from None
@@ -107,7 +108,8 @@ class Attempts:
         results: list[RecipientResult],
         started: float,
         tx_started: float,
-        count_duplicates: bool = True,
+        *,
+        duplicates: bool = True,
     ) -> Tried:
         """One transaction's results: into the record, the mail log and the counters, the
         final ones appended to the journal (committed by the caller), dead destinations
@@ -141,7 +143,7 @@ class Attempts:
                     }
                 )
         counts = tried.counts
-        if not count_duplicates:
+        if not duplicates:  # counted by the retry, from their marks
             counts = dataclasses.replace(counts, possible_duplicates=0)
         count(host.stats, counts)
         for mark in tried.dead:

@@ -7,7 +7,7 @@ commit). Records:
 * ``{"t": "rcpt", "id", "tx", "rcpt", "result": {...}}``: a recipient's final result.
 * ``{"t": "dot", "id", "tx", "rcpts": [...], "m"}``: the final dot may be sent from here on; a
   restart that finds it without the recipients' results counts them as possible duplicates.
-  Its commit is begun with MAIL, RCPT and DATA, and the dot waits for it (README, Design).
+  Its commit is begun with MAIL, RCPT and DATA, and the dot waits for it (journalmark.py).
   Each mark has its own random ``m``.
 * ``{"t": "undot", "id", "tx", "rcpts": [...], "m"}`` takes back mark ``m`` of these
   recipients: the transaction ended without the dot for them (refused, or lost before it).

@@ -13,7 +13,7 @@ from spoolsmtp.spool.journal import Journal
 
 
 class JournalMark:
-    """The ``dot`` record of one transaction, begun as it starts (``smtp.session.DotMark``):
+    """The ``dot`` record of one transaction, begun as it starts (``smtp.dotmark.DotMark``):
     appended and its commit queued at once, so the fdatasync runs while MAIL, RCPT and DATA
     are in flight; the final dot waits in ``ready``. What is taken back (recipients refused
     at RCPT, then everything still marked if no dot is sent) goes in ``undot`` lines naming
@@ -26,7 +26,7 @@ class JournalMark:
         self._journal = journal
         self._id = envelope_id
         self._tx = tx
-        self._mark = os.urandom(6).hex()  # one envelope has a handful of marks, never 2**24
+        self._mark = os.urandom(6).hex()  # 48 random bits; an envelope has a handful of marks
         self._marked = list(dict.fromkeys(r.address for r in recipients))
         journal.append(
             {"t": "dot", "id": envelope_id, "tx": tx, "rcpts": self._marked, "m": self._mark}
