@@ -243,9 +243,10 @@ async def standard_dialogue(
     writer: asyncio.StreamWriter,
     received: list[bytes],
     rcpt: Callable[[bytes], Awaitable[bytes]] | None = None,
+    mail: Callable[[bytes], Awaitable[bytes]] | None = None,
 ) -> None:
-    """A minimal well-behaved server (no extensions) for raw scripts to build on; ``rcpt``,
-    when given, answers each RCPT line (a reply line, CRLF included)."""
+    """A minimal well-behaved server (no extensions) for raw scripts to build on; ``rcpt``
+    and ``mail``, when given, answer each RCPT or MAIL line (a reply line, CRLF included)."""
     writer.write(b"220 raw.test ready\r\n")
     while True:
         line = await read_line(reader)
@@ -253,6 +254,8 @@ async def standard_dialogue(
         verb = line[:4].upper()
         if verb == b"RCPT" and rcpt is not None:
             writer.write(await rcpt(line))
+        elif verb == b"MAIL" and mail is not None:
+            writer.write(await mail(line))
         elif verb == b"DATA":
             writer.write(b"354 go ahead\r\n")
             body = await reader.readuntil(b"\r\n.\r\n")

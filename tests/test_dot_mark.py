@@ -30,7 +30,12 @@ LATER = "later@example.org"
 
 
 def _marked(spool: Path) -> bool:
-    return any(b'"t":"dot"' in p.read_bytes() for p in (spool / "journal").glob("*.log"))
+    return _marks(spool) > 0
+
+
+def _marks(spool: Path) -> int:
+    """The ``dot`` lines in the journal's files."""
+    return sum(p.read_bytes().count(b'"t":"dot"') for p in (spool / "journal").glob("*.log"))
 
 
 def test_the_mark_is_on_disk_while_the_server_still_answers_the_envelope(tmp_path: Path) -> None:
@@ -174,10 +179,15 @@ async def _silent_after_the_dot(
         await writer.drain()
 
 
+async def _refuse_hold(line: bytes) -> bytes:
+    """MAIL from ``hold@`` is refused for now; any other is taken."""
+    return b"451 4.3.0 not now\r\n" if b"<hold@" in line else b"250 ok\r\n"
+
+
 class _HeldServer:
     """A plain server (no extensions) whose first connection waits for ``gate`` before its
-    greeting (and, ``silent``, never answers its dot); it counts the connections waiting and
-    the recipients of each message taken."""
+    greeting (and, ``silent``, never answers its dot); MAIL from ``hold@`` is refused (451).
+    It counts the connections waiting and the recipients of each message taken."""
 
     def __init__(self, *, silent: bool = False) -> None:
         self.gate = threading.Event()
@@ -196,7 +206,7 @@ class _HeldServer:
                 if first and silent:
                     await _silent_after_the_dot(reader, writer, seen)
                 else:
-                    await standard_dialogue(reader, writer, seen)
+                    await standard_dialogue(reader, writer, seen, mail=_refuse_hold)
             finally:
                 rcpts = [line for line in seen if line[:4].upper() == b"RCPT"]
                 if any(part.endswith(b"\r\n.\r\n") for part in seen):
@@ -218,12 +228,16 @@ class _HeldServer:
 def test_what_one_destination_took_is_not_sent_again_when_another_failed(
     tmp_path: Path, answered: bool
 ) -> None:
-    """One transaction for two destinations. The first begins while the journal's disk is
-    full, so its dot mark cannot be written and it gives up at the dot; the second begins
-    once there is room and its server takes the message. The envelope is put back and tried
-    again: only the first destination's recipients are sent again (before, both were: the
-    second's a second time, flagged). If the second server never answered its dot, its
-    recipient is sent again, flagged, and counted once (it was counted twice)."""
+    """One transaction for two destinations. The first's mark is begun while the journal's
+    disk is full, so it cannot be written and the delivery gives up at the dot; the second's
+    server takes the message once there is room. The envelope is put back and tried again:
+    only the first destination's recipients are sent again (before, both were: the second's a
+    second time, flagged). If the second server never answered its dot, its recipient is sent
+    again, flagged, and counted once (it was counted twice).
+
+    A mark is begun on deck, next in line for a place (``DestinationLimits.deck``), so for the
+    first destination's to be begun on a full disk two deliveries hold its one place and its
+    deck; their senders are refused at MAIL (no dot, no result journaled before they let go)."""
     many = [f"r{i:02d}-{'x' * 56}@example.org" for i in range(64)]  # a dot mark over 4 KB
     org, net = _HeldServer(), _HeldServer(silent=not answered)
     try:
@@ -234,7 +248,7 @@ def test_what_one_destination_took_is_not_sent_again_when_another_failed(
                     "example.net": f"127.0.0.1:{net.port}",
                 },
                 "spool": {"path": str(fs / "spool"), "min_free_space": 0, "min_free_inodes": 0},
-                "delivery": {"timeouts": {"greeting": "60s"}},
+                "delivery": {"timeouts": {"greeting": "60s"}, "max_per_destination": 1},
                 "retry": {"interval": "1s", "max_interval": "2s"},
             }
             w = WorkerProcess(tmp_path, settings)
@@ -242,10 +256,16 @@ def test_what_one_destination_took_is_not_sent_again_when_another_failed(
             (w.spool / "incoming").mkdir(parents=True, exist_ok=True)
             w.start()
             try:
+                # the one holding org's place, then the one on its deck, each marked
+                w.drop_drafts("hold0.bsmtp", [draft("hold@example.com", ["h0@example.org"])])
+                wait_for(lambda: _marks(w.spool) == 1, what="the first holder marked")
+                w.drop_drafts("hold1.bsmtp", [draft("hold@example.com", ["h1@example.org"])])
+                wait_for(lambda: _marks(w.spool) == 2, what="the second holder marked")
+                assert org.waiting == 1
                 w.drop_drafts("job.bsmtp", [draft("o@example.com", [*many, "b@example.net"])])
-                wait_for(lambda: org.waiting == 1 and net.waiting == 1, what="both connected")
+                wait_for(lambda: net.waiting == 1, what="the second destination connected")
                 filler = fill(fs)
-                org.gate.set()  # its mark fails, and again at its dot
+                org.gate.set()  # the holders let go; the first's mark fails, and at its dot
                 assert org.closed.wait(30), "the first destination gave up"
                 filler.unlink()
                 net.gate.set()  # room again: its mark is written and the message taken

@@ -31,7 +31,7 @@ from spoolsmtp.model.stats import SessionStats
 from spoolsmtp.model.tlsdemand import TlsDemand
 from spoolsmtp.smtp import outgoing
 from spoolsmtp.smtp.broken import StaleSession
-from spoolsmtp.smtp.dotmark import DotHook
+from spoolsmtp.smtp.dotmark import DotHook, MarkAhead
 from spoolsmtp.smtp.session import Session
 from spoolsmtp.spool import crashpoint, envfile
 
@@ -121,6 +121,7 @@ class Deliverer:
         self.stats = SessionStats()
         self.router = route.Router(cfg)
         self._overall = asyncio.Semaphore(cfg.delivery.max_connections)
+        self._overall_deck = asyncio.Semaphore(2 * cfg.delivery.max_connections)
         self._per_destination = DestinationLimits(cfg.delivery.max_per_destination)
         self._idle: dict[_PoolKey, list[Session]] = {}
 
@@ -211,50 +212,79 @@ class Deliverer:
         data: bytes | None = None,
     ) -> list[RecipientResult]:
         """One attempt for recipients that share a destination; each result says how long
-        it took to set up and to transmit (``_timed``)."""
+        it took to set up and to transmit (``_timed``).
+
+        The transaction's mark (``before_dot``) is begun on deck: once the delivery is among
+        the next in line for the destination's places (``DestinationLimits.deck``, and the
+        overall limit's deck), before it has one, so the mark's commit runs while the
+        connection it will get still carries the transaction before. At most as many
+        deliveries wait marked on deck as hold a place."""
         started = time.monotonic()
+        async with self._per_destination.deck(dest.key), self._overall_deck:
+            ahead = MarkAhead(before_dot, rcpts) if before_dot is not None else None
+            try:
+                async with self._per_destination.hold(dest.key), self._overall:
+                    return await self._deliver_held(
+                        dest, rcpts, path, tx, envelope_id, now, ahead, data, started
+                    )
+            finally:
+                if ahead is not None:
+                    ahead.unused()
+
+    async def _deliver_held(
+        self,
+        dest: route.Destination,
+        rcpts: list[Recipient],
+        path: Path,
+        tx: Transaction,
+        envelope_id: str,
+        now: datetime,
+        before_dot: DotHook | None,
+        data: bytes | None,
+        started: float,
+    ) -> list[RecipientResult]:
+        """``deliver_to`` once the destination's place is had: each hop in order."""
         sending = [0.0]  # seconds inside session.send, added up by _try_hop
-        async with self._per_destination.hold(dest.key), self._overall:
-            resolution = await self.resolver.hops(dest)
-            if resolution.failure is not None:
-                return _timed([decided_here(r, resolution.failure) for r in rcpts], started, 0.0)
-            hops = resolution.hops
-            policy = await self.tls.policy(dest)
-            received = received_header(tx, envelope_id, self.cfg.helo_name, now, rcpts)
-            done: dict[Recipient, RecipientResult] = {}
-            latest: dict[Recipient, RecipientResult] = {}
-            pending = list(rcpts)
-            with envfile.open_text(path, data) as fh:
-                for hop in hops:
-                    how = await self.tls.hop(dest, resolution.secure, policy, hop)
-                    if isinstance(how, Reply):
-                        for r in pending:
-                            latest[r] = result(r, how, hop.host, hop.address)
-                        continue
-                    try:
-                        pending = await self._try_hop(
-                            hop,
-                            dest,
-                            how,
-                            tx,
-                            pending,
-                            fh,
-                            received,
-                            done,
-                            latest,
-                            before_dot,
-                            sending,
-                        )
-                    except Exception as exc:
-                        # what an earlier hop or transaction (the 452 split) decided stands
-                        if done:
-                            raise PartlyDelivered(exc, list(done.values())) from exc
-                        raise
-                    if not pending:
-                        break
-            for r in pending:
-                done[r] = latest.get(r) or result(r, _NO_HOST)
-            return _timed([done[r] for r in rcpts], started, sending[0])
+        resolution = await self.resolver.hops(dest)
+        if resolution.failure is not None:
+            return _timed([decided_here(r, resolution.failure) for r in rcpts], started, 0.0)
+        hops = resolution.hops
+        policy = await self.tls.policy(dest)
+        received = received_header(tx, envelope_id, self.cfg.helo_name, now, rcpts)
+        done: dict[Recipient, RecipientResult] = {}
+        latest: dict[Recipient, RecipientResult] = {}
+        pending = list(rcpts)
+        with envfile.open_text(path, data) as fh:
+            for hop in hops:
+                how = await self.tls.hop(dest, resolution.secure, policy, hop)
+                if isinstance(how, Reply):
+                    for r in pending:
+                        latest[r] = result(r, how, hop.host, hop.address)
+                    continue
+                try:
+                    pending = await self._try_hop(
+                        hop,
+                        dest,
+                        how,
+                        tx,
+                        pending,
+                        fh,
+                        received,
+                        done,
+                        latest,
+                        before_dot,
+                        sending,
+                    )
+                except Exception as exc:
+                    # what an earlier hop or transaction (the 452 split) decided stands
+                    if done:
+                        raise PartlyDelivered(exc, list(done.values())) from exc
+                    raise
+                if not pending:
+                    break
+        for r in pending:
+            done[r] = latest.get(r) or result(r, _NO_HOST)
+        return _timed([done[r] for r in rcpts], started, sending[0])
 
     async def _try_hop(
         self,

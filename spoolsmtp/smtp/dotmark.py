@@ -26,3 +26,30 @@ class DotMark(Protocol):
 
 
 DotHook = Callable[[list[Recipient]], DotMark]
+
+
+class MarkAhead:
+    """A ``DotHook`` whose first mark is begun before the connection is had: while the
+    delivery waits on deck for one of its destination's places, so that the mark's commit
+    runs while the transaction before it on that connection is still under way. The first
+    transaction sent takes it; a later one (a 452 split, another host) begins its own. A
+    mark nobody took is withdrawn by ``unused``."""
+
+    def __init__(self, hook: DotHook, recipients: list[Recipient]) -> None:
+        self._hook = hook
+        self._marked = set(recipients)
+        self._mark: DotMark | None = hook(recipients)
+
+    def __call__(self, recipients: list[Recipient]) -> DotMark:
+        mark, self._mark = self._mark, None
+        if mark is not None:
+            if self._marked.issuperset(recipients):
+                return mark  # its ``ready`` takes back the marked ones not accepted
+            mark.withdraw()
+        return self._hook(recipients)
+
+    def unused(self) -> None:
+        """The delivery is over: a mark begun ahead and never taken is taken back."""
+        mark, self._mark = self._mark, None
+        if mark is not None:
+            mark.withdraw()

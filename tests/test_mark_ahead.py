@@ -1,0 +1,176 @@
+"""The mark before a final dot (RFC 5321 section 6.1) is begun on deck: while a delivery waits,
+next in line, for one of its destination's places, so its commit runs while the connection it
+will get still carries the transaction before it. At most as many deliveries wait marked on
+deck as hold a place, so a crash flags at most that many more recipients that no dot went to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+from tests.helpers import draft
+from tests.smtpservers import RawServer, read_line
+from tests.workerproc import WorkerProcess, wait_for
+
+ADDRESSES = ["a1@example.org", "a2@example.org", "a3@example.org"]
+
+
+def _marked(spool: Path) -> set[str]:
+    """The recipients a ``dot`` line in the journal's files names."""
+    names: set[str] = set()
+    for segment in (spool / "journal").glob("*.log"):
+        for line in segment.read_bytes().splitlines():
+            if b'"t":"dot"' in line:
+                names.update(json.loads(line)["rcpts"])
+    return names
+
+
+def _poll(check: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+async def _dialogue(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    at_end_of_data: Callable[[str], bool],
+    texts: list[str] | None = None,
+) -> None:
+    """A plain server (no extensions); at the end of each message's text (its recipient
+    appended to ``texts``) it calls ``at_end_of_data(recipient)`` in a thread, and closes the
+    connection if that says so."""
+    writer.write(b"220 raw.test ready\r\n")
+    rcpt = ""
+    while True:
+        line = await read_line(reader)
+        verb = line[:4].upper()
+        if verb == b"RCPT":
+            rcpt = line.decode().partition("<")[2].partition(">")[0]
+            writer.write(b"250 ok\r\n")
+        elif verb == b"DATA":
+            writer.write(b"354 go ahead\r\n")
+            await writer.drain()
+            await reader.readuntil(b"\r\n.\r\n")
+            if texts is not None:
+                texts.append(rcpt)
+            loop = asyncio.get_running_loop()
+            if await loop.run_in_executor(None, at_end_of_data, rcpt):
+                return
+            writer.write(b"250 2.0.0 ok\r\n")
+        elif verb == b"QUIT":
+            writer.write(b"221 bye\r\n")
+            await writer.drain()
+            return
+        else:
+            writer.write(b"250 ok\r\n")
+        await writer.drain()
+
+
+def _settings(port: int) -> dict[str, object]:
+    return {
+        "smarthost": f"127.0.0.1:{port}",
+        "retry": {"interval": "1s"},
+        "delivery": {"max_per_destination": 1, "timeouts": {"data_end": "30s"}},
+    }
+
+
+def test_the_next_delivery_is_marked_while_the_one_before_awaits_its_dot_reply(
+    tmp_path: Path,
+) -> None:
+    """One place at the destination, two envelopes: the server answers the first message's
+    dot only once the journal holds the mark of the second, which is still waiting for the
+    place. (Before, that mark was begun once the place was had: the server waited in vain.)"""
+    spool = tmp_path / "spool"
+    first: list[str] = []
+    seen: list[bool] = []
+
+    def hold_first(rcpt: str) -> bool:
+        if not first:
+            first.append(rcpt)
+            others = set(ADDRESSES[:2]) - {rcpt}
+            seen.append(_poll(lambda: bool(_marked(spool) & others), 5.0))
+        return False
+
+    srv = RawServer(lambda r, wr: _dialogue(r, wr, hold_first))
+    w = WorkerProcess(tmp_path, _settings(srv.port))
+    w.start()
+    try:
+        for i, address in enumerate(ADDRESSES[:2]):
+            w.drop_drafts(f"job{i}.bsmtp", [draft("o@example.com", [address])])
+        for i in range(2):
+            rec = wait_for(partial(w.in_state, f"job{i}.bsmtp", "done"), what="delivered")
+            assert rec["transactions"][0]["recipients"][0]["status"] == "delivered"
+    finally:
+        assert w.stop() == 0
+        srv.stop()
+    assert seen == [True], first
+
+
+def test_a_crash_flags_no_delivery_beyond_those_on_deck(tmp_path: Path) -> None:
+    """One place, three envelopes; killed while the first message's dot awaits its reply and
+    the second waits marked on deck. The restart flags those two as possible duplicates (the
+    first had its dot sent; the second is the price of marking ahead) and not the third, which
+    waited for a place on deck, unmarked. Each is delivered once more at most."""
+    checked: list[tuple[str, set[str]]] = []
+    texts: list[str] = []
+    workers: list[WorkerProcess] = []
+
+    def crash_at_first(rcpt: str) -> bool:
+        if checked:
+            return False  # the restarted worker's connections: a plain server
+        (w,) = workers
+
+        def all_taken() -> bool:
+            return all(w.in_state(f"job{i}.bsmtp", "active") is not None for i in range(3))
+
+        others = set(ADDRESSES) - {rcpt}
+        on_deck = _poll(lambda: bool(_marked(w.spool) & others), 10.0)
+        taken = _poll(all_taken, 10.0)
+        checked.append((rcpt, _marked(w.spool) if on_deck and taken else set()))
+        assert w.proc is not None
+        os.kill(w.proc.pid, signal.SIGKILL)
+        return True
+
+    srv = RawServer(lambda r, wr: _dialogue(r, wr, crash_at_first, texts))
+    w = WorkerProcess(tmp_path, _settings(srv.port))
+    workers.append(w)
+    again: WorkerProcess | None = None
+    try:
+        w.start()
+        for i, address in enumerate(ADDRESSES):
+            w.drop_drafts(f"job{i}.bsmtp", [draft("o@example.com", [address])])
+        assert w.wait_exit() == -signal.SIGKILL
+        again = WorkerProcess(tmp_path, _settings(srv.port)).start()
+        recs = [
+            wait_for(partial(again.in_state, f"job{i}.bsmtp", "done"), what="delivered")
+            for i in range(3)
+        ]
+        stats = again.ask("STATS")["result"]
+    finally:
+        if again is not None:
+            assert again.stop() == 0
+        srv.stop()
+    ((held, marked),) = checked
+    assert len(marked) == 2 and held in marked, marked  # the held one and one on deck
+    flagged = {
+        r["address"]
+        for rec in recs
+        for r in rec["transactions"][0]["recipients"]
+        if r.get("possible_duplicate")
+    }
+    assert flagged == marked
+    assert stats["possible_duplicates"] == 2
+    # the held one's text arrived twice (the section 6.1 duplicate, flagged); others once
+    assert Counter(texts) == {a: 2 if a == held else 1 for a in ADDRESSES}
