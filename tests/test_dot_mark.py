@@ -1,6 +1,7 @@
 """The journal's mark before a final dot (RFC 5321 section 6.1: from the dot on, a loss may
-leave a duplicate) is begun as the transaction starts, so its fdatasync runs while MAIL, RCPT
-and DATA are in flight instead of after the 354; the dot still waits until it is on disk. A
+leave a duplicate) is begun before the transaction (on deck: tests/test_mark_ahead.py), so its
+fdatasync runs while MAIL, RCPT and DATA are in flight instead of after the 354; the dot still
+waits until it is on disk. A
 transaction that ends without its dot takes the mark back (``undot``), so a crash after it does
 not count a duplicate that cannot be one.
 """

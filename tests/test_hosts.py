@@ -31,8 +31,9 @@ from tests.workerproc import WorkerProcess, ctl, wait_for
 GOOD = ["a@example.org", "b@example.net"]
 BAD = "gone@example.org"
 WINDOW = {"after_dot", "after_250"}
-# the dot mark is on disk from MAIL on (begun with the transaction, so that its commit runs
-# while the server answers): a crash here may count a possible duplicate that cannot be one
+# the dot mark is on disk from MAIL on (begun on deck or with the transaction, so that its
+# commit runs while the delivery waits and the server answers): a crash here may count a
+# possible duplicate that cannot be one
 MARKED = {"after_rcpt", "mid_data"}
 
 

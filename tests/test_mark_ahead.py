@@ -10,11 +10,14 @@ import asyncio
 import json
 import os
 import signal
+import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from tests.helpers import draft
 from tests.smtpservers import RawServer, read_line
@@ -31,6 +34,33 @@ def _marked(spool: Path) -> set[str]:
             if b'"t":"dot"' in line:
                 names.update(json.loads(line)["rcpts"])
     return names
+
+
+def _dot_lines(spool: Path, address: str) -> int:
+    """How many ``dot`` lines in the journal's files name ``address``."""
+    count = 0
+    for segment in (spool / "journal").glob("*.log"):
+        for line in segment.read_bytes().splitlines():
+            if b'"t":"dot"' in line and address in json.loads(line)["rcpts"]:
+                count += 1
+    return count
+
+
+def _undone(spool: Path, address: str) -> bool:
+    """Whether an ``undot`` line in the journal's files names ``address``."""
+    return any(
+        b'"t":"undot"' in line and address in json.loads(line)["rcpts"]
+        for segment in (spool / "journal").glob("*.log")
+        for line in segment.read_bytes().splitlines()
+    )
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (connections to it are refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
 
 
 def _poll(check: Callable[[], bool], seconds: float) -> bool:
@@ -101,6 +131,8 @@ def test_the_next_delivery_is_marked_while_the_one_before_awaits_its_dot_reply(
             first.append(rcpt)
             others = set(ADDRESSES[:2]) - {rcpt}
             seen.append(_poll(lambda: bool(_marked(spool) & others), 5.0))
+            # the dot now due waits on the mark begun on deck, not on one begun anew
+            seen.append(_dot_lines(spool, rcpt) == 1)
         return False
 
     srv = RawServer(lambda r, wr: _dialogue(r, wr, hold_first))
@@ -115,7 +147,7 @@ def test_the_next_delivery_is_marked_while_the_one_before_awaits_its_dot_reply(
     finally:
         assert w.stop() == 0
         srv.stop()
-    assert seen == [True], first
+    assert seen == [True, True], first
 
 
 def test_a_crash_flags_no_delivery_beyond_those_on_deck(tmp_path: Path) -> None:
@@ -174,3 +206,80 @@ def test_a_crash_flags_no_delivery_beyond_those_on_deck(tmp_path: Path) -> None:
     assert stats["possible_duplicates"] == 2
     # the held one's text arrived twice (the section 6.1 duplicate, flagged); others once
     assert Counter(texts) == {a: 2 if a == held else 1 for a in ADDRESSES}
+
+
+def test_a_mark_begun_on_deck_for_a_host_never_reached_is_taken_back(tmp_path: Path) -> None:
+    """The destination refuses the connection: no transaction took the mark begun on deck, so
+    it is taken back, and a crash after the attempt's results flags nothing."""
+    settings = {"smarthost": f"127.0.0.1:{_closed_port()}", "retry": {"interval": "1h"}}
+    crashing = WorkerProcess(tmp_path, settings, env={"SPOOLSMTP_CRASH_AT": "after_journal"})
+    crashing.start().drop_drafts("job.bsmtp", [draft("o@example.com", [ADDRESSES[0]])])
+    assert crashing.wait_exit() == -signal.SIGKILL
+    again = WorkerProcess(tmp_path, settings).start()
+    try:
+        rec = wait_for(lambda: again.in_state("job.bsmtp", "deferred"), what="deferred")
+        stats = again.ask("STATS")["result"]
+    finally:
+        assert again.stop() == 0
+    (r,) = rec["transactions"][0]["recipients"]
+    assert r["status"] == "deferred" and not r.get("possible_duplicate"), r
+    assert stats["possible_duplicates"] == 0
+
+
+def test_a_destination_never_reached_is_not_flagged_while_another_still_runs(
+    tmp_path: Path,
+) -> None:
+    """One transaction for two destinations: the first refuses the connection, the second
+    holds its greeting. The first's mark, begun on deck, is taken back at once, not only
+    with the transaction's results (which wait for the second): killed while the second is
+    held, the restart flags only the second, whose mark was begun as it took its place."""
+    held = threading.Event()
+    connected = threading.Event()
+
+    async def greeting_held(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not connected.is_set():
+            connected.set()
+            await asyncio.get_running_loop().run_in_executor(None, held.wait, 60)
+            return
+        await _dialogue(reader, writer, lambda rcpt: False)
+
+    srv = RawServer(greeting_held)
+    refused, reached = "x@example.org", "y@example.net"
+    settings = {
+        "routes": {
+            "example.org": f"127.0.0.1:{_closed_port()}",
+            "example.net": f"127.0.0.1:{srv.port}",
+        },
+        "retry": {"interval": "1s"},
+        "delivery": {"timeouts": {"greeting": "60s"}},
+    }
+    w = WorkerProcess(tmp_path, settings).start()
+    again: WorkerProcess | None = None
+    try:
+        w.drop_drafts("job.bsmtp", [draft("o@example.com", [refused, reached])])
+        wait_for(connected.is_set, what="the second destination connected")
+        wait_for(lambda: _undone(w.spool, refused), what="the first's mark taken back")
+        w.kill()
+        held.set()
+        again = WorkerProcess(tmp_path, settings).start()
+        resumed = again
+
+        def reached_delivered() -> dict[str, Any] | None:
+            rec = resumed.in_state("job.bsmtp", "deferred", "done")
+            rcpts = rec["transactions"][0]["recipients"] if rec is not None else []
+            return rec if any(r["status"] == "delivered" for r in rcpts) else None
+
+        rec = wait_for(reached_delivered, what="the second destination delivered")
+        stats = again.ask("STATS")["result"]
+    finally:
+        w.kill()
+        if again is not None:
+            assert again.stop() == 0
+        held.set()
+        srv.stop()
+    # the second was marked, holding its place (the price of marking ahead); the first not
+    flagged = {
+        r["address"] for r in rec["transactions"][0]["recipients"] if r.get("possible_duplicate")
+    }
+    assert flagged == {reached}, flagged
+    assert stats["possible_duplicates"] == 1

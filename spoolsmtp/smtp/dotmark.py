@@ -1,6 +1,7 @@
 """What a session asks of its caller around a final dot (RFC 5321 section 6.1: from the dot on,
-a loss may leave a duplicate): a mark, begun as the transaction starts, that the dot waits for
-and that is taken back when no dot is sent. The journal's ``JournalMark`` is the one in use.
+a loss may leave a duplicate): a mark, begun before the transaction (on deck, ``MarkAhead``) or
+as it starts, that the dot waits for and that is taken back when no dot is sent. The journal's
+``JournalMark`` is the one in use.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from spoolsmtp.model.envelope import Recipient
 
 
 class DotMark(Protocol):
-    """The caller's record that a final dot may be sent (the journal's ``dot``), begun when the
-    transaction starts so that it is durable by the time the dot is due: its commit runs
-    while MAIL, RCPT and DATA are in flight instead of after them."""
+    """The caller's record that a final dot may be sent (the journal's ``dot``), begun before
+    the transaction or as it starts, so that it is durable by the time the dot is due: its
+    commit runs while the delivery waits and MAIL, RCPT and DATA are in flight."""
 
     async def ready(self, accepted: list[Recipient]) -> None:
         """Return once the mark is durable, or raise why it is not (then it is taken back).

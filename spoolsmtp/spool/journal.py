@@ -7,12 +7,14 @@ commit). Records:
 * ``{"t": "rcpt", "id", "tx", "rcpt", "result": {...}}``: a recipient's final result.
 * ``{"t": "dot", "id", "tx", "rcpts": [...], "m"}``: the final dot may be sent from here on; a
   restart that finds it without the recipients' results counts them as possible duplicates.
-  Its commit is begun with MAIL, RCPT and DATA, and the dot waits for it (journalmark.py).
+  Its commit is begun while the delivery waits on deck for a connection (and at the latest
+  with MAIL, RCPT and DATA), and the dot waits for it (journalmark.py).
   Each mark has its own random ``m``.
 * ``{"t": "undot", "id", "tx", "rcpts": [...], "m"}`` takes back mark ``m`` of these
   recipients: the transaction ended without the dot for them (refused, or lost before it).
-  It needs no commit of its own; lost in a crash, the restart counts a duplicate that
-  cannot be one, which is the safe side.
+  One for a transaction that ended without its dot (or a mark no transaction took) asks
+  for a commit soon; one for recipients refused at RCPT rides with the next. Lost in a
+  crash, the restart counts a duplicate that cannot be one, which is the safe side.
 * ``{"t": "report", "id", "kind"}``: a report was durably written.
 * ``{"t": "requeue", "id", "kind", "as"}``: the report ``kind`` is to be queued for delivery
   as envelope ``as`` (committed before that envelope is written: see app/requeue.py).

@@ -1,6 +1,6 @@
-"""The journal's ``dot`` record of one transaction (``smtp.dotmark.DotMark``): begun as the
-transaction starts, awaited before its final dot, taken back by ``undot`` lines (spool/journal.py
-has the records; README, Retries, reports and crash safety)."""
+"""The journal's ``dot`` record of one transaction (``smtp.dotmark.DotMark``): begun on deck
+(``MarkAhead``) or as the transaction starts, awaited before its final dot, taken back by
+``undot`` lines (spool/journal.py has the records; README, Retries, reports and crash safety)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ from spoolsmtp.spool.journal import Journal
 
 
 class JournalMark:
-    """The ``dot`` record of one transaction, begun as it starts (``smtp.dotmark.DotMark``):
-    appended and its commit queued at once, so the fdatasync runs while MAIL, RCPT and DATA
-    are in flight; the final dot waits in ``ready``. What is taken back (recipients refused
-    at RCPT, then everything still marked if no dot is sent) goes in ``undot`` lines naming
-    this mark's own ``m``, committed with whatever commits next: a line the journal happens
-    to hold twice takes back nothing more, and no other mark of the recipient."""
+    """The ``dot`` record of one transaction (``smtp.dotmark.DotMark``), begun on deck or as
+    the transaction starts: appended and its commit queued at once, so the fdatasync runs
+    while the delivery waits for its connection and MAIL, RCPT and DATA are in flight; the
+    final dot waits in ``ready``. What is taken back (recipients refused at RCPT, then
+    everything still marked if no dot is sent) goes in ``undot`` lines naming this mark's own
+    ``m`` (``withdraw`` asks for their commit soon): a line the journal happens to hold twice
+    takes back nothing more, and no other mark of the recipient."""
 
     def __init__(
         self, journal: Journal, envelope_id: str, tx: int, recipients: Iterable[Recipient]
@@ -53,18 +54,27 @@ class JournalMark:
     def withdraw(self) -> None:
         back, self._marked = self._marked, []
         self._undot(back)
-        # nobody awaits the commit now: its error (a full disk) is taken here, not left for
-        # asyncio to report as never retrieved (the lines stay pending for the next commit)
-        if self._commit.done():
-            _taken(self._commit)
-        else:
-            self._commit.add_done_callback(_taken)
+        if back:
+            # committed soon, not only with the attempt's results: those wait for every
+            # destination of the transaction, and a crash meanwhile would flag these
+            _taken_later(self._journal.commit_soon())
+        # nobody awaits the mark's own commit now
+        _taken_later(self._commit)
 
     def _undot(self, addresses: list[str]) -> None:
         if addresses:
             self._journal.append(
                 {"t": "undot", "id": self._id, "tx": self._tx, "rcpts": addresses, "m": self._mark}
             )
+
+
+def _taken_later(future: asyncio.Future[None]) -> None:
+    """Nobody awaits ``future``: its error (a full disk) is taken, not left for asyncio to
+    report as never retrieved (the lines stay pending for the next commit)."""
+    if future.done():
+        _taken(future)
+    else:
+        future.add_done_callback(_taken)
 
 
 def _taken(future: asyncio.Future[None]) -> None:
