@@ -244,9 +244,12 @@ async def standard_dialogue(
     received: list[bytes],
     rcpt: Callable[[bytes], Awaitable[bytes]] | None = None,
     mail: Callable[[bytes], Awaitable[bytes]] | None = None,
+    dot: Callable[[list[bytes]], Awaitable[bool]] | None = None,
 ) -> None:
     """A minimal well-behaved server (no extensions) for raw scripts to build on; ``rcpt``
-    and ``mail``, when given, answer each RCPT or MAIL line (a reply line, CRLF included)."""
+    and ``mail``, when given, answer each RCPT or MAIL line (a reply line, CRLF included).
+    ``dot``, when given, is called with ``received`` once a message's text is in: True ends
+    the connection with that dot unanswered."""
     writer.write(b"220 raw.test ready\r\n")
     while True:
         line = await read_line(reader)
@@ -260,6 +263,8 @@ async def standard_dialogue(
             writer.write(b"354 go ahead\r\n")
             body = await reader.readuntil(b"\r\n.\r\n")
             received.append(body)
+            if dot is not None and await dot(received):
+                return
             writer.write(b"250 2.0.0 ok\r\n")
         elif verb == b"QUIT":
             writer.write(b"221 bye\r\n")

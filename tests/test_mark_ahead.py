@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.helpers import draft
-from tests.smtpservers import RawServer, read_line
+from tests.smtpservers import RawServer, standard_dialogue
 from tests.workerproc import WorkerProcess, wait_for
 
 ADDRESSES = ["a1@example.org", "a2@example.org", "a3@example.org"]
@@ -81,31 +81,15 @@ async def _dialogue(
     """A plain server (no extensions); at the end of each message's text (its recipient
     appended to ``texts``) it calls ``at_end_of_data(recipient)`` in a thread, and closes the
     connection if that says so."""
-    writer.write(b"220 raw.test ready\r\n")
-    rcpt = ""
-    while True:
-        line = await read_line(reader)
-        verb = line[:4].upper()
-        if verb == b"RCPT":
-            rcpt = line.decode().partition("<")[2].partition(">")[0]
-            writer.write(b"250 ok\r\n")
-        elif verb == b"DATA":
-            writer.write(b"354 go ahead\r\n")
-            await writer.drain()
-            await reader.readuntil(b"\r\n.\r\n")
-            if texts is not None:
-                texts.append(rcpt)
-            loop = asyncio.get_running_loop()
-            if await loop.run_in_executor(None, at_end_of_data, rcpt):
-                return
-            writer.write(b"250 2.0.0 ok\r\n")
-        elif verb == b"QUIT":
-            writer.write(b"221 bye\r\n")
-            await writer.drain()
-            return
-        else:
-            writer.write(b"250 ok\r\n")
-        await writer.drain()
+
+    async def dot(received: list[bytes]) -> bool:
+        last = next(line for line in reversed(received) if line[:4].upper() == b"RCPT")
+        rcpt = last.decode().partition("<")[2].partition(">")[0]
+        if texts is not None:
+            texts.append(rcpt)
+        return await asyncio.get_running_loop().run_in_executor(None, at_end_of_data, rcpt)
+
+    await standard_dialogue(reader, writer, [], dot=dot)
 
 
 def _settings(port: int) -> dict[str, object]:
