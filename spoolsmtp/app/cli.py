@@ -16,6 +16,7 @@ from spoolsmtp.app import (
     cpusched,
     deliver_cmd,
     eventloop,
+    heap,
     logsetup,
     outstream,
     privileges,
@@ -183,6 +184,7 @@ def _run(cfg: configmod.Config, args: argparse.Namespace) -> int:
         if args.command == "child":  # started by the supervisor, which became the user
             return _child(cfg, args, loop_factory)
         privileges.become(cfg)
+        heap.settle()
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             if cfg.worker.processes > 1:
                 code = runner.run(Supervisor(cfg).run())
@@ -210,6 +212,7 @@ def _run(cfg: configmod.Config, args: argparse.Namespace) -> int:
 def _child(cfg: configmod.Config, args: argparse.Namespace, loop_factory: Any) -> int:
     index, _, count = args.of.partition("/")
     cpusched.back_to(args.sched)  # the supervisor's first policy, not its batch one
+    heap.settle()
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(child.run(cfg, args.node, args.fd, args.parent, int(count), int(index)))
 
