@@ -21,6 +21,8 @@ OLD = 100  # middle collections between full ones (default 10; CPython also wait
 def settle() -> None:
     """Once start-up has loaded what the process keeps (modules, the configuration): that is
     moved out of the collector's generations (``gc.freeze``), so no collection walks it
-    again, and collections come less often. Cycles made later are still collected."""
+    again, and collections come less often. Cycles made later are still collected; a
+    frozen object is still freed when its last reference goes, and only what start-up made
+    in a cycle and a RELOAD later drops is kept (once per RELOAD)."""
     gc.freeze()
     gc.set_threshold(YOUNG, MIDDLE, OLD)
