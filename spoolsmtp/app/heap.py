@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import gc
 
+# the three thresholds as CPython 3.11 to 3.13 read them (an incremental collector, where one
+# ships, reads the second and third differently)
 YOUNG = 20_000  # net allocations between young collections (CPython's default: 700)
 MIDDLE = 20  # young collections between middle ones (default 10)
 OLD = 100  # middle collections between full ones (default 10; CPython also waits until a
@@ -21,8 +23,9 @@ OLD = 100  # middle collections between full ones (default 10; CPython also wait
 def settle() -> None:
     """Once start-up has loaded what the process keeps (modules, the configuration): that is
     moved out of the collector's generations (``gc.freeze``), so no collection walks it
-    again, and collections come less often. Cycles made later are still collected; a
-    frozen object is still freed when its last reference goes, and only what start-up made
-    in a cycle and a RELOAD later drops is kept (once per RELOAD)."""
+    again, and collections come less often. Start-up's own cyclic garbage is collected
+    first, so none is frozen. Cycles made later are still collected, and a frozen object is
+    still freed when its last reference goes."""
+    gc.collect()
     gc.freeze()
     gc.set_threshold(YOUNG, MIDDLE, OLD)
