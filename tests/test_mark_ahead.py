@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from functools import partial
@@ -26,33 +25,30 @@ from tests.workerproc import WorkerProcess, wait_for
 ADDRESSES = ["a1@example.org", "a2@example.org", "a3@example.org"]
 
 
+def _named(spool: Path, kind: str) -> list[list[str]]:
+    """The recipients each ``kind`` line (``dot``, ``undot``) in the journal's files names."""
+    tag = f'"t":"{kind}"'.encode()
+    return [
+        json.loads(line)["rcpts"]
+        for segment in (spool / "journal").glob("*.log")
+        for line in segment.read_bytes().splitlines()
+        if tag in line
+    ]
+
+
 def _marked(spool: Path) -> set[str]:
-    """The recipients a ``dot`` line in the journal's files names."""
-    names: set[str] = set()
-    for segment in (spool / "journal").glob("*.log"):
-        for line in segment.read_bytes().splitlines():
-            if b'"t":"dot"' in line:
-                names.update(json.loads(line)["rcpts"])
-    return names
+    """The recipients a ``dot`` line names."""
+    return {address for rcpts in _named(spool, "dot") for address in rcpts}
 
 
 def _dot_lines(spool: Path, address: str) -> int:
-    """How many ``dot`` lines in the journal's files name ``address``."""
-    count = 0
-    for segment in (spool / "journal").glob("*.log"):
-        for line in segment.read_bytes().splitlines():
-            if b'"t":"dot"' in line and address in json.loads(line)["rcpts"]:
-                count += 1
-    return count
+    """How many ``dot`` lines name ``address``."""
+    return sum(address in rcpts for rcpts in _named(spool, "dot"))
 
 
 def _undone(spool: Path, address: str) -> bool:
-    """Whether an ``undot`` line in the journal's files names ``address``."""
-    return any(
-        b'"t":"undot"' in line and address in json.loads(line)["rcpts"]
-        for segment in (spool / "journal").glob("*.log")
-        for line in segment.read_bytes().splitlines()
-    )
+    """Whether an ``undot`` line names ``address``."""
+    return any(address in rcpts for rcpts in _named(spool, "undot"))
 
 
 def _closed_port() -> int:
@@ -64,12 +60,13 @@ def _closed_port() -> int:
 
 
 def _poll(check: Callable[[], bool], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.01)
-    return False
+    """``wait_for`` for a server's thread, which answers either way: whether ``check`` held
+    within ``seconds``."""
+    try:
+        wait_for(check, seconds)
+    except AssertionError:
+        return False
+    return True
 
 
 async def _dialogue(
