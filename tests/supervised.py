@@ -44,6 +44,17 @@ def two_children(worker: WorkerProcess) -> list[int]:
     return kids
 
 
+def holding(worker: WorkerProcess, kids: list[int]) -> None:
+    """Wait until both processes hold their nodes, and the supervisor knows it: each logs
+    "ready" once it has told the supervisor so ("h"), and a QUERY answered after that needs
+    an answer from each, which comes over the same link after the "h"."""
+    wait_for(
+        lambda: all(f"spoolsmtp[{pid}] INFO ready" in worker.log.read_text() for pid in kids),
+        what="both processes ready",
+    )
+    assert worker.ask("QUERY")["status"] == 200
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

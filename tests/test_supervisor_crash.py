@@ -23,6 +23,7 @@ from tests.supervised import (
     delivered,
     drop_burst,
     gated_sink,
+    holding,
     supervised,
     two_children,
 )
@@ -36,6 +37,8 @@ def test_a_child_killed_mid_delivery_is_restarted_and_loses_nothing(
     srv = SmtpServer()
     worker = supervised(tmp_path, srv.port, env={"SPOOLSMTP_CRASH_AT": phase}).start()
     try:
+        # both processes take part of the burst only if both are ready for it
+        holding(worker, two_children(worker))
         rcpts = drop_burst(worker, 20)
         wait_for(lambda: all_final(worker, 20), what="20 envelopes done")
         stats = worker.ask("STATS")["result"]
