@@ -24,6 +24,7 @@ from tests.supervised import (
     delivered,
     drop_burst,
     gated_sink,
+    holding,
     supervised,
     two_children,
 )
@@ -38,7 +39,7 @@ def test_two_processes_deliver_a_burst_once_each_and_stats_show_the_whole(
     srv = SmtpServer()
     worker = supervised(tmp_path, srv.port).start()
     try:
-        two_children(worker)
+        holding(worker, two_children(worker))  # both ready, so both can claim some
         assert worker.ask("TRACE SPOOL")["status"] == 200
         rcpts = drop_burst(worker, 60)
         wait_for(lambda: all_final(worker, 60), what="60 envelopes done")
@@ -116,6 +117,7 @@ def test_the_connection_limit_holds_across_processes(tmp_path: Path, limit: dict
     sink = gated_sink(gate, live, peak)
     worker = supervised(tmp_path, sink.port, **limit).start()
     try:
+        holding(worker, two_children(worker))  # both ready: each opens its share
         drop_burst(worker, 12)
         # every process has opened what its share allows, and waits on the gate
         wait_for(lambda: live[0] == 3, what="three connections")
