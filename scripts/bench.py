@@ -9,12 +9,15 @@ its delivery processes; both hosts in the two-host mode; in the burst, from the 
 in the backlog, from the start) and peak RSS (from wait4). Cases:
 
 * ``idle``: envelopes dropped one at a time, each after the previous is final (latency when idle);
-* ``burst``: N envelopes dropped as fast as possible;
+* ``burst``: N envelopes dropped as fast as possible (rendered before the clock starts);
 * ``backlog``: N envelopes already in incoming/ when the worker starts (time to first delivery).
 
 Each setting of ``--processes`` (``worker.processes``) and ``--hosts`` (workers with their own
 ``worker.host_id`` on one spool) runs the same burst and backlog in one run; the table ends with
-each setting's ratio of envelopes/s and of CPU per 1,000 to the first's. ``--size`` (bytes per
+each setting's ratio of envelopes/s and of CPU per 1,000 to the first's. ``--rounds R`` runs it
+all R times, every other round with the settings in reverse order (this host speeds up and
+slows down over minutes, which favours whichever setting ran in a fast spell), and ends with
+each ratio's median and range over the rounds. ``--size`` (bytes per
 message) and ``--rcpts`` (recipients per envelope) shape the mail. The outsider's measure (a
 separate dropper, Postfix's smtp-sink as the receiver, and Postfix itself on the same mail) is
 scripts/bench_outsider.py, also run as ``bench.py --outsider [-n N] [--processes ..]``.
@@ -22,7 +25,7 @@ scripts/bench_outsider.py, also run as ``bench.py --outsider [-n N] [--processes
     .venv/bin/python scripts/bench.py [--burst 10000] [--backlog 100000] [--idle 200]
                                       [--processes 1 2] [--hosts 1 2] [--size 2048] [--rcpts 1]
                                       [--event-loop auto|asyncio|uvloop] [--dir PATH]
-                                      [--sink auto|smtp-sink|python] [--keep]
+                                      [--sink auto|smtp-sink|python] [--keep] [--rounds R]
 
 ``--keep`` leaves the spools (remove them yourself): on this machine's disk (ext4 without a
 journal) a run's clean-up slows every file the next run creates for minutes (README,
@@ -37,6 +40,7 @@ import os
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -103,12 +107,23 @@ class Run:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.started = 0.0
 
-    def drop(self, i: int) -> None:
+    def drop(self, i: int, data: bytes | None = None) -> None:
+        """Envelope ``i`` into incoming/ by tmp + rename, as a batch job would; ``data`` is
+        it already rendered (the burst renders every envelope before its clock starts, as the
+        outsider's dropper does, so that composing the mail is not counted against the
+        worker on the same two cores)."""
         name = f"b{i:06d}.bsmtp"
-        tmp = self.incoming / f".{name}"
-        tmp.write_bytes(self.mail.envelope(i))
+        incoming = str(self.incoming)
+        tmp = os.path.join(incoming, f".{name}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        view = memoryview(self.mail.envelope(i) if data is None else data)
+        try:
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
         self.dropped[name] = time.time()
-        tmp.rename(self.incoming / name)
+        os.rename(tmp, os.path.join(incoming, name))
 
     def start(self) -> None:
         self.started = time.time()
@@ -240,14 +255,15 @@ def run_setting(
         rows.append((f"idle, {tag}", args.idle, None, lat, cpu, rss, None))
     if args.burst:
         run = Run(base / "burst", port, args.event_loop, setting, mail)
+        rendered = [mail.envelope(i) for i in range(args.burst)]
         run.start()
         time.sleep(1.0 + setting.processes * setting.hosts * 0.5)
         # the CPU the envelopes cost: not the start of the processes (three of them with two
         # delivery processes), which the backlog's figure includes
         started_cpu = sum(tree_cpu(proc.pid) for proc in run.procs)
         start = time.time()
-        for i in range(args.burst):
-            run.drop(i)
+        for i, data in enumerate(rendered):
+            run.drop(i, data)
         run.wait_done(args.burst)
         cpu, rss = run.stop()
         cpu -= started_cpu
@@ -295,20 +311,35 @@ def main() -> None:
     parser.add_argument(
         "--keep", action="store_true", help="leave the spools (no inodes freed for the next run)"
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the settings this many times, every other round in reverse order; the "
+        "ratios' median and range end the report",
+    )
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     settings = list(dict.fromkeys(Setting(p, h) for h in args.hosts for p in args.processes))
     mail = Mail(args.size, args.rcpts)
     sink, port = start_sink(args.sink)
-    rows: list[Row] = []
     # One folder for all cases, removed at the very end: ext4 without a journal (this
     # machine's disk) skips inodes freed in the last 60 s (360 s while their inode table block
     # is not yet written back) when it allocates one, looking at each in turn, so deleting a
     # finished case's 30,000 files would slow down every file the next case creates.
     outer = Path(tempfile.mkdtemp(dir=args.dir, prefix=".bench-"))
+    rounds: list[list[Row]] = []
     try:
-        for n, setting in enumerate(settings):
-            base = outer / f"s{n}"
-            rows += run_setting(args, base, port, setting, mail, idle=n == 0)
+        for r in range(args.rounds):
+            # every other round in the opposite order, so that a host that speeds up or
+            # slows down over the minutes of a run does not favour the setting run first
+            order = list(enumerate(settings))
+            rows = []
+            for n, setting in order if r % 2 == 0 else order[::-1]:
+                base = outer / (f"s{n}" if args.rounds == 1 else f"r{r + 1}s{n}")
+                rows += run_setting(args, base, port, setting, mail, idle=r == 0 and n == 0)
+            rounds.append(sorted(rows, key=lambda row: _row_order(row[0], settings)))
     finally:
         for proc in STARTED:
             if proc.poll() is None:
@@ -322,6 +353,23 @@ def main() -> None:
     print(f"event loop: {args.event_loop} (auto: uvloop where installed); {mail}")
     python = not isinstance(sink, bench_outsider.Sink)
     print(f"receiver: {'scripts/sink.py' if python else 'smtp-sink (C)'}")
+    for r, rows in enumerate(rounds):
+        if len(rounds) > 1:
+            print(f"round {r + 1} of {len(rounds)}" + (" (settings in reverse)" if r % 2 else ""))
+        print_table(rows)
+        print_ratios(ratios(rows, settings), settings)
+    if len(rounds) > 1 and len(settings) > 1:
+        print_spread([ratios(rows, settings) for rows in rounds], settings)
+
+
+def _row_order(label: str, settings: list[Setting]) -> int:
+    """Rows in the order of ``settings`` (a reversed round ran them the other way); the sort
+    is stable, so each setting's cases stay in the order they ran."""
+    tag = label.split(", ", 1)[1]
+    return next(n for n, s in enumerate(settings) if str(s) == tag)
+
+
+def print_table(rows: list[Row]) -> None:
     heads = ("N", "env/s", "p50 ms", "p99 ms", "CPU s/1000", "peak RSS MB", "first s")
     print(f"{'case':32} " + " ".join(f"{h:>{max(7, len(h))}}" for h in heads))
     for label, n, rate, latencies, cpu, rss, first_s in rows:
@@ -331,23 +379,49 @@ def main() -> None:
         r = f"{rate:7.0f}" if rate else "      -"
         f = f"{first_s:7.2f}" if first_s is not None else "      -"
         print(f"{label:32} {n:7d} {r} {p50} {p99} {cpu / n * 1000:10.2f} {rss:11.1f} {f}")
-    print_ratios(rows, settings)
 
 
-def print_ratios(rows: list[Row], settings: list[Setting]) -> None:
-    """Each setting against the first: envelopes/s and CPU per 1,000, burst and backlog."""
-    if len(settings) < 2:
-        return
+Ratios = dict[tuple[str, str], tuple[float, float]]
+
+
+def ratios(rows: list[Row], settings: list[Setting]) -> Ratios:
+    """Each later setting against the first, by (setting, case): envelopes/s and CPU per
+    1,000, burst and backlog."""
     by_label = {label: (rate, cpu / n) for label, n, rate, _, cpu, _, _ in rows}
     first = str(settings[0])
-    print(f"ratios to {first} (env/s, CPU per 1,000):")
+    out: Ratios = {}
     for setting in settings[1:]:
-        parts = []
         for case in ("burst", "backlog"):
             base, this = by_label.get(f"{case}, {first}"), by_label.get(f"{case}, {setting}")
             if base and this and base[0] and this[0]:
-                parts.append(f"{case} {this[0] / base[0]:.2f}x, CPU {this[1] / base[1]:.2f}x")
+                out[str(setting), case] = (this[0] / base[0], this[1] / base[1])
+    return out
+
+
+def print_ratios(found: Ratios, settings: list[Setting]) -> None:
+    if len(settings) < 2:
+        return
+    print(f"ratios to {settings[0]} (env/s, CPU per 1,000):")
+    for setting in settings[1:]:
+        parts = [
+            f"{case} {rate:.2f}x, CPU {cpu:.2f}x"
+            for (tag, case), (rate, cpu) in found.items()
+            if tag == str(setting)
+        ]
         print(f"  {setting}: " + "; ".join(parts))
+
+
+def print_spread(each: list[Ratios], settings: list[Setting]) -> None:
+    """Over the rounds: each ratio's median and its range."""
+
+    def spread(values: list[float]) -> str:
+        return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
+
+    print(f"over {len(each)} rounds, median (range) of the ratios to {settings[0]}:")
+    for key in each[0]:
+        rates = [r[key][0] for r in each if key in r]
+        cpus = [r[key][1] for r in each if key in r]
+        print(f"  {key[0]}, {key[1]}: env/s {spread(rates)}, CPU per 1,000 {spread(cpus)}")
 
 
 if __name__ == "__main__":
