@@ -149,6 +149,9 @@ class Supervisor:
             log.warning("%s: a file of another user still open for writing can be taken", exc)
         for child in self.children:
             child.start()
+        # each child's task runs to its Popen now: their start (a Python's imports) then
+        # overlaps the rescan below, which holds the loop while it looks at a backlog's names
+        await asyncio.sleep(0)
         self.watcher = IncomingWatcher(
             self.spool.dirs["incoming"],
             self.cfg.spool.settle_seconds,
