@@ -6,7 +6,8 @@ the cores the worker is measured on), else scripts/sink.py (``--sink`` chooses).
 envelopes/s, drop-to-final latency p50/p99 (from the rename into incoming/ to the final result
 record), CPU seconds per 1,000 envelopes of the worker's whole process tree (a supervisor and
 its delivery processes; both hosts in the two-host mode; in the burst, from the first drop,
-in the backlog, from the start) and peak RSS (from wait4). Cases:
+in the backlog, from the start) and peak RSS (the largest process's VmHWM just before the
+stop). Cases:
 
 * ``idle``: envelopes dropped one at a time, each after the previous is final (latency when idle);
 * ``burst``: N envelopes dropped as fast as possible (rendered before the clock starts);
@@ -50,7 +51,7 @@ from pathlib import Path
 
 import bench_outsider
 import yaml
-from benchkit import Mail, tree_cpu
+from benchkit import Mail, tree_cpu, tree_peak_rss
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -153,19 +154,20 @@ class Run:
             time.sleep(max(0.02, 20 * cost))
 
     def stop(self) -> tuple[float, float]:
-        """SIGTERM the workers; the CPU seconds of their process trees and the peak RSS in MB.
+        """SIGTERM the workers; the CPU seconds of their process trees and the largest peak RSS
+        among their processes in MB (``tree_peak_rss``, read before the stop).
 
         The CPU is what wait4 reports (a process and the children it reaped) or, if more, what
         /proc said of the whole tree just before the stop, so a delivery process the
         supervisor did not reap is counted too."""
         before = sum(tree_cpu(proc.pid) for proc in self.procs)
-        cpu, rss = 0.0, 0.0
+        rss = max(tree_peak_rss(proc.pid) for proc in self.procs)
+        cpu = 0.0
         for proc in self.procs:
             proc.send_signal(signal.SIGTERM)
         for proc in self.procs:
             usage = reap(proc)
             cpu += usage.ru_utime + usage.ru_stime
-            rss = max(rss, usage.ru_maxrss / 1024)
         return max(cpu, before), rss
 
     def finals(self) -> dict[str, float]:

@@ -70,10 +70,8 @@ def tree_cpu(root: int) -> float:
     return total / TICK
 
 
-def tree_switches(root: int) -> int:
-    """Context switches (voluntary and not) of every thread of ``root`` and its live
-    descendants so far, from /proc/PID/task/TID/status: a hand-over of the interpreter lock
-    between threads is one or two of them."""
+def _tree(root: int) -> list[int]:
+    """``root`` and its live descendants."""
     pids, todo = [], [root]
     while todo:
         pid = todo.pop()
@@ -83,8 +81,34 @@ def tree_switches(root: int) -> int:
                 todo.extend(int(c) for c in fh.read().split())
         except OSError:
             continue
+    return pids
+
+
+def tree_peak_rss(root: int) -> float:
+    """The largest peak resident set (VmHWM, MB) among ``root`` and its live descendants.
+
+    Not wait4's ``ru_maxrss``: a process started by a larger one (the benchmark, holding its
+    rendered envelopes) carries its parent's peak over the exec, so that figure read the
+    benchmark's own size whenever it was the larger. VmHWM belongs to the process's memory
+    since its exec."""
+    peak = 0
+    for pid in _tree(root):
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]))
+        except OSError:
+            continue
+    return peak / 1024
+
+
+def tree_switches(root: int) -> int:
+    """Context switches (voluntary and not) of every thread of ``root`` and its live
+    descendants so far, from /proc/PID/task/TID/status: a hand-over of the interpreter lock
+    between threads is one or two of them."""
     total = 0
-    for pid in pids:
+    for pid in _tree(root):
         try:
             tasks = os.listdir(f"/proc/{pid}/task")
         except OSError:
