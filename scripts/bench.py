@@ -16,10 +16,11 @@ stop). Cases:
 Each setting of ``--processes`` (``worker.processes``) and ``--hosts`` (workers with their own
 ``worker.host_id`` on one spool) runs the same burst and backlog in one run; the table ends with
 each setting's ratio of envelopes/s and of CPU per 1,000 to the first's. ``--rounds R`` runs it
-all R times, every other round with the settings in reverse order (this host speeds up and
-slows down over minutes, which favours whichever setting ran in a fast spell), and ends with
-each ratio's median and range over the rounds. ``--size`` (bytes per
-message) and ``--rcpts`` (recipients per envelope) shape the mail. The outsider's measure (a
+all R times (the idle case in the first round only), every other round with the settings in
+reverse order (this host speeds up and slows down over minutes, which favours whichever
+setting ran in a fast spell), printing each round as it ends and then each ratio's median and
+range over the rounds. ``--size`` (bytes per message) and ``--rcpts`` (recipients per
+envelope) shape the mail. The outsider's measure (a
 separate dropper, Postfix's smtp-sink as the receiver, and Postfix itself on the same mail) is
 scripts/bench_outsider.py, also run as ``bench.py --outsider [-n N] [--processes ..]``.
 
@@ -326,6 +327,7 @@ def main() -> None:
     settings = list(dict.fromkeys(Setting(p, h) for h in args.hosts for p in args.processes))
     mail = Mail(args.size, args.rcpts)
     sink, port = start_sink(args.sink)
+    receiver = "scripts/sink.py" if not isinstance(sink, bench_outsider.Sink) else "smtp-sink (C)"
     # One folder for all cases, removed at the very end: ext4 without a journal (this
     # machine's disk) skips inodes freed in the last 60 s (360 s while their inode table block
     # is not yet written back) when it allocates one, looking at each in turn, so deleting a
@@ -341,7 +343,18 @@ def main() -> None:
             for n, setting in order if r % 2 == 0 else order[::-1]:
                 base = outer / (f"s{n}" if args.rounds == 1 else f"r{r + 1}s{n}")
                 rows += run_setting(args, base, port, setting, mail, idle=r == 0 and n == 0)
-            rounds.append(sorted(rows, key=lambda row: _row_order(row[0], settings)))
+            rows.sort(key=lambda row: _row_order(row[0], settings))
+            rounds.append(rows)
+            # each round as it ends: a later one that fails loses nothing measured
+            if r == 0:
+                print(f"event loop: {args.event_loop} (auto: uvloop where installed); {mail}")
+                print(f"receiver: {receiver}")
+            if args.rounds > 1:
+                reverse = " (settings in reverse)" if r % 2 else ""
+                print(f"round {r + 1} of {args.rounds}{reverse}")
+            print_table(rows)
+            print_ratios(ratios(rows, settings), settings)
+            sys.stdout.flush()
     finally:
         for proc in STARTED:
             if proc.poll() is None:
@@ -352,14 +365,6 @@ def main() -> None:
             print(f"kept {outer}")
         else:
             shutil.rmtree(outer, ignore_errors=True)
-    print(f"event loop: {args.event_loop} (auto: uvloop where installed); {mail}")
-    python = not isinstance(sink, bench_outsider.Sink)
-    print(f"receiver: {'scripts/sink.py' if python else 'smtp-sink (C)'}")
-    for r, rows in enumerate(rounds):
-        if len(rounds) > 1:
-            print(f"round {r + 1} of {len(rounds)}" + (" (settings in reverse)" if r % 2 else ""))
-        print_table(rows)
-        print_ratios(ratios(rows, settings), settings)
     if len(rounds) > 1 and len(settings) > 1:
         print_spread([ratios(rows, settings) for rows in rounds], settings)
 
@@ -395,7 +400,7 @@ def ratios(rows: list[Row], settings: list[Setting]) -> Ratios:
     for setting in settings[1:]:
         for case in ("burst", "backlog"):
             base, this = by_label.get(f"{case}, {first}"), by_label.get(f"{case}, {setting}")
-            if base and this and base[0] and this[0]:
+            if base and this and base[0] and this[0] and base[1]:
                 out[str(setting), case] = (this[0] / base[0], this[1] / base[1])
     return out
 

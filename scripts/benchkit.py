@@ -1,4 +1,5 @@
-"""What the benchmarks share: the mail they send (size, recipients), a process tree's CPU."""
+"""What the benchmarks share: the mail they send (size, recipients), and what a process tree
+used (CPU, peak RSS, context switches)."""
 
 from __future__ import annotations
 
@@ -51,37 +52,35 @@ def _stat(pid: int) -> list[str] | None:
     return text[text.rindex(")") + 2 :].split()  # the name may hold spaces and parentheses
 
 
-def tree_cpu(root: int) -> float:
-    """CPU seconds of ``root`` and every live descendant, each with the children it reaped
-    (utime + stime + cutime + cstime from /proc)."""
+def _family(root: int) -> dict[int, list[str]]:
+    """``/proc/PID/stat`` of ``root`` and each live descendant (by the parent each names,
+    whichever of its threads started it)."""
     children: dict[int, list[int]] = {}
     stats: dict[int, list[str]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit() and (fields := _stat(int(entry))) is not None:
             stats[int(entry)] = fields
             children.setdefault(int(fields[1]), []).append(int(entry))
-    total, todo = 0, [root]
+    out: dict[int, list[str]] = {}
+    todo = [root]
     while todo:
         pid = todo.pop()
-        fields = stats.get(pid)
-        if fields is not None:
-            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        if pid in stats:
+            out[pid] = stats[pid]
         todo.extend(children.get(pid, []))
-    return total / TICK
+    return out
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds of ``root`` and every live descendant, each with the children it reaped
+    (utime + stime + cutime + cstime from /proc)."""
+    family = _family(root).values()
+    return sum(sum(int(x) for x in fields[11:15]) for fields in family) / TICK
 
 
 def _tree(root: int) -> list[int]:
     """``root`` and its live descendants."""
-    pids, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        pids.append(pid)
-        try:
-            with open(f"/proc/{pid}/task/{pid}/children") as fh:
-                todo.extend(int(c) for c in fh.read().split())
-        except OSError:
-            continue
-    return pids
+    return list(_family(root))
 
 
 def tree_peak_rss(root: int) -> float:
