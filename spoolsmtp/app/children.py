@@ -134,6 +134,8 @@ class Child:
         return 0.0 if self._failures == 1 else min(0.25 * 2.0 ** (self._failures - 1), BACKOFF_MAX)
 
     async def _run_once(self) -> None:
+        # nothing is awaited before the Popen below: the supervisor yields once after
+        # ``start`` so that every process is spawned before it rescans incoming/
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ)
         for name in sdnotify.ENVIRONMENT:  # only the supervisor speaks to systemd
