@@ -14,18 +14,22 @@ stop). Cases:
 * ``backlog``: N envelopes already in incoming/ when the worker starts (time to first delivery).
 
 Each setting of ``--processes`` (``worker.processes``) and ``--hosts`` (workers with their own
-``worker.host_id`` on one spool) runs the same burst and backlog in one run; the table ends with
-each setting's ratio of envelopes/s and of CPU per 1,000 to the first's. ``--rounds R`` runs it
-all R times (the idle case in the first round only), every other round with the settings in
+``worker.host_id`` on one spool) runs the same burst and backlog in one run, and ``--twins``
+adds two workers of one process each on their own spools, each with the part of the
+connection and in-flight limits a delivery process of two has (the dropper writing into each
+in turn: two that share nothing, the ceiling for the same cores and limits); the table ends
+with each setting's ratio of envelopes/s and of CPU per 1,000 to the first's. ``--rounds R``
+runs it all R times (the idle case in the first round only), every other round with the settings in
 reverse order (this host speeds up and slows down over minutes, which favours whichever
 setting ran in a fast spell), printing each round as it ends and then each ratio's median and
 range over the rounds. ``--size`` (bytes per message) and ``--rcpts`` (recipients per
-envelope) shape the mail. The outsider's measure (a
-separate dropper, Postfix's smtp-sink as the receiver, and Postfix itself on the same mail) is
-scripts/bench_outsider.py, also run as ``bench.py --outsider [-n N] [--processes ..]``.
+envelope) shape the mail. The outsider's measure (a separate dropper, Postfix's smtp-sink as
+the receiver, and Postfix itself on the same mail) is scripts/bench_outsider.py, also run as
+``bench.py --outsider [-n N] [--processes ..]``.
 
     .venv/bin/python scripts/bench.py [--burst 10000] [--backlog 100000] [--idle 200]
-                                      [--processes 1 2] [--hosts 1 2] [--size 2048] [--rcpts 1]
+                                      [--processes 1 2] [--hosts 1 2] [--twins]
+                                      [--size 2048] [--rcpts 1]
                                       [--event-loop auto|asyncio|uvloop] [--dir PATH]
                                       [--sink auto|smtp-sink|python] [--keep] [--rounds R]
 
@@ -54,6 +58,9 @@ import bench_outsider
 import yaml
 from benchkit import Mail, tree_cpu, tree_peak_rss
 
+from spoolsmtp.app.wire import share
+from spoolsmtp.model.schema import DeliveryConfig, SpoolConfig
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -69,35 +76,56 @@ def count(folder: Path) -> int:
 class Setting:
     processes: int = 1
     hosts: int = 1
+    twins: bool = False  # two workers of one process on their own spools: the ceiling
 
     def __str__(self) -> str:
+        if self.twins:
+            return "2 workers, own spools"
         host = f", {self.hosts} hosts" if self.hosts > 1 else ""
         return f"processes {self.processes}{host}"
 
+    @property
+    def workers(self) -> int:
+        """Worker processes started (each a supervisor when ``processes`` > 1)."""
+        return 2 if self.twins else self.hosts
+
 
 class Run:
-    """One case of one setting: a spool, its configs, the worker processes."""
+    """One case of one setting: a spool (two with ``twins``), the configs, the worker
+    processes."""
 
     def __init__(self, tmp: Path, port: int, event_loop: str, setting: Setting, mail: Mail) -> None:
-        self.spool = tmp / "spool"
-        self.incoming = self.spool / "incoming"
-        self.incoming.mkdir(parents=True)
+        self.spools = [tmp / "spool1", tmp / "spool2"] if setting.twins else [tmp / "spool"]
+        self.incomings = [str(spool / "incoming") for spool in self.spools]
+        for incoming in self.incomings:
+            os.makedirs(incoming)
         self.mail = mail
         self.configs: list[Path] = []
-        for host in range(setting.hosts):
+        for host in range(setting.workers):
             worker: dict[str, object] = {"processes": setting.processes}
             conf: dict[str, object] = {
                 "hostname": "bench.example",
                 "smarthost": f"127.0.0.1:{port}",
                 "log_level": "warning",
                 "event_loop": event_loop,
-                "spool": {"path": str(self.spool)},
+                "spool": {"path": str(self.spools[host % len(self.spools)])},
                 "worker": worker,
             }
-            if setting.hosts > 1:
+            if setting.twins:  # each with the part of the limits a delivery process of two has
+                delivery, spool = DeliveryConfig(), SpoolConfig()
+                conf["delivery"] = {
+                    "max_connections": share(delivery.max_connections, 2, host),
+                    "max_per_destination": share(delivery.max_per_destination, 2, host),
+                }
+                conf["spool"] = {
+                    "path": str(self.spools[host]),
+                    "max_active": share(spool.max_active, 2, host),
+                }
+            if setting.workers > 1:
                 own = tmp / f"h{host + 1}"
                 own.mkdir()
-                worker["host_id"] = f"h{host + 1}"
+                if not setting.twins:  # hosts of one spool
+                    worker["host_id"] = f"h{host + 1}"
                 conf["control"] = {
                     "socket": str(own / "control.sock"),
                     "operator_socket": str(own / "operator.sock"),
@@ -115,7 +143,7 @@ class Run:
         outsider's dropper does, so that composing the mail is not counted against the
         worker on the same two cores)."""
         name = f"b{i:06d}.bsmtp"
-        incoming = str(self.incoming)
+        incoming = self.incomings[i % len(self.incomings)]  # twins: each in turn
         tmp = os.path.join(incoming, f".{name}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         view = memoryview(self.mail.envelope(i) if data is None else data)
@@ -138,14 +166,15 @@ class Run:
             STARTED.append(self.procs[-1])
 
     def wait_done(self, n: int) -> None:
-        """Until ``n`` envelopes are in done/. Listing a folder of 100,000 names costs tens of
-        ms of the CPU the worker is measured on: the pause between looks is twenty times the
-        last look's cost, so this polling never takes more than 5% of a core. The times
-        reported come from the result records, not from when this loop noticed."""
-        done = self.spool / "done"
+        """Until ``n`` envelopes are in done/ (both spools' with twins). Listing a folder of
+        100,000 names costs tens of ms of the CPU the worker is measured on: the pause between
+        looks is twenty times the last look's cost, so this polling never takes more than 5% of
+        a core. The times reported come from the result records, not from when this loop
+        noticed."""
+        dones = [spool / "done" for spool in self.spools]
         while True:
             cost = time.process_time()
-            have = count(done) if done.exists() else 0
+            have = sum(count(done) for done in dones if done.exists())
             cost = time.process_time() - cost
             if have >= n:
                 return
@@ -174,7 +203,7 @@ class Run:
     def finals(self) -> dict[str, float]:
         """When each envelope's final result record was made (epoch seconds), by source name."""
         out = {}
-        for path in (self.spool / "results").rglob("*.json"):
+        for path in (p for spool in self.spools for p in (spool / "results").rglob("*.json")):
             rec = json.loads(path.read_bytes())
             final = time.mktime(time.strptime(rec["updated_at"][:19], "%Y-%m-%dT%H:%M:%S"))
             final += float("0" + rec["updated_at"][19:-1]) - time.timezone
@@ -260,7 +289,7 @@ def run_setting(
         run = Run(base / "burst", port, args.event_loop, setting, mail)
         rendered = [mail.envelope(i) for i in range(args.burst)]
         run.start()
-        time.sleep(1.0 + setting.processes * setting.hosts * 0.5)
+        time.sleep(1.0 + setting.processes * setting.workers * 0.5)
         # the CPU the envelopes cost: not the start of the processes (three of them with two
         # delivery processes), which the backlog's figure includes
         started_cpu = sum(tree_cpu(proc.pid) for proc in run.procs)
@@ -299,6 +328,13 @@ def main() -> None:
     parser.add_argument("--backlog", type=int, default=100_000)
     parser.add_argument("--processes", type=int, nargs="+", default=[1], metavar="N")
     parser.add_argument("--hosts", type=int, nargs="+", default=[1], metavar="N")
+    parser.add_argument(
+        "--twins",
+        action="store_true",
+        help="also two workers of one process each on their own spools, with a delivery "
+        "process's part of the limits, the dropper writing into each in turn: two that share "
+        "nothing, the ceiling for the same cores and limits",
+    )
     parser.add_argument("--size", type=int, default=2048, help="bytes per message")
     parser.add_argument("--rcpts", type=int, default=1, help="recipients per envelope")
     parser.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto")
@@ -325,6 +361,8 @@ def main() -> None:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     settings = list(dict.fromkeys(Setting(p, h) for h in args.hosts for p in args.processes))
+    if args.twins:
+        settings.append(Setting(twins=True))
     mail = Mail(args.size, args.rcpts)
     sink, port = start_sink(args.sink)
     receiver = "scripts/sink.py" if not isinstance(sink, bench_outsider.Sink) else "smtp-sink (C)"
