@@ -78,11 +78,6 @@ def tree_cpu(root: int) -> float:
     return sum(sum(int(x) for x in fields[11:15]) for fields in family) / TICK
 
 
-def _tree(root: int) -> list[int]:
-    """``root`` and its live descendants."""
-    return list(_family(root))
-
-
 def tree_peak_rss(root: int) -> float:
     """The largest peak resident set (VmHWM, MB) among ``root`` and its live descendants.
 
@@ -91,7 +86,7 @@ def tree_peak_rss(root: int) -> float:
     benchmark's own size whenever it was the larger. VmHWM belongs to the process's memory
     since its exec."""
     peak = 0
-    for pid in _tree(root):
+    for pid in _family(root):
         try:
             with open(f"/proc/{pid}/status") as fh:
                 for line in fh:
@@ -107,7 +102,7 @@ def tree_switches(root: int) -> int:
     descendants so far, from /proc/PID/task/TID/status: a hand-over of the interpreter lock
     between threads is one or two of them."""
     total = 0
-    for pid in _tree(root):
+    for pid in _family(root):
         try:
             tasks = os.listdir(f"/proc/{pid}/task")
         except OSError:
