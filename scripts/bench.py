@@ -103,24 +103,22 @@ class Run:
         self.configs: list[Path] = []
         for host in range(setting.workers):
             worker: dict[str, object] = {"processes": setting.processes}
+            spool: dict[str, object] = {"path": str(self.spools[host % len(self.spools)])}
             conf: dict[str, object] = {
                 "hostname": "bench.example",
                 "smarthost": f"127.0.0.1:{port}",
                 "log_level": "warning",
                 "event_loop": event_loop,
-                "spool": {"path": str(self.spools[host % len(self.spools)])},
+                "spool": spool,
                 "worker": worker,
             }
             if setting.twins:  # each with the part of the limits a delivery process of two has
-                delivery, spool = DeliveryConfig(), SpoolConfig()
+                delivery = DeliveryConfig()
                 conf["delivery"] = {
                     "max_connections": share(delivery.max_connections, 2, host),
                     "max_per_destination": share(delivery.max_per_destination, 2, host),
                 }
-                conf["spool"] = {
-                    "path": str(self.spools[host]),
-                    "max_active": share(spool.max_active, 2, host),
-                }
+                spool["max_active"] = share(SpoolConfig().max_active, 2, host)
             if setting.workers > 1:
                 own = tmp / f"h{host + 1}"
                 own.mkdir()
@@ -365,7 +363,7 @@ def main() -> None:
         settings.append(Setting(twins=True))
     mail = Mail(args.size, args.rcpts)
     sink, port = start_sink(args.sink)
-    receiver = "scripts/sink.py" if not isinstance(sink, bench_outsider.Sink) else "smtp-sink (C)"
+    receiver = "smtp-sink (C)" if isinstance(sink, bench_outsider.Sink) else "scripts/sink.py"
     # One folder for all cases, removed at the very end: ext4 without a journal (this
     # machine's disk) skips inodes freed in the last 60 s (360 s while their inode table block
     # is not yet written back) when it allocates one, looking at each in turn, so deleting a
@@ -377,11 +375,13 @@ def main() -> None:
             # every other round in the opposite order, so that a host that speeds up or
             # slows down over the minutes of a run does not favour the setting run first
             order = list(enumerate(settings))
-            rows = []
+            by_setting: dict[int, list[Row]] = {}
             for n, setting in order if r % 2 == 0 else order[::-1]:
                 base = outer / (f"s{n}" if args.rounds == 1 else f"r{r + 1}s{n}")
-                rows += run_setting(args, base, port, setting, mail, idle=r == 0 and n == 0)
-            rows.sort(key=lambda row: _row_order(row[0], settings))
+                idle = r == 0 and n == 0
+                by_setting[n] = run_setting(args, base, port, setting, mail, idle)
+            # the table in the order of the settings, whichever way the round ran them
+            rows = [row for n in sorted(by_setting) for row in by_setting[n]]
             rounds.append(rows)
             # each round as it ends: a later one that fails loses nothing measured
             if r == 0:
@@ -405,13 +405,6 @@ def main() -> None:
             shutil.rmtree(outer, ignore_errors=True)
     if len(rounds) > 1 and len(settings) > 1:
         print_spread([ratios(rows, settings) for rows in rounds], settings)
-
-
-def _row_order(label: str, settings: list[Setting]) -> int:
-    """Rows in the order of ``settings`` (a reversed round ran them the other way); the sort
-    is stable, so each setting's cases stay in the order they ran."""
-    tag = label.split(", ", 1)[1]
-    return next(n for n, s in enumerate(settings) if str(s) == tag)
 
 
 def print_table(rows: list[Row]) -> None:
