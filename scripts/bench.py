@@ -60,6 +60,7 @@ from benchkit import Mail, tree_cpu, tree_peak_rss
 
 from spoolsmtp.app.wire import share
 from spoolsmtp.model.schema import DeliveryConfig, SpoolConfig
+from spoolsmtp.spool.durable import write_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -142,16 +143,10 @@ class Run:
         worker on the same two cores)."""
         name = f"b{i:06d}.bsmtp"
         incoming = self.incomings[i % len(self.incomings)]  # twins: each in turn
-        tmp = os.path.join(incoming, f".{name}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        view = memoryview(self.mail.envelope(i) if data is None else data)
-        try:
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
+        body = self.mail.envelope(i) if data is None else data
+        # a dot-named temp file renamed into place, as a careful batch job writes (no fsync)
+        write_file(f"{incoming}/{name}", body, fsync=False, sync_dir=False, mode=0o644)
         self.dropped[name] = time.time()
-        os.rename(tmp, os.path.join(incoming, name))
 
     def start(self) -> None:
         self.started = time.time()
